@@ -1,0 +1,354 @@
+/* SPDX-License-Identifier: MIT */
+/**
+ * @file cowmm.h
+ * libcowmm: snapshots and copy-on-write for anonymous memory, in userspace.
+ *
+ * libcowmm takes over private anonymous memory regions with userfaultfd in
+ * write-protect mode.  A snapshot is a point-in-time view of a region: the
+ * application keeps writing, and a page is copied only when it is written
+ * while some snapshot still needs its old bytes.  The writer always keeps its
+ * physical page; the snapshot receives the copy.
+ *
+ * Conventions, for every function below:
+ *  - 0 (or a count) on success, a negative errno value on failure; errno
+ *    after a call means nothing.  cowmm_strerror() names each value.
+ *  - Objects come back through an out-parameter that is left untouched on
+ *    failure.
+ *  - Handles are opaque.  A handle used after it was released gives -EBADF
+ *    while the library still remembers it (the last 256 released handles of
+ *    each manager); older ones are plain use-after-free, as with any C API.
+ *  - In the child of fork(), every call on an inherited handle gives -ECHILD
+ *    and the child's memory is ordinary, unmanaged memory.
+ */
+#ifndef COWMM_H
+#define COWMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "cowmm_version.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define COWMM_EXPORT __attribute__((visibility("default")))
+#else
+#define COWMM_EXPORT
+#endif
+
+/** A manager: one userfaultfd and the threads that resolve its faults. */
+typedef struct cowmm cowmm_t;
+/** A region of private anonymous memory taken over by a manager. */
+typedef struct cowmm_region cowmm_region_t;
+/** A point-in-time snapshot of a region. */
+typedef struct cowmm_snap cowmm_snap_t;
+
+/**
+ * Configuration for cowmm_open().  Initialise with COWMM_CONFIG_INIT so that
+ * @c size is set; fields are only ever appended.  A shorter struct (from an
+ * older caller) is zero-extended; a longer one is accepted only if every
+ * field this library does not know is zero.
+ */
+struct cowmm_config {
+	size_t size;         /**< sizeof(struct cowmm_config); always first */
+	unsigned workers;    /**< fault-resolving threads; 0: default (1) */
+	unsigned flags;      /**< COWMM_OPEN_*; unknown bits give -EINVAL */
+	size_t fault_around; /**< pages preserved per fault; 0: default (1) */
+};
+
+/** Initialiser for struct cowmm_config. */
+#define COWMM_CONFIG_INIT { .size = sizeof(struct cowmm_config) }
+
+/** Most worker threads a manager accepts. */
+#define COWMM_WORKERS_MAX 64
+
+/** Flags of cowmm_region_alloc(). */
+enum {
+	/** Back the region with transparent huge pages (MADV_HUGEPAGE). */
+	COWMM_REGION_THP = 1u << 0,
+#define COWMM_REGION_THP COWMM_REGION_THP
+	/** Never back the region with huge pages (MADV_NOHUGEPAGE). */
+	COWMM_REGION_NOTHP = 1u << 1,
+#define COWMM_REGION_NOTHP COWMM_REGION_NOTHP
+};
+
+/**
+ * Counters of a manager, filled by cowmm_stats().  All are totals since
+ * cowmm_open() except those ending in _live, which are current values.
+ * Fields are only ever appended.
+ */
+struct cowmm_stats {
+	uint64_t wp_faults;      /**< write-protect faults resolved */
+	uint64_t missing_faults; /**< missing faults resolved */
+	uint64_t copies;         /**< pages preserved because a write faulted
+				      on content a snapshot still needed */
+	uint64_t reuses;         /**< write faults resolved without a copy;
+				      wp_faults == copies + reuses */
+	uint64_t moves;          /**< frames handed over with UFFDIO_MOVE */
+	uint64_t pin_copies;     /**< eager copies of write-pinned pages */
+	uint64_t ahead_copies;   /**< shared neighbours preserved by
+				      fault-around */
+	uint64_t bytes_preserved; /**< bytes copied into frames, in total */
+	uint64_t frames_live;    /**< frames (preserved 4 KiB pages) held now */
+	uint64_t snapshots_live; /**< snapshots not yet released */
+	uint64_t regions_live;   /**< regions not yet released */
+	uint64_t detach_copies;  /**< pages preserved because their region
+				      was released while a snapshot needed them */
+	uint64_t broken;         /**< snapshots marked broken (reads: -EIO) */
+};
+
+/* ------------------------------------------------------------------------ */
+/* Managers                                                                  */
+
+/**
+ * Open a manager: one userfaultfd, with the features libcowmm uses
+ * negotiated, and its worker threads.
+ *
+ * The features of the running kernel are probed on a throwaway
+ * userfaultfd; the manager's own fd asks for exactly what it uses.  The fd
+ * is opened with the userfaultfd(2) system call, or through
+ * /dev/userfaultfd when the system call is not allowed.
+ * Context: any thread.
+ *
+ * @param cfg  configuration, or NULL for the defaults
+ * @param out  receives the manager; untouched on failure
+ * @return 0; -EINVAL (unknown flag, workers > COWMM_WORKERS_MAX),
+ *         -E2BIG (@p cfg longer than known, with a non-zero tail),
+ *         -EPERM (no permission to use userfaultfd; the log says how to
+ *         grant it), -ENOSYS (kernel without userfaultfd),
+ *         -EOPNOTSUPP (kernel without write-protect support), -ENOMEM,
+ *         -EMFILE, -EAGAIN (no thread could be started)
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_open(const struct cowmm_config *cfg, cowmm_t **out);
+
+/**
+ * Close a manager: release every snapshot and region it holds, stop its
+ * threads and close its userfaultfd.  Memory of adopted regions stays
+ * mapped and writable; memory from cowmm_region_alloc() is unmapped.
+ * Threads blocked on a fault in one of its regions are woken.
+ * Context: any thread but the manager's own; not concurrently with any
+ * other call on this manager or its handles.  In the child of fork() it
+ * does nothing.
+ *
+ * @param mm  a manager, or NULL (nothing happens)
+ * @since 0.1
+ */
+COWMM_EXPORT void cowmm_close(cowmm_t *mm);
+
+/**
+ * Read the manager's counters.
+ *
+ * Writes min(@p size, sizeof(struct cowmm_stats)) bytes, so that callers
+ * built against an older or newer header work unchanged.
+ * Context: any thread.
+ *
+ * @param mm    a manager
+ * @param st    receives the counters
+ * @param size  sizeof(*st) as the caller knows it
+ * @return 0; -EINVAL (NULL argument), -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_stats(cowmm_t *mm, struct cowmm_stats *st,
+			     size_t size);
+
+/**
+ * The userfaultfd features this manager negotiated with the kernel, as
+ * UFFD_FEATURE_* bits of <linux/userfaultfd.h>.
+ * Context: any thread.
+ *
+ * @param mm  a manager
+ * @return the feature bits, or 0 for NULL
+ * @since 0.1
+ */
+COWMM_EXPORT uint64_t cowmm_features(const cowmm_t *mm);
+
+/* ------------------------------------------------------------------------ */
+/* Regions                                                                   */
+
+/**
+ * Map a new private anonymous region of @p len bytes and take it over.
+ * The memory reads as zero and is not populated.
+ * Context: any thread.
+ *
+ * @param mm     a manager
+ * @param len    length in bytes, a non-zero multiple of the page size
+ * @param flags  COWMM_REGION_THP or COWMM_REGION_NOTHP (not both)
+ * @param out    receives the region; untouched on failure
+ * @return 0; -EINVAL (bad length or flags), -ENOMEM, -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
+				    cowmm_region_t **out);
+
+/**
+ * Take over existing memory, for example a heap allocated before the
+ * manager was opened.  The memory keeps its content and stays usable
+ * throughout.
+ * Context: any thread.
+ *
+ * @param mm     a manager
+ * @param addr   start, page aligned
+ * @param len    length, a non-zero multiple of the page size
+ * @param flags  must be 0
+ * @param out    receives the region; untouched on failure
+ * @return 0; -EINVAL (unaligned, zero or overflowing range, unknown flag,
+ *         memory that is not private anonymous: shared, file-backed,
+ *         hugetlbfs or PROT_NONE), -ENOMEM (part of the range is not
+ *         mapped), -EEXIST (overlaps a region of this manager),
+ *         -EBUSY (registered with another userfaultfd), -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len,
+				    unsigned flags, cowmm_region_t **out);
+
+/**
+ * Start address of a region.
+ * Context: any thread.
+ *
+ * @param r  a region
+ * @return the address, or NULL for NULL or a released region
+ * @since 0.1
+ */
+COWMM_EXPORT void *cowmm_region_base(const cowmm_region_t *r);
+
+/**
+ * Length of a region in bytes.
+ * Context: any thread.
+ *
+ * @param r  a region
+ * @return the length, or 0 for NULL or a released region
+ * @since 0.1
+ */
+COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
+
+/**
+ * Give a region back.  Snapshots of it stay valid: the pages they still
+ * share with the region are preserved first (counted as detach_copies;
+ * pages never populated cost nothing).  Adopted memory stays mapped,
+ * writable and unprotected; memory from cowmm_region_alloc() is unmapped.
+ * Context: any thread; not concurrently with other calls on @p r.
+ *
+ * @param r  a region
+ * @return 0; -EINVAL (NULL), -EBADF (already released), -ECHILD,
+ *         -ENOMEM (a snapshot could not be preserved: the region is
+ *         released and that snapshot is marked broken)
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
+
+/* ------------------------------------------------------------------------ */
+/* Snapshots                                                                 */
+
+/**
+ * Take a point-in-time snapshot of @p r.
+ *
+ * Write-protects the region, unpopulated pages included; a page is copied
+ * only when written while some snapshot still needs its old bytes, and the
+ * copy goes to the snapshot, never to the writer.  Any number of snapshots
+ * of one region may be alive, and released in any order.
+ * Context: any thread.
+ *
+ * @param r    a region from cowmm_region_alloc() or cowmm_region_adopt()
+ * @param out  receives the snapshot; untouched on failure
+ * @return 0; -EINVAL (NULL), -EBADF (released region), -ENOMEM,
+ *         -EOVERFLOW (2^32 - 1 snapshots of this region taken),
+ *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED),
+ *         -ENOENT (the region's memory was unmapped behind the library's
+ *         back), -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out);
+
+/**
+ * Read bytes of a snapshot.  Byte granular: a read that runs past the end
+ * is short, and a read at or past the end returns 0.  Takes no lock: any
+ * number of threads may read while the application writes.
+ * Context: any thread.
+ *
+ * @param s    a snapshot
+ * @param off  offset from the start of the region
+ * @param buf  receives the bytes
+ * @param len  bytes wanted
+ * @return bytes read; -EINVAL (NULL), -EBADF (released snapshot),
+ *         -EIO (the snapshot is broken), -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf,
+				     size_t len);
+
+/**
+ * Size of a snapshot in bytes (the size of its region when it was taken).
+ * Context: any thread.
+ *
+ * @param s  a snapshot
+ * @return the size, or 0 for NULL or a released snapshot
+ * @since 0.1
+ */
+COWMM_EXPORT size_t cowmm_snap_size(const cowmm_snap_t *s);
+
+/**
+ * Release a snapshot and the frames only it held.
+ * Context: any thread; not concurrently with other calls on @p s.
+ * A second release of the same snapshot is ignored (and logged).
+ *
+ * @param s  a snapshot, or NULL (nothing happens)
+ * @since 0.1
+ */
+COWMM_EXPORT void cowmm_snap_release(cowmm_snap_t *s);
+
+/* ------------------------------------------------------------------------ */
+/* Errors, logging, version                                                  */
+
+/**
+ * Describe a return value of this library.
+ * Context: any thread.
+ *
+ * @param err  a negative errno value returned by a cowmm function
+ * @return a static string; never NULL
+ * @since 0.1
+ */
+COWMM_EXPORT const char *cowmm_strerror(int err);
+
+/** Levels of cowmm_log_fn, as syslog's. */
+enum cowmm_log_level {
+	COWMM_LOG_ERR = 3,
+	COWMM_LOG_WARNING = 4,
+	COWMM_LOG_INFO = 6,
+	COWMM_LOG_DEBUG = 7,
+};
+
+/** A log callback: @p msg has no trailing newline. */
+typedef void (*cowmm_log_fn)(enum cowmm_log_level level, const char *msg,
+			     void *data);
+
+/**
+ * Send the library's messages (for example how to grant userfaultfd
+ * permission) to @p fn.  The library prints nothing by itself: without a
+ * callback, messages are dropped.
+ * Context: any thread; the callback may run on any thread, worker threads
+ * included, and must not call back into libcowmm.
+ *
+ * @param fn    the callback, or NULL to drop messages
+ * @param data  passed to @p fn
+ * @since 0.1
+ */
+COWMM_EXPORT void cowmm_set_log(cowmm_log_fn fn, void *data);
+
+/**
+ * The run-time version of the library, as
+ * COWMM_VERSION_MAJOR * 10000 + COWMM_VERSION_MINOR * 100 +
+ * COWMM_VERSION_PATCH.
+ * Context: any thread.
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COWMM_H */

@@ -1,0 +1,186 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Private declarations shared between the library's files.  Nothing here is
+ * part of the API; tests may include it, as liburing's do with its own.
+ */
+#ifndef COWMM_I_H
+#define COWMM_I_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cowmm.h"
+#include "rcu.h"
+
+#define COWMM_PAGE_SHIFT 12
+#define COWMM_PAGE_SIZE (1UL << COWMM_PAGE_SHIFT)
+#define COWMM_HPAGE_SIZE (2UL << 20)
+#define COWMM_LEAF_SHIFT 9 /* 512 frame slots per leaf: one 4 KiB block */
+#define COWMM_LEAF_SIZE (1UL << COWMM_LEAF_SHIFT)
+#define COWMM_GRAVEYARD 256 /* released handles remembered for -EBADF */
+
+#ifndef ARRAY_SIZE
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#endif
+#define cowmm__unlikely(x) __builtin_expect(!!(x), 0)
+
+enum cowmm_magic {
+	COWMM_MAGIC_MM = 0x6d6d6f63,     /* "comm" */
+	COWMM_MAGIC_REGION = 0x6e67726f, /* "orgn" */
+	COWMM_MAGIC_SNAP = 0x70616e73,   /* "snap" */
+	COWMM_MAGIC_DEAD = 0x64616564,   /* "dead" */
+};
+
+/* ------------------------------------------------------------------------ */
+/* frames.c: preserved 4 KiB pages, refcounted, freed after a grace period */
+
+struct cowmm_frame_chunk;
+
+struct cowmm_frame {
+	atomic_uint refs; /* snapshots that hold it */
+	uint32_t slot; /* index in its chunk */
+	struct cowmm_frame_chunk *chunk;
+	struct cowmm_frame *next_free;
+	struct rcu_head rcu;
+};
+
+struct cowmm_frame_pool {
+	pthread_mutex_t lock;
+	struct cowmm_frame_chunk *partial; /* chunks with free slots */
+	atomic_uint_fast64_t *live;        /* the manager's frames_live */
+};
+
+/* Content of a page never written: readers see zeros, nothing is held. */
+extern struct cowmm_frame cowmm__zero_frame;
+
+int cowmm__frame_pool_init(struct cowmm_frame_pool *pool,
+			   atomic_uint_fast64_t *live);
+void cowmm__frame_pool_fini(struct cowmm_frame_pool *pool);
+struct cowmm_frame *cowmm__frame_alloc(struct cowmm_frame_pool *pool);
+void cowmm__frame_free_now(struct cowmm_frame *f);
+void *cowmm__frame_data(const struct cowmm_frame *f);
+void cowmm__frame_get(struct cowmm_frame *f);
+void cowmm__frame_put(struct cowmm_frame *f);
+
+/* A sparse map from page index to frame, two levels of 512 slots. */
+struct cowmm_frame_map {
+	size_t npages;
+	struct cowmm_frame ***dir; /* dir[pg >> 9][pg & 511]; atomic slots */
+};
+
+int cowmm__fmap_init(struct cowmm_frame_map *m, size_t npages);
+void cowmm__fmap_fini(struct cowmm_frame_map *m); /* puts every frame */
+struct cowmm_frame *cowmm__fmap_get(const struct cowmm_frame_map *m,
+				    size_t pg);
+int cowmm__fmap_set(struct cowmm_frame_map *m, size_t pg,
+		    struct cowmm_frame *f);
+
+/* ------------------------------------------------------------------------ */
+/* manager.c */
+
+/* Counters, updated with relaxed atomics; see struct cowmm_stats. */
+struct cowmm_counters {
+	atomic_uint_fast64_t wp_faults, missing_faults, copies, reuses, moves,
+		pin_copies, ahead_copies, bytes_preserved, frames_live,
+		snapshots_live, regions_live, detach_copies, broken;
+};
+
+#define cowmm__count(mm, field, n)                                             \
+	atomic_fetch_add_explicit(&(mm)->cnt.field, (n), memory_order_relaxed)
+
+/* The regions of a manager by address, replaced whole under RCU. */
+struct cowmm_rtable {
+	struct rcu_head rcu;
+	size_t n;
+	struct cowmm_region *r[];
+};
+
+struct cowmm {
+	uint32_t magic;
+	int uffd;
+	int stopfd; /* eventfd: workers exit when it is readable */
+	uint64_t features;        /* negotiated with UFFDIO_API */
+	uint64_t kernel_features; /* offered by the running kernel */
+	unsigned long fork_gen;   /* cowmm__fork_gen() at open */
+	unsigned flags;
+	size_t fault_around;
+
+	pthread_mutex_t lock; /* regions, graveyard, handle lifetimes */
+	struct cowmm_rtable *rtable; /* RCU */
+	struct cowmm_region *regions; /* list, newest first */
+	struct cowmm_frame_pool pool;
+	struct cowmm_counters cnt;
+
+	void *graveyard[COWMM_GRAVEYARD];
+	unsigned grave_next;
+
+	unsigned nworkers;
+	pthread_t *workers;
+};
+
+unsigned long cowmm__fork_gen(void);
+int cowmm__check_mm(const cowmm_t *mm);
+void cowmm__bury(cowmm_t *mm, void *handle); /* mm->lock held */
+int cowmm__rtable_insert(cowmm_t *mm, struct cowmm_region *r);
+void cowmm__rtable_remove(cowmm_t *mm, struct cowmm_region *r);
+struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr);
+
+/* ------------------------------------------------------------------------ */
+/* region.c */
+
+struct cowmm_region {
+	uint32_t magic;
+	bool adopted;
+	bool dying; /* being released: faults are left to the unregister */
+	cowmm_t *mm;
+	uintptr_t base;
+	size_t len, npages;
+	unsigned flags;
+
+	/*
+	 * Serialises the per-page decisions with snapshot creation.  Held
+	 * from the mapcount decision until the page's protection is cleared,
+	 * so that no snapshot can be taken between the two.
+	 */
+	pthread_mutex_t lock;
+	uint32_t epoch;  /* epoch of the newest snapshot ever taken */
+	uint32_t *wgen;  /* per page: epoch when last made writable */
+	struct cowmm_snap *snaps; /* live snapshots, newest first */
+	struct cowmm_region *next; /* in mm->regions */
+};
+
+int cowmm__check_region(const cowmm_region_t *r);
+int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake);
+int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
+			   atomic_uint_fast64_t *counter);
+int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
+void cowmm__region_release_all(cowmm_t *mm);
+
+/* ------------------------------------------------------------------------ */
+/* snapshot.c */
+
+struct cowmm_snap {
+	uint32_t magic;
+	bool broken; /* atomic */
+	uint32_t epoch;
+	cowmm_t *mm;
+	cowmm_region_t *region; /* RCU; NULL once detached from it */
+	uintptr_t base;         /* of the region when taken */
+	size_t len, npages;
+	struct cowmm_frame_map frames;
+	struct cowmm_snap *next; /* in region->snaps */
+};
+
+int cowmm__check_snap(const cowmm_snap_t *s);
+void cowmm__snap_break(cowmm_snap_t *s, const char *why);
+void cowmm__snap_release_locked(cowmm_snap_t *s); /* mm->lock held */
+
+/* ------------------------------------------------------------------------ */
+/* log.c */
+
+void cowmm__log(enum cowmm_log_level level, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+#endif /* COWMM_I_H */

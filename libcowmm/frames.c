@@ -1,0 +1,267 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The frame store: where preserved 4 KiB pages live.
+ *
+ * Frames come from chunks of 512 pages mapped in one go, so that a snapshot
+ * of a busy region costs one VMA per 2 MiB of preserved data rather than one
+ * per page, and every frame is page aligned (ready for UFFDIO_COPY/MOVE).
+ * A chunk is unmapped as soon as its last frame is freed, so memory goes
+ * back to the system when snapshots are released.
+ *
+ * A frame is shared by every snapshot that needed the same old bytes and is
+ * freed after an RCU grace period once the last of them lets go, so that a
+ * lock-free reader never copies from a freed page.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "cowmm_i.h"
+
+#define CHUNK_FRAMES 512
+
+struct cowmm_frame_chunk {
+	struct cowmm_frame_pool *pool;
+	struct cowmm_frame_chunk *prev, *next; /* in pool->partial */
+	void *data;                            /* CHUNK_FRAMES pages */
+	struct cowmm_frame *free;
+	unsigned used;
+	struct cowmm_frame frames[CHUNK_FRAMES];
+};
+
+static const unsigned char zero_page[COWMM_PAGE_SIZE]
+	__attribute__((aligned(COWMM_PAGE_SIZE)));
+
+struct cowmm_frame cowmm__zero_frame = { .refs = 1 };
+
+int cowmm__frame_pool_init(struct cowmm_frame_pool *pool,
+			   atomic_uint_fast64_t *live)
+{
+	pool->partial = NULL;
+	pool->live = live;
+	return -pthread_mutex_init(&pool->lock, NULL);
+}
+
+static void partial_add(struct cowmm_frame_pool *pool,
+			struct cowmm_frame_chunk *c)
+{
+	c->prev = NULL;
+	c->next = pool->partial;
+	if (c->next)
+		c->next->prev = c;
+	pool->partial = c;
+}
+
+static void partial_del(struct cowmm_frame_pool *pool,
+			struct cowmm_frame_chunk *c)
+{
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		pool->partial = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	c->prev = c->next = NULL;
+}
+
+/* Every frame must have been put, and every grace period waited for. */
+void cowmm__frame_pool_fini(struct cowmm_frame_pool *pool)
+{
+	struct cowmm_frame_chunk *c;
+
+	while ((c = pool->partial)) {
+		partial_del(pool, c);
+		munmap(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE);
+		free(c);
+	}
+	pthread_mutex_destroy(&pool->lock);
+}
+
+static struct cowmm_frame_chunk *chunk_new(struct cowmm_frame_pool *pool)
+{
+	struct cowmm_frame_chunk *c = calloc(1, sizeof(*c));
+	unsigned i;
+
+	if (!c)
+		return NULL;
+	c->data = mmap(NULL, CHUNK_FRAMES * COWMM_PAGE_SIZE,
+		       PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (c->data == MAP_FAILED) {
+		free(c);
+		return NULL;
+	}
+	c->pool = pool;
+	for (i = CHUNK_FRAMES; i-- > 0;) {
+		c->frames[i].chunk = c;
+		c->frames[i].slot = i;
+		c->frames[i].next_free = c->free;
+		c->free = &c->frames[i];
+	}
+	return c;
+}
+
+/* A frame with one reference, its content undefined; NULL without memory. */
+struct cowmm_frame *cowmm__frame_alloc(struct cowmm_frame_pool *pool)
+{
+	struct cowmm_frame_chunk *c;
+	struct cowmm_frame *f;
+
+	pthread_mutex_lock(&pool->lock);
+	c = pool->partial;
+	if (!c) {
+		c = chunk_new(pool);
+		if (!c) {
+			pthread_mutex_unlock(&pool->lock);
+			return NULL;
+		}
+		partial_add(pool, c);
+	}
+	f = c->free;
+	c->free = f->next_free;
+	if (++c->used == CHUNK_FRAMES)
+		partial_del(pool, c);
+	pthread_mutex_unlock(&pool->lock);
+
+	f->next_free = NULL;
+	atomic_store_explicit(&f->refs, 1,
+			      memory_order_relaxed);
+	atomic_fetch_add_explicit(pool->live, 1, memory_order_relaxed);
+	return f;
+}
+
+/* Return a frame's page to its chunk; unmap the chunk once it is empty. */
+static void frame_release(struct cowmm_frame *f)
+{
+	struct cowmm_frame_chunk *c = f->chunk;
+	struct cowmm_frame_pool *pool = c->pool;
+	bool unmap = false;
+
+	pthread_mutex_lock(&pool->lock);
+	if (c->used-- == CHUNK_FRAMES)
+		partial_add(pool, c);
+	f->next_free = c->free;
+	c->free = f;
+	if (c->used == 0 && (pool->partial != c || c->next)) {
+		/* Keep one empty chunk around to absorb alloc/free churn. */
+		partial_del(pool, c);
+		unmap = true;
+	}
+	pthread_mutex_unlock(&pool->lock);
+	if (unmap) {
+		munmap(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE);
+		free(c);
+	}
+}
+
+/* Give a frame back at once: only for frames no reader can have seen. */
+void cowmm__frame_free_now(struct cowmm_frame *f)
+{
+	atomic_fetch_sub_explicit(f->chunk->pool->live, 1,
+				  memory_order_relaxed);
+	frame_release(f);
+}
+
+void *cowmm__frame_data(const struct cowmm_frame *f)
+{
+	if (f == &cowmm__zero_frame)
+		return (void *)zero_page;
+	return (char *)f->chunk->data + (size_t)f->slot * COWMM_PAGE_SIZE;
+}
+
+void cowmm__frame_get(struct cowmm_frame *f)
+{
+	if (f == &cowmm__zero_frame)
+		return;
+	atomic_fetch_add_explicit(&f->refs, 1,
+				  memory_order_relaxed);
+}
+
+static void frame_free_rcu(struct rcu_head *head)
+{
+	frame_release(caa_container_of(head, struct cowmm_frame, rcu));
+}
+
+void cowmm__frame_put(struct cowmm_frame *f)
+{
+	if (f == &cowmm__zero_frame)
+		return;
+	if (atomic_fetch_sub_explicit(&f->refs, 1,
+				      memory_order_acq_rel) == 1) {
+		/* No longer held: counted out now, its page freed later. */
+		atomic_fetch_sub_explicit(f->chunk->pool->live, 1,
+					  memory_order_relaxed);
+		urcu_bp_call_rcu(&f->rcu, frame_free_rcu);
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* Frame maps */
+
+static size_t fmap_ndir(size_t npages)
+{
+	return (npages + COWMM_LEAF_SIZE - 1) >> COWMM_LEAF_SHIFT;
+}
+
+int cowmm__fmap_init(struct cowmm_frame_map *m, size_t npages)
+{
+	m->npages = npages;
+	m->dir = calloc(fmap_ndir(npages), sizeof(*m->dir));
+	return m->dir ? 0 : -ENOMEM;
+}
+
+void cowmm__fmap_fini(struct cowmm_frame_map *m)
+{
+	size_t d, i, ndir = fmap_ndir(m->npages);
+
+	if (!m->dir)
+		return;
+	for (d = 0; d < ndir; d++) {
+		struct cowmm_frame **leaf = m->dir[d];
+
+		if (!leaf)
+			continue;
+		for (i = 0; i < COWMM_LEAF_SIZE; i++)
+			if (leaf[i])
+				cowmm__frame_put(leaf[i]);
+		free(leaf);
+	}
+	free(m->dir);
+	m->dir = NULL;
+}
+
+/* The frame of page @pg, or NULL; a lock-free read (acquire). */
+struct cowmm_frame *cowmm__fmap_get(const struct cowmm_frame_map *m,
+				    size_t pg)
+{
+	struct cowmm_frame **leaf;
+
+	leaf = __atomic_load_n(&m->dir[pg >> COWMM_LEAF_SHIFT],
+			       __ATOMIC_ACQUIRE);
+	if (!leaf)
+		return NULL;
+	return __atomic_load_n(&leaf[pg & (COWMM_LEAF_SIZE - 1)],
+			       __ATOMIC_ACQUIRE);
+}
+
+/*
+ * Publish @f (whose reference the map takes over) as the content of @pg.
+ * Writers are serialised by the owner (the region lock); readers may run.
+ */
+int cowmm__fmap_set(struct cowmm_frame_map *m, size_t pg,
+		    struct cowmm_frame *f)
+{
+	struct cowmm_frame ***slot = &m->dir[pg >> COWMM_LEAF_SHIFT];
+	struct cowmm_frame **leaf = *slot;
+
+	if (!leaf) {
+		leaf = calloc(COWMM_LEAF_SIZE, sizeof(*leaf));
+		if (!leaf)
+			return -ENOMEM;
+		__atomic_store_n(slot, leaf, __ATOMIC_RELEASE);
+	}
+	__atomic_store_n(&leaf[pg & (COWMM_LEAF_SIZE - 1)], f,
+			 __ATOMIC_RELEASE);
+	return 0;
+}

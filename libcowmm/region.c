@@ -1,0 +1,449 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Regions: takeover of private anonymous memory, the per-page state, and the
+ * write-fault decision.
+ *
+ * Per page the region keeps one number, wgen: the epoch of the newest
+ * snapshot that existed when the page was last made writable.  Every live
+ * snapshot with a larger epoch still shares the page's current content with
+ * the region, so the page's mapcount is one (the region) plus the number of
+ * such snapshots.  A write fault copies if and only if that count is above
+ * one, publishes the copy to exactly those snapshots, and clears the
+ * protection; the writer keeps its physical page.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
+
+#include "cowmm_i.h"
+#include "uffd.h"
+
+#define RESIDENT_BATCH 4096 /* pages per mincore() call */
+
+int cowmm__check_region(const cowmm_region_t *r)
+{
+	if (!r)
+		return -EINVAL;
+	if (r->magic != COWMM_MAGIC_REGION)
+		return -EBADF;
+	if (r->mm->fork_gen != cowmm__fork_gen())
+		return -ECHILD;
+	return 0;
+}
+
+void *cowmm_region_base(const cowmm_region_t *r)
+{
+	return cowmm__check_region(r) ? NULL : (void *)r->base;
+}
+
+size_t cowmm_region_size(const cowmm_region_t *r)
+{
+	return cowmm__check_region(r) ? 0 : r->len;
+}
+
+static bool range_ok(uintptr_t addr, size_t len)
+{
+	return len && !(addr & (COWMM_PAGE_SIZE - 1)) &&
+	       !(len & (COWMM_PAGE_SIZE - 1)) && addr + len > addr;
+}
+
+/* Names of anonymous mappings in /proc/self/maps. */
+static bool anon_name(const char *path)
+{
+	return !*path || !strcmp(path, "[heap]") || !strcmp(path, "[stack]") ||
+	       !strncmp(path, "[anon:", 6);
+}
+
+/*
+ * Check that [start, start + len) is mapped, and only by private anonymous
+ * memory that is not PROT_NONE: -ENOMEM for a hole, -EINVAL for anything
+ * else (shared, file-backed, hugetlbfs, special).
+ */
+static int check_maps(uintptr_t start, size_t len)
+{
+	uintptr_t cur = start, end = start + len;
+	FILE *f = fopen("/proc/self/maps", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int ret = 0;
+
+	if (!f)
+		return -errno;
+	while (cur < end && getline(&line, &cap, f) > 0) {
+		unsigned long lo, hi, ino;
+		char perms[5], path[256] = "";
+		int n;
+
+		n = sscanf(line, "%lx-%lx %4s %*x %*x:%*x %lu %255[^\n]", &lo,
+			   &hi, perms, &ino, path);
+		if (n < 4) {
+			ret = -EIO;
+			break;
+		}
+		if (hi <= cur)
+			continue;
+		if (lo > cur) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (perms[3] != 'p' || ino || !anon_name(path) ||
+		    !strncmp(perms, "---", 3)) {
+			ret = -EINVAL;
+			break;
+		}
+		cur = hi;
+	}
+	if (!ret && cur < end)
+		ret = -ENOMEM;
+	free(line);
+	fclose(f);
+	return ret;
+}
+
+static int region_take(cowmm_t *mm, uintptr_t base, size_t len,
+		       unsigned flags, bool adopted, cowmm_region_t **out)
+{
+	uint64_t ioctls = 0;
+	cowmm_region_t *r, *o;
+	size_t wlen;
+	int ret;
+
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	r->magic = COWMM_MAGIC_REGION;
+	r->mm = mm;
+	r->base = base;
+	r->len = len;
+	r->npages = len >> COWMM_PAGE_SHIFT;
+	r->flags = flags;
+	r->adopted = adopted;
+	/* Untouched parts of the page state cost no memory. */
+	wlen = r->npages * sizeof(*r->wgen);
+	r->wgen = mmap(NULL, wlen, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (r->wgen == MAP_FAILED) {
+		ret = -ENOMEM;
+		goto err_free;
+	}
+	ret = -pthread_mutex_init(&r->lock, NULL);
+	if (ret)
+		goto err_unmap;
+
+	pthread_mutex_lock(&mm->lock);
+	for (o = mm->regions; o; o = o->next) {
+		if (base < o->base + o->len && o->base < base + len) {
+			ret = -EEXIST;
+			goto err_unlock;
+		}
+	}
+	ret = cowmm__uffd_register(mm->uffd, base, len,
+				   UFFDIO_REGISTER_MODE_WP, &ioctls);
+	if (ret)
+		goto err_unlock;
+	if (!(ioctls & (UINT64_C(1) << _UFFDIO_WRITEPROTECT))) {
+		ret = -EOPNOTSUPP;
+		goto err_unregister;
+	}
+	ret = cowmm__rtable_insert(mm, r);
+	if (ret)
+		goto err_unregister;
+	r->next = mm->regions;
+	mm->regions = r;
+	pthread_mutex_unlock(&mm->lock);
+	cowmm__count(mm, regions_live, 1);
+	*out = r;
+	return 0;
+
+err_unregister:
+	cowmm__uffd_unregister(mm->uffd, base, len);
+err_unlock:
+	pthread_mutex_unlock(&mm->lock);
+	pthread_mutex_destroy(&r->lock);
+err_unmap:
+	munmap(r->wgen, wlen);
+err_free:
+	free(r);
+	return ret;
+}
+
+int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len, unsigned flags,
+		       cowmm_region_t **out)
+{
+	int ret = cowmm__check_mm(mm);
+
+	if (ret)
+		return ret;
+	if (!out || flags || !range_ok((uintptr_t)addr, len))
+		return -EINVAL;
+	ret = check_maps((uintptr_t)addr, len);
+	if (ret)
+		return ret;
+	return region_take(mm, (uintptr_t)addr, len, flags, true, out);
+}
+
+int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
+		       cowmm_region_t **out)
+{
+	const unsigned thp = COWMM_REGION_THP | COWMM_REGION_NOTHP;
+	size_t maplen = len;
+	uintptr_t map, base;
+	int ret = cowmm__check_mm(mm);
+
+	if (ret)
+		return ret;
+	if (!out || !range_ok(0, len) || (flags & ~thp) || (flags & thp) == thp)
+		return -EINVAL;
+	if (flags & COWMM_REGION_THP) {
+		/* Room to align the start to a huge page. */
+		if (len > SIZE_MAX - COWMM_HPAGE_SIZE)
+			return -ENOMEM;
+		maplen += COWMM_HPAGE_SIZE;
+	}
+	map = (uintptr_t)mmap(NULL, maplen, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+			      0);
+	if ((void *)map == MAP_FAILED)
+		return -ENOMEM;
+	base = map;
+	if (flags & COWMM_REGION_THP) {
+		base = (map + COWMM_HPAGE_SIZE - 1) & ~(COWMM_HPAGE_SIZE - 1);
+		if (base > map)
+			munmap((void *)map, base - map);
+		if (map + maplen > base + len)
+			munmap((void *)(base + len), map + maplen - base - len);
+		madvise((void *)base, len, MADV_HUGEPAGE);
+	} else if (flags & COWMM_REGION_NOTHP) {
+		madvise((void *)base, len, MADV_NOHUGEPAGE);
+	}
+	ret = region_take(mm, base, len, flags, false, out);
+	if (ret)
+		munmap((void *)base, len);
+	return ret;
+}
+
+/*
+ * Which of @npages pages from @start may hold data: 1 in @vec where the
+ * page must be read, 0 where it was never populated and reads as zero.
+ * mincore() tells populated anonymous pages from empty ones (a uffd-wp
+ * marker counts as empty); a swapped-out page would look empty too, so
+ * with swap configured every page is read.
+ */
+int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec)
+{
+	struct sysinfo si;
+	size_t i;
+
+	if (sysinfo(&si) < 0 || si.totalswap) {
+		memset(vec, 1, npages);
+		return 0;
+	}
+	if (mincore((void *)start, npages * COWMM_PAGE_SIZE, vec) < 0)
+		return -errno;
+	for (i = 0; i < npages; i++)
+		vec[i] &= 1;
+	return 0;
+}
+
+static bool page_is_zero(const void *p)
+{
+	const uint64_t *w = p;
+	size_t i;
+
+	for (i = 0; i < COWMM_PAGE_SIZE / sizeof(*w); i++)
+		if (w[i])
+			return false;
+	return true;
+}
+
+/*
+ * Preserve page @pg for every live snapshot that still shares it with the
+ * region, copying it once into a frame they all hold (@zero: the page is
+ * known never populated, so nothing is read or held).  Counts one in
+ * @counter when a copy was made.  Does not change wgen or protection.
+ * Call with r->lock held.
+ *
+ * Returns 1 when the page was preserved, 0 when no snapshot needed it,
+ * -ENOMEM when it could not be (the snapshots that needed it are broken).
+ */
+int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
+			   atomic_uint_fast64_t *counter)
+{
+	uint32_t w = r->wgen[pg];
+	struct cowmm_frame *f = &cowmm__zero_frame;
+	struct cowmm_snap *s;
+
+	if (!r->snaps || r->snaps->epoch <= w)
+		return 0; /* newest first: nobody needs the old bytes */
+	if (!zero) {
+		f = cowmm__frame_alloc(&r->mm->pool);
+		if (!f) {
+			for (s = r->snaps; s && s->epoch > w; s = s->next)
+				cowmm__snap_break(s, "out of memory for a frame");
+			return -ENOMEM;
+		}
+		memcpy(cowmm__frame_data(f),
+		       (void *)(r->base + (pg << COWMM_PAGE_SHIFT)),
+		       COWMM_PAGE_SIZE);
+		if (page_is_zero(cowmm__frame_data(f))) {
+			cowmm__frame_free_now(f); /* never published */
+			f = &cowmm__zero_frame;
+		} else {
+			cowmm__count(r->mm, bytes_preserved, COWMM_PAGE_SIZE);
+		}
+	}
+	for (s = r->snaps; s && s->epoch > w; s = s->next) {
+		cowmm__frame_get(f);
+		if (cowmm__fmap_set(&s->frames, pg, f)) {
+			cowmm__frame_put(f);
+			cowmm__snap_break(s, "out of memory for a frame map");
+		}
+	}
+	cowmm__frame_put(f); /* the allocation's reference */
+	atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
+	return 1;
+}
+
+/*
+ * Resolve a write-protect fault at @addr (page aligned, inside @r).
+ * Returns 0 when resolved and woken, 1 when resolved and the caller must
+ * wake the address, or a negative errno when the fault is not ours to
+ * resolve (the region is being released, and its unregister will wake).
+ */
+int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
+{
+	cowmm_t *mm = r->mm;
+	size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+	int ret;
+
+	pthread_mutex_lock(&r->lock);
+	if (r->dying) {
+		pthread_mutex_unlock(&r->lock);
+		return -ENOENT;
+	}
+	cowmm__count(mm, wp_faults, 1);
+	if (r->wgen[pg] == r->epoch) {
+		/* Another thread's fault on this page resolved it already. */
+		pthread_mutex_unlock(&r->lock);
+		cowmm__count(mm, reuses, 1);
+		return 1;
+	}
+	if (cowmm__preserve_locked(r, pg, false, &mm->cnt.copies) == 0)
+		cowmm__count(mm, reuses, 1);
+	/* else counted as a copy, or the needers were marked broken */
+	r->wgen[pg] = r->epoch;
+	ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake);
+	pthread_mutex_unlock(&r->lock);
+	if (ret) {
+		cowmm__log(COWMM_LOG_ERR, "clearing write protection at %#lx: %s",
+			   (unsigned long)addr, strerror(-ret));
+		return ret;
+	}
+	return wake ? 0 : 1;
+}
+
+/*
+ * Preserve every page that some snapshot still shares with the region and
+ * cut the snapshots loose from it.  Pages never populated become zero
+ * frames without being read.  Call with r->lock held.
+ */
+static int detach_snapshots(cowmm_region_t *r)
+{
+	unsigned char vec[RESIDENT_BATCH];
+	struct cowmm_snap *s, *next;
+	size_t pg, i, n;
+	int ret = 0, err;
+
+	if (!r->snaps)
+		return 0;
+	for (pg = 0; pg < r->npages; pg += n) {
+		n = r->npages - pg < RESIDENT_BATCH ? r->npages - pg
+						    : RESIDENT_BATCH;
+		err = cowmm__resident(r->base + (pg << COWMM_PAGE_SHIFT), n,
+				      vec);
+		if (err)
+			memset(vec, 1, n);
+		for (i = 0; i < n; i++) {
+			err = cowmm__preserve_locked(r, pg + i, !vec[i],
+						     &r->mm->cnt.detach_copies);
+			if (err < 0)
+				ret = err;
+		}
+	}
+	for (s = r->snaps; s; s = next) {
+		next = s->next;
+		s->next = NULL;
+		__atomic_store_n(&s->region, NULL, __ATOMIC_RELEASE);
+	}
+	r->snaps = NULL;
+	return ret;
+}
+
+/* Release @r; call with mm->lock held. */
+static int region_release_locked(cowmm_region_t *r)
+{
+	cowmm_t *mm = r->mm;
+	cowmm_region_t **pp;
+	int ret;
+
+	pthread_mutex_lock(&r->lock);
+	r->dying = true;
+	ret = detach_snapshots(r);
+	pthread_mutex_unlock(&r->lock);
+
+	cowmm__rtable_remove(mm, r);
+	for (pp = &mm->regions; *pp != r; pp = &(*pp)->next)
+		;
+	*pp = r->next;
+	/* No worker and no snapshot reader is still inside the region. */
+	urcu_bp_synchronize_rcu();
+
+	/* Unprotect, unregister, and wake whoever blocked meanwhile. */
+	cowmm__uffd_wp(mm->uffd, r->base, r->len, false, false);
+	cowmm__uffd_unregister(mm->uffd, r->base, r->len);
+	cowmm__uffd_wake(mm->uffd, r->base, r->len);
+	if (!r->adopted)
+		munmap((void *)r->base, r->len);
+	munmap(r->wgen, r->npages * sizeof(*r->wgen));
+	pthread_mutex_destroy(&r->lock);
+	atomic_fetch_sub_explicit(&mm->cnt.regions_live, 1,
+				  memory_order_relaxed);
+	r->magic = COWMM_MAGIC_DEAD;
+	cowmm__bury(mm, r);
+	return ret;
+}
+
+int cowmm_region_release(cowmm_region_t *r)
+{
+	int ret = cowmm__check_region(r);
+	cowmm_t *mm;
+
+	if (ret)
+		return ret;
+	mm = r->mm;
+	pthread_mutex_lock(&mm->lock);
+	/* Checked again under the lock: a racing release wins once. */
+	ret = r->magic == COWMM_MAGIC_REGION ? region_release_locked(r)
+					     : -EBADF;
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
+}
+
+/* For cowmm_close(): snapshots first, so that nothing is preserved. */
+void cowmm__region_release_all(cowmm_t *mm)
+{
+	pthread_mutex_lock(&mm->lock);
+	while (mm->regions) {
+		cowmm_region_t *r = mm->regions;
+
+		while (r->snaps)
+			cowmm__snap_release_locked(r->snaps);
+		region_release_locked(r);
+	}
+	pthread_mutex_unlock(&mm->lock);
+}

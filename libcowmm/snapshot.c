@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Snapshots: creation, lock-free reads, release.
+ *
+ * A snapshot holds a frame for every page written since it was taken; every
+ * other page it still shares with its region.  A reader copies the shared
+ * live page and then checks whether a frame was published meanwhile: the
+ * fault path publishes the frame before it clears the page's protection, so
+ * a reader that finds no frame after its copy has copied bytes nobody had
+ * changed yet (a seqlock-style protocol with the frame slot as sequence).
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cowmm_i.h"
+#include "uffd.h"
+
+#define READ_BATCH 512 /* pages whose residency one mincore() call asks */
+
+int cowmm__check_snap(const cowmm_snap_t *s)
+{
+	if (!s)
+		return -EINVAL;
+	if (s->magic != COWMM_MAGIC_SNAP)
+		return -EBADF;
+	if (s->mm->fork_gen != cowmm__fork_gen())
+		return -ECHILD;
+	return 0;
+}
+
+/* Mark @s broken: its reads fail with -EIO from now on. */
+void cowmm__snap_break(cowmm_snap_t *s, const char *why)
+{
+	if (__atomic_exchange_n(&s->broken, true, __ATOMIC_RELEASE))
+		return;
+	cowmm__count(s->mm, broken, 1);
+	cowmm__log(COWMM_LOG_ERR, "snapshot %p of %#lx is broken: %s",
+		   (void *)s, (unsigned long)s->base, why);
+}
+
+int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
+{
+	cowmm_snap_t *s;
+	cowmm_t *mm;
+	int ret = cowmm__check_region(r);
+
+	if (ret)
+		return ret;
+	if (!out)
+		return -EINVAL;
+	mm = r->mm;
+	if (!(mm->features & UFFD_FEATURE_WP_UNPOPULATED))
+		return -EOPNOTSUPP;
+
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->magic = COWMM_MAGIC_SNAP;
+	s->mm = mm;
+	s->base = r->base;
+	s->len = r->len;
+	s->npages = r->npages;
+	ret = cowmm__fmap_init(&s->frames, s->npages);
+	if (ret)
+		goto err_free;
+
+	pthread_mutex_lock(&mm->lock);
+	if (r->magic != COWMM_MAGIC_REGION) {
+		ret = -EBADF;
+		goto err_unlock_mm;
+	}
+	pthread_mutex_lock(&r->lock);
+	if (r->epoch == UINT32_MAX) {
+		ret = -EOVERFLOW;
+		goto err_unlock;
+	}
+	/*
+	 * Protect every page, unpopulated ones included.  Faults wait on
+	 * r->lock meanwhile; once it is dropped, each sees this snapshot.
+	 */
+	ret = cowmm__uffd_wp(mm->uffd, r->base, r->len, true, false);
+	if (ret)
+		goto err_unlock;
+	s->epoch = ++r->epoch;
+	s->region = r;
+	s->next = r->snaps;
+	r->snaps = s;
+	pthread_mutex_unlock(&r->lock);
+	pthread_mutex_unlock(&mm->lock);
+	cowmm__count(mm, snapshots_live, 1);
+	*out = s;
+	return 0;
+
+err_unlock:
+	pthread_mutex_unlock(&r->lock);
+err_unlock_mm:
+	pthread_mutex_unlock(&mm->lock);
+	cowmm__fmap_fini(&s->frames);
+err_free:
+	free(s);
+	return ret;
+}
+
+size_t cowmm_snap_size(const cowmm_snap_t *s)
+{
+	return cowmm__check_snap(s) ? 0 : s->len;
+}
+
+/*
+ * Copy @n bytes at @in of page @pg of @s into @dst.  @resident is false when
+ * the live page was never populated (it then reads as zero without being
+ * touched).  Call inside an RCU read section.
+ */
+static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
+		     bool resident, char *dst)
+{
+	struct cowmm_frame *f = cowmm__fmap_get(&s->frames, pg);
+
+	if (!f) {
+		if (__atomic_load_n(&s->region, __ATOMIC_ACQUIRE)) {
+			if (resident)
+				memcpy(dst,
+				       (const char *)s->base +
+					       (pg << COWMM_PAGE_SHIFT) + in,
+				       n);
+			else
+				memset(dst, 0, n);
+			/* Our loads of the live page come before this one. */
+			atomic_thread_fence(memory_order_acquire);
+		}
+		f = cowmm__fmap_get(&s->frames, pg);
+		if (!f)
+			/* Unchanged since taken, or detached without it. */
+			return __atomic_load_n(&s->region, __ATOMIC_ACQUIRE)
+				       ? 0
+				       : -EIO;
+	}
+	memcpy(dst, (const char *)cowmm__frame_data(f) + in, n);
+	return 0;
+}
+
+ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
+{
+	unsigned char resident[READ_BATCH];
+	size_t done = 0;
+	int ret = cowmm__check_snap(s);
+
+	if (ret)
+		return ret;
+	if (!buf && len)
+		return -EINVAL;
+	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+		return -EIO;
+	if (off >= s->len)
+		return 0;
+	if (len > s->len - off)
+		len = s->len - off;
+
+	urcu_bp_read_lock();
+	while (done < len && !ret) {
+		size_t pg0 = (off + done) >> COWMM_PAGE_SHIFT, np, i;
+
+		np = ((off + len - 1) >> COWMM_PAGE_SHIFT) - pg0 + 1;
+		if (np > READ_BATCH)
+			np = READ_BATCH;
+		if (!__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) ||
+		    cowmm__resident(s->base + (pg0 << COWMM_PAGE_SHIFT), np,
+				    resident))
+			memset(resident, 1, np);
+		for (i = 0; i < np && done < len && !ret; i++) {
+			size_t in = (off + done) & (COWMM_PAGE_SIZE - 1);
+			size_t n = COWMM_PAGE_SIZE - in;
+
+			if (n > len - done)
+				n = len - done;
+			ret = read_page(s, pg0 + i, in, n, resident[i],
+					(char *)buf + done);
+			done += n;
+		}
+	}
+	urcu_bp_read_unlock();
+	if (ret || __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+		return -EIO;
+	return (ssize_t)done;
+}
+
+/* Call with mm->lock held. */
+void cowmm__snap_release_locked(cowmm_snap_t *s)
+{
+	cowmm_region_t *r = s->region;
+	cowmm_t *mm = s->mm;
+
+	if (r) {
+		cowmm_snap_t **pp;
+
+		pthread_mutex_lock(&r->lock);
+		for (pp = &r->snaps; *pp != s; pp = &(*pp)->next)
+			;
+		*pp = s->next;
+		pthread_mutex_unlock(&r->lock);
+	}
+	cowmm__fmap_fini(&s->frames);
+	atomic_fetch_sub_explicit(&mm->cnt.snapshots_live, 1,
+				  memory_order_relaxed);
+	s->magic = COWMM_MAGIC_DEAD;
+	cowmm__bury(mm, s);
+}
+
+void cowmm_snap_release(cowmm_snap_t *s)
+{
+	cowmm_t *mm;
+	int ret;
+
+	if (!s)
+		return;
+	ret = cowmm__check_snap(s);
+	if (ret) {
+		if (ret == -EBADF)
+			cowmm__log(COWMM_LOG_WARNING,
+				   "cowmm_snap_release: snapshot %p was "
+				   "already released", (void *)s);
+		return;
+	}
+	mm = s->mm;
+	pthread_mutex_lock(&mm->lock);
+	if (s->magic == COWMM_MAGIC_SNAP)
+		cowmm__snap_release_locked(s);
+	pthread_mutex_unlock(&mm->lock);
+}

@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The kernel interface: each userfaultfd ioctl wrapped once, feature
+ * probing, and pagemap reads.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "uffd.h"
+
+/*
+ * Open a userfaultfd: the system call first, then /dev/userfaultfd, as the
+ * kernel selftests' uffd_open() does.  The system call needs
+ * CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 (unless user_mode_only);
+ * the device needs read/write access to /dev/userfaultfd.
+ */
+int cowmm__uffd_open(bool user_mode_only)
+{
+	int flags = O_CLOEXEC | O_NONBLOCK;
+	int fd, dev, err;
+
+	if (user_mode_only)
+		flags |= UFFD_USER_MODE_ONLY;
+	fd = syscall(SYS_userfaultfd, flags);
+	if (fd >= 0)
+		return fd;
+	err = -errno;
+	if (err != -EPERM && err != -ENOSYS)
+		return err;
+
+	dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	if (dev < 0)
+		return err == -ENOSYS && errno == ENOENT ? -ENOSYS : -EPERM;
+	fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+	if (fd < 0)
+		fd = -errno;
+	close(dev);
+	return fd;
+}
+
+int cowmm__uffd_api(int fd, uint64_t features, uint64_t *ioctls)
+{
+	struct uffdio_api api = { .api = UFFD_API, .features = features };
+
+	if (ioctl(fd, UFFDIO_API, &api) < 0)
+		return -errno;
+	if (ioctls)
+		*ioctls = api.ioctls;
+	return 0;
+}
+
+/*
+ * What the running kernel offers.  UFFDIO_API answers once per fd, so the
+ * question goes to a throwaway fd: asking for features 0 returns them all.
+ */
+int cowmm__uffd_probe(uint64_t *features)
+{
+	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	int fd = cowmm__uffd_open(false);
+	int ret = 0;
+
+	if (fd < 0)
+		return fd;
+	if (ioctl(fd, UFFDIO_API, &api) < 0)
+		ret = -errno;
+	else
+		*features = api.features;
+	close(fd);
+	return ret;
+}
+
+/*
+ * Every page-table ioctl may fail with EAGAIN while the address space is
+ * changing (an event is being delivered); the contract is to retry.
+ */
+static int uffd_ioctl(int fd, unsigned long req, void *arg)
+{
+	for (;;) {
+		if (ioctl(fd, req, arg) == 0)
+			return 0;
+		if (errno != EAGAIN)
+			return -errno;
+		sched_yield();
+	}
+}
+
+int cowmm__uffd_register(int fd, uintptr_t start, size_t len, uint64_t mode,
+			 uint64_t *ioctls)
+{
+	struct uffdio_register reg = {
+		.range = { .start = start, .len = len },
+		.mode = mode,
+	};
+	int ret = uffd_ioctl(fd, UFFDIO_REGISTER, &reg);
+
+	if (ret == 0 && ioctls)
+		*ioctls = reg.ioctls;
+	return ret;
+}
+
+int cowmm__uffd_unregister(int fd, uintptr_t start, size_t len)
+{
+	struct uffdio_range range = { .start = start, .len = len };
+
+	return uffd_ioctl(fd, UFFDIO_UNREGISTER, &range);
+}
+
+/* @wake only matters when clearing: the kernel refuses WP | DONTWAKE. */
+int cowmm__uffd_wp(int fd, uintptr_t start, size_t len, bool protect,
+		   bool wake)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { .start = start, .len = len },
+		.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP
+			: wake	? 0
+				: UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+	};
+
+	return uffd_ioctl(fd, UFFDIO_WRITEPROTECT, &wp);
+}
+
+int cowmm__uffd_wake(int fd, uintptr_t start, size_t len)
+{
+	struct uffdio_range range = { .start = start, .len = len };
+
+	return ioctl(fd, UFFDIO_WAKE, &range) < 0 ? -errno : 0;
+}
+
+/* Read @npages pagemap entries from @start into @out. */
+int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out)
+{
+	size_t want = npages * sizeof(*out), done = 0;
+	off_t off = (off_t)(start / 4096) * sizeof(*out);
+
+	while (done < want) {
+		ssize_t n = pread(fd, (char *)out + done, want - done,
+				  off + done);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		done += n;
+	}
+	return 0;
+}
