@@ -78,8 +78,10 @@ static void *writer(void *arg)
 			x ^= x >> 7;
 			x ^= x << 17;
 			pg = x % d->npages;
-			off = (x >> 32) % (PAGE - 8);
-			memcpy(d->mem + pg * PAGE + off, &x, 8);
+			off = (x >> 32) % (PAGE / 8);
+			/* Writers may hit the same word: store it atomically. */
+			__atomic_store_n((uint64_t *)(d->mem + pg * PAGE) + off, x,
+					 __ATOMIC_RELAXED);
 		}
 		pthread_rwlock_unlock(&d->pause);
 		atomic_fetch_add(&d->writes, 64);

@@ -110,6 +110,7 @@ struct cowmm {
 	pthread_mutex_t lock; /* regions, graveyard, handle lifetimes */
 	struct cowmm_rtable *rtable; /* RCU */
 	struct cowmm_region *regions; /* list, newest first */
+	struct cowmm_snap *snaps;     /* every live snapshot, attached or not */
 	struct cowmm_frame_pool pool;
 	struct cowmm_counters cnt;
 
@@ -171,6 +172,7 @@ struct cowmm_snap {
 	size_t len, npages;
 	struct cowmm_frame_map frames;
 	struct cowmm_snap *next; /* in region->snaps */
+	struct cowmm_snap *mm_prev, *mm_next; /* in mm->snaps */
 };
 
 int cowmm__check_snap(const cowmm_snap_t *s);

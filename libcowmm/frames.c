@@ -70,11 +70,13 @@ void cowmm__frame_pool_fini(struct cowmm_frame_pool *pool)
 {
 	struct cowmm_frame_chunk *c;
 
+	pthread_mutex_lock(&pool->lock); /* after the last call_rcu free */
 	while ((c = pool->partial)) {
 		partial_del(pool, c);
 		munmap(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE);
 		free(c);
 	}
+	pthread_mutex_unlock(&pool->lock);
 	pthread_mutex_destroy(&pool->lock);
 }
 

@@ -92,7 +92,7 @@ static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 	if (add && !added)
 		t->r[j++] = add;
 	t->n = j;
-	rcu_assign_pointer(mm->rtable, t);
+	__atomic_store_n(&mm->rtable, t, __ATOMIC_RELEASE); /* publish */
 	if (old)
 		urcu_bp_call_rcu(&old->rcu, rtable_free_rcu);
 	return 0;
@@ -119,7 +119,7 @@ void cowmm__rtable_remove(cowmm_t *mm, struct cowmm_region *r)
 /* The region holding @addr, or NULL.  Call inside an RCU read section. */
 struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr)
 {
-	struct cowmm_rtable *t = rcu_dereference(mm->rtable);
+	struct cowmm_rtable *t = __atomic_load_n(&mm->rtable, __ATOMIC_ACQUIRE);
 	size_t lo = 0, hi;
 
 	if (!t)

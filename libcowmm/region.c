@@ -438,12 +438,9 @@ int cowmm_region_release(cowmm_region_t *r)
 void cowmm__region_release_all(cowmm_t *mm)
 {
 	pthread_mutex_lock(&mm->lock);
-	while (mm->regions) {
-		cowmm_region_t *r = mm->regions;
-
-		while (r->snaps)
-			cowmm__snap_release_locked(r->snaps);
-		region_release_locked(r);
-	}
+	while (mm->snaps)
+		cowmm__snap_release_locked(mm->snaps);
+	while (mm->regions)
+		region_release_locked(mm->regions);
 	pthread_mutex_unlock(&mm->lock);
 }

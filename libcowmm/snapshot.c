@@ -87,6 +87,10 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 	s->next = r->snaps;
 	r->snaps = s;
 	pthread_mutex_unlock(&r->lock);
+	s->mm_next = mm->snaps;
+	if (s->mm_next)
+		s->mm_next->mm_prev = s;
+	mm->snaps = s;
 	pthread_mutex_unlock(&mm->lock);
 	cowmm__count(mm, snapshots_live, 1);
 	*out = s;
@@ -200,6 +204,12 @@ void cowmm__snap_release_locked(cowmm_snap_t *s)
 		*pp = s->next;
 		pthread_mutex_unlock(&r->lock);
 	}
+	if (s->mm_prev)
+		s->mm_prev->mm_next = s->mm_next;
+	else
+		mm->snaps = s->mm_next;
+	if (s->mm_next)
+		s->mm_next->mm_prev = s->mm_prev;
 	cowmm__fmap_fini(&s->frames);
 	atomic_fetch_sub_explicit(&mm->cnt.snapshots_live, 1,
 				  memory_order_relaxed);

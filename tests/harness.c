@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: MIT
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "cowmm_i.h"
+#include "uffd.h"
+
+static char log_buf[8192];
+static size_t log_len;
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void t_log(enum cowmm_log_level level, const char *msg, void *data)
+{
+	(void)data;
+	pthread_mutex_lock(&log_lock);
+	log_len += snprintf(log_buf + log_len, sizeof(log_buf) - log_len,
+			    "%d: %s\n", level, msg);
+	if (log_len >= sizeof(log_buf))
+		log_len = sizeof(log_buf) - 1;
+	pthread_mutex_unlock(&log_lock);
+	if (getenv("COWMM_TEST_VERBOSE"))
+		fprintf(stderr, "cowmm[%d]: %s\n", level, msg);
+}
+
+const char *t_log_text(void)
+{
+	return log_buf;
+}
+
+void t_log_clear(void)
+{
+	pthread_mutex_lock(&log_lock);
+	log_len = 0;
+	log_buf[0] = 0;
+	pthread_mutex_unlock(&log_lock);
+}
+
+static const char *feature_name(uint64_t bit)
+{
+	switch (bit) {
+	case UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+		return "UFFD_FEATURE_PAGEFAULT_FLAG_WP";
+	case UFFD_FEATURE_WP_UNPOPULATED:
+		return "UFFD_FEATURE_WP_UNPOPULATED";
+	case UFFD_FEATURE_WP_ASYNC:
+		return "UFFD_FEATURE_WP_ASYNC";
+	case UFFD_FEATURE_MOVE:
+		return "UFFD_FEATURE_MOVE";
+	case UFFD_FEATURE_THREAD_ID:
+		return "UFFD_FEATURE_THREAD_ID";
+	default:
+		return "a userfaultfd feature";
+	}
+}
+
+int t_run(const char *suite_name, const struct t_case *cases, size_t n)
+{
+	bool strict = getenv("COWMM_TEST_STRICT") &&
+		      !strcmp(getenv("COWMM_TEST_STRICT"), "1");
+	const struct t_case *run[64];
+	uint64_t features = 0;
+	size_t i, nrun = 0, skipped = 0;
+	int probe, failed;
+	SRunner *sr;
+	Suite *s;
+
+	/* Decide before building the Suite: nothing to leak on skip. */
+	probe = cowmm__uffd_probe(&features);
+	for (i = 0; i < n; i++) {
+		const struct t_case *c = &cases[i];
+		uint64_t missing = c->features & ~features;
+
+		if (probe < 0 && c->features) {
+			printf("SKIP %s/%s: userfaultfd unavailable (%s)\n",
+			       suite_name, c->name, strerror(-probe));
+		} else if (missing) {
+			printf("SKIP %s/%s: kernel lacks %s\n", suite_name,
+			       c->name, feature_name(missing & -missing));
+		} else if ((c->needs & T_NEEDS_ROOT) && geteuid() != 0) {
+			printf("SKIP %s/%s: needs root\n", suite_name, c->name);
+		} else if (nrun < ARRAY_SIZE(run)) {
+			run[nrun++] = c;
+			continue;
+		}
+		skipped++;
+	}
+	fflush(stdout);
+	if (strict && skipped) {
+		printf("FAIL %s: %zu case(s) skipped under COWMM_TEST_STRICT=1\n",
+		       suite_name, skipped);
+		return 1;
+	}
+	if (!nrun)
+		return T_EXIT_SKIP;
+
+	cowmm_set_log(t_log, NULL);
+	s = suite_create(suite_name);
+	for (i = 0; i < nrun; i++) {
+		TCase *tc = tcase_create(run[i]->name);
+
+		tcase_add_test(tc, run[i]->fn);
+		tcase_set_timeout(tc, run[i]->timeout ? run[i]->timeout : 60);
+		suite_add_tcase(s, tc);
+	}
+	sr = srunner_create(s);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? 1 : 0;
+}
+
+cowmm_t *t_open(unsigned workers)
+{
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	cowmm_t *mm = NULL;
+	int ret;
+
+	cfg.workers = workers;
+	ret = cowmm_open(&cfg, &mm);
+	ck_assert_msg(ret == 0, "cowmm_open: %s", cowmm_strerror(ret));
+	return mm;
+}
+
+struct cowmm_stats t_stats(cowmm_t *mm)
+{
+	struct cowmm_stats st;
+
+	ck_assert_int_eq(cowmm_stats(mm, &st, sizeof(st)), 0);
+	return st;
+}
+
+void t_rcu_barrier(void)
+{
+	urcu_bp_barrier();
+}
+
+uint64_t t_pfn(const void *addr)
+{
+	uint64_t e = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(cowmm__pagemap_read(fd, (uintptr_t)addr, 1, &e), 0);
+	close(fd);
+	return (e & PM_PRESENT) ? (e & PM_PFN_MASK) : 0;
+}
+
+long t_rss_kb(void)
+{
+	FILE *f = fopen("/proc/self/status", "r");
+	char line[256];
+	long kb = -1;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb;
+}
+
+uint64_t t_rand(uint64_t *x)
+{
+	*x ^= *x << 13;
+	*x ^= *x >> 7;
+	*x ^= *x << 17;
+	return *x;
+}
+
+uint64_t t_page_sum(const void *page)
+{
+	const unsigned char *p = page;
+	uint64_t h = 0xcbf29ce484222325ULL;
+	size_t i;
+
+	for (i = 0; i < T_PAGE; i += 8) {
+		uint64_t w;
+
+		memcpy(&w, p + i, 8);
+		h = (h ^ w) * 0x100000001b3ULL;
+	}
+	return h;
+}
+
+void t_fill_page(void *page, uint64_t seed)
+{
+	uint64_t *w = page, x = seed | 1;
+	size_t i;
+
+	for (i = 0; i < T_PAGE / 8; i++)
+		w[i] = t_rand(&x);
+}

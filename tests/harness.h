@@ -1,0 +1,60 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Test harness: feature-gated Check cases (like the kernel's
+ * uffd-unit-tests.c) and small helpers, prefixed t_ as in liburing's
+ * test/helpers.h.
+ */
+#ifndef COWMM_TEST_HARNESS_H
+#define COWMM_TEST_HARNESS_H
+
+#include <check.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cowmm.h>
+
+#define T_EXIT_SKIP 77
+#define T_PAGE 4096UL
+/* What every case that opens a manager needs. */
+#define T_WP (1 << 0) /* UFFD_FEATURE_PAGEFAULT_FLAG_WP */
+#define T_WP_UNPOPULATED ((1 << 0) | (1 << 13))
+
+#ifndef ARRAY_SIZE
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#endif
+
+enum t_needs {
+	T_NEEDS_ROOT = 1u << 0, /* physical frame numbers, setuid */
+};
+
+struct t_case {
+	const char *name;
+	const TTest *fn;      /* from START_TEST(fn) */
+	uint64_t features;    /* UFFD_FEATURE_* the case needs; 0: none,
+				 not even userfaultfd */
+	unsigned needs;       /* T_NEEDS_* */
+	int timeout;          /* seconds; 0: 60 */
+};
+
+/*
+ * Run the cases whose needs are met; print SKIP for the others.  Returns the
+ * exit status: 0, 1 on failure, 77 when nothing could run.  With
+ * COWMM_TEST_STRICT=1 in the environment a skip is a failure.
+ */
+int t_run(const char *suite, const struct t_case *cases, size_t n);
+
+cowmm_t *t_open(unsigned workers);
+struct cowmm_stats t_stats(cowmm_t *mm);
+void t_rcu_barrier(void);
+uint64_t t_pfn(const void *addr);      /* 0 if not present; needs root */
+long t_rss_kb(void);
+uint64_t t_rand(uint64_t *state);      /* xorshift64 */
+uint64_t t_page_sum(const void *page); /* FNV-1a over one page */
+void t_fill_page(void *page, uint64_t seed);
+
+/* Messages logged by the library during the current test. */
+const char *t_log_text(void);
+void t_log_clear(void);
+
+#endif

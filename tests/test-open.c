@@ -1,0 +1,207 @@
+// SPDX-License-Identifier: MIT
+/* cowmm_open()/cowmm_close(): configuration, permissions, fork(). */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+START_TEST(test_defaults)
+{
+	cowmm_t *mm = NULL;
+	struct cowmm_stats st;
+
+	ck_assert_int_eq(cowmm_open(NULL, &mm), 0);
+	ck_assert_ptr_nonnull(mm);
+	ck_assert(cowmm_features(mm) & 1); /* PAGEFAULT_FLAG_WP */
+	st = t_stats(mm);
+	ck_assert_uint_eq(st.wp_faults, 0);
+	ck_assert_uint_eq(st.regions_live, 0);
+	cowmm_close(mm);
+	cowmm_close(NULL);
+}
+END_TEST
+
+START_TEST(test_config)
+{
+	struct {
+		struct cowmm_config cfg;
+		uint64_t tail;
+	} big = { COWMM_CONFIG_INIT, 0 };
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	cowmm_t *mm = NULL, *keep = (cowmm_t *)&cfg;
+
+	/* Bad arguments leave *out alone. */
+	mm = keep;
+	cfg.flags = 1u << 31;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), -EINVAL);
+	cfg.flags = 0;
+	cfg.workers = COWMM_WORKERS_MAX + 1;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), -EINVAL);
+	cfg.workers = 0;
+	cfg.size = 0;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), -EINVAL);
+	ck_assert_ptr_eq(mm, keep);
+	ck_assert_int_eq(cowmm_open(NULL, NULL), -EINVAL);
+
+	/* A longer struct with a non-zero unknown tail is refused. */
+	big.cfg.size = sizeof(big);
+	big.tail = 1;
+	ck_assert_int_eq(cowmm_open(&big.cfg, &mm), -E2BIG);
+	ck_assert_ptr_eq(mm, keep);
+	big.tail = 0;
+	ck_assert_int_eq(cowmm_open(&big.cfg, &mm), 0);
+	cowmm_close(mm);
+
+	/* A shorter struct (an older caller) is zero-extended. */
+	cfg.size = offsetof(struct cowmm_config, fault_around);
+	cfg.workers = 3;
+	cfg.fault_around = 99; /* beyond size: never read */
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+START_TEST(test_stats_size)
+{
+	cowmm_t *mm = t_open(0);
+	struct cowmm_stats st;
+	unsigned char buf[sizeof(st) + 8];
+
+	memset(buf, 0xa5, sizeof(buf));
+	ck_assert_int_eq(cowmm_stats(mm, (void *)buf, 8), 0);
+	ck_assert_uint_eq(buf[8], 0xa5); /* only 8 bytes written */
+	ck_assert_int_eq(cowmm_stats(mm, (void *)buf, sizeof(buf)), 0);
+	ck_assert_uint_eq(buf[sizeof(st)], 0xa5);
+	ck_assert_int_eq(cowmm_stats(mm, NULL, sizeof(st)), -EINVAL);
+	ck_assert_int_eq(cowmm_stats(NULL, &st, sizeof(st)), -EINVAL);
+	cowmm_close(mm);
+}
+END_TEST
+
+START_TEST(test_eperm)
+{
+	int pipefd[2], status;
+	char msg[512] = "";
+	pid_t pid;
+
+	/* Only meaningful where unprivileged users are not allowed. */
+	ck_assert_int_eq(pipe(pipefd), 0);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		cowmm_t *mm = NULL;
+		int ret;
+
+		t_log_clear();
+		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+			_exit(10);
+		ret = cowmm_open(NULL, &mm);
+		if (write(pipefd[1], t_log_text(), strlen(t_log_text())) < 0)
+			_exit(11);
+		_exit(ret == -EPERM ? 0 : ret == 0 ? 12 : 13);
+	}
+	close(pipefd[1]);
+	ck_assert_int_ge(read(pipefd[0], msg, sizeof(msg) - 1), 0);
+	close(pipefd[0]);
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "unprivileged cowmm_open: status %d, log: %s", status, msg);
+	ck_assert_msg(strstr(msg, "vm.unprivileged_userfaultfd") &&
+			      strstr(msg, "/dev/userfaultfd"),
+		      "the -EPERM message says how to grant access: %s", msg);
+}
+END_TEST
+
+/*
+ * The child of fork() gets ordinary memory: it may write pages that are
+ * write-protected for a live snapshot in the parent without hanging, and
+ * library calls on inherited handles give -ECHILD.  The parent's snapshot
+ * is untouched by the child's writes.
+ */
+START_TEST(test_fork_child)
+{
+	cowmm_t *mm = t_open(0);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p, buf[T_PAGE];
+	int status;
+	pid_t pid;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, 64 * T_PAGE, 0, &r), 0);
+	p = cowmm_region_base(r);
+	memset(p, 0x11, 64 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		struct cowmm_stats st;
+		cowmm_snap_t *s2 = NULL;
+
+		alarm(10); /* a hang fails the test */
+		memset(p, 0x22, 64 * T_PAGE);
+		if (p[5 * T_PAGE] != 0x22)
+			_exit(1);
+		if (cowmm_snapshot(r, &s2) != -ECHILD || s2)
+			_exit(2);
+		if (cowmm_stats(mm, &st, sizeof(st)) != -ECHILD)
+			_exit(3);
+		if (cowmm_snap_read(s, 0, buf, sizeof(buf)) != -ECHILD)
+			_exit(4);
+		if (cowmm_region_release(r) != -ECHILD)
+			_exit(5);
+		cowmm_close(mm); /* does nothing in the child */
+		_exit(0);
+	}
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "child status %d", status);
+	ck_assert_int_eq(p[0], 0x11);
+	ck_assert_int_eq(cowmm_snap_read(s, 0, buf, sizeof(buf)), T_PAGE);
+	ck_assert_int_eq(buf[100], 0x11);
+	memset(p, 0x33, T_PAGE);
+	ck_assert_int_eq(cowmm_snap_read(s, 0, buf, sizeof(buf)), T_PAGE);
+	ck_assert_int_eq(buf[100], 0x11);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+START_TEST(test_workers)
+{
+	cowmm_t *mm = t_open(COWMM_WORKERS_MAX);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	size_t i;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, 256 * T_PAGE, 0, &r), 0);
+	p = cowmm_region_base(r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 0; i < 256; i++)
+		p[i * T_PAGE] = 1;
+	ck_assert_uint_eq(t_stats(mm).wp_faults, 256);
+	cowmm_snap_release(s);
+	cowmm_close(mm); /* releases the region too */
+}
+END_TEST
+
+int main(void)
+{
+	const struct t_case cases[] = {
+		{ "defaults", test_defaults, T_WP },
+		{ "config", test_config, T_WP },
+		{ "stats-size", test_stats_size, T_WP },
+		{ "eperm", test_eperm, T_WP, T_NEEDS_ROOT },
+		{ "fork-child", test_fork_child, T_WP_UNPOPULATED },
+		{ "workers", test_workers, T_WP_UNPOPULATED },
+	};
+
+	return t_run("open", cases, ARRAY_SIZE(cases));
+}
