@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+#
+# Build libcowmm and run the whole test suite, three times: a plain build,
+# AddressSanitizer + UndefinedBehaviorSanitizer, and ThreadSanitizer.  Each
+# build lives in its own directory (build/, build-asan/, build-tsan/) and is
+# compiled with -Dwerror=true.  Installs missing Debian packages first.
+#
+# Usage: scripts/test.sh [plain|asan|tsan ...]     (default: all three)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/deps.sh
+
+export COWMM_TEST_STRICT="${COWMM_TEST_STRICT:-1}"
+setups=("$@")
+[ ${#setups[@]} -gt 0 ] || setups=(plain asan tsan)
+
+for s in "${setups[@]}"; do
+	case "$s" in
+	plain) dir=build;      opts=() ;;
+	asan)  dir=build-asan; opts=(-Db_sanitize=address,undefined -Db_lundef=false) ;;
+	tsan)  dir=build-tsan; opts=(-Db_sanitize=thread -Db_lundef=false) ;;
+	*) echo "unknown setup: $s (plain, asan, tsan)" >&2; exit 2 ;;
+	esac
+	echo "=== $s build ($dir) ==="
+	if [ -d "$dir" ]; then
+		meson setup --reconfigure "$dir" -Dwerror=true "${opts[@]}" >/dev/null
+	else
+		meson setup "$dir" -Dwerror=true "${opts[@]}" >/dev/null
+	fi
+	ninja -C "$dir"
+	echo "=== $s tests ==="
+	meson test -C "$dir" --setup="$s" --print-errorlogs
+done
+echo "=== all test setups passed: ${setups[*]} ==="
