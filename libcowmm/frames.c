@@ -20,6 +20,12 @@
 #include "cowmm_i.h"
 
 #define CHUNK_FRAMES 512
+/*
+ * Frames are populated 16 at a time (64 KiB) as a chunk's slots are first
+ * handed out: one madvise instead of 16 page faults, at most 15 pages held
+ * ahead of need.
+ */
+#define POPULATE_BATCH 16
 
 struct cowmm_frame_chunk {
 	struct cowmm_frame_pool *pool;
@@ -27,6 +33,7 @@ struct cowmm_frame_chunk {
 	void *data;                            /* CHUNK_FRAMES pages */
 	struct cowmm_frame *free;
 	unsigned used;
+	unsigned populated; /* slots below this have their page */
 	struct cowmm_frame frames[CHUNK_FRAMES];
 };
 
@@ -124,6 +131,12 @@ struct cowmm_frame *cowmm__frame_alloc(struct cowmm_frame_pool *pool)
 	c->free = f->next_free;
 	if (++c->used == CHUNK_FRAMES)
 		partial_del(pool, c);
+	if (f->slot >= c->populated) {
+		/* Slots are first handed out in order: populate ahead. */
+		madvise((char *)c->data + (size_t)c->populated * COWMM_PAGE_SIZE,
+			POPULATE_BATCH * COWMM_PAGE_SIZE, MADV_POPULATE_WRITE);
+		c->populated += POPULATE_BATCH;
+	}
 	pthread_mutex_unlock(&pool->lock);
 
 	f->next_free = NULL;
