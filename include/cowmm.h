@@ -226,7 +226,8 @@ COWMM_EXPORT void *cowmm_region_base(const cowmm_region_t *r);
 COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
 
 /**
- * Give a region back.  Snapshots of it stay valid: the pages they still
+ * Give a region back.  A region with pins is refused and left unchanged.
+ * Snapshots of it stay valid: the pages they still
  * share with the region are preserved first (counted as detach_copies;
  * pages never populated cost nothing).  Adopted memory stays mapped,
  * writable and unprotected; memory from cowmm_region_alloc() is unmapped.
@@ -234,11 +235,63 @@ COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
  *
  * @param r  a region
  * @return 0; -EINVAL (NULL), -EBADF (already released), -ECHILD,
+ *         -EBUSY (pages of the region are pinned: cowmm_unpin() first),
  *         -ENOMEM (a snapshot could not be preserved: the region is
  *         released and that snapshot is marked broken)
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
+
+/* ------------------------------------------------------------------------ */
+/* Pins                                                                      */
+
+/** Flags of cowmm_pin(). */
+enum {
+	/** A device reads the pages: they must never be replaced. */
+	COWMM_PIN_READ = 1u << 0,
+#define COWMM_PIN_READ COWMM_PIN_READ
+	/** A device writes the pages without CPU faults. */
+	COWMM_PIN_WRITE = 1u << 1,
+#define COWMM_PIN_WRITE COWMM_PIN_WRITE
+};
+
+/**
+ * Register a DMA pin: the pages of [@p addr, @p addr + @p len) are held by
+ * a device or a kernel subsystem (O_DIRECT, io_uring fixed buffers, RDMA,
+ * vmsplice).  Register before the device takes the pages.
+ *
+ * A pinned page is never replaced, moved or discarded by the library.  A
+ * write-pinned page changes without faults, so it is copied eagerly
+ * (counted as pin_copies): now, into every live snapshot that still shares
+ * it, and into every new snapshot when it is taken.  Pins are counted per
+ * 4 KiB page, inside huge pages too; each call is one pin, dropped by one
+ * cowmm_unpin() of exactly the same range, and pins may overlap.
+ * Context: any thread.
+ *
+ * @param r      a region
+ * @param addr   start, page aligned, inside @p r
+ * @param len    length, a non-zero multiple of the page size, inside @p r
+ * @param flags  COWMM_PIN_READ and/or COWMM_PIN_WRITE
+ * @return 0; -EINVAL (NULL, range not page aligned or not inside @p r,
+ *         no or unknown flags), -EBADF (released region), -ENOMEM,
+ *         -EOVERFLOW (65535 pins of one kind on a page), -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_pin(cowmm_region_t *r, void *addr, size_t len,
+			   unsigned flags);
+
+/**
+ * Drop the newest pin registered with exactly this range.
+ * Context: any thread.
+ *
+ * @param r     a region
+ * @param addr  start, as given to cowmm_pin()
+ * @param len   length, as given to cowmm_pin()
+ * @return 0; -EINVAL (NULL, bad range), -ENOENT (no pin with this range),
+ *         -EBADF (released region), -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len);
 
 /* ------------------------------------------------------------------------ */
 /* Snapshots                                                                 */
@@ -248,7 +301,8 @@ COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
  *
  * Write-protects the region, unpopulated pages included; a page is copied
  * only when written while some snapshot still needs its old bytes, and the
- * copy goes to the snapshot, never to the writer.  Any number of snapshots
+ * copy goes to the snapshot, never to the writer.  Write-pinned pages are
+ * copied now (see cowmm_pin()).  Any number of snapshots
  * of one region may be alive, and released in any order.
  * Context: any thread.
  *

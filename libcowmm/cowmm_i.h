@@ -106,6 +106,7 @@ struct cowmm {
 	unsigned long fork_gen;   /* cowmm__fork_gen() at open */
 	unsigned flags;
 	size_t fault_around;
+	bool naive; /* test switch: the writer gets the copy; region.c */
 
 	pthread_mutex_t lock; /* regions, graveyard, handle lifetimes */
 	struct cowmm_rtable *rtable; /* RCU */
@@ -129,6 +130,27 @@ void cowmm__rtable_remove(cowmm_t *mm, struct cowmm_region *r);
 struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr);
 
 /* ------------------------------------------------------------------------ */
+/* pin.c */
+
+struct cowmm_pin_rec {
+	size_t pg, n;
+	unsigned flags;
+};
+
+struct cowmm_pins {
+	size_t npages;
+	uint32_t **dir; /* per page: write count << 16 | read count */
+	size_t wpages;  /* pages with at least one write pin */
+	struct cowmm_pin_rec *rec; /* one per cowmm_pin() call */
+	size_t nrec, caprec;
+};
+
+int cowmm__pins_init(struct cowmm_pins *p, size_t npages);
+void cowmm__pins_fini(struct cowmm_pins *p);
+unsigned cowmm__pin_flags(const struct cowmm_pins *p, size_t pg);
+size_t cowmm__pins_next_write(const struct cowmm_pins *p, size_t pg);
+
+/* ------------------------------------------------------------------------ */
 /* region.c */
 
 struct cowmm_region {
@@ -148,6 +170,7 @@ struct cowmm_region {
 	pthread_mutex_t lock;
 	uint32_t epoch;  /* epoch of the newest snapshot ever taken */
 	uint32_t *wgen;  /* per page: epoch when last made writable */
+	struct cowmm_pins pins;
 	struct cowmm_snap *snaps; /* live snapshots, newest first */
 	struct cowmm_region *next; /* in mm->regions */
 };
@@ -157,6 +180,8 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake);
 int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			   atomic_uint_fast64_t *counter);
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
+void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
+void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
 void cowmm__region_release_all(cowmm_t *mm);
 
 /* ------------------------------------------------------------------------ */

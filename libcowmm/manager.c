@@ -451,6 +451,12 @@ int cowmm_stats(cowmm_t *mm, struct cowmm_stats *st, size_t size)
 	return 0;
 }
 
+/* Not part of the API: the naive policy exists to show what it breaks. */
+void cowmm__set_naive(cowmm_t *mm, bool on)
+{
+	mm->naive = on;
+}
+
 uint64_t cowmm_features(const cowmm_t *mm)
 {
 	return mm && mm->magic == COWMM_MAGIC_MM ? mm->features : 0;

@@ -131,9 +131,12 @@ static int region_take(cowmm_t *mm, uintptr_t base, size_t len,
 		ret = -ENOMEM;
 		goto err_free;
 	}
-	ret = -pthread_mutex_init(&r->lock, NULL);
+	ret = cowmm__pins_init(&r->pins, r->npages);
 	if (ret)
 		goto err_unmap;
+	ret = -pthread_mutex_init(&r->lock, NULL);
+	if (ret)
+		goto err_pins;
 
 	pthread_mutex_lock(&mm->lock);
 	for (o = mm->regions; o; o = o->next) {
@@ -165,6 +168,8 @@ err_unregister:
 err_unlock:
 	pthread_mutex_unlock(&mm->lock);
 	pthread_mutex_destroy(&r->lock);
+err_pins:
+	cowmm__pins_fini(&r->pins);
 err_unmap:
 	munmap(r->wgen, wlen);
 err_free:
@@ -328,14 +333,19 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	cowmm__count(mm, wp_faults, 1);
 	if (r->wgen[pg] == r->epoch) {
-		/* Another thread's fault on this page resolved it already. */
-		pthread_mutex_unlock(&r->lock);
+		/*
+		 * Nothing to preserve: another thread's fault on this page
+		 * was resolved first, or the page is write-pinned and its
+		 * copy was taken eagerly.
+		 */
 		cowmm__count(mm, reuses, 1);
-		return 1;
+	} else if (cowmm__preserve_locked(r, pg, false, &mm->cnt.copies) > 0) {
+		if (cowmm__unlikely(mm->naive))
+			cowmm__naive_replace(r, pg);
+	} else {
+		/* No snapshot needed it (or the needers are now broken). */
+		cowmm__count(mm, reuses, 1);
 	}
-	if (cowmm__preserve_locked(r, pg, false, &mm->cnt.copies) == 0)
-		cowmm__count(mm, reuses, 1);
-	/* else counted as a copy, or the needers were marked broken */
 	r->wgen[pg] = r->epoch;
 	ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake);
 	pthread_mutex_unlock(&r->lock);
@@ -345,6 +355,23 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 		return ret;
 	}
 	return wake ? 0 : 1;
+}
+
+/*
+ * The policy libcowmm exists to avoid, for tests and benchmarks only: the
+ * writer is moved to a fresh page holding the old bytes, as page_count-based
+ * COW did in the kernel.  Whoever holds the old physical page (a DMA pin,
+ * a pipe) is left behind.  Call with r->lock held, the page preserved.
+ */
+void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
+{
+	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	struct cowmm_frame *f = cowmm__fmap_get(&r->snaps->frames, pg);
+
+	if (!f || madvise((void *)addr, COWMM_PAGE_SIZE, MADV_DONTNEED))
+		return;
+	cowmm__uffd_copy(r->mm->uffd, addr, cowmm__frame_data(f),
+			 COWMM_PAGE_SIZE, false);
 }
 
 /*
@@ -384,14 +411,18 @@ static int detach_snapshots(cowmm_region_t *r)
 	return ret;
 }
 
-/* Release @r; call with mm->lock held. */
-static int region_release_locked(cowmm_region_t *r)
+/* Release @r; call with mm->lock held.  @force: even with pins (close). */
+static int region_release_locked(cowmm_region_t *r, bool force)
 {
 	cowmm_t *mm = r->mm;
 	cowmm_region_t **pp;
 	int ret;
 
 	pthread_mutex_lock(&r->lock);
+	if (r->pins.nrec && !force) {
+		pthread_mutex_unlock(&r->lock);
+		return -EBUSY;
+	}
 	r->dying = true;
 	ret = detach_snapshots(r);
 	pthread_mutex_unlock(&r->lock);
@@ -410,6 +441,7 @@ static int region_release_locked(cowmm_region_t *r)
 	if (!r->adopted)
 		munmap((void *)r->base, r->len);
 	munmap(r->wgen, r->npages * sizeof(*r->wgen));
+	cowmm__pins_fini(&r->pins);
 	pthread_mutex_destroy(&r->lock);
 	atomic_fetch_sub_explicit(&mm->cnt.regions_live, 1,
 				  memory_order_relaxed);
@@ -428,7 +460,7 @@ int cowmm_region_release(cowmm_region_t *r)
 	mm = r->mm;
 	pthread_mutex_lock(&mm->lock);
 	/* Checked again under the lock: a racing release wins once. */
-	ret = r->magic == COWMM_MAGIC_REGION ? region_release_locked(r)
+	ret = r->magic == COWMM_MAGIC_REGION ? region_release_locked(r, false)
 					     : -EBADF;
 	pthread_mutex_unlock(&mm->lock);
 	return ret;
@@ -441,6 +473,6 @@ void cowmm__region_release_all(cowmm_t *mm)
 	while (mm->snaps)
 		cowmm__snap_release_locked(mm->snaps);
 	while (mm->regions)
-		region_release_locked(mm->regions);
+		region_release_locked(mm->regions, true);
 	pthread_mutex_unlock(&mm->lock);
 }

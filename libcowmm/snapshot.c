@@ -39,6 +39,24 @@ void cowmm__snap_break(cowmm_snap_t *s, const char *why)
 		   (void *)s, (unsigned long)s->base, why);
 }
 
+/*
+ * A write-pinned page changes without faults: the new snapshot gets its copy
+ * now, as the kernel copies pinned pages at fork().  Faults on it later find
+ * nothing to preserve.  Call with r->lock held, the snapshot linked.
+ */
+static void copy_write_pinned(cowmm_region_t *r)
+{
+	size_t pg;
+
+	if (!r->pins.wpages)
+		return;
+	for (pg = cowmm__pins_next_write(&r->pins, 0); pg < r->npages;
+	     pg = cowmm__pins_next_write(&r->pins, pg + 1)) {
+		cowmm__preserve_locked(r, pg, false, &r->mm->cnt.pin_copies);
+		r->wgen[pg] = r->epoch;
+	}
+}
+
 int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 {
 	cowmm_snap_t *s;
@@ -86,6 +104,7 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 	s->region = r;
 	s->next = r->snaps;
 	r->snaps = s;
+	copy_write_pinned(r);
 	pthread_mutex_unlock(&r->lock);
 	s->mm_next = mm->snaps;
 	if (s->mm_next)

@@ -129,6 +129,20 @@ int cowmm__uffd_wake(int fd, uintptr_t start, size_t len)
 	return ioctl(fd, UFFDIO_WAKE, &range) < 0 ? -errno : 0;
 }
 
+/* Install a new page at @dst holding @src's bytes (a missing PTE only). */
+int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
+		     bool wake)
+{
+	struct uffdio_copy copy = {
+		.dst = dst,
+		.src = (uintptr_t)src,
+		.len = len,
+		.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE,
+	};
+
+	return uffd_ioctl(fd, UFFDIO_COPY, &copy);
+}
+
 /* Read @npages pagemap entries from @start into @out. */
 int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out)
 {

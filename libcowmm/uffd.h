@@ -112,6 +112,8 @@ int cowmm__uffd_unregister(int fd, uintptr_t start, size_t len);
 int cowmm__uffd_wp(int fd, uintptr_t start, size_t len, bool protect,
 		   bool wake);
 int cowmm__uffd_wake(int fd, uintptr_t start, size_t len);
+int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
+		     bool wake);
 int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out);
 
 #endif /* COWMM_UFFD_H */

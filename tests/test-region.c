@@ -142,7 +142,8 @@ START_TEST(test_bad_input)
 	ck_assert_int_eq(cowmm_region_adopt(mm, none, len, 0, &out), -EINVAL);
 	ck_assert_int_eq(cowmm_region_adopt(mm, p + len, 2 * len, 0, &out),
 			 -ENOMEM); /* runs into the hole */
-	ck_assert_int_eq(cowmm_region_adopt(mm, (void *)&len, T_PAGE, 0, &out),
+	ck_assert_int_eq(cowmm_region_adopt(mm, (void *)((uintptr_t)&len | 1),
+					    T_PAGE, 0, &out),
 			 -EINVAL); /* unaligned stack address */
 	ck_assert_ptr_eq(out, keep);
 
