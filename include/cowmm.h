@@ -242,6 +242,32 @@ COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
  */
 COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
 
+/**
+ * Clone a region: a new region, at another address, that reads as a copy of
+ * @p src at the instant of the call and is writable.  Both sides diverge by
+ * copy-on-write, and nothing is copied up front: a page materialises in the
+ * clone on its first touch (a missing fault), from the source's page or from
+ * the copy the source's first write after the clone preserved (handed over
+ * with UFFDIO_MOVE when nothing else holds it; counted as moves).  Pages the
+ * source never populated read as zero and cost nothing until touched.
+ *
+ * The clone is a region like any other: it can be snapshotted, pinned,
+ * cloned again and released, before or after its source (released first,
+ * the source preserves what the clone has not yet read, as for a snapshot).
+ * Write-pinned pages of the source are copied at once (pin_copies).
+ * Context: any thread.
+ *
+ * @param src    a region
+ * @param flags  COWMM_REGION_THP or COWMM_REGION_NOTHP, for the clone
+ * @param out    receives the clone; untouched on failure
+ * @return 0; -EINVAL (NULL, bad flags), -EBADF (released region), -ENOMEM,
+ *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED),
+ *         -EOVERFLOW, -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_clone(cowmm_region_t *src, unsigned flags,
+			     cowmm_region_t **out);
+
 /* ------------------------------------------------------------------------ */
 /* Pins                                                                      */
 
@@ -343,6 +369,38 @@ COWMM_EXPORT ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf,
  * @since 0.1
  */
 COWMM_EXPORT size_t cowmm_snap_size(const cowmm_snap_t *s);
+
+/**
+ * Map a snapshot read-only at another address.  Pages are filled on first
+ * touch; once filled, a page keeps its physical frame until the snapshot is
+ * released, so devices may read it.  Pointers inside the snapshot are
+ * followed by offset: @c view + (p - cowmm_region_base(r)).  A write to the
+ * view is a SIGSEGV, as for any read-only memory.  Mapping twice returns
+ * the same view; it is unmapped with the snapshot.
+ * Context: any thread.
+ *
+ * @param s     a snapshot
+ * @param view  receives the address of the view
+ * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -EIO (broken),
+ *         -ENOMEM, -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
+
+/**
+ * Roll the region back to @p s: its content becomes the snapshot's again,
+ * and @p s stays valid.  Only the pages written since @p s are touched, and
+ * each is copied into in place, so its physical page (pinned or not) stays
+ * the same; newer snapshots that still shared a page get their copy first.
+ * Writers of the region wait while it runs.
+ * Context: any thread; not concurrently with cowmm_snap_release() of @p s.
+ *
+ * @param s  a snapshot
+ * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -ENOENT (its
+ *         region was released), -EIO (broken snapshot), -ENOMEM, -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);
 
 /**
  * Release a snapshot and the frames only it held.

@@ -54,6 +54,13 @@ struct cowmm_frame_pool {
 
 /* Content of a page never written: readers see zeros, nothing is held. */
 extern struct cowmm_frame cowmm__zero_frame;
+/* In a clone's origin: the clone has its own copy, the page is not needed. */
+extern struct cowmm_frame cowmm__gone_frame;
+
+static inline bool cowmm__frame_real(const struct cowmm_frame *f)
+{
+	return f && f != &cowmm__zero_frame && f != &cowmm__gone_frame;
+}
 
 int cowmm__frame_pool_init(struct cowmm_frame_pool *pool,
 			   atomic_uint_fast64_t *live);
@@ -120,9 +127,11 @@ struct cowmm {
 
 	unsigned nworkers;
 	pthread_t *workers;
+	atomic_uint busy; /* workers between poll() and the end of a batch */
 };
 
 unsigned long cowmm__fork_gen(void);
+void cowmm__quiesce(cowmm_t *mm); /* tests: wait for every queued fault */
 int cowmm__check_mm(const cowmm_t *mm);
 void cowmm__bury(cowmm_t *mm, void *handle); /* mm->lock held */
 int cowmm__rtable_insert(cowmm_t *mm, struct cowmm_region *r);
@@ -173,10 +182,38 @@ struct cowmm_region {
 	struct cowmm_pins pins;
 	struct cowmm_snap *snaps; /* live snapshots, newest first */
 	struct cowmm_region *next; /* in mm->regions */
+
+	/*
+	 * A clone reads as its origin (a snapshot of its source taken at
+	 * clone time) until a page is materialised by a missing fault.
+	 * A view (cowmm_snap_map()) is filled from the snapshot it shows.
+	 */
+	struct cowmm_snap *origin;
+	struct cowmm_snap *view_of;
+	unsigned long *present; /* clones and views: pages materialised */
 };
+
+static inline bool cowmm__test_bit(const unsigned long *map, size_t i)
+{
+	return (map[i / 64] >> (i % 64)) & 1;
+}
+
+static inline void cowmm__set_bit(unsigned long *map, size_t i)
+{
+	map[i / 64] |= 1UL << (i % 64);
+}
 
 int cowmm__check_region(const cowmm_region_t *r);
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake);
+int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake);
+int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
+			    bool probe);
+int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
+		      uint64_t mode, cowmm_region_t **out);
+void cowmm__region_unmap(cowmm_region_t *r); /* views; mm->lock held */
+int cowmm__clone_fill(cowmm_region_t *r, size_t pg, bool wake);
+int cowmm__view_fill(cowmm_region_t *r, size_t pg, bool wake);
+bool cowmm__shared_locked(cowmm_region_t *r, size_t pg);
 int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			   atomic_uint_fast64_t *counter);
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
@@ -198,9 +235,14 @@ struct cowmm_snap {
 	struct cowmm_frame_map frames;
 	struct cowmm_snap *next; /* in region->snaps */
 	struct cowmm_snap *mm_prev, *mm_next; /* in mm->snaps */
+	bool internal;          /* a clone's origin, not a user handle */
+	cowmm_region_t *view;   /* cowmm_snap_map(), or NULL */
 };
 
 int cowmm__check_snap(const cowmm_snap_t *s);
+int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
+			      cowmm_snap_t **out); /* mm->lock held */
+int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst);
 void cowmm__snap_break(cowmm_snap_t *s, const char *why);
 void cowmm__snap_release_locked(cowmm_snap_t *s); /* mm->lock held */
 

@@ -41,6 +41,7 @@ static const unsigned char zero_page[COWMM_PAGE_SIZE]
 	__attribute__((aligned(COWMM_PAGE_SIZE)));
 
 struct cowmm_frame cowmm__zero_frame = { .refs = 1 };
+struct cowmm_frame cowmm__gone_frame = { .refs = 1 };
 
 int cowmm__frame_pool_init(struct cowmm_frame_pool *pool,
 			   atomic_uint_fast64_t *live)
@@ -180,14 +181,14 @@ void cowmm__frame_free_now(struct cowmm_frame *f)
 
 void *cowmm__frame_data(const struct cowmm_frame *f)
 {
-	if (f == &cowmm__zero_frame)
+	if (!cowmm__frame_real(f))
 		return (void *)zero_page;
 	return (char *)f->chunk->data + (size_t)f->slot * COWMM_PAGE_SIZE;
 }
 
 void cowmm__frame_get(struct cowmm_frame *f)
 {
-	if (f == &cowmm__zero_frame)
+	if (!cowmm__frame_real(f))
 		return;
 	atomic_fetch_add_explicit(&f->refs, 1,
 				  memory_order_relaxed);
@@ -200,7 +201,7 @@ static void frame_free_rcu(struct rcu_head *head)
 
 void cowmm__frame_put(struct cowmm_frame *f)
 {
-	if (f == &cowmm__zero_frame)
+	if (!cowmm__frame_real(f))
 		return;
 	if (atomic_fetch_sub_explicit(&f->refs, 1,
 				      memory_order_acq_rel) == 1) {

@@ -142,7 +142,7 @@ struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr)
 /* ------------------------------------------------------------------------ */
 /* Workers */
 
-static int fault_wp(cowmm_t *mm, uintptr_t addr, bool wake)
+static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
 {
 	struct cowmm_region *r;
 	int ret = -ENOENT;
@@ -150,7 +150,8 @@ static int fault_wp(cowmm_t *mm, uintptr_t addr, bool wake)
 	urcu_bp_read_lock();
 	r = cowmm__region_lookup(mm, addr);
 	if (r)
-		ret = cowmm__region_fault_wp(r, addr, wake);
+		ret = wp ? cowmm__region_fault_wp(r, addr, wake)
+			 : cowmm__region_fault_missing(r, addr, wake);
 	urcu_bp_read_unlock();
 	return ret;
 }
@@ -182,14 +183,8 @@ static void dispatch(cowmm_t *mm, const struct uffd_msg *msg, size_t n)
 			continue;
 		}
 		addr = m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1);
-		if (!(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
-			/* Regions are not registered for missing faults. */
-			cowmm__log(COWMM_LOG_WARNING,
-				   "unexpected missing fault at %#lx",
-				   (unsigned long)addr);
-			continue;
-		}
-		if (fault_wp(mm, addr, n == 1) > 0)
+		if (fault(mm, addr, m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
+			  n == 1) > 0)
 			wake[nwake++] = addr;
 	}
 	if (!nwake)
@@ -229,15 +224,16 @@ static void *worker_main(void *arg)
 			cowmm__log(COWMM_LOG_ERR, "worker: userfaultfd error");
 			break;
 		}
+		atomic_fetch_add(&mm->busy, 1);
 		n = read(mm->uffd, msg, sizeof(msg));
-		if (n < 0) {
-			if (errno == EAGAIN || errno == EINTR)
-				continue;
+		if (n > 0)
+			dispatch(mm, msg, (size_t)n / sizeof(msg[0]));
+		atomic_fetch_sub(&mm->busy, 1);
+		if (n < 0 && errno != EAGAIN && errno != EINTR) {
 			cowmm__log(COWMM_LOG_ERR, "worker: read: %s",
 				   strerror(errno));
 			break;
 		}
-		dispatch(mm, msg, (size_t)n / sizeof(msg[0]));
 	}
 	urcu_bp_unregister_thread();
 	return NULL;
@@ -449,6 +445,24 @@ int cowmm_stats(cowmm_t *mm, struct cowmm_stats *st, size_t size)
 #undef LOAD
 	memcpy(st, &s, size < sizeof(s) ? size : sizeof(s));
 	return 0;
+}
+
+/*
+ * Wait until no fault message is queued or being resolved.  A message can
+ * outlive its fault: a thread woken by another thread's resolution of the
+ * same page goes on while its own message is still to be read, so counters
+ * settle only here.  For tests, after their writers have stopped.
+ */
+void cowmm__quiesce(cowmm_t *mm)
+{
+	struct pollfd pfd = { .fd = mm->uffd, .events = POLLIN };
+
+	for (;;) {
+		pfd.revents = 0;
+		if (poll(&pfd, 1, 0) == 0 && atomic_load(&mm->busy) == 0)
+			return;
+		usleep(100);
+	}
 }
 
 /* Not part of the API: the naive policy exists to show what it breaks. */

@@ -105,14 +105,28 @@ static int check_maps(uintptr_t start, size_t len)
 	return ret;
 }
 
-static int region_take(cowmm_t *mm, uintptr_t base, size_t len,
-		       unsigned flags, bool adopted, cowmm_region_t **out)
+static size_t bitmap_bytes(size_t npages)
+{
+	return (npages + 63) / 64 * sizeof(unsigned long);
+}
+
+/*
+ * Register [base, base + len) in @mode and make it a region; call with
+ * mm->lock held.  @listed: a user region (views are not).  @bitmap: keep a
+ * bitmap of materialised pages (clones and views).
+ */
+static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
+			      unsigned flags, bool adopted, uint64_t mode,
+			      bool listed, bool bitmap, cowmm_region_t **out)
 {
 	uint64_t ioctls = 0;
 	cowmm_region_t *r, *o;
 	size_t wlen;
 	int ret;
 
+	for (o = mm->regions; o; o = o->next)
+		if (base < o->base + o->len && o->base < base + len)
+			return -EEXIST;
 	r = calloc(1, sizeof(*r));
 	if (!r)
 		return -ENOMEM;
@@ -131,46 +145,51 @@ static int region_take(cowmm_t *mm, uintptr_t base, size_t len,
 		ret = -ENOMEM;
 		goto err_free;
 	}
+	if (bitmap) {
+		r->present = mmap(NULL, bitmap_bytes(r->npages),
+				  PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+				  -1, 0);
+		if (r->present == MAP_FAILED) {
+			r->present = NULL;
+			ret = -ENOMEM;
+			goto err_unmap;
+		}
+	}
 	ret = cowmm__pins_init(&r->pins, r->npages);
 	if (ret)
 		goto err_unmap;
 	ret = -pthread_mutex_init(&r->lock, NULL);
 	if (ret)
 		goto err_pins;
-
-	pthread_mutex_lock(&mm->lock);
-	for (o = mm->regions; o; o = o->next) {
-		if (base < o->base + o->len && o->base < base + len) {
-			ret = -EEXIST;
-			goto err_unlock;
-		}
-	}
-	ret = cowmm__uffd_register(mm->uffd, base, len,
-				   UFFDIO_REGISTER_MODE_WP, &ioctls);
+	ret = cowmm__uffd_register(mm->uffd, base, len, mode, &ioctls);
 	if (ret)
-		goto err_unlock;
-	if (!(ioctls & (UINT64_C(1) << _UFFDIO_WRITEPROTECT))) {
+		goto err_mutex;
+	if ((mode & UFFDIO_REGISTER_MODE_WP) &&
+	    !(ioctls & (UINT64_C(1) << _UFFDIO_WRITEPROTECT))) {
 		ret = -EOPNOTSUPP;
 		goto err_unregister;
 	}
 	ret = cowmm__rtable_insert(mm, r);
 	if (ret)
 		goto err_unregister;
-	r->next = mm->regions;
-	mm->regions = r;
-	pthread_mutex_unlock(&mm->lock);
-	cowmm__count(mm, regions_live, 1);
+	if (listed) {
+		r->next = mm->regions;
+		mm->regions = r;
+		cowmm__count(mm, regions_live, 1);
+	}
 	*out = r;
 	return 0;
 
 err_unregister:
 	cowmm__uffd_unregister(mm->uffd, base, len);
-err_unlock:
-	pthread_mutex_unlock(&mm->lock);
+err_mutex:
 	pthread_mutex_destroy(&r->lock);
 err_pins:
 	cowmm__pins_fini(&r->pins);
 err_unmap:
+	if (r->present)
+		munmap(r->present, bitmap_bytes(r->npages));
 	munmap(r->wgen, wlen);
 err_free:
 	free(r);
@@ -189,28 +208,40 @@ int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len, unsigned flags,
 	ret = check_maps((uintptr_t)addr, len);
 	if (ret)
 		return ret;
-	return region_take(mm, (uintptr_t)addr, len, flags, true, out);
+	pthread_mutex_lock(&mm->lock);
+	ret = region_take_locked(mm, (uintptr_t)addr, len, flags, true,
+				 UFFDIO_REGISTER_MODE_WP, true, false, out);
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
 }
 
-int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
-		       cowmm_region_t **out)
+static bool region_flags_ok(unsigned flags)
 {
 	const unsigned thp = COWMM_REGION_THP | COWMM_REGION_NOTHP;
+
+	return !(flags & ~thp) && (flags & thp) != thp;
+}
+
+/*
+ * Map @len bytes of new anonymous memory with @prot and make it a region
+ * registered in @mode: a user region when it is writable, a snapshot view
+ * when it is not.  Call with mm->lock held.
+ */
+int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
+		      uint64_t mode, cowmm_region_t **out)
+{
+	bool user = prot & PROT_WRITE;
 	size_t maplen = len;
 	uintptr_t map, base;
-	int ret = cowmm__check_mm(mm);
+	int ret;
 
-	if (ret)
-		return ret;
-	if (!out || !range_ok(0, len) || (flags & ~thp) || (flags & thp) == thp)
-		return -EINVAL;
 	if (flags & COWMM_REGION_THP) {
 		/* Room to align the start to a huge page. */
 		if (len > SIZE_MAX - COWMM_HPAGE_SIZE)
 			return -ENOMEM;
 		maplen += COWMM_HPAGE_SIZE;
 	}
-	map = (uintptr_t)mmap(NULL, maplen, PROT_READ | PROT_WRITE,
+	map = (uintptr_t)mmap(NULL, maplen, prot,
 			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
 			      0);
 	if ((void *)map == MAP_FAILED)
@@ -226,9 +257,26 @@ int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
 	} else if (flags & COWMM_REGION_NOTHP) {
 		madvise((void *)base, len, MADV_NOHUGEPAGE);
 	}
-	ret = region_take(mm, base, len, flags, false, out);
+	ret = region_take_locked(mm, base, len, flags, false, mode, user,
+				 mode & UFFDIO_REGISTER_MODE_MISSING, out);
 	if (ret)
 		munmap((void *)base, len);
+	return ret;
+}
+
+int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
+		       cowmm_region_t **out)
+{
+	int ret = cowmm__check_mm(mm);
+
+	if (ret)
+		return ret;
+	if (!out || !range_ok(0, len) || !region_flags_ok(flags))
+		return -EINVAL;
+	pthread_mutex_lock(&mm->lock);
+	ret = cowmm__region_map(mm, len, flags, PROT_READ | PROT_WRITE,
+				UFFDIO_REGISTER_MODE_WP, out);
+	pthread_mutex_unlock(&mm->lock);
 	return ret;
 }
 
@@ -282,19 +330,30 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 	uint32_t w = r->wgen[pg];
 	struct cowmm_frame *f = &cowmm__zero_frame;
 	struct cowmm_snap *s;
+	unsigned needers = 0;
 
-	if (!r->snaps || r->snaps->epoch <= w)
-		return 0; /* newest first: nobody needs the old bytes */
+	/* Newest first: those past wgen share the page, unless served. */
+	for (s = r->snaps; s && s->epoch > w; s = s->next)
+		needers += !cowmm__fmap_get(&s->frames, pg);
+	if (!needers)
+		return 0;
 	if (!zero) {
 		f = cowmm__frame_alloc(&r->mm->pool);
 		if (!f) {
 			for (s = r->snaps; s && s->epoch > w; s = s->next)
-				cowmm__snap_break(s, "out of memory for a frame");
+				if (!cowmm__fmap_get(&s->frames, pg))
+					cowmm__snap_break(s, "out of memory "
+							     "for a frame");
 			return -ENOMEM;
 		}
-		memcpy(cowmm__frame_data(f),
-		       (void *)(r->base + (pg << COWMM_PAGE_SHIFT)),
-		       COWMM_PAGE_SIZE);
+		if (cowmm__region_read_page(r, pg, cowmm__frame_data(f),
+					    false)) {
+			cowmm__frame_free_now(f);
+			for (s = r->snaps; s && s->epoch > w; s = s->next)
+				if (!cowmm__fmap_get(&s->frames, pg))
+					cowmm__snap_break(s, "source lost");
+			return -EIO;
+		}
 		if (page_is_zero(cowmm__frame_data(f))) {
 			cowmm__frame_free_now(f); /* never published */
 			f = &cowmm__zero_frame;
@@ -303,6 +362,8 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 		}
 	}
 	for (s = r->snaps; s && s->epoch > w; s = s->next) {
+		if (cowmm__fmap_get(&s->frames, pg))
+			continue;
 		cowmm__frame_get(f);
 		if (cowmm__fmap_set(&s->frames, pg, f)) {
 			cowmm__frame_put(f);
@@ -312,6 +373,33 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 	cowmm__frame_put(f); /* the allocation's reference */
 	atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
 	return 1;
+}
+
+/*
+ * The current content of page @pg of @r, into @dst, without ever touching
+ * memory that would fault into the library: a clone's page not yet
+ * materialised is read from its origin, and one discarded since reads as
+ * zero.  @probe: a page never populated reads as zero without being
+ * populated (one mincore() call); the fault path, whose writer is about to
+ * populate the page anyway, does not ask.  Call with r->lock held.  Returns 0, or -EIO when a broken origin
+ * cannot supply it.
+ */
+int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
+			    bool probe)
+{
+	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	unsigned char vec;
+
+	if (r->origin && !cowmm__test_bit(r->present, pg))
+		return cowmm__snap_page(r->origin, pg, dst);
+	/* A clone's page that is not there was discarded: always probe. */
+	if ((probe || r->present) && !cowmm__resident(addr, 1, &vec) &&
+	    !vec) {
+		memset(dst, 0, COWMM_PAGE_SIZE);
+		return 0;
+	}
+	memcpy(dst, (void *)addr, COWMM_PAGE_SIZE);
+	return 0;
 }
 
 /*
@@ -358,6 +446,42 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 }
 
 /*
+ * Resolve a missing fault at @addr: a clone's page read for the first time
+ * (from its origin), or a view's page (from its snapshot).  A page of
+ * either that was materialised and then discarded reads as zero.  Returns
+ * as cowmm__region_fault_wp() does.
+ */
+int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
+{
+	size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+	int ret;
+
+	pthread_mutex_lock(&r->lock);
+	if (r->dying || !r->present) {
+		pthread_mutex_unlock(&r->lock);
+		return -ENOENT;
+	}
+	cowmm__count(r->mm, missing_faults, 1);
+	if (cowmm__test_bit(r->present, pg))
+		ret = cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
+					   wake);
+	else if (r->origin)
+		ret = cowmm__clone_fill(r, pg, wake);
+	else
+		ret = cowmm__view_fill(r, pg, wake);
+	cowmm__set_bit(r->present, pg);
+	pthread_mutex_unlock(&r->lock);
+	if (ret == -EEXIST) /* another fault on this page filled it */
+		return 1;
+	if (ret) {
+		cowmm__log(COWMM_LOG_ERR, "resolving a missing fault at %#lx: %s",
+			   (unsigned long)addr, strerror(-ret));
+		return ret;
+	}
+	return wake ? 0 : 1;
+}
+
+/*
  * The policy libcowmm exists to avoid, for tests and benchmarks only: the
  * writer is moved to a fresh page holding the old bytes, as page_count-based
  * COW did in the kernel.  Whoever holds the old physical page (a DMA pin,
@@ -371,7 +495,7 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
 	if (!f || madvise((void *)addr, COWMM_PAGE_SIZE, MADV_DONTNEED))
 		return;
 	cowmm__uffd_copy(r->mm->uffd, addr, cowmm__frame_data(f),
-			 COWMM_PAGE_SIZE, false);
+			 COWMM_PAGE_SIZE, false, false);
 }
 
 /*
@@ -396,7 +520,12 @@ static int detach_snapshots(cowmm_region_t *r)
 		if (err)
 			memset(vec, 1, n);
 		for (i = 0; i < n; i++) {
-			err = cowmm__preserve_locked(r, pg + i, !vec[i],
+			/* A clone's page not materialised is its origin's. */
+			bool zero = !vec[i] &&
+				    (!r->origin ||
+				     cowmm__test_bit(r->present, pg + i));
+
+			err = cowmm__preserve_locked(r, pg + i, zero,
 						     &r->mm->cnt.detach_copies);
 			if (err < 0)
 				ret = err;
@@ -409,6 +538,16 @@ static int detach_snapshots(cowmm_region_t *r)
 	}
 	r->snaps = NULL;
 	return ret;
+}
+
+/* The region's own memory: page state, bitmap, pins, lock. */
+static void region_free(cowmm_region_t *r)
+{
+	munmap(r->wgen, r->npages * sizeof(*r->wgen));
+	if (r->present)
+		munmap(r->present, bitmap_bytes(r->npages));
+	cowmm__pins_fini(&r->pins);
+	pthread_mutex_destroy(&r->lock);
 }
 
 /* Release @r; call with mm->lock held.  @force: even with pins (close). */
@@ -440,14 +579,32 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 	cowmm__uffd_wake(mm->uffd, r->base, r->len);
 	if (!r->adopted)
 		munmap((void *)r->base, r->len);
-	munmap(r->wgen, r->npages * sizeof(*r->wgen));
-	cowmm__pins_fini(&r->pins);
-	pthread_mutex_destroy(&r->lock);
+	region_free(r);
 	atomic_fetch_sub_explicit(&mm->cnt.regions_live, 1,
 				  memory_order_relaxed);
+	/* A clone lets go of its source only now: detach read from it. */
+	if (r->origin)
+		cowmm__snap_release_locked(r->origin);
 	r->magic = COWMM_MAGIC_DEAD;
 	cowmm__bury(mm, r);
 	return ret;
+}
+
+/* A snapshot view's region goes with its snapshot; mm->lock held. */
+void cowmm__region_unmap(cowmm_region_t *r)
+{
+	cowmm_t *mm = r->mm;
+
+	pthread_mutex_lock(&r->lock);
+	r->dying = true;
+	pthread_mutex_unlock(&r->lock);
+	cowmm__rtable_remove(mm, r);
+	urcu_bp_synchronize_rcu();
+	cowmm__uffd_unregister(mm->uffd, r->base, r->len);
+	cowmm__uffd_wake(mm->uffd, r->base, r->len);
+	munmap((void *)r->base, r->len);
+	region_free(r);
+	free(r);
 }
 
 int cowmm_region_release(cowmm_region_t *r)

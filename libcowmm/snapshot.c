@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "cowmm_i.h"
 #include "uffd.h"
@@ -57,20 +58,21 @@ static void copy_write_pinned(cowmm_region_t *r)
 	}
 }
 
-int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
+/*
+ * Take a snapshot of @r: a user's, or (@internal) a clone's origin.
+ * Call with mm->lock held.
+ */
+int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
+			      cowmm_snap_t **out)
 {
+	cowmm_t *mm = r->mm;
 	cowmm_snap_t *s;
-	cowmm_t *mm;
-	int ret = cowmm__check_region(r);
+	int ret;
 
-	if (ret)
-		return ret;
-	if (!out)
-		return -EINVAL;
-	mm = r->mm;
+	if (r->magic != COWMM_MAGIC_REGION)
+		return -EBADF;
 	if (!(mm->features & UFFD_FEATURE_WP_UNPOPULATED))
 		return -EOPNOTSUPP;
-
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
@@ -79,15 +81,11 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 	s->base = r->base;
 	s->len = r->len;
 	s->npages = r->npages;
+	s->internal = internal;
 	ret = cowmm__fmap_init(&s->frames, s->npages);
 	if (ret)
 		goto err_free;
 
-	pthread_mutex_lock(&mm->lock);
-	if (r->magic != COWMM_MAGIC_REGION) {
-		ret = -EBADF;
-		goto err_unlock_mm;
-	}
 	pthread_mutex_lock(&r->lock);
 	if (r->epoch == UINT32_MAX) {
 		ret = -EOVERFLOW;
@@ -106,22 +104,69 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 	r->snaps = s;
 	copy_write_pinned(r);
 	pthread_mutex_unlock(&r->lock);
-	s->mm_next = mm->snaps;
-	if (s->mm_next)
-		s->mm_next->mm_prev = s;
-	mm->snaps = s;
-	pthread_mutex_unlock(&mm->lock);
-	cowmm__count(mm, snapshots_live, 1);
+	if (!internal) {
+		s->mm_next = mm->snaps;
+		if (s->mm_next)
+			s->mm_next->mm_prev = s;
+		mm->snaps = s;
+		cowmm__count(mm, snapshots_live, 1);
+	}
 	*out = s;
 	return 0;
 
 err_unlock:
 	pthread_mutex_unlock(&r->lock);
-err_unlock_mm:
-	pthread_mutex_unlock(&mm->lock);
 	cowmm__fmap_fini(&s->frames);
 err_free:
 	free(s);
+	return ret;
+}
+
+int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
+{
+	int ret = cowmm__check_region(r);
+
+	if (ret)
+		return ret;
+	if (!out)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mm->lock);
+	ret = cowmm__snap_create_locked(r, false, out);
+	pthread_mutex_unlock(&r->mm->lock);
+	return ret;
+}
+
+/*
+ * The content of page @pg of @s into @dst, under the lock of the region it
+ * was taken of: the slow path that never touches memory faulting into the
+ * library.  Call with no lock of an ancestor of that region held.
+ * Returns 0, or -EIO when the content is lost (a broken snapshot).
+ */
+int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst)
+{
+	struct cowmm_frame *f;
+	cowmm_region_t *r;
+	int ret = 0;
+
+	urcu_bp_read_lock();
+	r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
+	if (r) {
+		pthread_mutex_lock(&r->lock);
+		if (__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) != r) {
+			pthread_mutex_unlock(&r->lock); /* detached meanwhile */
+			r = NULL;
+		}
+	}
+	f = cowmm__fmap_get(&s->frames, pg);
+	if (f == &cowmm__zero_frame || cowmm__frame_real(f))
+		memcpy(dst, cowmm__frame_data(f), COWMM_PAGE_SIZE);
+	else if (!f && r)
+		ret = cowmm__region_read_page(r, pg, dst, true);
+	else
+		ret = -EIO;
+	if (r)
+		pthread_mutex_unlock(&r->lock);
+	urcu_bp_read_unlock();
 	return ret;
 }
 
@@ -139,9 +184,19 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 		     bool resident, char *dst)
 {
 	struct cowmm_frame *f = cowmm__fmap_get(&s->frames, pg);
+	cowmm_region_t *r;
 
 	if (!f) {
-		if (__atomic_load_n(&s->region, __ATOMIC_ACQUIRE)) {
+		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
+		if (r && r->origin && !resident) {
+			/* A clone's page may still be its origin's. */
+			unsigned char page[COWMM_PAGE_SIZE];
+			int ret = cowmm__snap_page(s, pg, page);
+
+			memcpy(dst, page + in, n);
+			return ret;
+		}
+		if (r) {
 			if (resident)
 				memcpy(dst,
 				       (const char *)s->base +
@@ -214,6 +269,8 @@ void cowmm__snap_release_locked(cowmm_snap_t *s)
 	cowmm_region_t *r = s->region;
 	cowmm_t *mm = s->mm;
 
+	if (s->view)
+		cowmm__region_unmap(s->view);
 	if (r) {
 		cowmm_snap_t **pp;
 
@@ -223,13 +280,17 @@ void cowmm__snap_release_locked(cowmm_snap_t *s)
 		*pp = s->next;
 		pthread_mutex_unlock(&r->lock);
 	}
+	cowmm__fmap_fini(&s->frames);
+	if (s->internal) {
+		free(s); /* never a user handle */
+		return;
+	}
 	if (s->mm_prev)
 		s->mm_prev->mm_next = s->mm_next;
 	else
 		mm->snaps = s->mm_next;
 	if (s->mm_next)
 		s->mm_next->mm_prev = s->mm_prev;
-	cowmm__fmap_fini(&s->frames);
 	atomic_fetch_sub_explicit(&mm->cnt.snapshots_live, 1,
 				  memory_order_relaxed);
 	s->magic = COWMM_MAGIC_DEAD;
@@ -256,4 +317,131 @@ void cowmm_snap_release(cowmm_snap_t *s)
 	if (s->magic == COWMM_MAGIC_SNAP)
 		cowmm__snap_release_locked(s);
 	pthread_mutex_unlock(&mm->lock);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Views */
+
+int cowmm_snap_map(cowmm_snap_t *s, const void **view)
+{
+	cowmm_region_t *v;
+	cowmm_t *mm;
+	int ret = cowmm__check_snap(s);
+
+	if (ret)
+		return ret;
+	if (!view)
+		return -EINVAL;
+	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+		return -EIO;
+	mm = s->mm;
+	pthread_mutex_lock(&mm->lock);
+	if (!s->view) {
+		ret = cowmm__region_map(mm, s->len, COWMM_REGION_NOTHP,
+					PROT_READ, UFFDIO_REGISTER_MODE_MISSING,
+					&v);
+		if (!ret) {
+			pthread_mutex_lock(&v->lock);
+			v->view_of = s;
+			pthread_mutex_unlock(&v->lock);
+			s->view = v;
+		}
+	}
+	if (!ret)
+		*view = (const void *)s->view->base;
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
+}
+
+/*
+ * Fill page @pg of view @v from its snapshot.  The page keeps its physical
+ * frame until the snapshot is released.  Call with v->lock held.
+ */
+int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
+{
+	unsigned char page[COWMM_PAGE_SIZE]
+		__attribute__((aligned(COWMM_PAGE_SIZE)));
+
+	if (cowmm__snap_page(v->view_of, pg, page))
+		memset(page, 0, sizeof(page)); /* broken: reads say -EIO */
+	return cowmm__uffd_copy(v->mm->uffd,
+				v->base + (pg << COWMM_PAGE_SHIFT), page,
+				COWMM_PAGE_SIZE, false, wake);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Restore */
+
+/*
+ * Make the region's content @s's again, page by page where it differs: a
+ * page differs exactly when @s holds a frame for it.  The region is
+ * write-protected first, so that writers wait while their pages change.
+ * Each restored page is first preserved for newer snapshots that still
+ * share it, then unprotected and copied into, in place: the physical page
+ * stays the same, pinned or not.  @s keeps its frames and stays valid.
+ *
+ * Frames are not moved back with UFFDIO_MOVE: the kernel installs a moved
+ * page writable, with no way to protect it in the same step, so a snapshot
+ * left sharing it could be changed by a racing write.
+ */
+int cowmm_snap_restore(cowmm_snap_t *s)
+{
+	struct cowmm_frame *f;
+	cowmm_region_t *r;
+	cowmm_t *mm;
+	size_t pg;
+	int ret = cowmm__check_snap(s);
+
+	if (ret)
+		return ret;
+	mm = s->mm;
+	pthread_mutex_lock(&mm->lock);
+	r = s->region;
+	if (!r) {
+		ret = -ENOENT; /* its region was released */
+		goto out_mm;
+	}
+	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+		ret = -EIO;
+		goto out_mm;
+	}
+	pthread_mutex_lock(&r->lock);
+	ret = cowmm__uffd_wp(mm->uffd, r->base, r->len, true, false);
+	if (ret)
+		goto out;
+	for (pg = 0; pg < r->npages; pg++) {
+		uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+		unsigned char vec = 1;
+
+		f = cowmm__fmap_get(&s->frames, pg);
+		if (!f)
+			continue;
+		cowmm__preserve_locked(r, pg, false, &mm->cnt.copies);
+		r->wgen[pg] = r->epoch;
+		if (r->present && mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
+			vec = 1;
+		if (r->present && !(vec & 1)) {
+			/* Not populated in a clone or view: fill, never fault. */
+			ret = cowmm__uffd_copy(mm->uffd, addr,
+					       cowmm__frame_data(f),
+					       COWMM_PAGE_SIZE, false, false);
+			if (ret && ret != -EEXIST)
+				break;
+			cowmm__set_bit(r->present, pg);
+			if (!ret)
+				continue;
+		}
+		ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false,
+				     false);
+		if (ret)
+			break; /* never write into a page still protected */
+		memcpy((void *)addr, cowmm__frame_data(f), COWMM_PAGE_SIZE);
+	}
+	/* Writers that faulted meanwhile find their pages resolved. */
+	cowmm__uffd_wake(mm->uffd, r->base, r->len);
+out:
+	pthread_mutex_unlock(&r->lock);
+out_mm:
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
 }

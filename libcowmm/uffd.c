@@ -129,18 +129,49 @@ int cowmm__uffd_wake(int fd, uintptr_t start, size_t len)
 	return ioctl(fd, UFFDIO_WAKE, &range) < 0 ? -errno : 0;
 }
 
-/* Install a new page at @dst holding @src's bytes (a missing PTE only). */
+/*
+ * Install a new page at @dst holding @src's bytes (page aligned), into a
+ * missing PTE only (-EEXIST otherwise); @wp: write-protected.
+ */
 int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
-		     bool wake)
+		     bool wp, bool wake)
 {
 	struct uffdio_copy copy = {
 		.dst = dst,
 		.src = (uintptr_t)src,
 		.len = len,
-		.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE,
+		.mode = (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE) |
+			(wp ? UFFDIO_COPY_MODE_WP : 0),
 	};
 
 	return uffd_ioctl(fd, UFFDIO_COPY, &copy);
+}
+
+int cowmm__uffd_zeropage(int fd, uintptr_t dst, size_t len, bool wake)
+{
+	struct uffdio_zeropage zp = {
+		.range = { .start = dst, .len = len },
+		.mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+	};
+
+	return uffd_ioctl(fd, UFFDIO_ZEROPAGE, &zp);
+}
+
+/*
+ * Hand the page at @src over to @dst (a missing PTE of a registered range)
+ * without copying.  The kernel refuses pinned pages with -EBUSY.
+ */
+int cowmm__uffd_move(int fd, uintptr_t dst, const void *src, size_t len,
+		     bool wake)
+{
+	struct uffdio_move mv = {
+		.dst = dst,
+		.src = (uintptr_t)src,
+		.len = len,
+		.mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE,
+	};
+
+	return uffd_ioctl(fd, UFFDIO_MOVE, &mv);
 }
 
 /* Read @npages pagemap entries from @start into @out. */

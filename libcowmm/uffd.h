@@ -113,6 +113,9 @@ int cowmm__uffd_wp(int fd, uintptr_t start, size_t len, bool protect,
 		   bool wake);
 int cowmm__uffd_wake(int fd, uintptr_t start, size_t len);
 int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
+		     bool wp, bool wake);
+int cowmm__uffd_zeropage(int fd, uintptr_t dst, size_t len, bool wake);
+int cowmm__uffd_move(int fd, uintptr_t dst, const void *src, size_t len,
 		     bool wake);
 int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out);
 

@@ -45,6 +45,7 @@ struct t_case {
 int t_run(const char *suite, const struct t_case *cases, size_t n);
 
 cowmm_t *t_open(unsigned workers);
+/* Counters once every queued fault message is resolved. */
 struct cowmm_stats t_stats(cowmm_t *mm);
 void t_rcu_barrier(void);
 uint64_t t_pfn(const void *addr);      /* 0 if not present; needs root */

@@ -1,0 +1,141 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Fork-like writable clones.
+ *
+ * A clone is a new region, registered for missing and write-protect faults,
+ * whose content is its *origin*: a snapshot of the source taken at clone
+ * time.  Nothing is copied up front.  A first touch in the clone
+ * materialises the page from the origin: the origin's frame when the source
+ * was written since (handed over with UFFDIO_MOVE when nobody else holds
+ * it), the source's live page otherwise.  From then on the origin no longer
+ * needs that page, so a later write in the source reuses it.  A first write
+ * in the source preserves the old bytes into the origin first, as for any
+ * snapshot: the source keeps its physical page.
+ *
+ * Clones chain (a clone of a clone reads through both origins), can be
+ * snapshotted, pinned and released before or after their source.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "cowmm_i.h"
+#include "uffd.h"
+
+/* Does a snapshot of @r still share page @pg?  Call with r->lock held. */
+bool cowmm__shared_locked(cowmm_region_t *r, size_t pg)
+{
+	struct cowmm_snap *s;
+
+	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
+		if (!cowmm__fmap_get(&s->frames, pg))
+			return true;
+	return false;
+}
+
+int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
+{
+	cowmm_region_t *c;
+	cowmm_snap_t *origin;
+	cowmm_t *mm;
+	int ret = cowmm__check_region(src);
+
+	if (ret)
+		return ret;
+	if (!out ||
+	    (flags & ~(COWMM_REGION_THP | COWMM_REGION_NOTHP)) ||
+	    (flags & COWMM_REGION_THP && flags & COWMM_REGION_NOTHP))
+		return -EINVAL;
+	mm = src->mm;
+	pthread_mutex_lock(&mm->lock);
+	ret = cowmm__snap_create_locked(src, true, &origin);
+	if (ret)
+		goto out;
+	ret = cowmm__region_map(mm, src->len, flags, PROT_READ | PROT_WRITE,
+				UFFDIO_REGISTER_MODE_MISSING |
+					UFFDIO_REGISTER_MODE_WP,
+				&c);
+	if (ret) {
+		cowmm__snap_release_locked(origin);
+		goto out;
+	}
+	pthread_mutex_lock(&c->lock); /* workers read it under the lock */
+	c->origin = origin;
+	pthread_mutex_unlock(&c->lock);
+	*out = c;
+out:
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
+}
+
+/*
+ * Materialise page @pg of clone @c from its origin.  Call with c->lock
+ * held; takes the source's lock (a clone's lock always comes first).
+ */
+int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
+{
+	unsigned char page[COWMM_PAGE_SIZE]
+		__attribute__((aligned(COWMM_PAGE_SIZE)));
+	uintptr_t addr = c->base + (pg << COWMM_PAGE_SHIFT);
+	cowmm_snap_t *o = c->origin;
+	cowmm_t *mm = c->mm;
+	bool wp = cowmm__shared_locked(c, pg);
+	const void *data = page;
+	struct cowmm_frame *f;
+	cowmm_region_t *src;
+	int ret;
+
+	urcu_bp_read_lock();
+	src = __atomic_load_n(&o->region, __ATOMIC_ACQUIRE);
+	if (src) {
+		pthread_mutex_lock(&src->lock);
+		if (__atomic_load_n(&o->region, __ATOMIC_ACQUIRE) != src) {
+			pthread_mutex_unlock(&src->lock);
+			src = NULL;
+		}
+	}
+	f = cowmm__fmap_get(&o->frames, pg);
+
+	/* Held by the origin alone: hand the frame's page over. */
+	if (cowmm__frame_real(f) &&
+	    atomic_load_explicit(&f->refs, memory_order_acquire) == 1 && !wp &&
+	    (mm->features & UFFD_FEATURE_MOVE) &&
+	    !cowmm__pin_flags(&c->pins, pg) &&
+	    cowmm__uffd_move(mm->uffd, addr, cowmm__frame_data(f),
+			     COWMM_PAGE_SIZE, wake) == 0) {
+		cowmm__count(mm, moves, 1);
+		ret = 0;
+		goto served;
+	}
+
+	if (f == &cowmm__zero_frame || cowmm__frame_real(f)) {
+		data = cowmm__frame_data(f);
+	} else if (!f && src) {
+		ret = cowmm__region_read_page(src, pg, page, true);
+		if (ret)
+			memset(page, 0, sizeof(page));
+	} else {
+		/* Detached and broken: the origin lost this page. */
+		cowmm__log(COWMM_LOG_ERR, "clone %#lx: page %zu of its origin "
+					  "is lost; it reads as zero",
+			   (unsigned long)c->base, pg);
+		memset(page, 0, sizeof(page));
+	}
+	if (f == &cowmm__zero_frame && !wp)
+		ret = cowmm__uffd_zeropage(mm->uffd, addr, COWMM_PAGE_SIZE,
+					   wake);
+	else
+		ret = cowmm__uffd_copy(mm->uffd, addr, data, COWMM_PAGE_SIZE,
+				       wp, wake);
+	if (ret)
+		goto out;
+served:
+	/* The origin no longer needs this page: the source reuses it. */
+	if (cowmm__fmap_set(&o->frames, pg, &cowmm__gone_frame) == 0)
+		cowmm__frame_put(f);
+out:
+	if (src)
+		pthread_mutex_unlock(&src->lock);
+	urcu_bp_read_unlock();
+	return ret;
+}
