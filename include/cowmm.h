@@ -402,6 +402,56 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  */
 COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);
 
+/** Progress of a long operation: @p done of @p total bytes. */
+typedef void (*cowmm_progress_fn)(uint64_t done, uint64_t total, void *data);
+
+/**
+ * Stream a snapshot to @p fd in the snapshot file format (README, "The
+ * snapshot file format"): versioned, CRC32C-checksummed per chunk of 512
+ * pages, sparse (pages that read as zero are not stored), written in large
+ * sequential writev() calls.  The application may keep writing the region
+ * meanwhile.  On failure the file holds a prefix without a valid trailer,
+ * which cowmm_region_load() refuses.
+ * Context: any thread.
+ *
+ * @param s   a snapshot
+ * @param fd  a file descriptor open for writing, at the position to write
+ * @return 0; -EINVAL (NULL), -EBADF (bad @p fd or released snapshot),
+ *         -EIO (broken snapshot), -ENOMEM, -ENOSPC and other write(2)
+ *         errors, -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_snap_write(cowmm_snap_t *s, int fd);
+
+/**
+ * cowmm_snap_write() with a progress callback, called after each 2 MiB of
+ * the region with the bytes done so far.
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
+					   cowmm_progress_fn progress,
+					   void *data);
+
+/**
+ * Load a snapshot file into a region of the same size, eagerly.  The whole
+ * file is checked first (header, every chunk's checksum and counts, the
+ * trailer); a file that fails any check leaves the region untouched.  Pages
+ * are written through the normal write path, so live snapshots of @p r
+ * keep their bytes; pages the file does not store become zero.
+ * Context: any thread.
+ *
+ * @param r      a region of exactly the file's region size
+ * @param fd     a regular file open for reading (read with pread())
+ * @param flags  must be 0
+ * @return 0; -EINVAL (NULL, flags, file for a smaller region),
+ *         -EFBIG (file for a larger region), -EBADMSG (not a snapshot
+ *         file, corrupted or truncated), -EPROTONOSUPPORT (another format
+ *         version), -ESPIPE (not a regular file), -EBADF (bad @p fd or
+ *         released region), -ENOMEM, read(2) errors, -ECHILD
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags);
+
 /**
  * Release a snapshot and the frames only it held.
  * Context: any thread; not concurrently with other calls on @p s.

@@ -37,6 +37,14 @@ const char *cowmm_strerror(int err)
 		return "kernel without userfaultfd";
 	case -EOVERFLOW:
 		return "too many snapshots of one region";
+	case -EBADMSG:
+		return "not a snapshot file, or corrupted or truncated";
+	case -EPROTONOSUPPORT:
+		return "snapshot file of another format version";
+	case -EFBIG:
+		return "snapshot file for a larger region";
+	case -ESPIPE:
+		return "snapshot files are read from regular files only";
 	case -ENOENT:
 		return "memory unmapped behind the library's back";
 	default:

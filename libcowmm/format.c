@@ -1,0 +1,417 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The snapshot file format: versioned, checksummed, sparse.
+ *
+ *   header    64 bytes  "COWMMSNP", version, page size, region size,
+ *                       page count, pages per chunk, CRC32C of the header
+ *   chunk     *         one per run of 512 pages holding any non-zero page:
+ *                       "CHNK", index, first page, pages stored, CRC32C
+ *                       (of bitmap and data), a 64-byte bitmap of the pages
+ *                       stored, then those pages, 4 KiB each
+ *   trailer   32 bytes  "COWMMEND", chunk count, pages stored, CRC32C of
+ *                       the chunks' CRCs, CRC32C of the trailer
+ *
+ * All integers are little-endian.  Pages that read as zero are not stored,
+ * so a region never populated costs 96 bytes.  A reader checks everything
+ * (every checksum, every count, the trailer) before it changes a single
+ * byte of the target region.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "cowmm_i.h"
+
+#define FILE_MAGIC "COWMMSNP"
+#define END_MAGIC "COWMMEND"
+#define CHUNK_MAGIC 0x4b4e4843u /* "CHNK" */
+#define FILE_VERSION 1
+#define CHUNK_PAGES 512
+#define BITMAP_BYTES (CHUNK_PAGES / 8)
+
+struct file_header {
+	char magic[8];
+	uint32_t version;
+	uint32_t page_size;
+	uint64_t region_size;
+	uint64_t npages;
+	uint32_t chunk_pages;
+	uint32_t flags;
+	uint8_t reserved[20];
+	uint32_t crc; /* of the bytes before it */
+};
+
+struct chunk_header {
+	uint32_t magic;
+	uint32_t index;
+	uint64_t first_page;
+	uint32_t stored;
+	uint32_t crc; /* of the bitmap and the data */
+	uint8_t bitmap[BITMAP_BYTES];
+};
+
+struct file_trailer {
+	char magic[8];
+	uint64_t nchunks;
+	uint64_t stored;
+	uint32_t chunks_crc;
+	uint32_t crc; /* of the bytes before it */
+};
+
+_Static_assert(sizeof(struct file_header) == 64, "file header ABI");
+_Static_assert(sizeof(struct chunk_header) == 88, "chunk header ABI");
+_Static_assert(sizeof(struct file_trailer) == 32, "file trailer ABI");
+
+/* ------------------------------------------------------------------------ */
+/* CRC32C (Castagnoli), with the SSE4.2 instruction where the CPU has it */
+
+static uint32_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+static bool crc_hw;
+
+static void crc_init(void)
+{
+	uint32_t i, j, c;
+
+	for (i = 0; i < 256; i++) {
+		for (c = i, j = 0; j < 8; j++)
+			c = c & 1 ? (c >> 1) ^ 0x82f63b78u : c >> 1;
+		crc_table[i] = c;
+	}
+#if defined(__x86_64__)
+	crc_hw = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t
+crc_hw_update(uint32_t crc, const unsigned char *p, size_t n)
+{
+	uint64_t c = crc;
+
+	for (; n >= 8; n -= 8, p += 8) {
+		uint64_t w;
+
+		memcpy(&w, p, 8);
+		c = __builtin_ia32_crc32di(c, w);
+	}
+	crc = (uint32_t)c;
+	for (; n; n--)
+		crc = __builtin_ia32_crc32qi(crc, *p++);
+	return crc;
+}
+#endif
+
+static uint32_t crc32c(uint32_t crc, const void *buf, size_t n)
+{
+	const unsigned char *p = buf;
+
+	pthread_once(&crc_once, crc_init);
+	crc = ~crc;
+#if defined(__x86_64__)
+	if (crc_hw)
+		return ~crc_hw_update(crc, p, n);
+#endif
+	while (n--)
+		crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+	return ~crc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Writing */
+
+static int write_all(int fd, struct iovec *iov, int cnt)
+{
+	while (cnt > 0) {
+		ssize_t n = writev(fd, iov, cnt > IOV_MAX ? IOV_MAX : cnt);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		while (cnt > 0 && (size_t)n >= iov->iov_len) {
+			n -= iov->iov_len;
+			iov++;
+			cnt--;
+		}
+		if (cnt > 0) {
+			iov->iov_base = (char *)iov->iov_base + n;
+			iov->iov_len -= n;
+		}
+	}
+	return 0;
+}
+
+static bool all_zero(const unsigned char *p)
+{
+	const uint64_t *w = (const uint64_t *)p;
+	size_t i;
+
+	for (i = 0; i < COWMM_PAGE_SIZE / 8; i++)
+		if (w[i])
+			return false;
+	return true;
+}
+
+int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
+			      cowmm_progress_fn progress, void *data)
+{
+	struct iovec iov[2 + CHUNK_PAGES];
+	struct file_header h = { .magic = FILE_MAGIC };
+	struct file_trailer t = { .magic = END_MAGIC };
+	unsigned char *buf;
+	uint32_t chunks_crc = 0;
+	uint64_t stored = 0, nchunks = 0, done = 0;
+	size_t first;
+	int ret = cowmm__check_snap(s);
+
+	if (ret)
+		return ret;
+	if (fd < 0)
+		return -EBADF;
+	buf = aligned_alloc(COWMM_PAGE_SIZE, CHUNK_PAGES * COWMM_PAGE_SIZE);
+	if (!buf)
+		return -ENOMEM;
+
+	h.version = htole32(FILE_VERSION);
+	h.page_size = htole32(COWMM_PAGE_SIZE);
+	h.region_size = htole64(s->len);
+	h.npages = htole64(s->npages);
+	h.chunk_pages = htole32(CHUNK_PAGES);
+	h.crc = htole32(crc32c(0, &h, offsetof(struct file_header, crc)));
+	iov[0] = (struct iovec){ &h, sizeof(h) };
+	ret = write_all(fd, iov, 1);
+
+	for (first = 0; !ret && first < s->npages; first += CHUNK_PAGES) {
+		size_t n = s->npages - first < CHUNK_PAGES ? s->npages - first
+							   : CHUNK_PAGES;
+		struct chunk_header c = { .magic = htole32(CHUNK_MAGIC) };
+		ssize_t got;
+		int cnt = 2;
+		size_t i;
+
+		got = cowmm_snap_read(s, first * COWMM_PAGE_SIZE, buf,
+				      n * COWMM_PAGE_SIZE);
+		if (got != (ssize_t)(n * COWMM_PAGE_SIZE)) {
+			ret = got < 0 ? (int)got : -EIO;
+			break;
+		}
+		for (i = 0; i < n; i++) {
+			unsigned char *pg = buf + i * COWMM_PAGE_SIZE;
+
+			if (all_zero(pg))
+				continue;
+			c.bitmap[i / 8] |= 1u << (i % 8);
+			iov[cnt++] = (struct iovec){ pg, COWMM_PAGE_SIZE };
+		}
+		done += n * COWMM_PAGE_SIZE;
+		if (cnt > 2) {
+			uint32_t crc = crc32c(0, c.bitmap, BITMAP_BYTES);
+
+			for (i = 2; i < (size_t)cnt; i++)
+				crc = crc32c(crc, iov[i].iov_base,
+					     COWMM_PAGE_SIZE);
+			c.index = htole32((uint32_t)nchunks);
+			c.first_page = htole64(first);
+			c.stored = htole32((uint32_t)(cnt - 2));
+			c.crc = htole32(crc);
+			chunks_crc = crc32c(chunks_crc, &c.crc, sizeof(c.crc));
+			iov[0] = (struct iovec){ &c, sizeof(c) };
+			ret = write_all(fd, iov, cnt);
+			stored += cnt - 2;
+			nchunks++;
+		}
+		if (!ret && progress)
+			progress(done, s->len, data);
+	}
+	if (!ret) {
+		t.nchunks = htole64(nchunks);
+		t.stored = htole64(stored);
+		t.chunks_crc = htole32(chunks_crc);
+		t.crc = htole32(
+			crc32c(0, &t, offsetof(struct file_trailer, crc)));
+		iov[0] = (struct iovec){ &t, sizeof(t) };
+		ret = write_all(fd, iov, 1);
+	}
+	free(buf);
+	return ret;
+}
+
+int cowmm_snap_write(cowmm_snap_t *s, int fd)
+{
+	return cowmm_snap_write_progress(s, fd, NULL, NULL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reading */
+
+static int read_at(int fd, void *buf, size_t n, off_t off)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t r = pread(fd, (char *)buf + done, n - done,
+				  off + (off_t)done);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return -errno;
+		if (r == 0)
+			return -EBADMSG; /* truncated */
+		done += r;
+	}
+	return 0;
+}
+
+static unsigned popcount_bitmap(const uint8_t *b)
+{
+	unsigned i, n = 0;
+
+	for (i = 0; i < BITMAP_BYTES; i++)
+		n += __builtin_popcount(b[i]);
+	return n;
+}
+
+/*
+ * Make page @pg of @r read as zero, writing only where it does not already:
+ * a page never populated stays so, and the write of a non-zero page goes
+ * through the write fault like any other, so snapshots keep their bytes.
+ */
+static void load_zero(cowmm_region_t *r, size_t pg)
+{
+	unsigned char *p = (unsigned char *)r->base + pg * COWMM_PAGE_SIZE;
+	unsigned char vec;
+
+	if (!r->origin && !cowmm__resident((uintptr_t)p, 1, &vec) && !vec)
+		return;
+	if (!all_zero(p))
+		memset(p, 0, COWMM_PAGE_SIZE);
+}
+
+/*
+ * Walk the file; with @r NULL only check it, else write each chunk's pages
+ * into @r (and zero the pages the file does not store).
+ */
+static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
+		     unsigned char *buf, off_t size)
+{
+	uint64_t npages = le64toh(h->npages), nchunks = 0, stored = 0;
+	uint64_t next_first = 0;
+	uint32_t chunks_crc = 0;
+	off_t off = sizeof(*h);
+	struct file_trailer t;
+	int ret;
+
+	while (off + (off_t)sizeof(t) < size) {
+		struct chunk_header c;
+		uint64_t first;
+		unsigned n, i, k = 0;
+		uint32_t crc;
+
+		ret = read_at(fd, &c, sizeof(c), off);
+		if (ret)
+			return ret;
+		first = le64toh(c.first_page);
+		n = le32toh(c.stored);
+		if (le32toh(c.magic) != CHUNK_MAGIC ||
+		    le32toh(c.index) != nchunks || first % CHUNK_PAGES ||
+		    first < next_first || first >= npages || n == 0 ||
+		    n > CHUNK_PAGES || popcount_bitmap(c.bitmap) != n ||
+		    off + (off_t)sizeof(c) + (off_t)n * (off_t)COWMM_PAGE_SIZE >
+			    size - (off_t)sizeof(t))
+			return -EBADMSG;
+		for (i = 0; i < CHUNK_PAGES; i++)
+			if ((c.bitmap[i / 8] >> (i % 8) & 1) &&
+			    first + i >= npages)
+				return -EBADMSG;
+		ret = read_at(fd, buf, (size_t)n * COWMM_PAGE_SIZE,
+			      off + sizeof(c));
+		if (ret)
+			return ret;
+		crc = crc32c(crc32c(0, c.bitmap, BITMAP_BYTES), buf,
+			     (size_t)n * COWMM_PAGE_SIZE);
+		if (crc != le32toh(c.crc))
+			return -EBADMSG;
+		chunks_crc = crc32c(chunks_crc, &c.crc, sizeof(c.crc));
+		if (r) {
+			/* Zero what lies between the stored chunks. */
+			for (i = next_first; i < first; i++)
+				load_zero(r, i);
+			for (i = 0; i < CHUNK_PAGES && first + i < npages; i++)
+				if (c.bitmap[i / 8] >> (i % 8) & 1)
+					memcpy((char *)r->base +
+						       (first + i) *
+							       COWMM_PAGE_SIZE,
+					       buf + (size_t)k++ *
+							     COWMM_PAGE_SIZE,
+					       COWMM_PAGE_SIZE);
+				else
+					load_zero(r, first + i);
+		}
+		next_first = first + CHUNK_PAGES;
+		off += sizeof(c) + (off_t)n * COWMM_PAGE_SIZE;
+		stored += n;
+		nchunks++;
+	}
+	if (off + (off_t)sizeof(t) != size)
+		return -EBADMSG;
+	ret = read_at(fd, &t, sizeof(t), off);
+	if (ret)
+		return ret;
+	if (memcmp(t.magic, END_MAGIC, 8) ||
+	    le32toh(t.crc) != crc32c(0, &t, offsetof(struct file_trailer, crc)) ||
+	    le64toh(t.nchunks) != nchunks || le64toh(t.stored) != stored ||
+	    le32toh(t.chunks_crc) != chunks_crc)
+		return -EBADMSG;
+	if (r)
+		for (; next_first < npages; next_first++)
+			load_zero(r, next_first);
+	return 0;
+}
+
+int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
+{
+	struct file_header h;
+	unsigned char *buf;
+	struct stat st;
+	int ret = cowmm__check_region(r);
+
+	if (ret)
+		return ret;
+	if (flags)
+		return -EINVAL;
+	if (fd < 0 || fstat(fd, &st) < 0)
+		return -EBADF;
+	if (!S_ISREG(st.st_mode))
+		return -ESPIPE; /* checked whole before anything is written */
+	ret = read_at(fd, &h, sizeof(h), 0);
+	if (ret)
+		return ret;
+	if (memcmp(h.magic, FILE_MAGIC, 8) ||
+	    le32toh(h.crc) != crc32c(0, &h, offsetof(struct file_header, crc)))
+		return -EBADMSG;
+	if (le32toh(h.version) != FILE_VERSION)
+		return -EPROTONOSUPPORT;
+	if (le32toh(h.page_size) != COWMM_PAGE_SIZE ||
+	    le32toh(h.chunk_pages) != CHUNK_PAGES || h.flags ||
+	    le64toh(h.npages) * COWMM_PAGE_SIZE != le64toh(h.region_size))
+		return -EBADMSG;
+	if (le64toh(h.region_size) != r->len)
+		return le64toh(h.region_size) > r->len ? -EFBIG : -EINVAL;
+
+	buf = aligned_alloc(COWMM_PAGE_SIZE, CHUNK_PAGES * COWMM_PAGE_SIZE);
+	if (!buf)
+		return -ENOMEM;
+	ret = load_pass(fd, NULL, &h, buf, st.st_size);
+	if (!ret)
+		ret = load_pass(fd, r, &h, buf, st.st_size);
+	free(buf);
+	return ret;
+}
