@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 #
-# Install the Debian packages libcowmm needs to build, test and benchmark.
-# Idempotent: packages already installed are left alone, and apt is only
-# asked when something is missing.
+# Install the Debian packages libcowmm needs to build and test it; with
+# --bench, also those the benchmarks compare against (Redis).  Idempotent:
+# packages already installed are left alone, and apt is only asked when
+# something is missing.
 set -euo pipefail
 
 pkgs=(
-	meson ninja-build pkg-config gcc clang
+	meson ninja-build pkg-config gcc clang python3
 	liburcu-dev libuv1-dev check liburing-dev
 	libclang-rt-14-dev
 )
+# The database benchmark also runs Debian's Redis and its redis-benchmark.
+if [ "${1:-}" = "--bench" ]; then
+	pkgs+=(redis-server redis-tools gnuplot-nox)
+fi
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,819 @@
+// SPDX-License-Identifier: MIT
+/*
+ * kvstore: an in-memory key-value server that snapshots without fork().
+ *
+ * Its whole heap (hash table, keys and values) lives in one libcowmm
+ * region, addressed by offsets so that a dump loads at any address.  It
+ * speaks enough of the Redis protocol (RESP) for redis-cli and
+ * redis-benchmark: PING, SET, GET, DEL, EXISTS, DBSIZE, FLUSHALL, SAVE,
+ * BGSAVE, LASTSAVE, INFO [persistence], CONFIG GET, COMMAND, QUIT.
+ *
+ * BGSAVE takes a libcowmm snapshot (the server pauses for the length of
+ * cowmm_snapshot()) and a background thread streams it to the dump file
+ * with cowmm_snap_write() while the server goes on serving writes.  With
+ * --fork, BGSAVE forks a child that writes the heap, the way Redis does.
+ * On start the dump is loaded if it exists; a save goes to a temporary
+ * file renamed over the dump only once complete.
+ *
+ * Build out of tree:
+ *   cc -O2 kvstore.c $(pkg-config --cflags --libs cowmm) -lpthread
+ *
+ * Usage: kvstore [--port N] [--heap MiB] [--dump FILE] [--fork] [--thp]
+ */
+#include <arpa/inet.h>
+#include <err.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cowmm.h>
+
+/* ------------------------------------------------------------------------ */
+/* The heap: an arena inside the region, everything by offset */
+
+#define HEAP_MAGIC 0x314b564d4d4f43ULL /* "COMMVK1" */
+#define NCLASS 24                      /* free lists for 16 B .. 128 MiB */
+#define TABLE_MIN 1024
+
+struct heap_hdr {
+	uint64_t magic;
+	uint64_t size;      /* of the region */
+	uint64_t top;       /* arena bump pointer */
+	uint64_t table;     /* offset of the bucket array */
+	uint64_t buckets;   /* power of two */
+	uint64_t count;     /* keys */
+	uint64_t free[NCLASS];
+};
+
+struct entry {
+	uint64_t next;  /* offset of the next entry in the bucket, or 0 */
+	uint32_t klen, vlen;
+	uint8_t class;
+	unsigned char data[]; /* key, then value */
+};
+
+static char *heap;
+static struct heap_hdr *H;
+
+#define AT(off) ((void *)(heap + (off)))
+
+static unsigned class_of(size_t n)
+{
+	unsigned c = 0;
+
+	while ((16UL << c) < n)
+		c++;
+	return c;
+}
+
+static uint64_t heap_alloc(size_t n, unsigned *cls)
+{
+	unsigned c = class_of(n);
+	uint64_t off;
+
+	if (c >= NCLASS)
+		return 0;
+	*cls = c;
+	off = H->free[c];
+	if (off) {
+		H->free[c] = *(uint64_t *)AT(off);
+		return off;
+	}
+	if (H->top + (16UL << c) > H->size)
+		return 0;
+	off = H->top;
+	H->top += 16UL << c;
+	return off;
+}
+
+static void heap_free(uint64_t off, unsigned c)
+{
+	*(uint64_t *)AT(off) = H->free[c];
+	H->free[c] = off;
+}
+
+static uint64_t hash(const void *k, size_t n)
+{
+	const unsigned char *p = k;
+	uint64_t h = 0xcbf29ce484222325ULL;
+
+	while (n--)
+		h = (h ^ *p++) * 0x100000001b3ULL;
+	return h;
+}
+
+static uint64_t *bucket(const void *k, size_t n)
+{
+	uint64_t *b = AT(H->table);
+
+	return &b[hash(k, n) & (H->buckets - 1)];
+}
+
+static bool heap_init(size_t size)
+{
+	unsigned cls;
+
+	memset(H, 0, sizeof(*H));
+	H->magic = HEAP_MAGIC;
+	H->size = size;
+	H->top = (sizeof(*H) + 63) & ~63UL;
+	H->buckets = TABLE_MIN;
+	H->table = heap_alloc(H->buckets * sizeof(uint64_t), &cls);
+	if (!H->table)
+		return false;
+	memset(AT(H->table), 0, H->buckets * sizeof(uint64_t));
+	return true;
+}
+
+/* Double the bucket array when the load factor reaches 1. */
+static void maybe_grow(void)
+{
+	uint64_t nb = H->buckets * 2, old = H->table, ob = H->buckets, i;
+	unsigned cls, ocls = class_of(ob * sizeof(uint64_t));
+	uint64_t nt;
+
+	if (H->count < H->buckets)
+		return;
+	nt = heap_alloc(nb * sizeof(uint64_t), &cls);
+	if (!nt)
+		return;
+	memset(AT(nt), 0, nb * sizeof(uint64_t));
+	H->table = nt;
+	H->buckets = nb;
+	for (i = 0; i < ob; i++) {
+		uint64_t e = ((uint64_t *)AT(old))[i];
+
+		while (e) {
+			struct entry *en = AT(e);
+			uint64_t next = en->next, *b = bucket(en->data, en->klen);
+
+			en->next = *b;
+			*b = e;
+			e = next;
+		}
+	}
+	heap_free(old, ocls);
+}
+
+static struct entry *lookup(const void *k, size_t n, uint64_t **link)
+{
+	uint64_t *l = bucket(k, n);
+
+	while (*l) {
+		struct entry *e = AT(*l);
+
+		if (e->klen == n && !memcmp(e->data, k, n)) {
+			if (link)
+				*link = l;
+			return e;
+		}
+		l = &e->next;
+	}
+	return NULL;
+}
+
+static bool del(const void *k, size_t n)
+{
+	uint64_t *link, off;
+	struct entry *e = lookup(k, n, &link);
+
+	if (!e)
+		return false;
+	off = *link;
+	*link = e->next;
+	heap_free(off, e->class);
+	H->count--;
+	return true;
+}
+
+static bool set(const void *k, size_t kn, const void *v, size_t vn)
+{
+	struct entry *e;
+	unsigned cls;
+	uint64_t off;
+
+	del(k, kn);
+	off = heap_alloc(sizeof(*e) + kn + vn, &cls);
+	if (!off)
+		return false;
+	e = AT(off);
+	e->klen = kn;
+	e->vlen = vn;
+	e->class = cls;
+	memcpy(e->data, k, kn);
+	memcpy(e->data + kn, v, vn);
+	{
+		uint64_t *b = bucket(k, kn);
+
+		e->next = *b;
+		*b = off;
+	}
+	H->count++;
+	maybe_grow();
+	return true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Persistence */
+
+static const char *dump_path = "kvstore.dump";
+static bool use_fork;
+static cowmm_region_t *region;
+static struct {
+	atomic_bool running;
+	atomic_int last_status; /* 0 ok, -errno */
+	atomic_llong last_save;  /* unix time */
+	atomic_llong last_ms;    /* duration of the last save */
+	double pause_ms;         /* of the last BGSAVE's snapshot or fork */
+	pid_t child;
+	long long started_ns;
+	pthread_t th;
+	cowmm_snap_t *snap;
+} save;
+
+static long long now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Raw format for --fork: the heap's bytes up to its bump pointer. */
+#define RAW_MAGIC "KVRAWDMP"
+
+static int write_raw(int fd)
+{
+	uint64_t len = H->top;
+	size_t done = 0;
+
+	if (write(fd, RAW_MAGIC, 8) != 8 || write(fd, &len, 8) != 8)
+		return -errno;
+	while (done < len) {
+		ssize_t n = write(fd, heap + done, len - done > (1 << 20)
+							 ? (1 << 20)
+							 : len - done);
+
+		if (n < 0)
+			return -errno;
+		done += n;
+	}
+	return 0;
+}
+
+static int finish_file(int fd, const char *tmp, int ret)
+{
+	if (!ret && fsync(fd) < 0)
+		ret = -errno;
+	if (close(fd) < 0 && !ret)
+		ret = -errno;
+	if (!ret && rename(tmp, dump_path) < 0)
+		ret = -errno;
+	if (ret)
+		unlink(tmp);
+	return ret;
+}
+
+static void *bgsave_thread(void *arg)
+{
+	char tmp[4096];
+	int fd, ret;
+
+	(void)arg;
+	snprintf(tmp, sizeof(tmp), "%s.tmp", dump_path);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	ret = fd < 0 ? -errno : cowmm_snap_write(save.snap, fd);
+	if (fd >= 0)
+		ret = finish_file(fd, tmp, ret);
+	cowmm_snap_release(save.snap);
+	atomic_store(&save.last_status, ret);
+	atomic_store(&save.last_ms, (now_ns() - save.started_ns) / 1000000);
+	if (!ret)
+		atomic_store(&save.last_save, (long long)time(NULL));
+	atomic_store(&save.running, false);
+	return NULL;
+}
+
+static int bgsave(void)
+{
+	long long t0;
+	int ret;
+
+	if (atomic_load(&save.running))
+		return -EBUSY;
+	if (save.th) {
+		pthread_join(save.th, NULL);
+		save.th = 0;
+	}
+	save.started_ns = t0 = now_ns();
+	if (use_fork) {
+		pid_t pid = fork();
+
+		if (pid < 0)
+			return -errno;
+		if (pid == 0) {
+			char tmp[4096];
+			int fd;
+
+			snprintf(tmp, sizeof(tmp), "%s.tmp", dump_path);
+			fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+			_exit(fd < 0 || finish_file(fd, tmp, write_raw(fd)));
+		}
+		save.pause_ms = (now_ns() - t0) / 1e6;
+		save.child = pid;
+		atomic_store(&save.running, true);
+		return 0;
+	}
+	ret = cowmm_snapshot(region, &save.snap);
+	save.pause_ms = (now_ns() - t0) / 1e6;
+	if (ret)
+		return ret;
+	atomic_store(&save.running, true);
+	ret = -pthread_create(&save.th, NULL, bgsave_thread, NULL);
+	if (ret) {
+		cowmm_snap_release(save.snap);
+		atomic_store(&save.running, false);
+	}
+	return ret;
+}
+
+/* Reap a --fork child; called from the event loop. */
+static void bgsave_poll(void)
+{
+	int status;
+
+	if (!use_fork || !save.child ||
+	    waitpid(save.child, &status, WNOHANG) != save.child)
+		return;
+	save.child = 0;
+	atomic_store(&save.last_status,
+		     WIFEXITED(status) && !WEXITSTATUS(status) ? 0 : -EIO);
+	atomic_store(&save.last_ms, (now_ns() - save.started_ns) / 1000000);
+	if (!atomic_load(&save.last_status))
+		atomic_store(&save.last_save, (long long)time(NULL));
+	atomic_store(&save.running, false);
+}
+
+static int save_now(void)
+{
+	cowmm_snap_t *s;
+	char tmp[4096];
+	int fd, ret;
+
+	snprintf(tmp, sizeof(tmp), "%s.tmp", dump_path);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	ret = cowmm_snapshot(region, &s);
+	if (!ret) {
+		ret = cowmm_snap_write(s, fd);
+		cowmm_snap_release(s);
+	}
+	ret = finish_file(fd, tmp, ret);
+	if (!ret)
+		atomic_store(&save.last_save, (long long)time(NULL));
+	return ret;
+}
+
+static int load_dump(size_t size)
+{
+	char magic[8];
+	uint64_t len;
+	int fd = open(dump_path, O_RDONLY | O_CLOEXEC), ret = 0;
+
+	if (fd < 0)
+		return errno == ENOENT ? 1 : -errno;
+	if (pread(fd, magic, 8, 0) != 8) {
+		ret = -EBADMSG;
+	} else if (!memcmp(magic, RAW_MAGIC, 8)) {
+		if (pread(fd, &len, 8, 8) != 8 || len > size ||
+		    pread(fd, heap, len, 16) != (ssize_t)len)
+			ret = -EBADMSG;
+	} else {
+		ret = cowmm_region_load(region, fd, 0);
+	}
+	close(fd);
+	if (!ret && (H->magic != HEAP_MAGIC || H->size != size))
+		ret = -EBADMSG;
+	return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* RESP */
+
+struct client {
+	int fd;
+	char *in, *out;
+	size_t in_len, in_cap, out_len, out_cap;
+	bool close_after, dead;
+};
+
+static void out_add(struct client *c, const void *p, size_t n)
+{
+	if (c->out_len + n > c->out_cap) {
+		size_t cap = c->out_cap ? c->out_cap : 4096;
+
+		while (cap < c->out_len + n)
+			cap *= 2;
+		c->out = realloc(c->out, cap);
+		if (!c->out)
+			err(1, "realloc");
+		c->out_cap = cap;
+	}
+	memcpy(c->out + c->out_len, p, n);
+	c->out_len += n;
+}
+
+static void out_fmt(struct client *c, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void out_fmt(struct client *c, const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	out_add(c, buf, n < (int)sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+}
+
+static void out_bulk(struct client *c, const void *p, size_t n)
+{
+	out_fmt(c, "$%zu\r\n", n);
+	out_add(c, p, n);
+	out_add(c, "\r\n", 2);
+}
+
+#define MAX_ARGS 64
+
+static bool eq(const char *a, size_t n, const char *word)
+{
+	return strlen(word) == n && !strncasecmp(a, word, n);
+}
+
+static void info(struct client *c)
+{
+	char buf[1024];
+	int n = snprintf(
+		buf, sizeof(buf),
+		"# Persistence\r\nloading:0\r\nrdb_bgsave_in_progress:%d\r\n"
+		"rdb_last_save_time:%lld\r\nrdb_last_bgsave_status:%s\r\n"
+		"rdb_last_bgsave_time_sec:%lld\r\n"
+		"rdb_last_bgsave_duration_ms:%lld\r\n"
+		"rdb_last_bgsave_pause_ms:%.3f\r\nbgsave_method:%s\r\n"
+		"# Keyspace\r\ndb0:keys=%" PRIu64 ",expires=0\r\n"
+		"# Memory\r\nused_memory:%" PRIu64 "\r\n",
+		(int)atomic_load(&save.running),
+		(long long)atomic_load(&save.last_save),
+		atomic_load(&save.last_status) ? "err" : "ok",
+		(long long)atomic_load(&save.last_ms) / 1000,
+		(long long)atomic_load(&save.last_ms), save.pause_ms,
+		use_fork ? "fork" : "cowmm", H->count, H->top);
+
+	out_bulk(c, buf, n);
+}
+
+static void command(struct client *c, char **a, size_t *l, int argc)
+{
+	struct entry *e;
+	int i, n;
+
+	if (eq(a[0], l[0], "PING")) {
+		if (argc > 1)
+			out_bulk(c, a[1], l[1]);
+		else
+			out_add(c, "+PONG\r\n", 7);
+	} else if (eq(a[0], l[0], "SET") && argc >= 3) {
+		if (set(a[1], l[1], a[2], l[2]))
+			out_add(c, "+OK\r\n", 5);
+		else
+			out_fmt(c, "-OOM heap full\r\n");
+	} else if (eq(a[0], l[0], "GET") && argc == 2) {
+		e = lookup(a[1], l[1], NULL);
+		if (e)
+			out_bulk(c, e->data + e->klen, e->vlen);
+		else
+			out_add(c, "$-1\r\n", 5);
+	} else if ((eq(a[0], l[0], "DEL") || eq(a[0], l[0], "EXISTS")) &&
+		   argc >= 2) {
+		bool d = eq(a[0], l[0], "DEL");
+
+		for (n = 0, i = 1; i < argc; i++)
+			n += d ? del(a[i], l[i]) : !!lookup(a[i], l[i], NULL);
+		out_fmt(c, ":%d\r\n", n);
+	} else if (eq(a[0], l[0], "DBSIZE")) {
+		out_fmt(c, ":%" PRIu64 "\r\n", H->count);
+	} else if (eq(a[0], l[0], "FLUSHALL") || eq(a[0], l[0], "FLUSHDB")) {
+		heap_init(H->size);
+		out_add(c, "+OK\r\n", 5);
+	} else if (eq(a[0], l[0], "SAVE")) {
+		int ret = save_now();
+
+		if (ret)
+			out_fmt(c, "-ERR save: %s\r\n", cowmm_strerror(ret));
+		else
+			out_add(c, "+OK\r\n", 5);
+	} else if (eq(a[0], l[0], "BGSAVE")) {
+		int ret = bgsave();
+
+		if (ret == -EBUSY)
+			out_fmt(c, "-ERR Background save already in progress\r\n");
+		else if (ret)
+			out_fmt(c, "-ERR bgsave: %s\r\n", cowmm_strerror(ret));
+		else
+			out_add(c, "+Background saving started\r\n", 29);
+	} else if (eq(a[0], l[0], "LASTSAVE")) {
+		out_fmt(c, ":%lld\r\n", (long long)atomic_load(&save.last_save));
+	} else if (eq(a[0], l[0], "INFO")) {
+		info(c);
+	} else if (eq(a[0], l[0], "CONFIG") || eq(a[0], l[0], "COMMAND")) {
+		out_add(c, "*0\r\n", 4); /* no configuration to report */
+	} else if (eq(a[0], l[0], "QUIT")) {
+		out_add(c, "+OK\r\n", 5);
+		c->close_after = true;
+	} else {
+		out_fmt(c, "-ERR unknown command or wrong arguments '%.*s'\r\n",
+			(int)(l[0] > 64 ? 64 : l[0]), a[0]);
+	}
+}
+
+/* Parse and run every complete command in the input buffer. */
+static bool parse(struct client *c)
+{
+	size_t pos = 0;
+
+	while (pos < c->in_len) {
+		char *a[MAX_ARGS], *p = c->in + pos, *end = c->in + c->in_len;
+		size_t l[MAX_ARGS];
+		long argc, i;
+		char *nl;
+
+		if (*p != '*') { /* inline command, as typed into telnet */
+			nl = memchr(p, '\n', end - p);
+			if (!nl)
+				break;
+			argc = 0;
+			for (char *t = p; t < nl && argc < MAX_ARGS;) {
+				while (t < nl && (*t == ' ' || *t == '\r'))
+					t++;
+				if (t >= nl)
+					break;
+				a[argc] = t;
+				while (t < nl && *t != ' ' && *t != '\r')
+					t++;
+				l[argc] = t - a[argc];
+				argc++;
+			}
+			pos = nl + 1 - c->in;
+			if (argc)
+				command(c, a, l, argc);
+			continue;
+		}
+		nl = memchr(p, '\n', end - p);
+		if (!nl)
+			break;
+		argc = strtol(p + 1, NULL, 10);
+		if (argc <= 0 || argc > MAX_ARGS)
+			return false;
+		p = nl + 1;
+		for (i = 0; i < argc; i++) {
+			long n;
+
+			if (p >= end)
+				goto partial;
+			if (*p != '$')
+				return false;
+			nl = memchr(p, '\n', end - p);
+			if (!nl)
+				goto partial;
+			n = strtol(p + 1, NULL, 10);
+			if (n < 0 || n > (512L << 20))
+				return false;
+			p = nl + 1;
+			if (end - p < n + 2)
+				goto partial;
+			a[i] = p;
+			l[i] = n;
+			p += n + 2;
+		}
+		pos = p - c->in;
+		command(c, a, l, (int)argc);
+	}
+partial:
+	memmove(c->in, c->in + pos, c->in_len - pos);
+	c->in_len -= pos;
+	return true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Server */
+
+static volatile sig_atomic_t stop;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop = 1;
+}
+
+static void log_stderr(enum cowmm_log_level level, const char *msg, void *d)
+{
+	(void)d;
+	fprintf(stderr, "kvstore: cowmm[%d]: %s\n", level, msg);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "port", required_argument, NULL, 'p' },
+		{ "heap", required_argument, NULL, 'm' },
+		{ "dump", required_argument, NULL, 'd' },
+		{ "fork", no_argument, NULL, 'f' },
+		{ "thp", no_argument, NULL, 'H' },
+		{ 0 },
+	};
+	struct pollfd *pfd = NULL;
+	struct client **cl = NULL;
+	size_t ncl = 0, heap_mib = 1024, size;
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	unsigned flags = 0;
+	int port = 7379, ls, one = 1, opt, ret;
+	cowmm_t *mm;
+
+	while ((opt = getopt_long(argc, argv, "p:m:d:fH", opts, NULL)) != -1) {
+		switch (opt) {
+		case 'p':
+			port = atoi(optarg);
+			break;
+		case 'm':
+			heap_mib = strtoul(optarg, NULL, 0);
+			break;
+		case 'd':
+			dump_path = optarg;
+			break;
+		case 'f':
+			use_fork = true;
+			break;
+		case 'H':
+			flags |= COWMM_REGION_THP;
+			break;
+		default:
+			fprintf(stderr, "usage: %s [--port N] [--heap MiB] "
+					"[--dump FILE] [--fork] [--thp]\n",
+				argv[0]);
+			return 2;
+		}
+	}
+	if (port <= 0 || port > 65535 || heap_mib < 1)
+		errx(2, "bad --port or --heap");
+	size = heap_mib << 20;
+
+	cowmm_set_log(log_stderr, NULL);
+	ret = cowmm_open(NULL, &mm);
+	if (ret)
+		errx(1, "cowmm_open: %s", cowmm_strerror(ret));
+	ret = cowmm_region_alloc(mm, size, flags, &region);
+	if (ret)
+		errx(1, "cowmm_region_alloc: %s", cowmm_strerror(ret));
+	heap = cowmm_region_base(region);
+	H = (struct heap_hdr *)heap;
+	ret = load_dump(size);
+	if (ret < 0)
+		errx(1, "loading %s: %s", dump_path, cowmm_strerror(ret));
+	if (ret > 0 && !heap_init(size))
+		errx(1, "heap of %zu MiB too small", heap_mib);
+	fprintf(stderr, "kvstore: %" PRIu64 " keys %s %s; %s BGSAVE\n",
+		H->count, ret ? "(new heap)" : "loaded from", ret ? "" : dump_path,
+		use_fork ? "fork()" : "libcowmm");
+
+	signal(SIGPIPE, SIG_IGN);
+	signal(SIGINT, on_signal);
+	signal(SIGTERM, on_signal);
+	ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (ls < 0)
+		err(1, "socket");
+	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	sa.sin_port = htons(port);
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (bind(ls, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    listen(ls, 128) < 0)
+		err(1, "listen on 127.0.0.1:%d", port);
+	fprintf(stderr, "kvstore: listening on 127.0.0.1:%d\n", port);
+
+	while (!stop) {
+		size_t i;
+
+		pfd = realloc(pfd, (ncl + 1) * sizeof(*pfd));
+		if (!pfd)
+			err(1, "realloc");
+		pfd[0] = (struct pollfd){ .fd = ls, .events = POLLIN };
+		for (i = 0; i < ncl; i++)
+			pfd[i + 1] = (struct pollfd){
+				.fd = cl[i]->fd,
+				.events = POLLIN | (cl[i]->out_len ? POLLOUT : 0),
+			};
+		if (poll(pfd, ncl + 1, 100) < 0) {
+			if (errno == EINTR)
+				continue;
+			err(1, "poll");
+		}
+		bgsave_poll();
+		for (i = 0; i < ncl; i++) {
+			struct client *c = cl[i];
+			short ev = pfd[i + 1].revents;
+			bool drop = false;
+
+			if (ev & (POLLIN | POLLHUP | POLLERR)) {
+				ssize_t n;
+
+				if (c->in_cap - c->in_len < 65536) {
+					c->in_cap = c->in_cap ? c->in_cap * 2
+							      : 131072;
+					c->in = realloc(c->in, c->in_cap);
+					if (!c->in)
+						err(1, "realloc");
+				}
+				n = read(c->fd, c->in + c->in_len,
+					 c->in_cap - c->in_len);
+				if (n > 0) {
+					c->in_len += n;
+					drop = !parse(c);
+				} else if (n == 0 ||
+					   (errno != EAGAIN && errno != EINTR)) {
+					drop = true;
+				}
+			}
+			if (!drop && c->out_len) {
+				ssize_t n = write(c->fd, c->out, c->out_len);
+
+				if (n > 0) {
+					memmove(c->out, c->out + n,
+						c->out_len - n);
+					c->out_len -= n;
+				} else if (n < 0 && errno != EAGAIN) {
+					drop = true;
+				}
+			}
+			c->dead = drop || (c->close_after && !c->out_len);
+		}
+		for (i = 0; i < ncl;) {
+			struct client *c = cl[i];
+
+			if (!c->dead) {
+				i++;
+				continue;
+			}
+			close(c->fd);
+			free(c->in);
+			free(c->out);
+			free(c);
+			cl[i] = cl[--ncl];
+		}
+		if (pfd[0].revents & POLLIN) {
+			int fd = accept4(ls, NULL, NULL,
+					 SOCK_NONBLOCK | SOCK_CLOEXEC);
+			struct client *c;
+
+			if (fd >= 0 && (c = calloc(1, sizeof(*c)))) {
+				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+					   sizeof(one));
+				c->fd = fd;
+				cl = realloc(cl, (ncl + 1) * sizeof(*cl));
+				if (!cl)
+					err(1, "realloc");
+				cl[ncl++] = c;
+			} else if (fd >= 0) {
+				close(fd);
+			}
+		}
+	}
+	fprintf(stderr, "kvstore: shutting down\n");
+	if (save.th)
+		pthread_join(save.th, NULL);
+	while (use_fork && save.child) {
+		usleep(10000);
+		bgsave_poll();
+	}
+	cowmm_region_release(region);
+	cowmm_close(mm);
+	return 0;
+}
