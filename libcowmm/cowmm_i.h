@@ -48,6 +48,7 @@ struct cowmm_frame {
 
 struct cowmm_frame_pool {
 	pthread_mutex_t lock;
+	atomic_uint fail_next; /* tests: make the next allocations fail */
 	struct cowmm_frame_chunk *partial; /* chunks with free slots */
 	atomic_uint_fast64_t *live;        /* the manager's frames_live */
 };
@@ -132,6 +133,7 @@ struct cowmm {
 
 unsigned long cowmm__fork_gen(void);
 void cowmm__quiesce(cowmm_t *mm); /* tests: wait for every queued fault */
+void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n); /* tests */
 int cowmm__check_mm(const cowmm_t *mm);
 void cowmm__bury(cowmm_t *mm, void *handle); /* mm->lock held */
 int cowmm__rtable_insert(cowmm_t *mm, struct cowmm_region *r);

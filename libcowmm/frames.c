@@ -48,6 +48,7 @@ int cowmm__frame_pool_init(struct cowmm_frame_pool *pool,
 {
 	pool->partial = NULL;
 	pool->live = live;
+	atomic_init(&pool->fail_next, 0);
 	return -pthread_mutex_init(&pool->lock, NULL);
 }
 
@@ -117,7 +118,13 @@ struct cowmm_frame *cowmm__frame_alloc(struct cowmm_frame_pool *pool)
 {
 	struct cowmm_frame_chunk *c;
 	struct cowmm_frame *f;
+	unsigned fail = atomic_load_explicit(&pool->fail_next,
+					     memory_order_relaxed);
 
+	while (cowmm__unlikely(fail))
+		if (atomic_compare_exchange_weak(&pool->fail_next, &fail,
+						 fail - 1))
+			return NULL; /* injected by a test */
 	pthread_mutex_lock(&pool->lock);
 	c = pool->partial;
 	if (!c) {

@@ -465,6 +465,12 @@ void cowmm__quiesce(cowmm_t *mm)
 	}
 }
 
+/* Not part of the API: the next @n frame allocations fail, as without memory. */
+void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)
+{
+	atomic_store(&mm->pool.fail_next, n);
+}
+
 /* Not part of the API: the naive policy exists to show what it breaks. */
 void cowmm__set_naive(cowmm_t *mm, bool on)
 {
