@@ -1,0 +1,391 @@
+// SPDX-License-Identifier: MIT
+/*
+ * bench-cow: libcowmm snapshots against fork() and the kernel's own COW,
+ * side by side in one run.
+ *
+ * For each region size and page kind (4 KiB, THP):
+ *  1. pause: cowmm_snapshot() call to return, against fork() call to return
+ *     in the parent (the child exits at once), on a freshly populated region;
+ *  2. first-write cost while a snapshot (or a fork child) is alive: ns per
+ *     first write to a page, sequential and random order, p50/p99/p99.9,
+ *     against plain writes with no snapshot;
+ *  3. memory: extra memory while the snapshot (or child) is alive and K% of
+ *     the pages are rewritten: the growth of the proportional set size
+ *     (Pss) of this process, plus the child's for fork().
+ *
+ * Each figure is the median over --runs runs, with min and max; latency
+ * percentiles are pooled over the runs.  Output: CSV on stdout, one row per
+ * figure (bench,metric,size_mib,pages,method,order,median,min,max,unit,n).
+ *
+ * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
+ *                  [--kinds 4k,thp] [--quick]
+ */
+#include <err.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cowmm.h>
+
+#define PAGE 4096UL
+#define MAX_RUNS 64
+
+static double now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static double pct(double *v, size_t n, double p)
+{
+	size_t i = (size_t)(p / 100.0 * (double)(n - 1) + 0.5);
+
+	return v[i < n ? i : n - 1];
+}
+
+/*
+ * Proportional set size of a process, in kB: shared pages count once in
+ * total across the processes that share them, so parent + child after a
+ * fork() is the memory the two really use.
+ */
+static long pss_kb(pid_t pid)
+{
+	char path[64], line[128];
+	long kb = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/smaps_rollup", (int)pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "Pss: %ld kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb;
+}
+
+struct cfg {
+	unsigned long size_mib;
+	bool thp;
+	unsigned runs;
+	size_t sample;
+};
+
+static void row(const struct cfg *c, const char *metric, const char *method,
+		const char *order, double *v, unsigned n, const char *unit)
+{
+	qsort(v, n, sizeof(*v), cmp_double);
+	printf("cow,%s,%lu,%s,%s,%s,%.3f,%.3f,%.3f,%s,%u\n", metric,
+	       c->size_mib, c->thp ? "thp" : "4k", method, order, v[n / 2],
+	       v[0], v[n - 1], unit, n);
+	fflush(stdout);
+}
+
+static void pct_rows(const struct cfg *c, const char *method,
+		     const char *order, double *lat, size_t n)
+{
+	double p[4];
+	int i;
+
+	qsort(lat, n, sizeof(*lat), cmp_double);
+	p[0] = pct(lat, n, 50);
+	p[1] = pct(lat, n, 99);
+	p[2] = pct(lat, n, 99.9);
+	p[3] = lat[n - 1];
+	for (i = 0; i < 4; i++) {
+		static const char *names[] = { "write_p50", "write_p99",
+					       "write_p999", "write_max" };
+
+		printf("cow,%s,%lu,%s,%s,%s,%.0f,,,ns,%zu\n", names[i],
+		       c->size_mib, c->thp ? "thp" : "4k", method, order, p[i],
+		       n);
+	}
+	fflush(stdout);
+}
+
+/* Populate every page of a fresh mapping (or region). */
+static void populate(char *p, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < len; i += PAGE)
+		p[i] = (char)i | 1;
+}
+
+/* The order in which the sampled pages are first written. */
+static size_t *order_of(size_t npages, size_t sample, bool random)
+{
+	size_t *o = malloc(sample * sizeof(*o)), i, stride;
+	uint64_t x = 0x9e3779b97f4a7c15ULL;
+
+	if (!o)
+		err(1, "malloc");
+	stride = npages / sample ? npages / sample : 1;
+	for (i = 0; i < sample; i++)
+		o[i] = (i * stride) % npages;
+	if (random)
+		for (i = sample - 1; i > 0; i--) {
+			size_t j, t;
+
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			j = x % (i + 1);
+			t = o[i];
+			o[i] = o[j];
+			o[j] = t;
+		}
+	return o;
+}
+
+/* Time the first write to each sampled page; ns into @lat. */
+static void timed_writes(char *p, const size_t *o, size_t n, double *lat)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		double t0 = now_ns();
+
+		p[o[i] * PAGE + 64] = 1;
+		lat[i] = now_ns() - t0;
+	}
+}
+
+static char *map_plain(const struct cfg *c, size_t len)
+{
+	char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+	if (p == MAP_FAILED)
+		err(1, "mmap %zu", len);
+	madvise(p, len, c->thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+	return p;
+}
+
+static void bench_size(cowmm_t *mm, const struct cfg *c)
+{
+	size_t len = c->size_mib << 20, npages = len / PAGE;
+	size_t sample = c->sample < npages ? c->sample : npages;
+	double pause_c[MAX_RUNS], pause_f[MAX_RUNS];
+	double *lat[3][2];
+	static const char *methods[] = { "cowmm", "fork", "plain" };
+	static const int kpct[] = { 1, 10, 50, 100 };
+	int m, ord;
+	unsigned run, k;
+
+	for (m = 0; m < 3; m++)
+		for (ord = 0; ord < 2; ord++) {
+			lat[m][ord] = malloc(c->runs * sample * sizeof(double));
+			if (!lat[m][ord])
+				err(1, "malloc");
+		}
+
+	for (run = 0; run < c->runs; run++) {
+		for (ord = 0; ord < 2; ord++) {
+			size_t *o = order_of(npages, sample, ord);
+			double *dst;
+			cowmm_region_t *r;
+			cowmm_snap_t *s;
+			char *p;
+			pid_t pid;
+			int ret;
+
+			/* libcowmm: snapshot a freshly populated region. */
+			ret = cowmm_region_alloc(mm, len,
+						 c->thp ? COWMM_REGION_THP
+							: COWMM_REGION_NOTHP,
+						 &r);
+			if (ret)
+				errx(1, "cowmm_region_alloc: %s",
+				     cowmm_strerror(ret));
+			p = cowmm_region_base(r);
+			populate(p, len);
+			{
+				double t0 = now_ns();
+
+				ret = cowmm_snapshot(r, &s);
+				if (!ord)
+					pause_c[run] = (now_ns() - t0) / 1e6;
+			}
+			if (ret)
+				errx(1, "cowmm_snapshot: %s",
+				     cowmm_strerror(ret));
+			dst = lat[0][ord] + run * sample;
+			timed_writes(p, o, sample, dst);
+			cowmm_snap_release(s);
+			cowmm_region_release(r);
+
+			/* fork(): the child holds the old pages. */
+			p = map_plain(c, len);
+			populate(p, len);
+			{
+				double t0 = now_ns();
+
+				pid = fork();
+				if (pid == 0) {
+					pause();
+					_exit(0);
+				}
+				if (!ord)
+					pause_f[run] = (now_ns() - t0) / 1e6;
+			}
+			if (pid < 0)
+				err(1, "fork");
+			timed_writes(p, o, sample, lat[1][ord] + run * sample);
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+
+			/* Plain writes: no snapshot, writable PTEs. */
+			populate(p, len);
+			timed_writes(p, o, sample, lat[2][ord] + run * sample);
+			munmap(p, len);
+			free(o);
+		}
+	}
+	row(c, "pause_ms", "cowmm", "-", pause_c, c->runs, "ms");
+	row(c, "pause_ms", "fork", "-", pause_f, c->runs, "ms");
+	for (m = 0; m < 3; m++)
+		for (ord = 0; ord < 2; ord++)
+			pct_rows(c, methods[m], ord ? "random" : "seq",
+				 lat[m][ord], c->runs * sample);
+
+	/* Memory while a snapshot (child) lives and K% are rewritten. */
+	for (k = 0; k < sizeof(kpct) / sizeof(kpct[0]); k++) {
+		double extra_c[MAX_RUNS], extra_f[MAX_RUNS];
+		size_t every = 100 / kpct[k], pg;
+
+		for (run = 0; run < c->runs; run++) {
+			cowmm_region_t *r;
+			cowmm_snap_t *s;
+			long before;
+			char *p;
+			pid_t pid;
+
+			if (cowmm_region_alloc(mm, len,
+					       c->thp ? COWMM_REGION_THP
+						      : COWMM_REGION_NOTHP,
+					       &r))
+				errx(1, "cowmm_region_alloc");
+			p = cowmm_region_base(r);
+			populate(p, len);
+			before = pss_kb(getpid());
+			if (cowmm_snapshot(r, &s))
+				errx(1, "cowmm_snapshot");
+			for (pg = 0; pg < npages; pg += every)
+				p[pg * PAGE + 8] = 2;
+			extra_c[run] = (pss_kb(getpid()) - before) / 1024.0;
+			cowmm_snap_release(s);
+			cowmm_region_release(r);
+
+			p = map_plain(c, len);
+			populate(p, len);
+			before = pss_kb(getpid());
+			pid = fork();
+			if (pid == 0) {
+				pause();
+				_exit(0);
+			}
+			for (pg = 0; pg < npages; pg += every)
+				p[pg * PAGE + 8] = 2;
+			extra_f[run] = (pss_kb(getpid()) + pss_kb(pid) - before) /
+				       1024.0;
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+			munmap(p, len);
+		}
+		{
+			char metric[32];
+
+			snprintf(metric, sizeof(metric), "extra_mem_%dpct",
+				 kpct[k]);
+			row(c, metric, "cowmm", "-", extra_c, c->runs, "MiB");
+			row(c, metric, "fork", "-", extra_f, c->runs, "MiB");
+		}
+	}
+	for (m = 0; m < 3; m++)
+		for (ord = 0; ord < 2; ord++)
+			free(lat[m][ord]);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "sizes", required_argument, NULL, 's' },
+		{ "runs", required_argument, NULL, 'n' },
+		{ "sample", required_argument, NULL, 'p' },
+		{ "kinds", required_argument, NULL, 'k' },
+		{ "quick", no_argument, NULL, 'q' },
+		{ 0 },
+	};
+	char sizes[256] = "256,1024", kinds[32] = "4k,thp", *tok, *save;
+	struct cfg c = { .runs = 5, .sample = 16384 };
+	cowmm_t *mm;
+	int opt, ret;
+
+	while ((opt = getopt_long(argc, argv, "s:n:p:k:q", opts, NULL)) != -1) {
+		switch (opt) {
+		case 's':
+			snprintf(sizes, sizeof(sizes), "%s", optarg);
+			break;
+		case 'n':
+			c.runs = strtoul(optarg, NULL, 0);
+			break;
+		case 'p':
+			c.sample = strtoul(optarg, NULL, 0);
+			break;
+		case 'k':
+			snprintf(kinds, sizeof(kinds), "%s", optarg);
+			break;
+		case 'q':
+			snprintf(sizes, sizeof(sizes), "16");
+			c.runs = 1;
+			c.sample = 512;
+			break;
+		default:
+			fprintf(stderr, "usage: %s [--sizes MiB,...] [--runs N] "
+					"[--sample PAGES] [--kinds 4k,thp] "
+					"[--quick]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (!c.runs || c.runs > MAX_RUNS || !c.sample)
+		errx(2, "--runs 1..%d, --sample > 0", MAX_RUNS);
+	ret = cowmm_open(NULL, &mm);
+	if (ret)
+		errx(1, "cowmm_open: %s", cowmm_strerror(ret));
+	printf("bench,metric,size_mib,pages,method,order,median,min,max,unit,n\n");
+	for (tok = strtok_r(kinds, ",", &save); tok;
+	     tok = strtok_r(NULL, ",", &save)) {
+		char sz[256], *t2, *s2;
+
+		c.thp = !strcmp(tok, "thp");
+		snprintf(sz, sizeof(sz), "%s", sizes);
+		for (t2 = strtok_r(sz, ",", &s2); t2;
+		     t2 = strtok_r(NULL, ",", &s2)) {
+			c.size_mib = strtoul(t2, NULL, 0);
+			if (c.size_mib < 2)
+				errx(2, "sizes are MiB, at least 2");
+			bench_size(mm, &c);
+		}
+	}
+	cowmm_close(mm);
+	return 0;
+}

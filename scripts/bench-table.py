@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Turn bench-cow/bench-pin CSV into the Markdown tables the README quotes."""
+import csv
+import sys
+
+
+def main(path):
+    cow, pin, head = [], [], ""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#"):
+                head = line[1:].strip()
+                continue
+            if line.startswith("bench,"):
+                continue
+            row = next(csv.reader([line]))
+            (cow if row[0] == "cow" else pin).append(row)
+
+    print(f"Run: {head}\n")
+    sizes = sorted({(r[2], r[3]) for r in cow}, key=lambda s: (s[1], int(s[0])))
+    get = {(r[1], r[2], r[3], r[4], r[5]): r for r in cow}
+
+    def fig(metric, size, kind, method, order="-", col=6):
+        r = get.get((metric, size, kind, method, order))
+        return float(r[col]) if r else None
+
+    print("Snapshot pause (call to return; median, min–max):\n")
+    print("| region | libcowmm | fork() | fork / libcowmm |")
+    print("|---|---:|---:|---:|")
+    for size, kind in sizes:
+        c, f = fig("pause_ms", size, kind, "cowmm"), fig("pause_ms", size, kind, "fork")
+        cr = get[("pause_ms", size, kind, "cowmm", "-")]
+        fr = get[("pause_ms", size, kind, "fork", "-")]
+        print(f"| {size} MiB {kind} | {c:.2f} ms ({float(cr[7]):.2f}–{float(cr[8]):.2f}) "
+              f"| {f:.2f} ms ({float(fr[7]):.2f}–{float(fr[8]):.2f}) | {f / c:.1f}× |")
+
+    print("\nFirst write to a page while a snapshot (libcowmm) or a fork child "
+          "(kernel COW) holds the old bytes, ns (p50 / p99 / p99.9), against "
+          "a plain write:\n")
+    print("| region | order | libcowmm | kernel COW after fork() | plain write | libcowmm / kernel p50 |")
+    print("|---|---|---:|---:|---:|---:|")
+    for size, kind in sizes:
+        for order in ("seq", "random"):
+            cells = []
+            for m in ("cowmm", "fork", "plain"):
+                p = [fig(x, size, kind, m, order) for x in ("write_p50", "write_p99", "write_p999")]
+                cells.append(" / ".join(f"{v:,.0f}" for v in p))
+            ratio = fig("write_p50", size, kind, "cowmm", order) / fig("write_p50", size, kind, "fork", order)
+            print(f"| {size} MiB {kind} | {order} | {cells[0]} | {cells[1]} | {cells[2]} | {ratio:.1f}× |")
+
+    print("\nExtra memory while the snapshot or the fork child is alive and "
+          "K% of the pages are rewritten (Pss growth, MiB, median):\n")
+    print("| region | K | libcowmm | fork() |")
+    print("|---|---:|---:|---:|")
+    for size, kind in sizes:
+        for k in (1, 10, 50, 100):
+            m = f"extra_mem_{k}pct"
+            print(f"| {size} MiB {kind} | {k}% | {fig(m, size, kind, 'cowmm'):.1f} "
+                  f"| {fig(m, size, kind, 'fork'):.1f} |")
+
+    if pin:
+        print("\nEager copy of write-pinned pages at snapshot time (bench-pin):\n")
+        print("| write-pinned | snapshot (median) | extra per pinned MiB |")
+        print("|---:|---:|---:|")
+        per = {r[2]: r[3] for r in pin if r[1] == "eager_copy_ms_per_mib"}
+        for r in pin:
+            if r[1] == "snapshot_ms":
+                extra = f"{float(per[r[2]]):.2f} ms" if r[2] in per else ""
+                print(f"| {r[2]} MiB | {float(r[3]):.2f} ms | {extra} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
