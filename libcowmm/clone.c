@@ -88,7 +88,10 @@ int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 	urcu_bp_read_lock();
 	src = __atomic_load_n(&o->region, __ATOMIC_ACQUIRE);
 	if (src) {
-		pthread_mutex_lock(&src->lock);
+		if (cowmm__lock(&src->lock)) {
+			urcu_bp_read_unlock();
+			return -EAGAIN;
+		}
 		if (__atomic_load_n(&o->region, __ATOMIC_ACQUIRE) != src) {
 			pthread_mutex_unlock(&src->lock);
 			src = NULL;
@@ -112,6 +115,8 @@ int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 		data = cowmm__frame_data(f);
 	} else if (!f && src) {
 		ret = cowmm__region_read_page(src, pg, page, true);
+		if (ret == -EAGAIN)
+			goto out;
 		if (ret)
 			memset(page, 0, sizeof(page));
 	} else {

@@ -6,6 +6,7 @@
 #ifndef COWMM_I_H
 #define COWMM_I_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -102,13 +103,18 @@ struct cowmm_counters {
 struct cowmm_rtable {
 	struct rcu_head rcu;
 	size_t n;
-	struct cowmm_region *r[];
+	struct cowmm_rtable_ent {
+		uintptr_t base; /* a copy: the region may move (mremap) */
+		size_t len;
+		struct cowmm_region *r;
+	} e[];
 };
 
 struct cowmm {
 	uint32_t magic;
 	int uffd;
 	int stopfd; /* eventfd: workers exit when it is readable */
+	int pagemap; /* /proc/self/pagemap, to verify discarded pages */
 	uint64_t features;        /* negotiated with UFFDIO_API */
 	uint64_t kernel_features; /* offered by the running kernel */
 	unsigned long fork_gen;   /* cowmm__fork_gen() at open */
@@ -128,15 +134,36 @@ struct cowmm {
 
 	unsigned nworkers;
 	pthread_t *workers;
-	atomic_uint busy; /* workers between poll() and the end of a batch */
+	atomic_uint busy;     /* workers between poll() and the end of a batch */
+	atomic_uint deferred; /* messages workers hold for a busy lock */
+	atomic_uint remaps_pending; /* REMAP events read, not yet handled */
+	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
 
 unsigned long cowmm__fork_gen(void);
+
+/*
+ * Worker threads never block on a lock another thread may hold across a
+ * userfaultfd ioctl: while an event is pending every such ioctl fails with
+ * EAGAIN until a worker reads the event, so a blocked worker could wait
+ * forever.  A worker takes locks with cowmm__lock() and, on -EAGAIN, defers
+ * the message and goes on reading.  Other threads block as usual.
+ */
+extern __thread bool cowmm__in_worker;
+
+static inline int cowmm__lock(pthread_mutex_t *m)
+{
+	if (cowmm__in_worker)
+		return pthread_mutex_trylock(m) ? -EAGAIN : 0;
+	pthread_mutex_lock(m);
+	return 0;
+}
 void cowmm__quiesce(cowmm_t *mm); /* tests: wait for every queued fault */
 void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n); /* tests */
 int cowmm__check_mm(const cowmm_t *mm);
 void cowmm__bury(cowmm_t *mm, void *handle); /* mm->lock held */
 int cowmm__rtable_insert(cowmm_t *mm, struct cowmm_region *r);
+int cowmm__rtable_move(cowmm_t *mm, struct cowmm_region *r);
 void cowmm__rtable_remove(cowmm_t *mm, struct cowmm_region *r);
 struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr);
 
@@ -193,6 +220,7 @@ struct cowmm_region {
 	struct cowmm_snap *origin;
 	struct cowmm_snap *view_of;
 	unsigned long *present; /* clones and views: pages materialised */
+	unsigned long *holes;   /* pages the application unmapped */
 };
 
 static inline bool cowmm__test_bit(const unsigned long *map, size_t i)
@@ -208,6 +236,7 @@ static inline void cowmm__set_bit(unsigned long *map, size_t i)
 int cowmm__check_region(const cowmm_region_t *r);
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake);
 int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake);
+int cowmm__region_wp(cowmm_region_t *r, bool protect);
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe);
 int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
@@ -221,6 +250,11 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
+int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
+int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
+int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,
+		       size_t len);
+int cowmm__live_read(uintptr_t addr, void *dst, size_t len);
 void cowmm__region_release_all(cowmm_t *mm);
 
 /* ------------------------------------------------------------------------ */

@@ -5,11 +5,13 @@
  * region without a lock.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "cowmm_i.h"
@@ -17,15 +19,40 @@
 
 #define MSG_BATCH 64
 
+__thread bool cowmm__in_worker;
+
 /* ------------------------------------------------------------------------ */
 /* fork() detection: a counter the child side of every fork() increments. */
 
 static atomic_ulong fork_gen;
+static atomic_int self_pid;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static void on_fork_child(void)
 {
 	atomic_fetch_add_explicit(&fork_gen, 1, memory_order_relaxed);
+	atomic_store(&self_pid, 0);
+}
+
+/*
+ * Copy live memory of this process without ever taking SIGSEGV: the
+ * application may unmap a region behind the library's back (the UNMAP
+ * event comes after the fact).  Returns 0 or -EFAULT.
+ */
+int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
+{
+	struct iovec local = { dst, len }, remote = { (void *)addr, len };
+	pid_t pid = atomic_load_explicit(&self_pid, memory_order_relaxed);
+	ssize_t n;
+
+	if (!pid) {
+		pid = getpid();
+		atomic_store(&self_pid, pid);
+	}
+	n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+	if (n == (ssize_t)len)
+		return 0;
+	return n < 0 && errno != EFAULT ? -errno : -EFAULT;
 }
 
 static void atfork_register(void)
@@ -70,6 +97,7 @@ static void rtable_free_rcu(struct rcu_head *head)
 	free(caa_container_of(head, struct cowmm_rtable, rcu));
 }
 
+/* Publish a copy of the table with @add inserted and @del left out. */
 static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 			  struct cowmm_region *del)
 {
@@ -77,25 +105,35 @@ static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 	size_t n = old ? old->n : 0, i, j = 0;
 	bool added = false;
 
-	t = malloc(sizeof(*t) + (n + 1) * sizeof(t->r[0]));
+	t = malloc(sizeof(*t) + (n + 1) * sizeof(t->e[0]));
 	if (!t)
 		return -ENOMEM;
 	for (i = 0; i < n; i++) {
-		if (old->r[i] == del)
+		if (old->e[i].r == del)
 			continue;
-		if (add && !added && add->base < old->r[i]->base) {
-			t->r[j++] = add;
+		if (add && !added && add->base < old->e[i].base) {
+			t->e[j++] = (struct cowmm_rtable_ent){ add->base,
+							       add->len, add };
 			added = true;
 		}
-		t->r[j++] = old->r[i];
+		t->e[j++] = old->e[i];
 	}
 	if (add && !added)
-		t->r[j++] = add;
+		t->e[j++] = (struct cowmm_rtable_ent){ add->base, add->len, add };
 	t->n = j;
 	__atomic_store_n(&mm->rtable, t, __ATOMIC_RELEASE); /* publish */
 	if (old)
 		urcu_bp_call_rcu(&old->rcu, rtable_free_rcu);
 	return 0;
+}
+
+/*
+ * @r moved (mremap): index it at its new base.  Serialised with the other
+ * table changes by mm->lock, which a worker holds here.
+ */
+int cowmm__rtable_move(cowmm_t *mm, struct cowmm_region *r)
+{
+	return rtable_replace(mm, r, r);
 }
 
 /* Call with mm->lock held. */
@@ -127,14 +165,14 @@ struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr)
 	hi = t->n;
 	while (lo < hi) {
 		size_t mid = lo + (hi - lo) / 2;
-		struct cowmm_region *r = t->r[mid];
+		const struct cowmm_rtable_ent *e = &t->e[mid];
 
-		if (addr < r->base)
+		if (addr < e->base)
 			hi = mid;
-		else if (addr - r->base >= r->len)
+		else if (addr - e->base >= e->len)
 			lo = mid + 1;
 		else
-			return r;
+			return e->r;
 	}
 	return NULL;
 }
@@ -142,16 +180,44 @@ struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr)
 /* ------------------------------------------------------------------------ */
 /* Workers */
 
+/*
+ * A fault at an address no region holds (any more): its region was released
+ * and unregistered, or the application moved the memory away.  Resolve it
+ * as plain memory so that the thread never waits forever.
+ */
+static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
+{
+	int ret;
+
+	/*
+	 * While a REMAP event is read but not yet handled, this may be a
+	 * region at its new address: wait for the table to follow.
+	 */
+	if (atomic_load(&mm->remaps_pending))
+		return -EAGAIN;
+	ret = wp ? cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake)
+		 : cowmm__uffd_zeropage(mm->uffd, addr, COWMM_PAGE_SIZE, wake);
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret && ret != -EEXIST && ret != -ENOENT) {
+		cowmm__uffd_wake(mm->uffd, addr, COWMM_PAGE_SIZE);
+		return 0;
+	}
+	return wake && !ret ? 0 : 1; /* the caller wakes */
+}
+
 static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
 {
 	struct cowmm_region *r;
-	int ret = -ENOENT;
+	int ret;
 
 	urcu_bp_read_lock();
 	r = cowmm__region_lookup(mm, addr);
 	if (r)
 		ret = wp ? cowmm__region_fault_wp(r, addr, wake)
 			 : cowmm__region_fault_missing(r, addr, wake);
+	else
+		ret = fault_stray(mm, addr, wp, wake);
 	urcu_bp_read_unlock();
 	return ret;
 }
@@ -163,32 +229,95 @@ static int cmp_addr(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-/*
- * Resolve a batch of messages.  Protection is cleared page by page without
- * waking; the blocked threads are then woken once per run of adjacent
- * pages.  A batch of one clears and wakes in a single ioctl.
- */
-static void dispatch(cowmm_t *mm, const struct uffd_msg *msg, size_t n)
+/* Messages a worker could not resolve yet (a lock was busy). */
+struct deferred {
+	struct uffd_msg *msg;
+	size_t n, cap;
+};
+
+static void defer(cowmm_t *mm, struct deferred *d, const struct uffd_msg *m)
 {
-	uintptr_t wake[MSG_BATCH];
-	size_t i, nwake = 0;
+	while (d->n == d->cap) {
+		size_t cap = d->cap ? 2 * d->cap : 64;
+		struct uffd_msg *p = realloc(d->msg, cap * sizeof(*p));
 
-	for (i = 0; i < n; i++) {
-		const struct uffd_msg *m = &msg[i];
-		uintptr_t addr;
-
-		if (m->event != UFFD_EVENT_PAGEFAULT) {
-			cowmm__log(COWMM_LOG_DEBUG, "ignoring uffd event %#x",
-				   m->event);
+		if (!p) { /* a message dropped is a thread stuck for good */
+			usleep(1000);
 			continue;
 		}
-		addr = m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1);
-		if (fault(mm, addr, m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
-			  n == 1) > 0)
-			wake[nwake++] = addr;
+		d->msg = p;
+		d->cap = cap;
 	}
-	if (!nwake)
+	d->msg[d->n++] = *m;
+	atomic_fetch_add(&mm->deferred, 1);
+}
+
+/* Resolve one message; -EAGAIN: try again later. */
+static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
+{
+	switch (m->event) {
+	case UFFD_EVENT_PAGEFAULT:
+		return fault(mm, m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1),
+			     m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
+			     wake);
+	case UFFD_EVENT_REMOVE:
+		return cowmm__event_remove(mm, m->arg.remove.start,
+					   m->arg.remove.end);
+	case UFFD_EVENT_UNMAP:
+		return cowmm__event_unmap(mm, m->arg.remove.start,
+					  m->arg.remove.end);
+	case UFFD_EVENT_REMAP: {
+		int ret = cowmm__event_remap(mm, m->arg.remap.from,
+					     m->arg.remap.to, m->arg.remap.len);
+
+		if (ret != -EAGAIN)
+			atomic_fetch_sub(&mm->remaps_pending, 1);
+		return ret;
+	}
+	default:
+		cowmm__log(COWMM_LOG_DEBUG, "ignoring uffd event %#x",
+			   m->event);
+		return 0;
+	}
+}
+
+/*
+ * Resolve the messages deferred earlier, then a new batch.  Protection is
+ * cleared page by page without waking; the blocked threads are then woken
+ * once per run of adjacent pages.  A lone fault clears and wakes in a
+ * single ioctl.
+ */
+static void dispatch(cowmm_t *mm, struct deferred *d,
+		     const struct uffd_msg *msg, size_t n)
+{
+	uintptr_t *wake = malloc((n + d->n) * sizeof(*wake));
+	size_t old = d->n, i, nwake = 0, total = n + old;
+	struct uffd_msg *again = d->msg;
+
+	d->msg = NULL;
+	d->n = d->cap = 0;
+	atomic_fetch_sub(&mm->deferred, old);
+	for (i = 0; i < total; i++) {
+		const struct uffd_msg *m = i < old ? &again[i] : &msg[i - old];
+		bool lone = total == 1 || !wake;
+		int ret = handle(mm, m, lone);
+
+		if (ret == -EAGAIN)
+			defer(mm, d, m);
+		else if (ret > 0 && wake)
+			wake[nwake++] = m->arg.pagefault.address &
+					~(COWMM_PAGE_SIZE - 1);
+		else if (ret > 0)
+			cowmm__uffd_wake(mm->uffd,
+					 m->arg.pagefault.address &
+						 ~(COWMM_PAGE_SIZE - 1),
+					 COWMM_PAGE_SIZE);
+	}
+	free(again);
+	if (!nwake) {
+		free(wake);
 		return;
+	}
 	qsort(wake, nwake, sizeof(wake[0]), cmp_addr);
 	for (i = 0; i < nwake;) {
 		uintptr_t start = wake[i], end = start + COWMM_PAGE_SIZE;
@@ -197,21 +326,25 @@ static void dispatch(cowmm_t *mm, const struct uffd_msg *msg, size_t n)
 			end = wake[i] + COWMM_PAGE_SIZE;
 		cowmm__uffd_wake(mm->uffd, start, end - start);
 	}
+	free(wake);
 }
 
 static void *worker_main(void *arg)
 {
 	cowmm_t *mm = arg;
 	struct uffd_msg msg[MSG_BATCH];
+	struct deferred d = { 0 };
 	struct pollfd pfd[2] = {
 		{ .fd = mm->uffd, .events = POLLIN },
 		{ .fd = mm->stopfd, .events = POLLIN },
 	};
 
+	cowmm__in_worker = true;
 	for (;;) {
-		ssize_t n;
+		ssize_t n = 0;
 
-		if (poll(pfd, 2, -1) < 0) {
+		/* With messages deferred, look again within a millisecond. */
+		if (poll(pfd, 2, d.n ? 1 : -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			cowmm__log(COWMM_LOG_ERR, "worker: poll: %s",
@@ -225,9 +358,22 @@ static void *worker_main(void *arg)
 			break;
 		}
 		atomic_fetch_add(&mm->busy, 1);
-		n = read(mm->uffd, msg, sizeof(msg));
-		if (n > 0)
-			dispatch(mm, msg, (size_t)n / sizeof(msg[0]));
+		if (pfd[0].revents & POLLIN) {
+			/*
+			 * Count the REMAP events of a batch before any worker
+			 * can read a later message: a fault at a moved
+			 * region's new address must not look stray.
+			 */
+			pthread_mutex_lock(&mm->read_lock);
+			n = read(mm->uffd, msg, sizeof(msg));
+			for (ssize_t i = 0; i < n / (ssize_t)sizeof(msg[0]); i++)
+				if (msg[i].event == UFFD_EVENT_REMAP)
+					atomic_fetch_add(&mm->remaps_pending, 1);
+			pthread_mutex_unlock(&mm->read_lock);
+		}
+		if (n > 0 || d.n)
+			dispatch(mm, &d, msg, n > 0 ? (size_t)n / sizeof(msg[0])
+						    : 0);
 		atomic_fetch_sub(&mm->busy, 1);
 		if (n < 0 && errno != EAGAIN && errno != EINTR) {
 			cowmm__log(COWMM_LOG_ERR, "worker: read: %s",
@@ -235,6 +381,8 @@ static void *worker_main(void *arg)
 			break;
 		}
 	}
+	atomic_fetch_sub(&mm->deferred, d.n);
+	free(d.msg);
 	urcu_bp_unregister_thread();
 	return NULL;
 }
@@ -341,7 +489,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	mm->flags = cfg.flags;
 	mm->fault_around = cfg.fault_around ? cfg.fault_around : 1;
 	mm->nworkers = cfg.workers ? cfg.workers : 1;
-	mm->uffd = mm->stopfd = -1;
+	mm->uffd = mm->stopfd = mm->pagemap = -1;
 
 	ret = cowmm__uffd_probe(&mm->kernel_features);
 	if (ret == -EPERM)
@@ -369,11 +517,17 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		ret = -errno;
 		goto err_close;
 	}
+	mm->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (mm->pagemap < 0) {
+		ret = -errno;
+		goto err_close;
+	}
 	ret = pthread_mutex_init(&mm->lock, NULL);
 	if (ret) {
 		ret = -ret;
 		goto err_close;
 	}
+	pthread_mutex_init(&mm->read_lock, NULL);
 	ret = cowmm__frame_pool_init(&mm->pool, &mm->cnt.frames_live);
 	if (ret)
 		goto err_mutex;
@@ -388,6 +542,8 @@ err_pool:
 err_mutex:
 	pthread_mutex_destroy(&mm->lock);
 err_close:
+	if (mm->pagemap >= 0)
+		close(mm->pagemap);
 	if (mm->stopfd >= 0)
 		close(mm->stopfd);
 	close(mm->uffd);
@@ -407,6 +563,7 @@ void cowmm_close(cowmm_t *mm)
 	free(mm->workers);
 	close(mm->uffd);
 	close(mm->stopfd);
+	close(mm->pagemap);
 
 	/* Every frame and table freed through call_rcu is back. */
 	urcu_bp_barrier();
@@ -415,6 +572,7 @@ void cowmm_close(cowmm_t *mm)
 	for (i = 0; i < COWMM_GRAVEYARD; i++)
 		free(mm->graveyard[i]);
 	pthread_mutex_destroy(&mm->lock);
+	pthread_mutex_destroy(&mm->read_lock);
 	mm->magic = COWMM_MAGIC_DEAD;
 	free(mm);
 }
@@ -459,7 +617,8 @@ void cowmm__quiesce(cowmm_t *mm)
 
 	for (;;) {
 		pfd.revents = 0;
-		if (poll(&pfd, 1, 0) == 0 && atomic_load(&mm->busy) == 0)
+		if (poll(&pfd, 1, 0) == 0 && atomic_load(&mm->busy) == 0 &&
+		    atomic_load(&mm->deferred) == 0)
 			return;
 		usleep(100);
 	}

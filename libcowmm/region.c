@@ -346,8 +346,14 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 							     "for a frame");
 			return -ENOMEM;
 		}
-		if (cowmm__region_read_page(r, pg, cowmm__frame_data(f),
-					    false)) {
+		int err = cowmm__region_read_page(r, pg, cowmm__frame_data(f),
+						  false);
+
+		if (err == -EAGAIN) {
+			cowmm__frame_free_now(f);
+			return err;
+		}
+		if (err) {
 			cowmm__frame_free_now(f);
 			for (s = r->snaps; s && s->epoch > w; s = s->next)
 				if (!cowmm__fmap_get(&s->frames, pg))
@@ -376,6 +382,47 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 }
 
 /*
+ * Copy a page a snapshot still shares, which is write-protected: present,
+ * or never populated (a uffd-wp marker, zero without being touched when
+ * @probe).  The pagemap entry is read before and after the copy; a page
+ * that lost its protection or its frame meanwhile was discarded under us
+ * (MADV_DONTNEED racing with this copy): -EIO, never its new bytes.
+ */
+static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
+			 bool probe)
+{
+	uint64_t e1, e2;
+	int tries;
+
+	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
+		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
+	if (!(e1 & PM_UFFD_WP))
+		return -EIO;
+	if (!(e1 & PM_PRESENT) && probe) {
+		struct sysinfo si;
+
+		/* With swap, a marker and a swapped page look alike. */
+		if (sysinfo(&si) == 0 && !si.totalswap) {
+			memset(dst, 0, COWMM_PAGE_SIZE);
+			return 0;
+		}
+	}
+	for (tries = 0; tries < 3; tries++) {
+		if (cowmm__live_read(addr, dst, COWMM_PAGE_SIZE) ||
+		    cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e2))
+			return -EIO;
+		if (!(e2 & PM_UFFD_WP) ||
+		    ((e1 & PM_PRESENT) && !(e2 & PM_PRESENT)))
+			return -EIO;
+		if (!(e1 & PM_PRESENT) ||
+		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
+			return 0;
+		e1 = e2; /* still protected, but migrated: copy again */
+	}
+	return -EIO;
+}
+
+/*
  * The current content of page @pg of @r, into @dst, without ever touching
  * memory that would fault into the library: a clone's page not yet
  * materialised is read from its origin, and one discarded since reads as
@@ -390,16 +437,21 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
 	unsigned char vec;
 
-	if (r->origin && !cowmm__test_bit(r->present, pg))
-		return cowmm__snap_page(r->origin, pg, dst);
-	/* A clone's page that is not there was discarded: always probe. */
-	if ((probe || r->present) && !cowmm__resident(addr, 1, &vec) &&
-	    !vec) {
-		memset(dst, 0, COWMM_PAGE_SIZE);
+	if (r->holes && cowmm__test_bit(r->holes, pg)) {
+		memset(dst, 0, COWMM_PAGE_SIZE); /* unmapped: left the region */
 		return 0;
 	}
-	memcpy(dst, (void *)addr, COWMM_PAGE_SIZE);
-	return 0;
+	if (r->origin && !cowmm__test_bit(r->present, pg))
+		return cowmm__snap_page(r->origin, pg, dst);
+	if (r->present) {
+		/* A clone's page that is not there was discarded. */
+		if (!cowmm__resident(addr, 1, &vec) && !vec) {
+			memset(dst, 0, COWMM_PAGE_SIZE);
+			return 0;
+		}
+		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
+	}
+	return read_verified(r, addr, dst, probe);
 }
 
 /*
@@ -411,15 +463,21 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 {
 	cowmm_t *mm = r->mm;
-	size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+	size_t pg;
 	int ret;
 
-	pthread_mutex_lock(&r->lock);
+	if (cowmm__lock(&r->lock))
+		return -EAGAIN;
 	if (r->dying) {
 		pthread_mutex_unlock(&r->lock);
 		return -ENOENT;
 	}
-	cowmm__count(mm, wp_faults, 1);
+	if (addr - r->base >= r->len) {
+		/* Found at its old address: the region moved meanwhile. */
+		pthread_mutex_unlock(&r->lock);
+		return 1;
+	}
+	pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 	if (r->wgen[pg] == r->epoch) {
 		/*
 		 * Nothing to preserve: another thread's fault on this page
@@ -427,16 +485,23 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 		 * copy was taken eagerly.
 		 */
 		cowmm__count(mm, reuses, 1);
-	} else if (cowmm__preserve_locked(r, pg, false, &mm->cnt.copies) > 0) {
-		if (cowmm__unlikely(mm->naive))
-			cowmm__naive_replace(r, pg);
 	} else {
-		/* No snapshot needed it (or the needers are now broken). */
-		cowmm__count(mm, reuses, 1);
+		ret = cowmm__preserve_locked(r, pg, false, &mm->cnt.copies);
+		if (ret == -EAGAIN) { /* a clone's origin is busy */
+			pthread_mutex_unlock(&r->lock);
+			return ret;
+		}
+		if (ret > 0 && cowmm__unlikely(mm->naive))
+			cowmm__naive_replace(r, pg);
+		else if (ret <= 0) /* not needed, or the needers are broken */
+			cowmm__count(mm, reuses, 1);
 	}
+	cowmm__count(mm, wp_faults, 1);
 	r->wgen[pg] = r->epoch;
 	ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake);
 	pthread_mutex_unlock(&r->lock);
+	if (ret == -EAGAIN) /* retried later: the page is no longer needed */
+		return ret;
 	if (ret) {
 		cowmm__log(COWMM_LOG_ERR, "clearing write protection at %#lx: %s",
 			   (unsigned long)addr, strerror(-ret));
@@ -453,24 +518,39 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
  */
 int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 {
-	size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+	size_t pg;
 	int ret;
 
-	pthread_mutex_lock(&r->lock);
+	if (cowmm__lock(&r->lock))
+		return -EAGAIN;
 	if (r->dying || !r->present) {
 		pthread_mutex_unlock(&r->lock);
 		return -ENOENT;
 	}
+	if (addr - r->base >= r->len) {
+		pthread_mutex_unlock(&r->lock);
+		return 1; /* the region moved meanwhile */
+	}
+	pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 	cowmm__count(r->mm, missing_faults, 1);
 	if (cowmm__test_bit(r->present, pg))
-		ret = cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
-					   wake);
+		/* Discarded after it was filled: zero, protected if shared. */
+		ret = cowmm__shared_locked(r, pg)
+			      ? cowmm__uffd_copy(r->mm->uffd, addr,
+						 cowmm__frame_data(
+							 &cowmm__zero_frame),
+						 COWMM_PAGE_SIZE, true, wake)
+			      : cowmm__uffd_zeropage(r->mm->uffd, addr,
+						     COWMM_PAGE_SIZE, wake);
 	else if (r->origin)
 		ret = cowmm__clone_fill(r, pg, wake);
 	else
 		ret = cowmm__view_fill(r, pg, wake);
-	cowmm__set_bit(r->present, pg);
+	if (!ret || ret == -EEXIST)
+		cowmm__set_bit(r->present, pg);
 	pthread_mutex_unlock(&r->lock);
+	if (ret == -EAGAIN)
+		return ret;
 	if (ret == -EEXIST) /* another fault on this page filled it */
 		return 1;
 	if (ret) {
@@ -540,12 +620,67 @@ static int detach_snapshots(cowmm_region_t *r)
 	return ret;
 }
 
+/*
+ * Call @fn on each run of the region's pages that the application has not
+ * unmapped (something else may live in a hole now).  Returns the first
+ * error.
+ */
+static int for_runs(cowmm_region_t *r, int (*fn)(cowmm_region_t *, uintptr_t,
+						 size_t, bool),
+		    bool arg)
+{
+	size_t pg = 0, run;
+	int ret = 0, err;
+
+	if (!r->holes)
+		return fn(r, r->base, r->len, arg);
+	while (pg < r->npages) {
+		for (run = 0; pg + run < r->npages &&
+			      !cowmm__test_bit(r->holes, pg + run);
+		     run++)
+			;
+		if (run) {
+			err = fn(r, r->base + (pg << COWMM_PAGE_SHIFT),
+				 run << COWMM_PAGE_SHIFT, arg);
+			if (err && !ret)
+				ret = err;
+		}
+		pg += run + 1;
+	}
+	return ret;
+}
+
+static int run_unmap(cowmm_region_t *r, uintptr_t start, size_t len, bool a)
+{
+	(void)r;
+	(void)a;
+	return munmap((void *)start, len) ? -errno : 0;
+}
+
+static int run_wp(cowmm_region_t *r, uintptr_t start, size_t len, bool wp)
+{
+	return cowmm__uffd_wp(r->mm->uffd, start, len, wp, false);
+}
+
+/* Protect (or unprotect) every page of @r that is still mapped. */
+int cowmm__region_wp(cowmm_region_t *r, bool protect)
+{
+	return for_runs(r, run_wp, protect);
+}
+
+/* Unmap memory the library mapped, but not the application's holes. */
+static void unmap_own(cowmm_region_t *r)
+{
+	for_runs(r, run_unmap, false);
+}
+
 /* The region's own memory: page state, bitmap, pins, lock. */
 static void region_free(cowmm_region_t *r)
 {
 	munmap(r->wgen, r->npages * sizeof(*r->wgen));
 	if (r->present)
 		munmap(r->present, bitmap_bytes(r->npages));
+	free(r->holes);
 	cowmm__pins_fini(&r->pins);
 	pthread_mutex_destroy(&r->lock);
 }
@@ -574,11 +709,11 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 	urcu_bp_synchronize_rcu();
 
 	/* Unprotect, unregister, and wake whoever blocked meanwhile. */
-	cowmm__uffd_wp(mm->uffd, r->base, r->len, false, false);
+	cowmm__region_wp(r, false);
 	cowmm__uffd_unregister(mm->uffd, r->base, r->len);
 	cowmm__uffd_wake(mm->uffd, r->base, r->len);
 	if (!r->adopted)
-		munmap((void *)r->base, r->len);
+		unmap_own(r);
 	region_free(r);
 	atomic_fetch_sub_explicit(&mm->cnt.regions_live, 1,
 				  memory_order_relaxed);

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
 
 #include "cowmm_i.h"
 #include "uffd.h"
@@ -95,7 +97,7 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 * Protect every page, unpopulated ones included.  Faults wait on
 	 * r->lock meanwhile; once it is dropped, each sees this snapshot.
 	 */
-	ret = cowmm__uffd_wp(mm->uffd, r->base, r->len, true, false);
+	ret = cowmm__region_wp(r, true);
 	if (ret)
 		goto err_unlock;
 	s->epoch = ++r->epoch;
@@ -140,7 +142,8 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
  * The content of page @pg of @s into @dst, under the lock of the region it
  * was taken of: the slow path that never touches memory faulting into the
  * library.  Call with no lock of an ancestor of that region held.
- * Returns 0, or -EIO when the content is lost (a broken snapshot).
+ * Returns 0, -EIO when the content is lost (a broken snapshot), or
+ * -EAGAIN in a worker when the region's lock is busy.
  */
 int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst)
 {
@@ -151,7 +154,10 @@ int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst)
 	urcu_bp_read_lock();
 	r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
 	if (r) {
-		pthread_mutex_lock(&r->lock);
+		if (cowmm__lock(&r->lock)) {
+			urcu_bp_read_unlock();
+			return -EAGAIN; /* a worker: retried later */
+		}
 		if (__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) != r) {
 			pthread_mutex_unlock(&r->lock); /* detached meanwhile */
 			r = NULL;
@@ -176,52 +182,103 @@ size_t cowmm_snap_size(const cowmm_snap_t *s)
 }
 
 /*
- * Copy @n bytes at @in of page @pg of @s into @dst.  @resident is false when
- * the live page was never populated (it then reads as zero without being
- * touched).  Call inside an RCU read section.
+ * Page @pg of @s changed behind the library's back while @s still shared it
+ * (discarded by MADV_DONTNEED, say): the REMOVE event is being handled.
+ * Wait until it has preserved the page or broken the snapshot.  Called in
+ * an RCU read section, which it leaves while it sleeps.
+ */
+static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
+{
+	struct cowmm_frame *f;
+	int i;
+
+	for (i = 0; i < 20000; i++) { /* 2 s: the event is already read */
+		f = cowmm__fmap_get(&s->frames, pg);
+		if (f || __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
+			return f;
+		urcu_bp_read_unlock();
+		usleep(100);
+		urcu_bp_read_lock();
+	}
+	return NULL;
+}
+
+/*
+ * Copy @n bytes at @in of page @pg of @s into @dst.  @e is the page's
+ * pagemap entry, read before: a page the snapshot still shares is always
+ * write-protected, present or never populated (a uffd-wp marker, which
+ * reads as zero without being touched).  A page without the uffd-wp bit, or
+ * one that lost it while it was copied, was discarded under the snapshot.
+ * Call inside an RCU read section.
  */
 static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
-		     bool resident, char *dst)
+		     uint64_t e, bool swap, char *dst)
 {
 	struct cowmm_frame *f = cowmm__fmap_get(&s->frames, pg);
-	cowmm_region_t *r;
+	cowmm_region_t *r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
 
-	if (!f) {
-		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
-		if (r && r->origin && !resident) {
-			/* A clone's page may still be its origin's. */
-			unsigned char page[COWMM_PAGE_SIZE];
-			int ret = cowmm__snap_page(s, pg, page);
+	if (!f && r && r->origin && !(e & PM_PRESENT)) {
+		/* A clone's page may still be its origin's. */
+		unsigned char page[COWMM_PAGE_SIZE];
+		int ret = cowmm__snap_page(s, pg, page);
 
-			memcpy(dst, page + in, n);
-			return ret;
-		}
-		if (r) {
-			if (resident)
-				memcpy(dst,
-				       (const char *)s->base +
-					       (pg << COWMM_PAGE_SHIFT) + in,
-				       n);
-			else
-				memset(dst, 0, n);
-			/* Our loads of the live page come before this one. */
-			atomic_thread_fence(memory_order_acquire);
-		}
-		f = cowmm__fmap_get(&s->frames, pg);
-		if (!f)
-			/* Unchanged since taken, or detached without it. */
-			return __atomic_load_n(&s->region, __ATOMIC_ACQUIRE)
-				       ? 0
-				       : -EIO;
+		memcpy(dst, page + in, n);
+		return ret;
 	}
+	if (!f && r) {
+		uintptr_t addr = __atomic_load_n(&s->base, __ATOMIC_ACQUIRE) +
+				 (pg << COWMM_PAGE_SHIFT);
+		uint64_t e2;
+
+		if (r->holes && cowmm__test_bit(r->holes, pg)) {
+			memset(dst, 0, n); /* unmapped: left the region */
+		} else if (!(e & PM_UFFD_WP)) {
+			f = wait_event(s, pg);
+			if (!f)
+				return -EIO;
+		} else if (!(e & PM_PRESENT) && !swap) {
+			memset(dst, 0, n); /* never populated */
+		} else {
+			int tries;
+
+			for (tries = 0; tries < 3; tries++) {
+				if (cowmm__live_read(addr + in, dst, n))
+					e2 = 0; /* unmapped behind our back */
+				else if (cowmm__pagemap_read(s->mm->pagemap,
+							     addr, 1, &e2))
+					e2 = e;
+				/* Our loads of the live page come first. */
+				atomic_thread_fence(memory_order_acquire);
+				f = cowmm__fmap_get(&s->frames, pg);
+				if (f || !(e2 & PM_UFFD_WP) ||
+				    (e & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
+					break;
+				e = e2; /* protected but migrated: again */
+			}
+			if (!f && (!(e2 & PM_UFFD_WP) ||
+				   (e & PM_PFN_MASK) != (e2 & PM_PFN_MASK))) {
+				f = wait_event(s, pg);
+				if (!f)
+					return -EIO;
+			}
+		}
+		if (!f)
+			f = cowmm__fmap_get(&s->frames, pg);
+		if (!f)
+			return 0; /* unchanged since taken */
+	}
+	if (!f)
+		return -EIO; /* detached without it: broken */
 	memcpy(dst, (const char *)cowmm__frame_data(f) + in, n);
 	return 0;
 }
 
 ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
-	unsigned char resident[READ_BATCH];
+	uint64_t entry[READ_BATCH];
+	struct sysinfo si;
 	size_t done = 0;
+	bool swap;
 	int ret = cowmm__check_snap(s);
 
 	if (ret)
@@ -234,6 +291,8 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		return 0;
 	if (len > s->len - off)
 		len = s->len - off;
+	/* With swap, a marker and a swapped-out page look alike. */
+	swap = sysinfo(&si) < 0 || si.totalswap;
 
 	urcu_bp_read_lock();
 	while (done < len && !ret) {
@@ -243,16 +302,20 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		if (np > READ_BATCH)
 			np = READ_BATCH;
 		if (!__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) ||
-		    cowmm__resident(s->base + (pg0 << COWMM_PAGE_SHIFT), np,
-				    resident))
-			memset(resident, 1, np);
+		    cowmm__pagemap_read(s->mm->pagemap,
+					__atomic_load_n(&s->base,
+							__ATOMIC_ACQUIRE) +
+						(pg0 << COWMM_PAGE_SHIFT),
+					np, entry))
+			for (i = 0; i < np; i++)
+				entry[i] = PM_PRESENT | PM_UFFD_WP;
 		for (i = 0; i < np && done < len && !ret; i++) {
 			size_t in = (off + done) & (COWMM_PAGE_SIZE - 1);
 			size_t n = COWMM_PAGE_SIZE - in;
 
 			if (n > len - done)
 				n = len - done;
-			ret = read_page(s, pg0 + i, in, n, resident[i],
+			ret = read_page(s, pg0 + i, in, n, entry[i], swap,
 					(char *)buf + done);
 			done += n;
 		}
@@ -362,7 +425,11 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
 	unsigned char page[COWMM_PAGE_SIZE]
 		__attribute__((aligned(COWMM_PAGE_SIZE)));
 
-	if (cowmm__snap_page(v->view_of, pg, page))
+	int ret = cowmm__snap_page(v->view_of, pg, page);
+
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret)
 		memset(page, 0, sizeof(page)); /* broken: reads say -EIO */
 	return cowmm__uffd_copy(v->mm->uffd,
 				v->base + (pg << COWMM_PAGE_SHIFT), page,
@@ -406,7 +473,7 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 		goto out_mm;
 	}
 	pthread_mutex_lock(&r->lock);
-	ret = cowmm__uffd_wp(mm->uffd, r->base, r->len, true, false);
+	ret = cowmm__region_wp(r, true);
 	if (ret)
 		goto out;
 	for (pg = 0; pg < r->npages; pg++) {

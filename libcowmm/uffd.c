@@ -9,6 +9,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "cowmm_i.h"
 #include "uffd.h"
 
 /*
@@ -83,6 +84,9 @@ static int uffd_ioctl(int fd, unsigned long req, void *arg)
 			return 0;
 		if (errno != EAGAIN)
 			return -errno;
+		/* A worker must go and read the event that causes it. */
+		if (cowmm__in_worker)
+			return -EAGAIN;
 		sched_yield();
 	}
 }
@@ -147,14 +151,30 @@ int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
 	return uffd_ioctl(fd, UFFDIO_COPY, &copy);
 }
 
+/*
+ * Map zeros at @dst (a missing PTE).  UFFDIO_ZEROPAGE refuses a PTE that
+ * holds a uffd-wp marker (-EEXIST, where UFFDIO_COPY accepts it), which
+ * would leave the faulting thread looping: then a zeroed page is copied.
+ */
 int cowmm__uffd_zeropage(int fd, uintptr_t dst, size_t len, bool wake)
 {
+	static const unsigned char zero[4096] __attribute__((aligned(4096)));
 	struct uffdio_zeropage zp = {
 		.range = { .start = dst, .len = len },
 		.mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE,
 	};
+	int ret = uffd_ioctl(fd, UFFDIO_ZEROPAGE, &zp);
+	size_t off;
 
-	return uffd_ioctl(fd, UFFDIO_ZEROPAGE, &zp);
+	for (off = 0; ret == -EEXIST && off < len; off += sizeof(zero)) {
+		ret = cowmm__uffd_copy(fd, dst + off, zero, sizeof(zero), false,
+				       wake);
+		if (ret == -EEXIST && len == sizeof(zero))
+			break; /* really there: another fault filled it */
+		if (ret == -EEXIST)
+			ret = 0;
+	}
+	return ret;
 }
 
 /*

@@ -99,7 +99,9 @@ _Static_assert(sizeof(struct page_region) == 24, "page_region ABI");
 /* The features a manager asks for when the kernel has them. */
 #define COWMM_UFFD_WANTED                                                      \
 	(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED |        \
-	 UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MOVE)
+	 UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MOVE |                          \
+	 UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP |                \
+	 UFFD_FEATURE_EVENT_REMAP)
 /* Without these a manager cannot work at all. */
 #define COWMM_UFFD_REQUIRED UFFD_FEATURE_PAGEFAULT_FLAG_WP
 

@@ -24,6 +24,16 @@
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 #endif
 
+/*
+ * Under a sanitizer the allocator keeps freed memory (ASan's quarantine,
+ * TSan's own allocator): RSS says nothing there, frames_live still does.
+ */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define T_SANITIZED 1
+#else
+#define T_SANITIZED 0
+#endif
+
 enum t_needs {
 	T_NEEDS_ROOT = 1u << 0, /* physical frame numbers, setuid */
 };

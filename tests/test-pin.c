@@ -26,7 +26,12 @@
 
 static cowmm_t *open_policy(bool naive)
 {
-	cowmm_t *mm = t_open(0);
+	/*
+	 * The naive policy discards the writer's page from a worker: another
+	 * worker must be there to read the REMOVE event that madvise() waits
+	 * for.
+	 */
+	cowmm_t *mm = t_open(naive ? 2 : 0);
 
 	cowmm__set_naive(mm, naive);
 	return mm;

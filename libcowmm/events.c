@@ -1,0 +1,202 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The application's own mm calls on a region: userfaultfd events.
+ *
+ * REMOVE (MADV_DONTNEED, MADV_FREE, MADV_REMOVE) comes before the pages
+ * are discarded, but the kernel lets the madvise() go on as soon as a
+ * worker has read the event, so the copy races with the discard.  Each page
+ * a snapshot still shares is copied and verified through pagemap (see
+ * cowmm__region_read_page()): if it is still present, write-protected and
+ * on the same frame afterwards (a discarded and refaulted page would have
+ * lost the uffd-wp bit), the copy is good; otherwise the snapshots that
+ * needed it are marked broken.
+ *
+ * UNMAP comes after the fact: what a snapshot still shared is gone, and
+ * those snapshots are broken.  The range leaves the region: it reads as
+ * zero in later snapshots, and live reads never touch it.
+ *
+ * REMAP of a whole region moves it: snapshots follow it to its new base.
+ * A move of part of a region is, for the region, an unmap of that part;
+ * the moved pages are unregistered at their new address.
+ *
+ * Workers run these: locks are only tried (-EAGAIN: deferred), and every
+ * handler is idempotent, since a deferred event runs again from the start.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cowmm_i.h"
+#include "uffd.h"
+
+static void break_needers(cowmm_region_t *r, size_t pg, const char *why)
+{
+	struct cowmm_snap *s;
+
+	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
+		if (!cowmm__fmap_get(&s->frames, pg))
+			cowmm__snap_break(s, why);
+}
+
+/* Run @fn on the part of every region that overlaps [start, end). */
+static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
+		       int (*fn)(cowmm_region_t *, size_t, size_t))
+{
+	struct cowmm_rtable *t;
+	int ret = 0;
+	size_t i;
+
+	urcu_bp_read_lock();
+	t = __atomic_load_n(&mm->rtable, __ATOMIC_ACQUIRE);
+	for (i = 0; t && i < t->n; i++) {
+		cowmm_region_t *r = t->e[i].r;
+		uintptr_t s, e;
+
+		if (t->e[i].base >= end || t->e[i].base + t->e[i].len <= start)
+			continue;
+		if (cowmm__lock(&r->lock)) {
+			ret = -EAGAIN;
+			continue;
+		}
+		s = start > r->base ? start : r->base;
+		e = end < r->base + r->len ? end : r->base + r->len;
+		if (!r->dying && s < e &&
+		    fn(r, (s - r->base) >> COWMM_PAGE_SHIFT,
+		       (e - s) >> COWMM_PAGE_SHIFT) == -EAGAIN)
+			ret = -EAGAIN;
+		pthread_mutex_unlock(&r->lock);
+	}
+	urcu_bp_read_unlock();
+	return ret;
+}
+
+/*
+ * A clone's page: reading it while it is being discarded could fault into
+ * the library (it is registered for missing faults), so only a page the
+ * pagemap shows as a uffd-wp marker (never filled since the snapshot, which
+ * reads as zero) is preserved; any other is given up.
+ */
+static int remove_clone_page(cowmm_region_t *r, size_t pg)
+{
+	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	uint64_t e;
+
+	if (!cowmm__test_bit(r->present, pg))
+		/* Not filled: its content is its origin's, never live. */
+		return cowmm__preserve_locked(r, pg, false, &r->mm->cnt.copies);
+	if (!cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e) &&
+	    !(e & PM_PRESENT) && (e & PM_UFFD_WP))
+		return cowmm__preserve_locked(r, pg, true, &r->mm->cnt.copies);
+	break_needers(r, pg, "pages of a clone discarded while a snapshot "
+			     "needed them");
+	return 0;
+}
+
+/*
+ * Plain pages go through the fault path's own copy, which checks pagemap
+ * before and after (cowmm__region_read_page): a page discarded under it
+ * breaks the snapshots that needed it instead of handing them zeros.
+ */
+static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
+{
+	size_t i;
+
+	for (i = pg; i < pg + n; i++) {
+		int ret;
+
+		if (!cowmm__shared_locked(r, i))
+			continue;
+		ret = r->present ? remove_clone_page(r, i)
+				 : cowmm__preserve_locked(r, i, false,
+							  &r->mm->cnt.copies);
+		if (ret == -EAGAIN)
+			return ret; /* a clone's origin is busy: again later */
+		r->wgen[i] = r->epoch;
+	}
+	return 0;
+}
+
+int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end)
+{
+	return for_overlap(mm, start, end, remove_pages);
+}
+
+static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
+{
+	size_t i;
+
+	if (!r->holes) {
+		r->holes = calloc((r->npages + 63) / 64, sizeof(*r->holes));
+		if (!r->holes) { /* cannot remember: break everything */
+			for (i = pg; i < pg + n; i++)
+				break_needers(r, i, "region unmapped");
+			return 0;
+		}
+	}
+	for (i = pg; i < pg + n; i++) {
+		if (cowmm__shared_locked(r, i))
+			break_needers(r, i, "pages unmapped while a snapshot "
+					    "still needed them");
+		r->wgen[i] = r->epoch;
+		cowmm__set_bit(r->holes, i);
+	}
+	return 0;
+}
+
+int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end)
+{
+	return for_overlap(mm, start, end, unmap_pages);
+}
+
+int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
+{
+	cowmm_region_t *r;
+	struct cowmm_snap *s;
+	int ret = 0;
+
+	if (cowmm__lock(&mm->lock))
+		return -EAGAIN;
+	for (r = mm->regions; r; r = r->next)
+		if (from >= r->base && from < r->base + r->len)
+			break;
+	if (!r)
+		goto out;
+	if (from == r->base && len == r->len) {
+		/* The whole region moved: follow it. */
+		if (cowmm__lock(&r->lock)) {
+			ret = -EAGAIN;
+			goto out;
+		}
+		r->base = to;
+		for (s = r->snaps; s; s = s->next)
+			__atomic_store_n(&s->base, to, __ATOMIC_RELEASE);
+		while (cowmm__rtable_move(mm, r) == -ENOMEM)
+			;
+		pthread_mutex_unlock(&r->lock);
+		cowmm__log(COWMM_LOG_INFO, "region moved from %#lx to %#lx",
+			   (unsigned long)from, (unsigned long)to);
+		goto out;
+	}
+	/* Part of it moved: that part leaves the region. */
+	if (cowmm__lock(&r->lock)) {
+		ret = -EAGAIN;
+		goto out;
+	}
+	if (!r->dying)
+		unmap_pages(r, (from - r->base) >> COWMM_PAGE_SHIFT,
+			    ((from + len < r->base + r->len ? from + len
+							     : r->base + r->len) -
+			     from) >> COWMM_PAGE_SHIFT);
+	pthread_mutex_unlock(&r->lock);
+	ret = cowmm__uffd_wp(mm->uffd, to, len, false, true);
+	if (!ret || ret == -ENOENT)
+		ret = cowmm__uffd_unregister(mm->uffd, to, len);
+	if (ret == -ENOENT || ret == -EINVAL)
+		ret = 0;
+	cowmm__log(COWMM_LOG_WARNING, "part of region %#lx moved away by "
+				      "mremap; it left the region",
+		   (unsigned long)r->base);
+out:
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
+}
