@@ -132,6 +132,27 @@ static int pin_range(cowmm_region_t *r, void *addr, size_t len, size_t *pg,
 	return 0;
 }
 
+/*
+ * Take the locks a pin change needs: the manager's (so that the region is
+ * not released meanwhile), then the region's.  -EBADF if it was released.
+ */
+static int pins_lock(cowmm_region_t *r)
+{
+	pthread_mutex_lock(&r->mm->lock);
+	if (r->magic != COWMM_MAGIC_REGION) {
+		pthread_mutex_unlock(&r->mm->lock);
+		return -EBADF;
+	}
+	pthread_mutex_lock(&r->lock);
+	return 0;
+}
+
+static void pins_unlock(cowmm_region_t *r)
+{
+	pthread_mutex_unlock(&r->lock);
+	pthread_mutex_unlock(&r->mm->lock);
+}
+
 int cowmm_pin(cowmm_region_t *r, void *addr, size_t len, unsigned flags)
 {
 	struct cowmm_pin_rec *rec;
@@ -144,12 +165,9 @@ int cowmm_pin(cowmm_region_t *r, void *addr, size_t len, unsigned flags)
 	if (!flags || (flags & ~(COWMM_PIN_READ | COWMM_PIN_WRITE)))
 		return -EINVAL;
 	mm = r->mm;
-	pthread_mutex_lock(&mm->lock);
-	if (r->magic != COWMM_MAGIC_REGION) {
-		ret = -EBADF;
-		goto out_mm;
-	}
-	pthread_mutex_lock(&r->lock);
+	ret = pins_lock(r);
+	if (ret)
+		return ret;
 	if (r->pins.nrec == r->pins.caprec) {
 		size_t cap = r->pins.caprec ? 2 * r->pins.caprec : 8;
 
@@ -180,27 +198,20 @@ int cowmm_pin(cowmm_region_t *r, void *addr, size_t len, unsigned flags)
 		ret = 0; /* a failure broke the snapshots that needed it */
 	}
 out:
-	pthread_mutex_unlock(&r->lock);
-out_mm:
-	pthread_mutex_unlock(&mm->lock);
+	pins_unlock(r);
 	return ret;
 }
 
 int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len)
 {
 	size_t pg, n, i;
-	cowmm_t *mm;
 	int ret = pin_range(r, addr, len, &pg, &n);
 
 	if (ret)
 		return ret;
-	mm = r->mm;
-	pthread_mutex_lock(&mm->lock);
-	if (r->magic != COWMM_MAGIC_REGION) {
-		ret = -EBADF;
-		goto out_mm;
-	}
-	pthread_mutex_lock(&r->lock);
+	ret = pins_lock(r);
+	if (ret)
+		return ret;
 	ret = -ENOENT;
 	for (i = r->pins.nrec; i-- > 0;) {
 		struct cowmm_pin_rec *rec = &r->pins.rec[i];
@@ -213,8 +224,6 @@ int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len)
 		r->pins.nrec--;
 		break;
 	}
-	pthread_mutex_unlock(&r->lock);
-out_mm:
-	pthread_mutex_unlock(&mm->lock);
+	pins_unlock(r);
 	return ret;
 }
