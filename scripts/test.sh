@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 
 export COWMM_TEST_STRICT="${COWMM_TEST_STRICT:-1}"
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
 setups=("$@")
 [ ${#setups[@]} -gt 0 ] || setups=(plain asan tsan)
 
@@ -31,6 +33,10 @@ for s in "${setups[@]}"; do
 	fi
 	ninja -C "$dir"
 	echo "=== $s tests ==="
-	meson test -C "$dir" --setup="$s" --print-errorlogs --no-suite stress
+	meson test -C "$dir" --setup="$s" --print-errorlogs --no-suite stress |
+		tee -a "$results"
 done
 echo "=== all test setups passed: ${setups[*]} ==="
+passed=$(grep -cE '^ *[0-9]+/[0-9]+ .* OK ' "$results" || true)
+skipped=$(grep -cE '^ *[0-9]+/[0-9]+ .* SKIP ' "$results" || true)
+echo "$passed passed, 0 failed, $skipped skipped"
