@@ -162,7 +162,7 @@ static bool all_zero(const unsigned char *p)
 int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 			      cowmm_progress_fn progress, void *data)
 {
-	struct iovec iov[2 + CHUNK_PAGES];
+	struct iovec iov[1 + CHUNK_PAGES];
 	struct file_header h = { .magic = FILE_MAGIC };
 	struct file_trailer t = { .magic = END_MAGIC };
 	unsigned char *buf;
@@ -193,7 +193,7 @@ int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 							   : CHUNK_PAGES;
 		struct chunk_header c = { .magic = htole32(CHUNK_MAGIC) };
 		ssize_t got;
-		int cnt = 2;
+		int cnt = 1; /* iov[0]: the chunk header, then the pages */
 		size_t i;
 
 		got = cowmm_snap_read(s, first * COWMM_PAGE_SIZE, buf,
@@ -211,20 +211,20 @@ int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 			iov[cnt++] = (struct iovec){ pg, COWMM_PAGE_SIZE };
 		}
 		done += n * COWMM_PAGE_SIZE;
-		if (cnt > 2) {
+		if (cnt > 1) {
 			uint32_t crc = crc32c(0, c.bitmap, BITMAP_BYTES);
 
-			for (i = 2; i < (size_t)cnt; i++)
+			for (i = 1; i < (size_t)cnt; i++)
 				crc = crc32c(crc, iov[i].iov_base,
 					     COWMM_PAGE_SIZE);
 			c.index = htole32((uint32_t)nchunks);
 			c.first_page = htole64(first);
-			c.stored = htole32((uint32_t)(cnt - 2));
+			c.stored = htole32((uint32_t)(cnt - 1));
 			c.crc = htole32(crc);
 			chunks_crc = crc32c(chunks_crc, &c.crc, sizeof(c.crc));
 			iov[0] = (struct iovec){ &c, sizeof(c) };
 			ret = write_all(fd, iov, cnt);
-			stored += cnt - 2;
+			stored += cnt - 1;
 			nchunks++;
 		}
 		if (!ret && progress)
