@@ -334,7 +334,8 @@ COWMM_EXPORT int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len);
  *
  * @param r    a region from cowmm_region_alloc() or cowmm_region_adopt()
  * @param out  receives the snapshot; untouched on failure
- * @return 0; -EINVAL (NULL), -EBADF (released region), -ENOMEM,
+ * @return 0; -EINVAL (NULL), -EBADF (released region), -ENOMEM (also when
+ *         a write-pinned page could not be copied: no snapshot is made),
  *         -EOVERFLOW (2^32 - 1 snapshots of this region taken),
  *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED),
  *         -ENOENT (the region's memory was unmapped behind the library's

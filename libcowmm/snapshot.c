@@ -47,17 +47,21 @@ void cowmm__snap_break(cowmm_snap_t *s, const char *why)
  * now, as the kernel copies pinned pages at fork().  Faults on it later find
  * nothing to preserve.  Call with r->lock held, the snapshot linked.
  */
-static void copy_write_pinned(cowmm_region_t *r)
+static int copy_write_pinned(cowmm_region_t *r)
 {
 	size_t pg;
+	int ret = 0;
 
 	if (!r->pins.wpages)
-		return;
+		return 0;
 	for (pg = cowmm__pins_next_write(&r->pins, 0); pg < r->npages;
 	     pg = cowmm__pins_next_write(&r->pins, pg + 1)) {
-		cowmm__preserve_locked(r, pg, false, &r->mm->cnt.pin_copies);
+		if (cowmm__preserve_locked(r, pg, false,
+					   &r->mm->cnt.pin_copies) < 0)
+			ret = -ENOMEM;
 		r->wgen[pg] = r->epoch;
 	}
+	return ret;
 }
 
 /*
@@ -104,7 +108,12 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	s->region = r;
 	s->next = r->snaps;
 	r->snaps = s;
-	copy_write_pinned(r);
+	ret = copy_write_pinned(r);
+	if (ret) {
+		/* A snapshot without its pinned pages is never handed out. */
+		r->snaps = s->next;
+		goto err_unlock;
+	}
 	pthread_mutex_unlock(&r->lock);
 	if (!internal) {
 		s->mm_next = mm->snaps;

@@ -52,6 +52,28 @@ START_TEST(test_alloc_failure)
 	cowmm_snap_release(s2);
 	cowmm_snap_release(s3);
 	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
+
+	/* A write-pinned page that cannot be copied: no snapshot, no clone. */
+	ck_assert_int_eq(cowmm_pin(r, p + 2 * T_PAGE, T_PAGE, COWMM_PIN_WRITE),
+			 0);
+	cowmm__inject_frame_failures(mm, 1);
+	s1 = NULL;
+	ck_assert_int_eq(cowmm_snapshot(r, &s1), -ENOMEM);
+	ck_assert_ptr_null(s1);
+	cowmm__inject_frame_failures(mm, 1);
+	{
+		cowmm_region_t *c = NULL;
+
+		ck_assert_int_eq(cowmm_clone(r, 0, &c), -ENOMEM);
+		ck_assert_ptr_null(c);
+	}
+	ck_assert_uint_eq(t_stats(mm).snapshots_live, 0);
+	ck_assert_uint_eq(t_stats(mm).regions_live, 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s1), 0); /* memory is back */
+	ck_assert_int_eq(cowmm_snap_read(s1, 2 * T_PAGE, b, 1), 1);
+	cowmm_snap_release(s1);
+	ck_assert_int_eq(cowmm_unpin(r, p + 2 * T_PAGE, T_PAGE), 0);
+	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
 	cowmm_close(mm);
 }
 END_TEST
