@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "cowmm_version.h"
 
@@ -45,6 +46,8 @@ typedef struct cowmm cowmm_t;
 typedef struct cowmm_region cowmm_region_t;
 /** A point-in-time snapshot of a region. */
 typedef struct cowmm_snap cowmm_snap_t;
+/** A connection to cowmmd, which snapshots this process's memory. */
+typedef struct cowmm_client cowmm_client_t;
 
 /**
  * Configuration for cowmm_open().  Initialise with COWMM_CONFIG_INIT so that
@@ -434,6 +437,36 @@ COWMM_EXPORT int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 					   void *data);
 
 /**
+ * Source of the bytes cowmm_format_write() stores: fill @p buf with the
+ * @p len bytes at offset @p off (both page-aligned; at most 2 MiB per call,
+ * in increasing order of @p off).
+ * @return 0, or a negative errno that stops the write and is returned
+ */
+typedef int (*cowmm_read_fn)(void *data, size_t off, void *buf, size_t len);
+
+/**
+ * Write @p len bytes obtained from @p read to @p fd in the snapshot file
+ * format, exactly as cowmm_snap_write() does for a snapshot.  For memory
+ * that is not a cowmm snapshot: another process's (cowmmd uses it with
+ * process_vm_readv()), a checkpoint tool's own buffers.  The file can be
+ * loaded with cowmm_region_load().
+ * Context: any thread.
+ *
+ * @param fd        a file descriptor open for writing
+ * @param len       bytes to store; a non-zero multiple of 4096
+ * @param read      where the bytes come from
+ * @param rdata     passed to @p read
+ * @param progress  called after each 2 MiB, or NULL
+ * @param pdata     passed to @p progress
+ * @return 0; -EINVAL (NULL @p read, @p len zero or unaligned), -EBADF,
+ *         -ENOMEM, write(2) errors, or what @p read returned
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
+				    void *rdata, cowmm_progress_fn progress,
+				    void *pdata);
+
+/**
  * Load a snapshot file into a region of the same size, eagerly.  The whole
  * file is checked first (header, every chunk's checksum and counts, the
  * trailer); a file that fails any check leaves the region untouched.  Pages
@@ -462,6 +495,67 @@ COWMM_EXPORT int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags);
  * @since 0.1
  */
 COWMM_EXPORT void cowmm_snap_release(cowmm_snap_t *s);
+
+/* ------------------------------------------------------------------------ */
+/* cowmmd: snapshots of this process taken by the daemon                     */
+
+/**
+ * Hand memory of this process over to cowmmd, which then takes snapshots of
+ * it to files (on cowmmctl's command or on a schedule) while the process
+ * keeps running.  The ranges are registered with a new userfaultfd in
+ * write-protect mode, which goes to the daemon with a pidfd (SCM_RIGHTS);
+ * the daemon handles this process's write faults during a snapshot and
+ * reads memory with process_vm_readv().  For the instant a snapshot is
+ * armed the daemon stops this process's threads with ptrace (this call
+ * allows it under Yama with PR_SET_PTRACER; a debugger attached to the
+ * process prevents snapshots).
+ *
+ * The ranges must be private anonymous memory and must not belong to a
+ * cowmm manager's region (the kernel allows one userfaultfd per range).
+ * If the daemon dies, the kernel unregisters the ranges and the process
+ * runs on unaffected; while the daemon is stopped, a write to a range
+ * during a snapshot waits.
+ * Context: any thread.
+ *
+ * @param path     the daemon's socket, or NULL for the default
+ *                 ($COWMMD_SOCKET, /run/cowmmd.sock for root, else
+ *                 $XDG_RUNTIME_DIR/cowmmd.sock)
+ * @param name     a name for cowmmctl and snapshot files, or NULL
+ * @param ranges   page-aligned, non-overlapping ranges
+ * @param nranges  1 to 16
+ * @param out      receives the connection
+ * @return 0; -EINVAL (NULL, unaligned, empty or too many ranges, memory
+ *         that is not private anonymous), -ENOMEM (a range not mapped, or
+ *         out of memory), -EEXIST (overlapping ranges), -EBUSY (a range
+ *         already registered with a userfaultfd), -ENOENT or -ECONNREFUSED
+ *         (no daemon at @p path), -EOPNOTSUPP (kernel older than 6.4),
+ *         -EPERM (no userfaultfd permission, or refused by the daemon:
+ *         another user), -ETIMEDOUT, -EPROTO, or the daemon's error
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_attach_daemon(const char *path, const char *name,
+				     const struct iovec *ranges,
+				     unsigned nranges, cowmm_client_t **out);
+
+/**
+ * The id cowmmd gave this client (cowmmctl names clients by it).
+ * @return the id, or 0 for NULL
+ * @since 0.1
+ */
+COWMM_EXPORT unsigned cowmm_client_id(const cowmm_client_t *c);
+
+/**
+ * Take the memory back from cowmmd and free @p c.  A snapshot of this
+ * client still being written is abandoned and its files removed.  When
+ * this returns, the daemon has closed the userfaultfd: the ranges are
+ * unregistered and no longer write-protected.
+ * Context: any thread; not concurrently with other calls on @p c.
+ *
+ * @return 0 (also when the daemon is already gone); -EINVAL (NULL),
+ *         -ETIMEDOUT (no answer in 10 s; @p c is freed all the same)
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_detach_daemon(cowmm_client_t *c);
 
 /* ------------------------------------------------------------------------ */
 /* Errors, logging, version                                                  */

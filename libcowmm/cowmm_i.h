@@ -248,6 +248,8 @@ bool cowmm__shared_locked(cowmm_region_t *r, size_t pg);
 int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			   atomic_uint_fast64_t *counter);
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
+/* [start, start + len) is private anonymous memory of @pid (0: this one). */
+int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);

@@ -159,20 +159,20 @@ static bool all_zero(const unsigned char *p)
 	return true;
 }
 
-int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
-			      cowmm_progress_fn progress, void *data)
+int cowmm_format_write(int fd, size_t len, cowmm_read_fn read, void *rdata,
+		       cowmm_progress_fn progress, void *pdata)
 {
 	struct iovec iov[1 + CHUNK_PAGES];
 	struct file_header h = { .magic = FILE_MAGIC };
 	struct file_trailer t = { .magic = END_MAGIC };
+	size_t npages = len / COWMM_PAGE_SIZE, first;
 	unsigned char *buf;
 	uint32_t chunks_crc = 0;
 	uint64_t stored = 0, nchunks = 0, done = 0;
-	size_t first;
-	int ret = cowmm__check_snap(s);
+	int ret = 0;
 
-	if (ret)
-		return ret;
+	if (!read || !len || len % COWMM_PAGE_SIZE)
+		return -EINVAL;
 	if (fd < 0)
 		return -EBADF;
 	buf = aligned_alloc(COWMM_PAGE_SIZE, CHUNK_PAGES * COWMM_PAGE_SIZE);
@@ -181,27 +181,24 @@ int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 
 	h.version = htole32(FILE_VERSION);
 	h.page_size = htole32(COWMM_PAGE_SIZE);
-	h.region_size = htole64(s->len);
-	h.npages = htole64(s->npages);
+	h.region_size = htole64(len);
+	h.npages = htole64(npages);
 	h.chunk_pages = htole32(CHUNK_PAGES);
 	h.crc = htole32(crc32c(0, &h, offsetof(struct file_header, crc)));
 	iov[0] = (struct iovec){ &h, sizeof(h) };
 	ret = write_all(fd, iov, 1);
 
-	for (first = 0; !ret && first < s->npages; first += CHUNK_PAGES) {
-		size_t n = s->npages - first < CHUNK_PAGES ? s->npages - first
-							   : CHUNK_PAGES;
+	for (first = 0; !ret && first < npages; first += CHUNK_PAGES) {
+		size_t n = npages - first < CHUNK_PAGES ? npages - first
+							: CHUNK_PAGES;
 		struct chunk_header c = { .magic = htole32(CHUNK_MAGIC) };
-		ssize_t got;
 		int cnt = 1; /* iov[0]: the chunk header, then the pages */
 		size_t i;
 
-		got = cowmm_snap_read(s, first * COWMM_PAGE_SIZE, buf,
-				      n * COWMM_PAGE_SIZE);
-		if (got != (ssize_t)(n * COWMM_PAGE_SIZE)) {
-			ret = got < 0 ? (int)got : -EIO;
+		ret = read(rdata, first * COWMM_PAGE_SIZE, buf,
+			   n * COWMM_PAGE_SIZE);
+		if (ret)
 			break;
-		}
 		for (i = 0; i < n; i++) {
 			unsigned char *pg = buf + i * COWMM_PAGE_SIZE;
 
@@ -228,7 +225,7 @@ int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 			nchunks++;
 		}
 		if (!ret && progress)
-			progress(done, s->len, data);
+			progress(done, len, pdata);
 	}
 	if (!ret) {
 		t.nchunks = htole64(nchunks);
@@ -241,6 +238,25 @@ int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 	}
 	free(buf);
 	return ret;
+}
+
+static int snap_source(void *data, size_t off, void *buf, size_t len)
+{
+	ssize_t got = cowmm_snap_read(data, off, buf, len);
+
+	if (got == (ssize_t)len)
+		return 0;
+	return got < 0 ? (int)got : -EIO;
+}
+
+int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
+			      cowmm_progress_fn progress, void *data)
+{
+	int ret = cowmm__check_snap(s);
+
+	if (ret)
+		return ret;
+	return cowmm_format_write(fd, s->len, snap_source, s, progress, data);
 }
 
 int cowmm_snap_write(cowmm_snap_t *s, int fd)

@@ -64,10 +64,15 @@ static bool anon_name(const char *path)
  * memory that is not PROT_NONE: -ENOMEM for a hole, -EINVAL for anything
  * else (shared, file-backed, hugetlbfs, special).
  */
-static int check_maps(uintptr_t start, size_t len)
+int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len)
 {
 	uintptr_t cur = start, end = start + len;
-	FILE *f = fopen("/proc/self/maps", "re");
+	char path[32] = "/proc/self/maps";
+	FILE *f;
+
+	if (pid)
+		snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
+	f = fopen(path, "re");
 	char *line = NULL;
 	size_t cap = 0;
 	int ret = 0;
@@ -205,7 +210,7 @@ int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len, unsigned flags,
 		return ret;
 	if (!out || flags || !range_ok((uintptr_t)addr, len))
 		return -EINVAL;
-	ret = check_maps((uintptr_t)addr, len);
+	ret = cowmm__check_maps(0, (uintptr_t)addr, len);
 	if (ret)
 		return ret;
 	pthread_mutex_lock(&mm->lock);
