@@ -1,0 +1,1634 @@
+// SPDX-License-Identifier: MIT
+/*
+ * cowmmd: takes snapshots of other processes' memory to files while they
+ * run.  A client hands over a userfaultfd with its ranges registered in
+ * write-protect mode and a pidfd (cowmm_attach_daemon()); cowmmctl asks for
+ * snapshots and schedules over the same socket.
+ *
+ * A snapshot: stop the client's threads (ptrace, for the arming only),
+ * write-protect its ranges, let it run.  This loop thread then handles its
+ * write faults: the old bytes of a page go to a frame (process_vm_readv)
+ * before the page is unprotected.  A pool thread streams the files,
+ * unprotecting each run of pages once it is in the file (stream.c).
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cowmm.h"
+#include "cowmm_i.h"
+#include "cowmmd.h"
+#include "uffd.h"
+
+#ifndef PTRACE_EVENT_STOP
+#define PTRACE_EVENT_STOP 128
+#endif
+
+struct client {
+	struct conn *conn; /* NULL once its connection is gone */
+	unsigned id;
+	char name[COWMMD_NAME_MAX + 1];
+	pid_t pid;
+	uid_t uid;
+	int uffd, pidfd;
+	uv_poll_t uffd_poll, pidfd_poll;
+	uv_timer_t timer, retry_timer;
+	unsigned handles; /* libuv handles not yet closed */
+	unsigned nregions;
+	struct dregion r[COWMMD_MAX_RANGES];
+	size_t npages;
+	struct dsnap *snap; /* in flight */
+	uint64_t seq;
+	uint64_t period_ms;
+	unsigned keep;
+	uint64_t kept[KEEP_MAX]; /* sequence numbers on disk, oldest first */
+	unsigned nkept;
+	uint64_t retry[RETRY_MAX]; /* pages to unprotect after EAGAIN */
+	unsigned nretry;
+	bool gone, closing, bye;
+	/* numbers for cowmmctl */
+	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
+	uint64_t last_pause_us, last_ms;
+	int last_err;
+	char last[PATH_MAX];
+	struct client *next;
+};
+
+enum conn_kind { CONN_NEW, CONN_CLIENT, CONN_CTL };
+
+struct conn {
+	uv_poll_t poll;
+	int fd;
+	uid_t uid;
+	pid_t pid;
+	enum conn_kind kind;
+	struct client *client;
+	struct dsnap *waiting; /* a ctl waiting for this snapshot */
+	unsigned flags;
+	bool closing;
+	struct conn *next;
+};
+
+static struct {
+	uv_loop_t *loop;
+	uv_poll_t listen_poll;
+	uv_signal_t sigint, sigterm;
+	int listen_fd;
+	char sock[108];
+	char dir[PATH_MAX / 2];
+	unsigned keep;
+	uint64_t rate;
+	unsigned next_id;
+	unsigned signals;
+	bool stopping;
+	struct client *clients;
+	struct conn *conns;
+	uint64_t started;
+	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
+	uint64_t refused;
+} D = { .keep = 3, .next_id = 1 };
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+	struct timespec ts;
+	struct tm tm;
+	char when[32];
+	va_list ap;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	localtime_r(&ts.tv_sec, &tm);
+	strftime(when, sizeof(when), "%H:%M:%S", &tm);
+	fprintf(stderr, "cowmmd %s.%03ld: ", when, ts.tv_nsec / 1000000);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+static void log_lib(enum cowmm_log_level level, const char *msg, void *data)
+{
+	(void)data;
+	if (level <= COWMM_LOG_WARNING)
+		say("libcowmm: %s", msg);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Text and JSON replies */
+
+struct out {
+	char *buf;
+	size_t len, cap;
+	bool json;
+};
+
+static void outf(struct out *o, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+static void outf(struct out *o, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	if (o->len >= o->cap)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(o->buf + o->len, o->cap - o->len, fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		o->len = o->len + (size_t)n < o->cap ? o->len + (size_t)n
+						     : o->cap;
+}
+
+/* A JSON string (names are sanitised; paths come from the operator). */
+static void out_jstr(struct out *o, const char *s)
+{
+	outf(o, "\"");
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			outf(o, "\\%c", *s);
+		else if ((unsigned char)*s < 0x20)
+			outf(o, "\\u%04x", *s);
+		else
+			outf(o, "%c", *s);
+	}
+	outf(o, "\"");
+}
+
+static void send_reply(struct conn *cn, int status, const struct out *o)
+{
+	size_t len = sizeof(struct cowmmd_reply) + (o ? o->len : 0);
+	struct cowmmd_reply *r = malloc(len);
+
+	if (!r)
+		return;
+	r->h = (struct cowmmd_hdr){ COWMMD_MAGIC, COWMMD_VERSION,
+				    COWMMD_REPLY, (uint32_t)len, 0 };
+	r->status = status;
+	if (o)
+		memcpy(r->text, o->buf, o->len);
+	if (send(cn->fd, r, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+		say("ctl %d: reply lost: %s", cn->pid, strerror(errno));
+	free(r);
+}
+
+static void reply_error(struct conn *cn, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void reply_error(struct conn *cn, int err, const char *fmt, ...)
+{
+	char text[512];
+	struct out o = { text, 0, sizeof(text), false };
+	char msg[400];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (cn->flags & COWMMD_CTL_JSON) {
+		outf(&o, "{\"error\": ");
+		out_jstr(&o, msg);
+		outf(&o, ", \"errno\": %d}\n", -err);
+	} else {
+		outf(&o, "%s\n", msg);
+	}
+	send_reply(cn, err, &o);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Connections and clients: lifetime */
+
+static void conn_close(struct conn *cn);
+static void client_close(struct client *c, int why);
+static void maybe_exit(void);
+
+static void conn_closed(uv_handle_t *h)
+{
+	struct conn *cn = h->data, **pp;
+
+	for (pp = &D.conns; *pp; pp = &(*pp)->next)
+		if (*pp == cn) {
+			*pp = cn->next;
+			break;
+		}
+	close(cn->fd);
+	free(cn);
+	maybe_exit();
+}
+
+static void conn_close(struct conn *cn)
+{
+	struct dsnap *s = cn->waiting;
+	unsigned i;
+
+	if (cn->closing)
+		return;
+	cn->closing = true;
+	if (s) /* stop waiting: the snapshot goes on */
+		for (i = 0; i < s->nwaiters; i++)
+			if (s->waiters[i] == cn)
+				s->waiters[i] = NULL;
+	if (cn->client) {
+		cn->client->conn = NULL;
+		client_close(cn->client, -ECONNRESET);
+	}
+	uv_close((uv_handle_t *)&cn->poll, conn_closed);
+}
+
+static void client_handle_closed(uv_handle_t *h)
+{
+	struct client *c = h->data, **pp;
+
+	if (--c->handles)
+		return;
+	for (pp = &D.clients; *pp; pp = &(*pp)->next)
+		if (*pp == c) {
+			*pp = c->next;
+			break;
+		}
+	free(c);
+	maybe_exit();
+}
+
+/*
+ * The end of a client: once no snapshot of it is in flight, close the
+ * userfaultfd, which unregisters its ranges and wakes any waiting writer.
+ */
+static void client_finish(struct client *c)
+{
+	struct cowmmd_hdr bye = { COWMMD_MAGIC, COWMMD_VERSION, COWMMD_BYE,
+				  sizeof(bye), 0 };
+
+	if (c->closing)
+		return;
+	c->closing = true;
+	close(c->uffd);
+	close(c->pidfd);
+	c->uffd = c->pidfd = -1;
+	if (c->conn && c->bye)
+		(void)send(c->conn->fd, &bye, sizeof(bye),
+			   MSG_NOSIGNAL | MSG_DONTWAIT);
+	if (c->conn) {
+		c->conn->client = NULL;
+		conn_close(c->conn);
+		c->conn = NULL;
+	}
+	uv_close((uv_handle_t *)&c->uffd_poll, client_handle_closed);
+	uv_close((uv_handle_t *)&c->pidfd_poll, client_handle_closed);
+	uv_close((uv_handle_t *)&c->timer, client_handle_closed);
+	uv_close((uv_handle_t *)&c->retry_timer, client_handle_closed);
+}
+
+static void client_close(struct client *c, int why)
+{
+	if (c->gone)
+		return;
+	c->gone = true;
+	if (why != -ECANCELED)
+		say("client %u (%s, pid %d): gone (%s)", c->id, c->name,
+		    c->pid, strerror(-why));
+	else
+		say("client %u (%s, pid %d): detached", c->id, c->name,
+		    c->pid);
+	if (c->snap) { /* finish when the stream returns */
+		int zero = 0;
+
+		atomic_compare_exchange_strong(&c->snap->err, &zero, why);
+		return;
+	}
+	client_finish(c);
+}
+
+static void maybe_exit(void)
+{
+	if (!D.stopping || D.clients || D.conns)
+		return;
+	if (!uv_is_closing((uv_handle_t *)&D.sigint)) {
+		uv_close((uv_handle_t *)&D.sigint, NULL);
+		uv_close((uv_handle_t *)&D.sigterm, NULL);
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* Write faults */
+
+static void process_events(struct client *c);
+static void on_retry(uv_timer_t *t);
+
+static bool page_of(const struct client *c, uint64_t addr, size_t *pg)
+{
+	unsigned i;
+
+	for (i = 0; i < c->nregions; i++)
+		if (!c->r[i].gone && addr - c->r[i].addr < c->r[i].len) {
+			*pg = c->r[i].first + (addr - c->r[i].addr) / PAGE;
+			return true;
+		}
+	return false;
+}
+
+static void abandon(struct client *c, int err, const char *why)
+{
+	int zero = 0;
+
+	if (c->snap && atomic_compare_exchange_strong(&c->snap->err, &zero,
+						      err))
+		say("client %u: snapshot %llu abandoned: %s", c->id,
+		    (unsigned long long)c->snap->seq, why);
+}
+
+/* Copy the page's old bytes into a frame before the writer may go on. */
+static void preserve(struct client *c, struct dsnap *s, size_t pg,
+		     uint64_t addr)
+{
+	uint8_t expect = PG_NONE;
+	void *f = malloc(PAGE);
+	struct iovec local = { f, PAGE };
+	struct iovec remote = { (void *)(uintptr_t)addr, PAGE };
+
+	if (!f) {
+		abandon(c, -ENOMEM, "out of memory for a frame");
+		return;
+	}
+	if (process_vm_readv(c->pid, &local, 1, &remote, 1, 0) != PAGE) {
+		abandon(c, -errno, "cannot read the client's memory");
+		free(f);
+		return;
+	}
+	s->frames[pg] = f;
+	if (!atomic_compare_exchange_strong(&s->state[pg], &expect,
+					    PG_PRESERVED)) {
+		s->frames[pg] = NULL; /* the stream got there first */
+		free(f);
+		return;
+	}
+	atomic_fetch_add(&s->copies, 1);
+}
+
+static void unprotect_page(struct client *c, uint64_t addr)
+{
+	int ret = cowmm__uffd_wp(c->uffd, addr, PAGE, false, true);
+
+	if (ret == -EAGAIN) { /* an event is on its way: try again soon */
+		if (c->nretry < RETRY_MAX)
+			c->retry[c->nretry++] = addr;
+		else
+			abandon(c, -EAGAIN, "too many faults held back");
+		uv_timer_start(&c->retry_timer, on_retry, 1, 0);
+	}
+}
+
+static void on_retry(uv_timer_t *t)
+{
+	struct client *c = t->data;
+	unsigned i, n = c->nretry;
+
+	c->nretry = 0;
+	process_events(c);
+	for (i = 0; i < n; i++)
+		unprotect_page(c, c->retry[i]);
+}
+
+static void handle_fault(struct client *c, const struct uffd_msg *m)
+{
+	uint64_t addr = m->arg.pagefault.address & ~(PAGE - 1);
+	struct dsnap *s = c->snap;
+	size_t pg;
+
+	c->faults++;
+	D.faults++;
+	if (s && page_of(c, addr, &pg) &&
+	    atomic_load(&s->state[pg]) == PG_NONE)
+		preserve(c, s, pg, addr);
+	unprotect_page(c, addr);
+}
+
+/*
+ * Memory discarded, unmapped or moved: a snapshot in flight that still
+ * needed any of it cannot be completed (the kernel zaps the pages as soon
+ * as the event is read), and a region unmapped or moved is left out of
+ * later snapshots.
+ */
+static void handle_gone(struct client *c, uint64_t start, uint64_t end,
+			bool unmapped)
+{
+	struct dsnap *s = c->snap;
+	unsigned i;
+
+	for (i = 0; i < c->nregions; i++) {
+		struct dregion *r = &c->r[i];
+		uint64_t lo = start > r->addr ? start : r->addr;
+		uint64_t hi = end < r->addr + r->len ? end : r->addr + r->len;
+		uint64_t a;
+
+		if (r->gone || lo >= hi)
+			continue;
+		for (a = lo & ~(PAGE - 1); s && a < hi; a += PAGE) {
+			size_t pg = r->first + (a - r->addr) / PAGE;
+
+			if (atomic_load(&s->state[pg]) == PG_NONE) {
+				abandon(c, -EBUSY,
+					"the client discarded memory the "
+					"snapshot still needed");
+				break;
+			}
+		}
+		if (unmapped) {
+			say("client %u: region %u unmapped; left out of "
+			    "later snapshots",
+			    c->id, i);
+			r->gone = true;
+		}
+	}
+}
+
+static void process_events(struct client *c)
+{
+	struct uffd_msg msgs[64];
+	ssize_t n;
+	int i;
+
+	if (c->uffd < 0)
+		return;
+	for (;;) {
+		n = read(c->uffd, msgs, sizeof(msgs));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			if (errno != EAGAIN)
+				client_close(c, -errno);
+			return;
+		}
+		for (i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
+			const struct uffd_msg *m = &msgs[i];
+
+			switch (m->event) {
+			case UFFD_EVENT_PAGEFAULT:
+				handle_fault(c, m);
+				break;
+			case UFFD_EVENT_REMOVE:
+				handle_gone(c, m->arg.remove.start,
+					    m->arg.remove.end, false);
+				break;
+			case UFFD_EVENT_UNMAP:
+				handle_gone(c, m->arg.remove.start,
+					    m->arg.remove.end, true);
+				break;
+			case UFFD_EVENT_REMAP:
+				handle_gone(c, m->arg.remap.from,
+					    m->arg.remap.from + m->arg.remap.len,
+					    true);
+				break;
+			default:
+				break;
+			}
+		}
+	}
+}
+
+static void on_uffd(uv_poll_t *h, int status, int events)
+{
+	(void)status;
+	(void)events;
+	process_events(h->data);
+}
+
+static void on_pidfd(uv_poll_t *h, int status, int events)
+{
+	struct client *c = h->data;
+
+	(void)status;
+	(void)events;
+	uv_poll_stop(h);
+	client_close(c, -ESRCH); /* the process exited */
+}
+
+/* Write-protect or unprotect a range from the loop, reading events the
+ * kernel holds the ioctl back for. */
+static int loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on)
+{
+	int ret, tries;
+
+	for (tries = 0; tries < 2000; tries++) {
+		ret = cowmm__uffd_wp(c->uffd, addr, len, on, true);
+		if (ret != -EAGAIN)
+			return ret;
+		process_events(c);
+		usleep(500);
+	}
+	return -ETIMEDOUT;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stopping a client for the instant of a snapshot */
+
+struct frozen {
+	pid_t tid[1024];
+	int sig[1024];
+	unsigned n;
+};
+
+static bool frozen_has(const struct frozen *f, pid_t tid)
+{
+	unsigned i;
+
+	for (i = 0; i < f->n; i++)
+		if (f->tid[i] == tid)
+			return true;
+	return false;
+}
+
+static void thaw(struct frozen *f)
+{
+	unsigned i;
+
+	for (i = 0; i < f->n; i++)
+		if (f->tid[i])
+			ptrace(PTRACE_DETACH, f->tid[i], 0, f->sig[i]);
+	f->n = 0;
+}
+
+/* Wait for thread @i to stop; it may be handling one of our faults. */
+static int wait_stopped(struct client *c, struct frozen *f, unsigned i)
+{
+	uint64_t deadline = now_ns() + 2000000000ull;
+	int st;
+
+	for (;;) {
+		pid_t r = waitpid(f->tid[i], &st, __WALL | WNOHANG);
+
+		if (r == f->tid[i]) {
+			if (WIFEXITED(st) || WIFSIGNALED(st)) {
+				f->tid[i] = 0;
+				return 0;
+			}
+			if (WIFSTOPPED(st) && st >> 16 != PTRACE_EVENT_STOP &&
+			    WSTOPSIG(st) != SIGTRAP)
+				f->sig[i] = WSTOPSIG(st); /* deliver later */
+			return 0;
+		}
+		if (r < 0 && errno == ECHILD) {
+			f->tid[i] = 0;
+			return 0;
+		}
+		if (now_ns() > deadline)
+			return -ETIMEDOUT;
+		process_events(c);
+		usleep(100);
+	}
+}
+
+/*
+ * Stop every thread of the client (PTRACE_SEIZE + PTRACE_INTERRUPT: no
+ * signal, invisible to its parent), again until no new thread appears.
+ */
+static int freeze(struct client *c, struct frozen *f)
+{
+	char path[32];
+	int round, ret = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)c->pid);
+	for (round = 0; round < 16; round++) {
+		struct dirent *e;
+		unsigned first = f->n, i;
+		DIR *d = opendir(path);
+
+		if (!d)
+			return -ESRCH;
+		while ((e = readdir(d))) {
+			pid_t tid = (pid_t)atoi(e->d_name);
+
+			if (tid <= 0 || frozen_has(f, tid))
+				continue;
+			if (f->n == 1024) {
+				ret = -E2BIG;
+				break;
+			}
+			if (ptrace(PTRACE_SEIZE, tid, 0, 0) < 0) {
+				if (errno == ESRCH)
+					continue;
+				ret = -errno;
+				break;
+			}
+			f->tid[f->n] = tid;
+			f->sig[f->n++] = 0;
+			if (ptrace(PTRACE_INTERRUPT, tid, 0, 0) < 0 &&
+			    errno != ESRCH) {
+				ret = -errno;
+				break;
+			}
+		}
+		closedir(d);
+		for (i = first; !ret && i < f->n; i++)
+			ret = wait_stopped(c, f, i);
+		if (ret || f->n == first)
+			break;
+	}
+	if (ret)
+		thaw(f);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Snapshots */
+
+static void snapshot_done(uv_work_t *w, int status);
+
+static void free_dsnap(struct dsnap *s)
+{
+	size_t i;
+
+	if (s->frames)
+		for (i = 0; i < s->npages; i++)
+			free(s->frames[i]);
+	free(s->frames);
+	free((void *)s->state);
+	free(s);
+}
+
+static int make_files(struct client *c, struct dsnap *s)
+{
+	char path[PATH_MAX + 16];
+	unsigned i;
+
+	snprintf(s->finaldir, sizeof(s->finaldir), "%s/%s-%d-%llu", D.dir,
+		 c->name, (int)c->pid, (unsigned long long)s->seq);
+	snprintf(s->tmpdir, sizeof(s->tmpdir), "%s/.%s-%d-%llu.tmp", D.dir,
+		 c->name, (int)c->pid, (unsigned long long)s->seq);
+	if (mkdir(s->tmpdir, 0700) < 0)
+		return -errno;
+	for (i = 0; i < s->nregions; i++) {
+		if (s->r[i].gone)
+			continue;
+		snprintf(path, sizeof(path), "%s/r%u.cowmm", s->tmpdir, i);
+		s->fds[i] = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+				 0600);
+		if (s->fds[i] < 0) {
+			int err = -errno;
+
+			while (i--)
+				if (s->fds[i] >= 0)
+					close(s->fds[i]);
+			remove_snapshot_dir(s->tmpdir, s->nregions);
+			return err;
+		}
+	}
+	return 0;
+}
+
+/* Start a snapshot of @c; the reply to @waiter follows when it is done. */
+static int start_snapshot(struct client *c, struct conn *waiter)
+{
+	struct frozen *f;
+	struct dsnap *s;
+	unsigned i, live = 0;
+	int ret;
+
+	if (c->gone)
+		return -ESRCH;
+	if (c->snap)
+		return -EBUSY;
+	for (i = 0; i < c->nregions; i++)
+		live += !c->r[i].gone;
+	if (!live)
+		return -ENOENT;
+	s = calloc(1, sizeof(*s));
+	f = calloc(1, sizeof(*f));
+	if (!s || !f) {
+		free(s);
+		free(f);
+		return -ENOMEM;
+	}
+	s->c = c;
+	s->seq = ++c->seq;
+	s->pid = c->pid;
+	s->pidfd = c->pidfd;
+	s->uffd = c->uffd;
+	s->nregions = c->nregions;
+	memcpy(s->r, c->r, sizeof(s->r));
+	s->npages = c->npages;
+	s->rate = D.rate;
+	for (i = 0; i < COWMMD_MAX_RANGES; i++)
+		s->fds[i] = -1;
+	for (i = 0; i < c->nregions; i++)
+		if (!c->r[i].gone)
+			s->total += c->r[i].len;
+	s->state = calloc(s->npages, 1);
+	s->frames = calloc(s->npages, sizeof(void *));
+	if (!s->state || !s->frames) {
+		free(f);
+		free_dsnap(s);
+		return -ENOMEM;
+	}
+	ret = make_files(c, s);
+	if (ret) {
+		free(f);
+		free_dsnap(s);
+		return ret;
+	}
+
+	s->t_start = now_ns();
+	ret = freeze(c, f);
+	for (i = 0; !ret && i < c->nregions; i++)
+		if (!c->r[i].gone)
+			ret = loop_wp(c, c->r[i].addr, c->r[i].len, true);
+	if (!ret)
+		c->snap = s;
+	thaw(f);
+	s->pause_ns = now_ns() - s->t_start;
+	free(f);
+	if (ret) {
+		for (i = 0; i < c->nregions; i++) {
+			if (s->fds[i] >= 0)
+				close(s->fds[i]);
+			if (!c->r[i].gone)
+				loop_wp(c, c->r[i].addr, c->r[i].len, false);
+		}
+		remove_snapshot_dir(s->tmpdir, s->nregions);
+		free_dsnap(s);
+		return ret;
+	}
+	if (waiter) {
+		s->waiters[s->nwaiters++] = waiter;
+		waiter->waiting = s;
+	}
+	s->work.data = s;
+	uv_queue_work(D.loop, &s->work, stream_snapshot, snapshot_done);
+	return 0;
+}
+
+static void prune(struct client *c)
+{
+	char dir[PATH_MAX];
+
+	while (c->nkept > c->keep) {
+		snprintf(dir, sizeof(dir), "%s/%s-%d-%llu", D.dir, c->name,
+			 (int)c->pid, (unsigned long long)c->kept[0]);
+		remove_snapshot_dir(dir, c->nregions);
+		memmove(c->kept, c->kept + 1, --c->nkept * sizeof(c->kept[0]));
+	}
+}
+
+static void out_snapshot(struct out *o, const struct dsnap *s)
+{
+	double secs = (double)(s->t_end - s->t_start) / 1e9;
+
+	if (o->json)
+		outf(o,
+		     "{\"seq\": %llu, \"dir\": \"%s\", \"regions\": %u, "
+		     "\"bytes\": %llu, \"pause_us\": %llu, \"seconds\": %.3f, "
+		     "\"copies\": %llu}\n",
+		     (unsigned long long)s->seq, s->finaldir, s->nregions,
+		     (unsigned long long)s->total,
+		     (unsigned long long)(s->pause_ns / 1000), secs,
+		     (unsigned long long)atomic_load(&s->copies));
+	else
+		outf(o,
+		     "%s\n  %u region file(s), %.1f MiB in %.3f s; client "
+		     "stopped %.3f ms; %llu pages copied on write\n",
+		     s->finaldir, s->nregions, (double)s->total / (1 << 20),
+		     secs, (double)s->pause_ns / 1e6,
+		     (unsigned long long)atomic_load(&s->copies));
+}
+
+static void snapshot_done(uv_work_t *w, int status)
+{
+	struct dsnap *s = w->data;
+	struct client *c = s->c;
+	char text[1024];
+	struct out o = { text, 0, sizeof(text), false };
+	unsigned i;
+
+	(void)status;
+	c->snap = NULL;
+	c->copies += atomic_load(&s->copies);
+	D.copies += atomic_load(&s->copies);
+	if (s->result) {
+		/* Pages never streamed are still protected: let them go. */
+		for (i = 0; c->uffd >= 0 && i < c->nregions; i++)
+			if (!c->r[i].gone)
+				loop_wp(c, c->r[i].addr, c->r[i].len, false);
+		c->snaps_failed++;
+		D.snaps_failed++;
+		c->last_err = s->result;
+		say("client %u: snapshot %llu failed: %s", c->id,
+		    (unsigned long long)s->seq, strerror(-s->result));
+	} else {
+		c->snaps_ok++;
+		D.snaps_ok++;
+		c->bytes += s->total;
+		D.bytes += s->total;
+		c->last_err = 0;
+		c->last_pause_us = s->pause_ns / 1000;
+		c->last_ms = (s->t_end - s->t_start) / 1000000;
+		snprintf(c->last, sizeof(c->last), "%s", s->finaldir);
+		c->kept[c->nkept++] = s->seq; /* prune() keeps it < KEEP_MAX */
+		prune(c);
+		say("client %u: snapshot %llu: %.1f MiB in %.3f s, stopped "
+		    "%.3f ms, %llu copies",
+		    c->id, (unsigned long long)s->seq,
+		    (double)s->total / (1 << 20),
+		    (double)(s->t_end - s->t_start) / 1e9,
+		    (double)s->pause_ns / 1e6,
+		    (unsigned long long)atomic_load(&s->copies));
+	}
+	for (i = 0; i < s->nwaiters; i++) {
+		struct conn *cn = s->waiters[i];
+
+		if (!cn)
+			continue;
+		cn->waiting = NULL;
+		if (s->result) {
+			reply_error(cn, s->result, "snapshot of client %u "
+				    "failed: %s", c->id,
+				    strerror(-s->result));
+		} else {
+			o.json = cn->flags & COWMMD_CTL_JSON;
+			o.len = 0;
+			out_snapshot(&o, s);
+			send_reply(cn, 0, &o);
+		}
+		if (D.stopping)
+			conn_close(cn);
+	}
+	free_dsnap(s);
+	if (c->gone)
+		client_finish(c);
+	else if (D.stopping)
+		client_close(c, -ECANCELED);
+}
+
+static void on_timer(uv_timer_t *t)
+{
+	struct client *c = t->data;
+	int ret;
+
+	if (c->snap) {
+		say("client %u: scheduled snapshot skipped: the last one is "
+		    "still being written",
+		    c->id);
+		return;
+	}
+	ret = start_snapshot(c, NULL);
+	if (ret)
+		say("client %u: scheduled snapshot failed: %s", c->id,
+		    strerror(-ret));
+}
+
+/* ------------------------------------------------------------------------ */
+/* HELLO: a new client */
+
+static bool fd_is(int fd, const char *what)
+{
+	char path[64], link[64];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, link, sizeof(link) - 1);
+	if (n < 0)
+		return false;
+	link[n] = '\0';
+	return !strcmp(link, what);
+}
+
+static pid_t pidfd_pid(int fd)
+{
+	char path[64], line[128];
+	pid_t pid = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+	f = fopen(path, "re");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "Pid: %d", &pid) == 1)
+			break;
+	fclose(f);
+	return pid;
+}
+
+static void welcome(struct conn *cn, int status, unsigned id)
+{
+	struct cowmmd_welcome w = {
+		{ COWMMD_MAGIC, COWMMD_VERSION, COWMMD_WELCOME, sizeof(w), 0 },
+		status, id
+	};
+
+	(void)send(cn->fd, &w, sizeof(w), MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+/* Checks a HELLO; returns why it is refused, with *err set, or NULL. */
+static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
+			       size_t len, const int *fds, unsigned nfds,
+			       int *err)
+{
+	unsigned i, j, nclients = 0;
+	struct client *c;
+
+	*err = -EPROTO;
+	if (len < sizeof(*h) || !h->nranges ||
+	    h->nranges > COWMMD_MAX_RANGES ||
+	    len != sizeof(*h) + h->nranges * sizeof(h->ranges[0]))
+		return "bad HELLO length or range count";
+	if (nfds != 2)
+		return "HELLO without exactly two descriptors";
+	if (!fd_is(fds[0], "anon_inode:[userfaultfd]"))
+		return "first descriptor is not a userfaultfd";
+	if (pidfd_pid(fds[1]) != cn->pid)
+		return "second descriptor is not a pidfd of the peer";
+	*err = -EINVAL;
+	for (i = 0; i < h->nranges; i++) {
+		const struct cowmmd_range *r = &h->ranges[i];
+
+		if (!r->len || r->addr % PAGE || r->len % PAGE ||
+		    r->addr + r->len < r->addr)
+			return "unaligned, empty or wrapping range";
+		for (j = 0; j < i; j++)
+			if (r->addr < h->ranges[j].addr + h->ranges[j].len &&
+			    h->ranges[j].addr < r->addr + r->len)
+				return "overlapping ranges";
+		if (cowmm__check_maps(cn->pid, r->addr, r->len))
+			return "range is not private anonymous memory of the "
+			       "client";
+	}
+	for (c = D.clients; c; c = c->next)
+		nclients++;
+	*err = -EUSERS;
+	if (nclients >= MAX_CLIENTS)
+		return "too many clients";
+	*err = 0;
+	return NULL;
+}
+
+static void sanitize_name(char *dst, const char *src, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n && src[i]; i++)
+		dst[i] = (src[i] >= 'a' && src[i] <= 'z') ||
+				 (src[i] >= 'A' && src[i] <= 'Z') ||
+				 (src[i] >= '0' && src[i] <= '9') ||
+				 src[i] == '-' || src[i] == '_'
+			 ? src[i]
+			 : '_';
+	dst[i] = '\0';
+	if (!i)
+		strcpy(dst, "client");
+}
+
+static void handle_hello(struct conn *cn, const struct cowmmd_hello *h,
+			 size_t len, int *fds, unsigned nfds)
+{
+	struct client *c;
+	const char *why;
+	unsigned i;
+	size_t first = 0;
+	int err;
+
+	why = check_hello(cn, h, len, fds, nfds, &err);
+	if (why) {
+		say("connection from pid %d refused: %s", cn->pid, why);
+		welcome(cn, err, 0);
+		conn_close(cn);
+		return;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		welcome(cn, -ENOMEM, 0);
+		conn_close(cn);
+		return;
+	}
+	c->id = D.next_id++;
+	sanitize_name(c->name, h->name, COWMMD_NAME_MAX);
+	c->pid = cn->pid;
+	c->uid = cn->uid;
+	c->uffd = fds[0];
+	c->pidfd = fds[1];
+	fds[0] = fds[1] = -1; /* the client owns them now */
+	c->keep = D.keep;
+	c->nregions = h->nranges;
+	for (i = 0; i < h->nranges; i++) {
+		c->r[i] = (struct dregion){ h->ranges[i].addr,
+					    h->ranges[i].len, first, false };
+		first += h->ranges[i].len / PAGE;
+	}
+	c->npages = first;
+	fcntl(c->uffd, F_SETFL, fcntl(c->uffd, F_GETFL) | O_NONBLOCK);
+	uv_poll_init(D.loop, &c->uffd_poll, c->uffd);
+	uv_poll_init(D.loop, &c->pidfd_poll, c->pidfd);
+	uv_timer_init(D.loop, &c->timer);
+	uv_timer_init(D.loop, &c->retry_timer);
+	c->uffd_poll.data = c->pidfd_poll.data = c;
+	c->timer.data = c->retry_timer.data = c;
+	c->handles = 4;
+	uv_poll_start(&c->uffd_poll, UV_READABLE, on_uffd);
+	uv_poll_start(&c->pidfd_poll, UV_READABLE, on_pidfd);
+	c->next = D.clients;
+	D.clients = c;
+	c->conn = cn;
+	cn->client = c;
+	cn->kind = CONN_CLIENT;
+	say("client %u (%s, pid %d): attached, %u region(s), %.1f MiB",
+	    c->id, c->name, c->pid, c->nregions,
+	    (double)c->npages * PAGE / (1 << 20));
+	welcome(cn, 0, c->id);
+}
+
+/* ------------------------------------------------------------------------ */
+/* CTL: cowmmctl */
+
+static struct client *find_client(const char *arg)
+{
+	struct client *c;
+	char *end;
+	unsigned long id = strtoul(arg, &end, 10);
+
+	for (c = D.clients; c; c = c->next)
+		if (!c->gone && ((*arg && !*end && c->id == id) ||
+				 !strcmp(c->name, arg)))
+			return c;
+	return NULL;
+}
+
+static void out_client(struct out *o, const struct client *c, bool first)
+{
+	const struct dsnap *s = c->snap;
+	char sched[32];
+	unsigned i;
+
+	if (o->json) {
+		outf(o,
+		     "%s{\"id\": %u, \"name\": \"%s\", \"pid\": %d, "
+		     "\"uid\": %u, \"regions\": [",
+		     first ? "" : ", ", c->id, c->name, (int)c->pid,
+		     (unsigned)c->uid);
+		for (i = 0; i < c->nregions; i++)
+			outf(o, "%s{\"addr\": \"0x%llx\", \"len\": %llu%s}",
+			     i ? ", " : "", (unsigned long long)c->r[i].addr,
+			     (unsigned long long)c->r[i].len,
+			     c->r[i].gone ? ", \"gone\": true" : "");
+		outf(o,
+		     "], \"schedule_s\": %.3f, \"keep\": %u, \"snapshots\": "
+		     "%llu, \"failed\": %llu, \"faults\": %llu, \"copies\": "
+		     "%llu, \"bytes\": %llu, \"last\": ",
+		     (double)c->period_ms / 1000, c->keep,
+		     (unsigned long long)c->snaps_ok,
+		     (unsigned long long)c->snaps_failed,
+		     (unsigned long long)c->faults,
+		     (unsigned long long)c->copies,
+		     (unsigned long long)c->bytes);
+		out_jstr(o, c->last);
+		outf(o,
+		     ", \"last_pause_us\": %llu, \"last_ms\": %llu, "
+		     "\"last_error\": %d",
+		     (unsigned long long)c->last_pause_us,
+		     (unsigned long long)c->last_ms, -c->last_err);
+		if (s)
+			outf(o, ", \"writing\": {\"seq\": %llu, \"done\": %llu, "
+				"\"total\": %llu}",
+			     (unsigned long long)s->seq,
+			     (unsigned long long)atomic_load(&s->done),
+			     (unsigned long long)s->total);
+		outf(o, "}");
+		return;
+	}
+	if (c->period_ms)
+		snprintf(sched, sizeof(sched), "%.0fs/%u",
+			 (double)c->period_ms / 1000, c->keep);
+	else
+		snprintf(sched, sizeof(sched), "-/%u", c->keep);
+	outf(o, "%-4u %-16s %-8d %3u  %10.1f  %-9s %5llu %6llu  %s\n", c->id,
+	     c->name, (int)c->pid, c->nregions,
+	     (double)c->npages * PAGE / (1 << 20), sched,
+	     (unsigned long long)c->snaps_ok,
+	     (unsigned long long)c->snaps_failed,
+	     c->last[0] ? c->last : "-");
+	if (s)
+		outf(o, "     writing snapshot %llu: %.0f%%\n",
+		     (unsigned long long)s->seq,
+		     s->total ? 100.0 * (double)atomic_load(&s->done) /
+					(double)s->total
+			      : 0.0);
+}
+
+static void ctl_list(struct conn *cn, struct out *o)
+{
+	struct client *c;
+	bool first = true;
+
+	if (o->json)
+		outf(o, "{\"clients\": [");
+	else
+		outf(o, "%-4s %-16s %-8s %3s  %10s  %-9s %5s %6s  %s\n", "ID",
+		     "NAME", "PID", "RGN", "MIB", "EVERY/KEEP", "SNAPS",
+		     "FAILED", "LAST");
+	for (c = D.clients; c; c = c->next) {
+		if (c->gone)
+			continue;
+		out_client(o, c, first);
+		first = false;
+	}
+	if (o->json)
+		outf(o, "]}\n");
+	send_reply(cn, 0, o);
+}
+
+static void ctl_stats(struct conn *cn, struct out *o)
+{
+	struct client *c;
+	unsigned n = 0;
+	double up = (double)(now_ns() - D.started) / 1e9;
+
+	for (c = D.clients; c; c = c->next)
+		n += !c->gone;
+	if (o->json)
+		outf(o,
+		     "{\"pid\": %d, \"uptime_s\": %.1f, \"socket\": \"%s\", "
+		     "\"dir\": ",
+		     (int)getpid(), up, D.sock);
+	else
+		outf(o, "cowmmd pid %d, up %.1f s, socket %s, snapshots in ",
+		     (int)getpid(), up, D.sock);
+	if (o->json)
+		out_jstr(o, D.dir);
+	else
+		outf(o, "%s\n", D.dir);
+	if (o->json)
+		outf(o,
+		     ", \"clients\": %u, \"snapshots\": %llu, \"failed\": "
+		     "%llu, \"bytes\": %llu, \"faults\": %llu, \"copies\": "
+		     "%llu, \"refused\": %llu}\n",
+		     n, (unsigned long long)D.snaps_ok,
+		     (unsigned long long)D.snaps_failed,
+		     (unsigned long long)D.bytes,
+		     (unsigned long long)D.faults,
+		     (unsigned long long)D.copies,
+		     (unsigned long long)D.refused);
+	else
+		outf(o,
+		     "clients %u\nsnapshots %llu\nfailed %llu\nbytes written "
+		     "%llu\nwrite faults %llu\npages copied %llu\nrefused "
+		     "connections %llu\n",
+		     n, (unsigned long long)D.snaps_ok,
+		     (unsigned long long)D.snaps_failed,
+		     (unsigned long long)D.bytes,
+		     (unsigned long long)D.faults,
+		     (unsigned long long)D.copies,
+		     (unsigned long long)D.refused);
+	send_reply(cn, 0, o);
+}
+
+static bool parse_uint(const char *s, unsigned long max, unsigned long *v)
+{
+	char *end;
+
+	if (!*s || *s == '-')
+		return false;
+	errno = 0;
+	*v = strtoul(s, &end, 10);
+	return !errno && !*end && *v <= max;
+}
+
+static void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m,
+		       size_t len)
+{
+	const char *argv[COWMMD_CTL_ARGS];
+	char text[COWMMD_REPLY_MAX - 64];
+	struct out o = { text, 0, sizeof(text), false };
+	size_t off = 0, alen;
+	unsigned argc = 0;
+	struct client *c;
+	unsigned long v, keep;
+	int ret;
+
+	cn->kind = CONN_CTL;
+	cn->flags = m->flags & COWMMD_CTL_JSON;
+	o.json = cn->flags & COWMMD_CTL_JSON;
+	alen = len - sizeof(*m);
+	/* NUL-terminated arguments filling the message exactly. */
+	while (off < alen) {
+		const char *a = m->args + off;
+		const char *nul = memchr(a, '\0', alen - off);
+
+		if (!nul || argc == COWMMD_CTL_ARGS) {
+			reply_error(cn, -EPROTO, "malformed request");
+			conn_close(cn);
+			return;
+		}
+		argv[argc++] = a;
+		off += (size_t)(nul - a) + 1;
+	}
+	if (!argc) {
+		reply_error(cn, -EINVAL, "empty request");
+		return;
+	}
+	if (cn->waiting) {
+		reply_error(cn, -EBUSY, "a request is already waiting");
+		return;
+	}
+	if (!strcmp(argv[0], "ping") && argc == 1) {
+		outf(&o, o.json ? "{\"pong\": true}\n" : "pong\n");
+		send_reply(cn, 0, &o);
+	} else if (!strcmp(argv[0], "list") && argc == 1) {
+		ctl_list(cn, &o);
+	} else if (!strcmp(argv[0], "stats") && argc == 1) {
+		ctl_stats(cn, &o);
+	} else if (!strcmp(argv[0], "snapshot") && argc == 2) {
+		c = find_client(argv[1]);
+		if (!c) {
+			reply_error(cn, -ENOENT, "no client %s", argv[1]);
+			return;
+		}
+		ret = start_snapshot(c, cn);
+		if (ret)
+			reply_error(cn, ret, "snapshot of client %u: %s%s",
+				    c->id, strerror(-ret),
+				    ret == -EPERM ? " (ptrace not allowed: "
+						    "run cowmmd as root or "
+						    "the client's user)"
+						  : "");
+	} else if (!strcmp(argv[0], "schedule") &&
+		   (argc == 3 || argc == 4)) {
+		c = find_client(argv[1]);
+		if (!c) {
+			reply_error(cn, -ENOENT, "no client %s", argv[1]);
+			return;
+		}
+		keep = c->keep;
+		if (!parse_uint(argv[2], 86400 * 365, &v) ||
+		    (argc == 4 &&
+		     (!parse_uint(argv[3], KEEP_MAX - 1, &keep) || !keep))) {
+			reply_error(cn, -EINVAL,
+				    "usage: schedule CLIENT SECONDS [KEEP]; "
+				    "SECONDS 0 stops it, KEEP 1 to %d",
+				    KEEP_MAX - 1);
+			return;
+		}
+		c->period_ms = v * 1000;
+		c->keep = (unsigned)keep;
+		if (v)
+			uv_timer_start(&c->timer, on_timer, c->period_ms,
+				       c->period_ms);
+		else
+			uv_timer_stop(&c->timer);
+		prune(c);
+		if (o.json)
+			outf(&o, "{\"id\": %u, \"schedule_s\": %lu, "
+				 "\"keep\": %u}\n",
+			     c->id, v, c->keep);
+		else if (v)
+			outf(&o, "client %u: a snapshot every %lu s, keeping "
+				 "the last %u\n",
+			     c->id, v, c->keep);
+		else
+			outf(&o, "client %u: no schedule, keeping the last "
+				 "%u\n",
+			     c->id, c->keep);
+		send_reply(cn, 0, &o);
+	} else {
+		reply_error(cn, -EINVAL,
+			    "unknown request '%s' (ping, list, stats, snapshot "
+			    "CLIENT, schedule CLIENT SECONDS [KEEP])",
+			    argv[0]);
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* The socket */
+
+static void protocol_error(struct conn *cn, const char *why)
+{
+	say("connection from pid %d closed: %s", cn->pid, why);
+	conn_close(cn);
+}
+
+static void on_conn(uv_poll_t *h, int status, int events)
+{
+	struct conn *cn = h->data;
+	union {
+		struct cowmmd_hdr h;
+		char buf[COWMMD_CTL_MAX + 1];
+	} m;
+	union {
+		struct cmsghdr c;
+		char buf[CMSG_SPACE(8 * sizeof(int))];
+	} ctl;
+	struct iovec iov = { &m, sizeof(m) };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+			      .msg_control = ctl.buf,
+			      .msg_controllen = sizeof(ctl.buf) };
+	struct cmsghdr *cm;
+	int fds[8];
+	unsigned nfds = 0, i;
+	ssize_t n;
+
+	(void)events;
+	if (status < 0) {
+		conn_close(cn);
+		return;
+	}
+	n = recvmsg(cn->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	for (cm = CMSG_FIRSTHDR(&msg); n >= 0 && cm;
+	     cm = CMSG_NXTHDR(&msg, cm)) {
+		if (cm->cmsg_level != SOL_SOCKET ||
+		    cm->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (i = 0; i < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		     i++) {
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int),
+			       sizeof(int));
+			if (nfds < ARRAY_SIZE(fds))
+				fds[nfds++] = fd;
+			else
+				close(fd);
+		}
+	}
+	if (n <= 0) {
+		conn_close(cn);
+	} else if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+		protocol_error(cn, "message too long");
+	} else if ((size_t)n < sizeof(m.h) || m.h.magic != COWMMD_MAGIC ||
+		   m.h.len != (size_t)n) {
+		protocol_error(cn, "bad header");
+	} else if (m.h.version != COWMMD_VERSION) {
+		protocol_error(cn, "another protocol version");
+	} else if (cn->uid != 0 && cn->uid != geteuid()) {
+		D.refused++;
+		say("connection from pid %d refused: uid %u", cn->pid,
+		    (unsigned)cn->uid);
+		if (m.h.type == COWMMD_HELLO)
+			welcome(cn, -EPERM, 0);
+		else
+			reply_error(cn, -EPERM, "permission denied: uid %u",
+				    (unsigned)cn->uid);
+		conn_close(cn);
+	} else if (m.h.type == COWMMD_HELLO && cn->kind == CONN_NEW) {
+		handle_hello(cn, (void *)&m, (size_t)n, fds, nfds);
+	} else if (nfds) {
+		protocol_error(cn, "unexpected descriptors");
+	} else if (m.h.type == COWMMD_CTL && cn->kind != CONN_CLIENT &&
+		   (size_t)n >= sizeof(struct cowmmd_ctl)) {
+		handle_ctl(cn, (void *)&m, (size_t)n);
+	} else if (m.h.type == COWMMD_DETACH && cn->kind == CONN_CLIENT &&
+		   (size_t)n == sizeof(m.h)) {
+		struct client *c = cn->client;
+
+		c->bye = true;
+		abandon(c, -ECANCELED, "the client detached");
+		client_close(c, -ECANCELED);
+	} else {
+		protocol_error(cn, "unexpected message");
+	}
+	for (i = 0; i < nfds; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+}
+
+static void on_listen(uv_poll_t *h, int status, int events)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	struct conn *cn;
+	int fd;
+
+	(void)h;
+	(void)status;
+	(void)events;
+	fd = accept4(D.listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+	if (fd < 0)
+		return;
+	cn = calloc(1, sizeof(*cn));
+	if (!cn || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+		free(cn);
+		close(fd);
+		return;
+	}
+	cn->fd = fd;
+	cn->uid = cred.uid;
+	cn->pid = cred.pid;
+	cn->kind = CONN_NEW;
+	uv_poll_init(D.loop, &cn->poll, fd);
+	cn->poll.data = cn;
+	cn->next = D.conns;
+	D.conns = cn;
+	uv_poll_start(&cn->poll, UV_READABLE | UV_DISCONNECT, on_conn);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+	struct client *c, *next;
+	struct conn *cn, *cnext;
+
+	(void)h;
+	if (D.signals++) {
+		say("%s again: abandoning snapshots in flight",
+		    strsignal(signum));
+		for (c = D.clients; c; c = c->next)
+			abandon(c, -ECANCELED, "cowmmd is shutting down");
+		return;
+	}
+	say("%s: finishing snapshots in flight, then exiting",
+	    strsignal(signum));
+	D.stopping = true;
+	uv_close((uv_handle_t *)&D.listen_poll, NULL);
+	close(D.listen_fd);
+	unlink(D.sock);
+	for (c = D.clients; c; c = next) {
+		next = c->next;
+		if (!c->snap)
+			client_close(c, -ECANCELED);
+	}
+	for (cn = D.conns; cn; cn = cnext) {
+		cnext = cn->next;
+		if (cn->kind != CONN_CLIENT && !cn->waiting)
+			conn_close(cn);
+	}
+	maybe_exit();
+}
+
+static int listen_on(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	mode_t old;
+	int fd, probe;
+
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		say("socket path too long: %s", path);
+		return -ENAMETOOLONG;
+	}
+	strcpy(sa.sun_path, path);
+	/* A socket file nobody listens on is a leftover: remove it. */
+	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (probe >= 0 &&
+	    connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+		close(probe);
+		say("another cowmmd is already listening on %s", path);
+		return -EADDRINUSE;
+	}
+	if (probe >= 0)
+		close(probe);
+	unlink(path);
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK,
+		    0);
+	if (fd < 0)
+		return -errno;
+	old = umask(0177); /* 0600 from the start */
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    chmod(path, 0600) < 0 || listen(fd, 64) < 0) {
+		int err = -errno;
+
+		umask(old);
+		say("cannot listen on %s: %s", path, strerror(-err));
+		close(fd);
+		return err;
+	}
+	umask(old);
+	return fd;
+}
+
+static int make_dir(const char *dir)
+{
+	char tmp[PATH_MAX];
+	char *p;
+
+	snprintf(tmp, sizeof(tmp), "%s", dir);
+	for (p = tmp + 1; *p; p++)
+		if (*p == '/') {
+			*p = '\0';
+			if (mkdir(tmp, 0700) < 0 && errno != EEXIST)
+				return -errno;
+			*p = '/';
+		}
+	if (mkdir(tmp, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	return access(dir, W_OK | X_OK) < 0 ? -errno : 0;
+}
+
+static void usage(FILE *f)
+{
+	char def[108];
+
+	fprintf(f,
+		"usage: cowmmd [--socket PATH] [--dir DIR] [--keep N]\n"
+		"\n"
+		"Takes snapshots of the memory of processes that attach with\n"
+		"cowmm_attach_daemon(), on cowmmctl's command or on a schedule.\n"
+		"\n"
+		"  -s, --socket PATH  listen here (default %s)\n"
+		"  -d, --dir DIR      write snapshots here (default "
+		"/var/tmp/cowmmd)\n"
+		"  -k, --keep N       snapshots kept per client (default 3)\n"
+		"  -r, --rate MIB     write snapshots at most MIB MiB/s "
+		"(default 0:\n"
+		"                     no limit); the client's writes fault "
+		"meanwhile\n"
+		"  -h, --help         this text\n"
+		"  -V, --version      the version\n"
+		"\n"
+		"SIGTERM or SIGINT: finish the snapshots in flight, then exit;\n"
+		"a second one abandons them (their files are removed).\n",
+		cowmmd_default_socket(def, sizeof(def)));
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "socket", required_argument, NULL, 's' },
+		{ "dir", required_argument, NULL, 'd' },
+		{ "keep", required_argument, NULL, 'k' },
+		{ "rate", required_argument, NULL, 'r' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	unsigned long keep, rate;
+	int opt, ret;
+
+	cowmmd_default_socket(D.sock, sizeof(D.sock));
+	snprintf(D.dir, sizeof(D.dir), "/var/tmp/cowmmd");
+	while ((opt = getopt_long(argc, argv, "s:d:k:r:hV", opts, NULL)) != -1) {
+		switch (opt) {
+		case 's':
+			snprintf(D.sock, sizeof(D.sock), "%s", optarg);
+			break;
+		case 'd':
+			snprintf(D.dir, sizeof(D.dir), "%s", optarg);
+			break;
+		case 'k':
+			if (!parse_uint(optarg, KEEP_MAX - 1, &keep) || !keep) {
+				fprintf(stderr, "cowmmd: --keep takes 1 to %d\n",
+					KEEP_MAX - 1);
+				return 2;
+			}
+			D.keep = (unsigned)keep;
+			break;
+		case 'r':
+			if (!parse_uint(optarg, 1ul << 20, &rate)) {
+				fprintf(stderr, "cowmmd: --rate takes MiB/s, "
+						"0 for no limit\n");
+				return 2;
+			}
+			D.rate = (uint64_t)rate << 20;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		case 'V':
+			printf("cowmmd %s\n", COWMM_VERSION_STRING);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind != argc) {
+		usage(stderr);
+		return 2;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	cowmm_set_log(log_lib, NULL);
+	/* This thread resolves faults: an ioctl held back by a pending event
+	 * must come back to it rather than spin (see loop_wp()). */
+	cowmm__in_worker = true;
+	ret = make_dir(D.dir);
+	if (ret) {
+		say("cannot use %s for snapshots: %s", D.dir, strerror(-ret));
+		return 1;
+	}
+	D.listen_fd = listen_on(D.sock);
+	if (D.listen_fd < 0)
+		return 1;
+	D.loop = uv_default_loop();
+	D.started = now_ns();
+	uv_poll_init(D.loop, &D.listen_poll, D.listen_fd);
+	uv_poll_start(&D.listen_poll, UV_READABLE, on_listen);
+	uv_signal_init(D.loop, &D.sigint);
+	uv_signal_init(D.loop, &D.sigterm);
+	uv_signal_start(&D.sigint, on_signal, SIGINT);
+	uv_signal_start(&D.sigterm, on_signal, SIGTERM);
+	say("listening on %s, snapshots in %s, keeping %u per client",
+	    D.sock, D.dir, D.keep);
+	uv_run(D.loop, UV_RUN_DEFAULT);
+	uv_loop_close(D.loop);
+	say("exited cleanly: %llu snapshot(s) written, %llu failed",
+	    (unsigned long long)D.snaps_ok,
+	    (unsigned long long)D.snaps_failed);
+	return 0;
+}

@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * cowmmd's shared declarations: the daemon is one libuv loop (cowmmd.c:
+ * sockets, clients, faults, signals, timers) plus snapshot streams that run
+ * on libuv's thread pool (stream.c).
+ */
+#ifndef COWMMD_H
+#define COWMMD_H
+
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <uv.h>
+
+#include "cowmmd_proto.h"
+
+#define PAGE 4096UL
+#define KEEP_MAX 64
+#define MAX_CLIENTS 64
+#define MAX_WAITERS 8
+#define RETRY_MAX 4096
+
+/* Where a page of a snapshot in flight stands. */
+enum { PG_NONE, PG_STREAMED, PG_PRESERVED };
+
+struct conn;
+
+struct dregion {
+	uint64_t addr, len;
+	size_t first; /* index of its first page among the client's pages */
+	bool gone;    /* unmapped or moved: left out of later snapshots */
+};
+
+/*
+ * One snapshot being written.  The loop thread preserves pages on write
+ * faults; a pool thread streams the file.  Each page's state moves once,
+ * from PG_NONE, by compare-and-swap: to PG_PRESERVED when the fault
+ * handler has the old bytes in frames[pg] (published before the swap and
+ * before the page is unprotected), or to PG_STREAMED when the stream read
+ * the page while it was still protected.
+ */
+struct dsnap {
+	struct client *c;
+	uint64_t seq;
+	pid_t pid;
+	int pidfd, uffd;
+	unsigned nregions;
+	struct dregion r[COWMMD_MAX_RANGES];
+	size_t npages;
+	_Atomic uint8_t *state;
+	void **frames;
+	atomic_int err;		   /* set to abandon the snapshot */
+	atomic_uint_fast64_t done; /* bytes streamed */
+	atomic_uint_fast64_t copies;
+	uint64_t total;
+	uint64_t rate; /* bytes per second the stream may write; 0: any */
+	int fds[COWMMD_MAX_RANGES];
+	char tmpdir[PATH_MAX], finaldir[PATH_MAX];
+	uint64_t t_start, pause_ns, t_stream, t_end;
+	int result;
+	uv_work_t work;
+	struct conn *waiters[MAX_WAITERS];
+	unsigned nwaiters;
+};
+
+/* Streams a snapshot; runs on the thread pool (stream.c). */
+void stream_snapshot(uv_work_t *w);
+void remove_snapshot_dir(const char *dir, unsigned nregions);
+uint64_t now_ns(void);
+
+#endif
