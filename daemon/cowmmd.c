@@ -660,7 +660,7 @@ static void free_dsnap(struct dsnap *s)
 
 static int make_files(struct client *c, struct dsnap *s)
 {
-	char path[PATH_MAX + 16];
+	char path[PATH_MAX + 32];
 	unsigned i;
 
 	snprintf(s->finaldir, sizeof(s->finaldir), "%s/%s-%d-%llu", D.dir,

@@ -99,7 +99,7 @@ static void region_file(char *buf, size_t n, const char *dir, unsigned i)
 /* Remove a snapshot directory this daemon wrote, with its files. */
 void remove_snapshot_dir(const char *dir, unsigned nregions)
 {
-	char path[PATH_MAX + 16];
+	char path[PATH_MAX + 32];
 	unsigned i;
 
 	for (i = 0; i < nregions; i++) {
