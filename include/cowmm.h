@@ -406,6 +406,9 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  */
 COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);
 
+/** cowmm_region_load(): bring pages in from the file on first touch. */
+#define COWMM_LOAD_LAZY (1u << 0)
+
 /** Progress of a long operation: @p done of @p total bytes. */
 typedef void (*cowmm_progress_fn)(uint64_t done, uint64_t total, void *data);
 
@@ -467,21 +470,38 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
 				    void *pdata);
 
 /**
- * Load a snapshot file into a region of the same size, eagerly.  The whole
- * file is checked first (header, every chunk's checksum and counts, the
- * trailer); a file that fails any check leaves the region untouched.  Pages
- * are written through the normal write path, so live snapshots of @p r
- * keep their bytes; pages the file does not store become zero.
+ * Load a snapshot file into a region of the same size.  The whole file is
+ * checked first (header, every chunk's checksum and counts, the trailer);
+ * a file that fails any check leaves the region untouched.
+ *
+ * Eagerly (@p flags 0): pages are written through the normal write path,
+ * so live snapshots of @p r keep their bytes; pages the file does not store
+ * become zero.
+ *
+ * Lazily (#COWMM_LOAD_LAZY): the region's old content is dropped and it is
+ * usable as soon as this returns; each page comes in from the file on its
+ * first touch (a missing fault, about one pread() and one UFFDIO_COPY).
+ * The library keeps a duplicate of @p fd until every page is in; the file
+ * must not change meanwhile (a page that can no longer be read raises
+ * SIGBUS where it is touched, never wrong bytes).  Nothing may share the
+ * region's pages (no snapshot, clone or pin: -EBUSY), and it must not be a
+ * clone or a view (-EINVAL).  cowmm_snapshot(), cowmm_clone() and the
+ * release of an adopted region load the rest first.  Needs
+ * UFFD_FEATURE_POISON (Linux 6.6).  Do not touch the region while this
+ * call runs.
  * Context: any thread.
  *
  * @param r      a region of exactly the file's region size
  * @param fd     a regular file open for reading (read with pread())
- * @param flags  must be 0
- * @return 0; -EINVAL (NULL, flags, file for a smaller region),
- *         -EFBIG (file for a larger region), -EBADMSG (not a snapshot
- *         file, corrupted or truncated), -EPROTONOSUPPORT (another format
- *         version), -ESPIPE (not a regular file), -EBADF (bad @p fd or
- *         released region), -ENOMEM, read(2) errors, -ECHILD
+ * @param flags  0 or #COWMM_LOAD_LAZY
+ * @return 0; -EINVAL (NULL, flags, file for a smaller region, a clone or
+ *         view with #COWMM_LOAD_LAZY), -EFBIG (file for a larger region),
+ *         -EBADMSG (not a snapshot file, corrupted or truncated),
+ *         -EPROTONOSUPPORT (another format version), -ESPIPE (not a
+ *         regular file), -EBADF (bad @p fd or released region), -EBUSY
+ *         (lazily, with snapshots, clones or pins of @p r, or a lazy load
+ *         under way), -EOPNOTSUPP (lazily, kernel older than 6.6),
+ *         -ENOMEM, read(2) errors, -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags);

@@ -220,6 +220,7 @@ struct cowmm_region {
 	struct cowmm_snap *origin;
 	struct cowmm_snap *view_of;
 	unsigned long *present; /* clones and views: pages materialised */
+	struct cowmm_lazy *lazy; /* loading from a snapshot file on demand */
 	unsigned long *holes;   /* pages the application unmapped */
 };
 
@@ -233,7 +234,25 @@ static inline void cowmm__set_bit(unsigned long *map, size_t i)
 	map[i / 64] |= 1UL << (i % 64);
 }
 
+/*
+ * A snapshot file loaded lazily (cowmm_region_load(COWMM_LOAD_LAZY)): each
+ * page comes in on its first missing fault, from off[pg] in the file (0:
+ * a page the file does not store, zero).  loaded: pages filled (or
+ * discarded) since; left: how many are not.
+ */
+struct cowmm_lazy {
+	int fd;
+	uint64_t *off;
+	unsigned long *loaded;
+	size_t left;
+};
+
 int cowmm__check_region(const cowmm_region_t *r);
+int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off);
+int cowmm__lazy_finish_locked(cowmm_region_t *r);
+void cowmm__lazy_discard_locked(cowmm_region_t *r, size_t pg, size_t n);
+int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake);
+void cowmm__lazy_free(cowmm_region_t *r);
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake);
 int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake);
 int cowmm__region_wp(cowmm_region_t *r, bool protect);

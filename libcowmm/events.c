@@ -101,6 +101,9 @@ static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 {
 	size_t i;
 
+	if (r->lazy) /* not loaded yet: zero now, not the file's */
+		cowmm__lazy_discard_locked(r, pg, n);
+
 	for (i = pg; i < pg + n; i++) {
 		int ret;
 

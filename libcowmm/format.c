@@ -312,11 +312,12 @@ static void load_zero(cowmm_region_t *r, size_t pg)
 }
 
 /*
- * Walk the file; with @r NULL only check it, else write each chunk's pages
- * into @r (and zero the pages the file does not store).
+ * Walk the file; with @r NULL only check it (and with @index, note where
+ * each stored page lies), else write each chunk's pages into @r (and zero
+ * the pages the file does not store).
  */
 static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
-		     unsigned char *buf, off_t size)
+		     unsigned char *buf, off_t size, uint64_t *index)
 {
 	uint64_t npages = le64toh(h->npages), nchunks = 0, stored = 0;
 	uint64_t next_first = 0;
@@ -356,6 +357,11 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 		if (crc != le32toh(c.crc))
 			return -EBADMSG;
 		chunks_crc = crc32c(chunks_crc, &c.crc, sizeof(c.crc));
+		for (i = 0; index && i < CHUNK_PAGES; i++)
+			if (c.bitmap[i / 8] >> (i % 8) & 1)
+				index[first + i] =
+					(uint64_t)off + sizeof(c) +
+					(uint64_t)k++ * COWMM_PAGE_SIZE;
 		if (r) {
 			/* Zero what lies between the stored chunks. */
 			for (i = next_first; i < first; i++)
@@ -401,7 +407,7 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 
 	if (ret)
 		return ret;
-	if (flags)
+	if (flags & ~COWMM_LOAD_LAZY)
 		return -EINVAL;
 	if (fd < 0 || fstat(fd, &st) < 0)
 		return -EBADF;
@@ -425,9 +431,21 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	buf = aligned_alloc(COWMM_PAGE_SIZE, CHUNK_PAGES * COWMM_PAGE_SIZE);
 	if (!buf)
 		return -ENOMEM;
-	ret = load_pass(fd, NULL, &h, buf, st.st_size);
+	if (flags & COWMM_LOAD_LAZY) {
+		uint64_t *index = calloc(r->npages, sizeof(*index));
+
+		ret = index ? load_pass(fd, NULL, &h, buf, st.st_size, index)
+			    : -ENOMEM;
+		free(buf);
+		if (ret) {
+			free(index);
+			return ret;
+		}
+		return cowmm__lazy_start(r, fd, index); /* takes @index */
+	}
+	ret = load_pass(fd, NULL, &h, buf, st.st_size, NULL);
 	if (!ret)
-		ret = load_pass(fd, r, &h, buf, st.st_size);
+		ret = load_pass(fd, r, &h, buf, st.st_size, NULL);
 	free(buf);
 	return ret;
 }

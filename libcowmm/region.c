@@ -528,7 +528,7 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 
 	if (cowmm__lock(&r->lock))
 		return -EAGAIN;
-	if (r->dying || !r->present) {
+	if (r->dying || (!r->present && !r->lazy)) {
 		pthread_mutex_unlock(&r->lock);
 		return -ENOENT;
 	}
@@ -538,7 +538,9 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 	cowmm__count(r->mm, missing_faults, 1);
-	if (cowmm__test_bit(r->present, pg))
+	if (r->lazy)
+		ret = cowmm__lazy_fault_locked(r, pg, wake);
+	else if (cowmm__test_bit(r->present, pg))
 		/* Discarded after it was filled: zero, protected if shared. */
 		ret = cowmm__shared_locked(r, pg)
 			      ? cowmm__uffd_copy(r->mm->uffd, addr,
@@ -551,7 +553,7 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 		ret = cowmm__clone_fill(r, pg, wake);
 	else
 		ret = cowmm__view_fill(r, pg, wake);
-	if (!ret || ret == -EEXIST)
+	if ((!ret || ret == -EEXIST) && r->present)
 		cowmm__set_bit(r->present, pg);
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN)
@@ -686,6 +688,7 @@ static void region_free(cowmm_region_t *r)
 	if (r->present)
 		munmap(r->present, bitmap_bytes(r->npages));
 	free(r->holes);
+	cowmm__lazy_free(r);
 	cowmm__pins_fini(&r->pins);
 	pthread_mutex_destroy(&r->lock);
 }
@@ -702,6 +705,9 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 		pthread_mutex_unlock(&r->lock);
 		return -EBUSY;
 	}
+	/* Adopted memory stays the application's: it gets all its bytes. */
+	if (r->adopted)
+		cowmm__lazy_finish_locked(r);
 	r->dying = true;
 	ret = detach_snapshots(r);
 	pthread_mutex_unlock(&r->lock);

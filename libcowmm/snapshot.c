@@ -97,6 +97,10 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 		ret = -EOVERFLOW;
 		goto err_unlock;
 	}
+	/* A region still loading lazily loads the rest first. */
+	ret = cowmm__lazy_finish_locked(r);
+	if (ret)
+		goto err_unlock;
 	/*
 	 * Protect every page, unpopulated ones included.  Faults wait on
 	 * r->lock meanwhile; once it is dropped, each sees this snapshot.

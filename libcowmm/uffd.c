@@ -177,6 +177,18 @@ int cowmm__uffd_zeropage(int fd, uintptr_t dst, size_t len, bool wake)
 	return ret;
 }
 
+/* Make @dst (a missing PTE) raise SIGBUS when touched: a fault that can
+ * never be resolved with the right bytes. */
+int cowmm__uffd_poison(int fd, uintptr_t dst, size_t len, bool wake)
+{
+	struct uffdio_poison p = {
+		.range = { .start = dst, .len = len },
+		.mode = wake ? 0 : UFFDIO_POISON_MODE_DONTWAKE,
+	};
+
+	return uffd_ioctl(fd, UFFDIO_POISON, &p);
+}
+
 /*
  * Hand the page at @src over to @dst (a missing PTE of a registered range)
  * without copying.  The kernel refuses pinned pages with -EBUSY.

@@ -56,6 +56,17 @@ struct uffdio_move {
 #endif
 _Static_assert(sizeof(struct uffdio_move) == 40, "uffdio_move ABI");
 
+#ifndef UFFDIO_POISON /* 6.6 */
+struct uffdio_poison {
+	struct uffdio_range range;
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+	__u64 mode;
+	__s64 updated;
+};
+#define _UFFDIO_POISON (0x08)
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
 #if !HAVE_STRUCT_PM_SCAN_ARG /* 6.7 */
 struct page_region {
 	__u64 start;
@@ -101,7 +112,7 @@ _Static_assert(sizeof(struct page_region) == 24, "page_region ABI");
 	(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED |        \
 	 UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MOVE |                          \
 	 UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP |                \
-	 UFFD_FEATURE_EVENT_REMAP)
+	 UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_POISON)
 /* Without these a manager cannot work at all. */
 #define COWMM_UFFD_REQUIRED UFFD_FEATURE_PAGEFAULT_FLAG_WP
 
@@ -117,6 +128,7 @@ int cowmm__uffd_wake(int fd, uintptr_t start, size_t len);
 int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
 		     bool wp, bool wake);
 int cowmm__uffd_zeropage(int fd, uintptr_t dst, size_t len, bool wake);
+int cowmm__uffd_poison(int fd, uintptr_t dst, size_t len, bool wake);
 int cowmm__uffd_move(int fd, uintptr_t dst, const void *src, size_t len,
 		     bool wake);
 int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out);

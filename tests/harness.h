@@ -19,6 +19,7 @@
 /* What every case that opens a manager needs. */
 #define T_WP (1 << 0) /* UFFD_FEATURE_PAGEFAULT_FLAG_WP */
 #define T_WP_UNPOPULATED ((1 << 0) | (1 << 13))
+#define T_POISON (1 << 14) /* UFFD_FEATURE_POISON, 6.6: lazy loads */
 
 #ifndef ARRAY_SIZE
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))

@@ -9,7 +9,10 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -293,7 +296,7 @@ START_TEST(test_bad_args)
 			 0);
 	ck_assert_int_eq(cowmm_region_load(big, fd, 0), -EINVAL);
 	ck_assert_int_eq(cowmm_region_load(small, fd, 0), -EFBIG);
-	ck_assert_int_eq(cowmm_region_load(e.dst, fd, 1), -EINVAL);
+	ck_assert_int_eq(cowmm_region_load(e.dst, fd, 2), -EINVAL);
 	ck_assert_int_eq(cowmm_region_load(e.dst, -1, 0), -EBADF);
 	ck_assert_int_eq(cowmm_region_load(NULL, fd, 0), -EINVAL);
 	ck_assert_int_eq(pipe(pipefd), 0);
@@ -317,6 +320,229 @@ START_TEST(test_bad_args)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------------------ */
+/* Lazy loading */
+
+#define LAZY_PAGES 4096 /* 16 MiB, 8 chunks */
+
+static uint64_t lazy_want(size_t pg)
+{
+	unsigned char page[T_PAGE];
+
+	if (pg % 2)
+		return t_page_sum(memset(page, 0, T_PAGE));
+	t_fill_page(page, pg + 1);
+	return t_page_sum(page);
+}
+
+/* A file of LAZY_PAGES pages: even pages t_fill_page(pg + 1), odd zero. */
+static int lazy_file(cowmm_t *mm)
+{
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	int fd = tmpfile_fd();
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, LAZY_PAGES * T_PAGE, 0, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < LAZY_PAGES; pg += 2)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_write(s, fd), 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	return fd;
+}
+
+static size_t resident_pages(const void *p, size_t npages)
+{
+	unsigned char *vec = malloc(npages);
+	size_t i, n = 0;
+
+	ck_assert_int_eq(mincore((void *)p, npages * T_PAGE, vec), 0);
+	for (i = 0; i < npages; i++)
+		n += vec[i] & 1;
+	free(vec);
+	return n;
+}
+
+START_TEST(test_lazy)
+{
+	cowmm_t *mm = t_open(0);
+	cowmm_region_t *dst;
+	cowmm_snap_t *s;
+	struct cowmm_stats st0, st1;
+	unsigned char *p, page[T_PAGE];
+	int fd = lazy_file(mm);
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, LAZY_PAGES * T_PAGE, 0, &dst),
+			 0);
+	p = cowmm_region_base(dst);
+	memset(p, 0xee, LAZY_PAGES * T_PAGE); /* old content to drop */
+	st0 = t_stats(mm);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, COWMM_LOAD_LAZY), 0);
+	/* Nothing came in yet: loading costs no memory until touched. */
+	ck_assert_uint_eq(resident_pages(p, LAZY_PAGES), 0);
+
+	ck_assert_uint_eq(t_page_sum(p + 100 * T_PAGE), lazy_want(100));
+	ck_assert_uint_eq(t_page_sum(p + 101 * T_PAGE), lazy_want(101));
+	ck_assert_uint_le(resident_pages(p, LAZY_PAGES), 2);
+	/* A first write sees the file's bytes around it. */
+	p[102 * T_PAGE + 9] ^= 0xff;
+	p[102 * T_PAGE + 9] ^= 0xff;
+	ck_assert_uint_eq(t_page_sum(p + 102 * T_PAGE), lazy_want(102));
+	st1 = t_stats(mm);
+	ck_assert_uint_eq(st1.missing_faults - st0.missing_faults, 3);
+	/* Discarded before it was loaded: zero, as after any discard. */
+	ck_assert_int_eq(madvise(p + 200 * T_PAGE, T_PAGE, MADV_DONTNEED), 0);
+	ck_assert_uint_eq(t_page_sum(p + 200 * T_PAGE),
+			  t_page_sum(memset(page, 0, T_PAGE)));
+
+	/* A snapshot loads the rest first; both read the file's bytes. */
+	ck_assert_int_eq(cowmm_snapshot(dst, &s), 0);
+	ck_assert_uint_eq(resident_pages(p, LAZY_PAGES), LAZY_PAGES);
+	for (pg = 0; pg < LAZY_PAGES; pg++) {
+		uint64_t want = pg == 200 ? t_page_sum(memset(page, 0, T_PAGE))
+					  : lazy_want(pg);
+
+		if (t_page_sum(p + pg * T_PAGE) != want)
+			ck_abort_msg("live page %zu", pg);
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, page, T_PAGE),
+				 T_PAGE);
+		if (t_page_sum(page) != want)
+			ck_abort_msg("snapshot page %zu", pg);
+	}
+	cowmm_snap_release(s);
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+struct lazy_reader {
+	const unsigned char *p;
+	uint64_t seed;
+	unsigned bad;
+};
+
+static void *lazy_reader_main(void *arg)
+{
+	struct lazy_reader *lr = arg;
+	int i;
+
+	for (i = 0; i < 3000; i++) {
+		size_t pg = t_rand(&lr->seed) % LAZY_PAGES;
+
+		lr->bad += t_page_sum(lr->p + pg * T_PAGE) != lazy_want(pg);
+	}
+	return NULL;
+}
+
+/* Many threads touching pages not loaded yet, the same ones at times. */
+START_TEST(test_lazy_concurrent)
+{
+	cowmm_t *mm = t_open(2);
+	struct lazy_reader lr[6];
+	pthread_t th[6];
+	cowmm_region_t *dst;
+	int fd = lazy_file(mm);
+	unsigned i;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, LAZY_PAGES * T_PAGE, 0, &dst),
+			 0);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, COWMM_LOAD_LAZY), 0);
+	for (i = 0; i < 6; i++) {
+		lr[i] = (struct lazy_reader){ cowmm_region_base(dst), i + 1, 0 };
+		pthread_create(&th[i], NULL, lazy_reader_main, &lr[i]);
+	}
+	for (i = 0; i < 6; i++) {
+		pthread_join(th[i], NULL);
+		ck_assert_uint_eq(lr[i].bad, 0);
+	}
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+/* Refused lazy loads change nothing. */
+START_TEST(test_lazy_refused)
+{
+	cowmm_t *mm = t_open(0);
+	cowmm_region_t *dst, *c;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	int fd = lazy_file(mm), bad = tmpfile_fd();
+	unsigned char junk[8192];
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, LAZY_PAGES * T_PAGE, 0, &dst),
+			 0);
+	p = cowmm_region_base(dst);
+	memset(p, 0x5a, LAZY_PAGES * T_PAGE);
+
+	ck_assert_int_eq(cowmm_region_load(dst, fd, 2), -EINVAL);
+	ck_assert_int_eq(cowmm_snapshot(dst, &s), 0);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, COWMM_LOAD_LAZY), -EBUSY);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_pin(dst, p, T_PAGE, COWMM_PIN_READ), 0);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, COWMM_LOAD_LAZY), -EBUSY);
+	ck_assert_int_eq(cowmm_unpin(dst, p, T_PAGE), 0);
+	memset(junk, 0x33, sizeof(junk));
+	ck_assert_int_eq(write(bad, junk, sizeof(junk)), (ssize_t)sizeof(junk));
+	ck_assert_int_eq(cowmm_region_load(dst, bad, COWMM_LOAD_LAZY),
+			 -EBADMSG);
+	ck_assert_int_eq(cowmm_clone(dst, 0, &c), 0);
+	ck_assert_int_eq(cowmm_region_load(c, fd, COWMM_LOAD_LAZY), -EINVAL);
+	ck_assert_int_eq(cowmm_region_release(c), 0);
+	ck_assert_uint_eq(resident_pages(p, LAZY_PAGES), LAZY_PAGES);
+	for (size_t i = 0; i < LAZY_PAGES * T_PAGE; i += 997)
+		if (p[i] != 0x5a)
+			ck_abort_msg("byte %zu changed", i);
+
+	/* A second lazy load while the first is under way. */
+	ck_assert_int_eq(cowmm_region_load(dst, fd, COWMM_LOAD_LAZY), 0);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, COWMM_LOAD_LAZY), -EBUSY);
+	close(bad);
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+/* A page the file can no longer give raises SIGBUS, never wrong bytes. */
+START_TEST(test_lazy_poison)
+{
+	pid_t pid = fork();
+	int st;
+
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		cowmm_t *mm;
+		cowmm_region_t *dst;
+		volatile unsigned char *p;
+		int fd;
+
+		if (cowmm_open(NULL, &mm))
+			_exit(2);
+		fd = lazy_file(mm);
+		if (cowmm_region_alloc(mm, LAZY_PAGES * T_PAGE, 0, &dst) ||
+		    cowmm_region_load(dst, fd, COWMM_LOAD_LAZY))
+			_exit(3);
+		p = cowmm_region_base(dst);
+		if (p[0] != 1 && t_page_sum((const void *)p) != lazy_want(0))
+			_exit(4);
+		if (ftruncate(fd, 4096)) /* the file shrinks behind our back */
+			_exit(5);
+		(void)p[(LAZY_PAGES - 2) * T_PAGE]; /* stored past 4096 */
+		_exit(0);
+	}
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFSIGNALED(st) && WTERMSIG(st) == SIGBUS,
+		      "child status %#x, not SIGBUS", st);
+}
+END_TEST
+
 int main(void)
 {
 	const struct t_case cases[] = {
@@ -324,6 +550,11 @@ int main(void)
 		{ "sparse", test_sparse, T_WP_UNPOPULATED },
 		{ "bad-files", test_bad_files, T_WP_UNPOPULATED, 0, 120 },
 		{ "bad-args", test_bad_args, T_WP_UNPOPULATED },
+		{ "lazy", test_lazy, T_WP_UNPOPULATED | T_POISON },
+		{ "lazy-concurrent", test_lazy_concurrent,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "lazy-refused", test_lazy_refused, T_WP_UNPOPULATED | T_POISON },
+		{ "lazy-poison", test_lazy_poison, T_WP_UNPOPULATED | T_POISON },
 	};
 
 	return t_run("format", cases, ARRAY_SIZE(cases));

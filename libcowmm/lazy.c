@@ -1,0 +1,207 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Lazy loading of a snapshot file (cowmm_region_load(COWMM_LOAD_LAZY)).
+ *
+ * The file is checked whole first (format.c), which also yields where each
+ * page lies in it.  The region's pages are then dropped and the range is
+ * registered for missing faults as well: each page comes in from the file
+ * on its first touch, read or write, through UFFDIO_COPY.  A snapshot,
+ * clone or release of the region first loads what is left, so that none of
+ * them ever sees a page that is neither in memory nor known to be zero.
+ */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "cowmm_i.h"
+#include "uffd.h"
+
+static size_t bitmap_bytes(size_t npages)
+{
+	return (npages + 63) / 64 * sizeof(unsigned long);
+}
+
+static void lazy_free(struct cowmm_lazy *l)
+{
+	if (!l)
+		return;
+	if (l->fd >= 0)
+		close(l->fd);
+	free(l->off);
+	free(l->loaded);
+	free(l);
+}
+
+/* The page's bytes from the file (or zeros); -EIO when it cannot be read. */
+static int lazy_read(const struct cowmm_lazy *l, size_t pg, void *dst)
+{
+	size_t done = 0;
+
+	if (!l->off[pg]) {
+		memset(dst, 0, COWMM_PAGE_SIZE);
+		return 0;
+	}
+	while (done < COWMM_PAGE_SIZE) {
+		ssize_t n = pread(l->fd, (char *)dst + done,
+				  COWMM_PAGE_SIZE - done,
+				  (off_t)(l->off[pg] + done));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+/*
+ * Fill page @pg from the file and mark it loaded.  A page that cannot be
+ * read any more (the disk failed, the file was truncated behind our back)
+ * is poisoned: the thread touching it gets SIGBUS rather than wrong bytes.
+ * Call with r->lock held.
+ */
+static int lazy_fill_locked(cowmm_region_t *r, size_t pg, bool wake)
+{
+	unsigned char page[COWMM_PAGE_SIZE]
+		__attribute__((aligned(COWMM_PAGE_SIZE)));
+	struct cowmm_lazy *l = r->lazy;
+	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	int ret;
+
+	if (!l->off[pg]) { /* not stored: the shared zero page, no memory */
+		ret = cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
+					   wake);
+	} else if (lazy_read(l, pg, page)) {
+		cowmm__log(COWMM_LOG_ERR,
+			   "lazy load: page %zu cannot be read from the file; "
+			   "poisoned",
+			   pg);
+		ret = cowmm__uffd_poison(r->mm->uffd, addr, COWMM_PAGE_SIZE,
+					 wake);
+	} else {
+		ret = cowmm__uffd_copy(r->mm->uffd, addr, page,
+				       COWMM_PAGE_SIZE, false, wake);
+	}
+	if (!ret || ret == -EEXIST) {
+		cowmm__set_bit(l->loaded, pg);
+		l->left--;
+	}
+	return ret;
+}
+
+/*
+ * A missing fault on a region being loaded: its page from the file, or,
+ * for a page loaded and then discarded (MADV_DONTNEED), zeros.
+ * Call with r->lock held.
+ */
+int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
+{
+	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+
+	if (cowmm__test_bit(r->lazy->loaded, pg))
+		return cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
+					    wake);
+	return lazy_fill_locked(r, pg, wake);
+}
+
+/* Load every page not loaded yet.  Call with r->lock held. */
+int cowmm__lazy_finish_locked(cowmm_region_t *r)
+{
+	struct cowmm_lazy *l = r->lazy;
+	size_t pg;
+	int ret = 0;
+
+	for (pg = 0; l && l->left && pg < r->npages; pg++) {
+		if (cowmm__test_bit(l->loaded, pg))
+			continue;
+		ret = lazy_fill_locked(r, pg, true);
+		if (ret && ret != -EEXIST)
+			return ret;
+	}
+	return 0;
+}
+
+/*
+ * The application discarded pages of a region being loaded: they read as
+ * zero from now on, not as the file's.  Call with r->lock held.
+ */
+void cowmm__lazy_discard_locked(cowmm_region_t *r, size_t pg, size_t n)
+{
+	struct cowmm_lazy *l = r->lazy;
+	size_t i;
+
+	for (i = pg; l && i < pg + n && i < r->npages; i++)
+		if (!cowmm__test_bit(l->loaded, i)) {
+			cowmm__set_bit(l->loaded, i);
+			l->left--;
+		}
+}
+
+void cowmm__lazy_free(cowmm_region_t *r)
+{
+	lazy_free(r->lazy);
+	r->lazy = NULL;
+}
+
+/*
+ * Make @r load from @fd (checked already; @off as above, taken over) on
+ * demand.  The region must have nothing that shares its pages.
+ */
+int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
+{
+	struct cowmm_lazy *l = calloc(1, sizeof(*l));
+	int ret, err;
+
+	if (!l) {
+		free(off);
+		return -ENOMEM;
+	}
+	l->off = off;
+	l->left = r->npages;
+	l->loaded = calloc(1, bitmap_bytes(r->npages));
+	l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	if (!l->loaded || l->fd < 0) {
+		ret = l->fd < 0 ? -errno : -ENOMEM;
+		lazy_free(l);
+		return ret;
+	}
+
+	pthread_mutex_lock(&r->mm->lock);
+	pthread_mutex_lock(&r->lock);
+	ret = r->lazy ? -EBUSY
+	      : r->snaps || r->pins.nrec ? -EBUSY
+	      : r->origin || r->view_of ? -EINVAL
+	      : !(r->mm->features & UFFD_FEATURE_POISON)
+		      ? -EOPNOTSUPP
+		      : 0;
+	/*
+	 * Drop the old content (nothing shares it) while the range is not
+	 * registered, so that no REMOVE event comes back to us, then
+	 * register it for missing faults too: from here on every touch of
+	 * a page not loaded comes to us.
+	 */
+	if (!ret)
+		ret = cowmm__uffd_unregister(r->mm->uffd, r->base, r->len);
+	if (!ret) {
+		if (madvise((void *)r->base, r->len, MADV_DONTNEED) < 0)
+			ret = -errno;
+		err = cowmm__uffd_register(r->mm->uffd, r->base, r->len,
+					   UFFDIO_REGISTER_MODE_MISSING |
+						   UFFDIO_REGISTER_MODE_WP,
+					   NULL);
+		if (err) /* keep the region managed, as it was */
+			cowmm__uffd_register(r->mm->uffd, r->base, r->len,
+					     UFFDIO_REGISTER_MODE_WP, NULL);
+		ret = ret ? ret : err;
+	}
+	if (!ret)
+		r->lazy = l;
+	pthread_mutex_unlock(&r->lock);
+	pthread_mutex_unlock(&r->mm->lock);
+	if (ret)
+		lazy_free(l);
+	return ret;
+}
