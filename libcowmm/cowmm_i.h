@@ -264,6 +264,8 @@ void cowmm__region_unmap(cowmm_region_t *r); /* views; mm->lock held */
 int cowmm__clone_fill(cowmm_region_t *r, size_t pg, bool wake);
 int cowmm__view_fill(cowmm_region_t *r, size_t pg, bool wake);
 bool cowmm__shared_locked(cowmm_region_t *r, size_t pg);
+void cowmm__break_needers(cowmm_region_t *r, size_t pg, const char *why);
+bool cowmm__page_is_zero(const void *p);
 int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			   atomic_uint_fast64_t *counter);
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);

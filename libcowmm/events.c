@@ -29,15 +29,6 @@
 #include "cowmm_i.h"
 #include "uffd.h"
 
-static void break_needers(cowmm_region_t *r, size_t pg, const char *why)
-{
-	struct cowmm_snap *s;
-
-	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
-		if (!cowmm__fmap_get(&s->frames, pg))
-			cowmm__snap_break(s, why);
-}
-
 /* Run @fn on the part of every region that overlaps [start, end). */
 static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 		       int (*fn)(cowmm_region_t *, size_t, size_t))
@@ -87,8 +78,8 @@ static int remove_clone_page(cowmm_region_t *r, size_t pg)
 	if (!cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e) &&
 	    !(e & PM_PRESENT) && (e & PM_UFFD_WP))
 		return cowmm__preserve_locked(r, pg, true, &r->mm->cnt.copies);
-	break_needers(r, pg, "pages of a clone discarded while a snapshot "
-			     "needed them");
+	cowmm__break_needers(r, pg, "pages of a clone discarded while a "
+				    "snapshot needed them");
 	return 0;
 }
 
@@ -132,14 +123,14 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 		r->holes = calloc((r->npages + 63) / 64, sizeof(*r->holes));
 		if (!r->holes) { /* cannot remember: break everything */
 			for (i = pg; i < pg + n; i++)
-				break_needers(r, i, "region unmapped");
+				cowmm__break_needers(r, i, "region unmapped");
 			return 0;
 		}
 	}
 	for (i = pg; i < pg + n; i++) {
 		if (cowmm__shared_locked(r, i))
-			break_needers(r, i, "pages unmapped while a snapshot "
-					    "still needed them");
+			cowmm__break_needers(r, i, "pages unmapped while a "
+						   "snapshot still needed them");
 		r->wgen[i] = r->epoch;
 		cowmm__set_bit(r->holes, i);
 	}

@@ -148,17 +148,6 @@ static int write_all(int fd, struct iovec *iov, int cnt)
 	return 0;
 }
 
-static bool all_zero(const unsigned char *p)
-{
-	const uint64_t *w = (const uint64_t *)p;
-	size_t i;
-
-	for (i = 0; i < COWMM_PAGE_SIZE / 8; i++)
-		if (w[i])
-			return false;
-	return true;
-}
-
 int cowmm_format_write(int fd, size_t len, cowmm_read_fn read, void *rdata,
 		       cowmm_progress_fn progress, void *pdata)
 {
@@ -202,7 +191,7 @@ int cowmm_format_write(int fd, size_t len, cowmm_read_fn read, void *rdata,
 		for (i = 0; i < n; i++) {
 			unsigned char *pg = buf + i * COWMM_PAGE_SIZE;
 
-			if (all_zero(pg))
+			if (cowmm__page_is_zero(pg))
 				continue;
 			c.bitmap[i / 8] |= 1u << (i % 8);
 			iov[cnt++] = (struct iovec){ pg, COWMM_PAGE_SIZE };
@@ -307,7 +296,7 @@ static void load_zero(cowmm_region_t *r, size_t pg)
 
 	if (!r->origin && !cowmm__resident((uintptr_t)p, 1, &vec) && !vec)
 		return;
-	if (!all_zero(p))
+	if (!cowmm__page_is_zero(p))
 		memset(p, 0, COWMM_PAGE_SIZE);
 }
 

@@ -624,7 +624,8 @@ void cowmm__quiesce(cowmm_t *mm)
 	}
 }
 
-/* Not part of the API: the next @n frame allocations fail, as without memory. */
+/* Not part of the API: the next @n frame allocations fail, as when out of
+ * memory. */
 void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)
 {
 	atomic_store(&mm->pool.fail_next, n);

@@ -308,7 +308,17 @@ int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec)
 	return 0;
 }
 
-static bool page_is_zero(const void *p)
+/* Mark broken every live snapshot that still needed page @pg of @r. */
+void cowmm__break_needers(cowmm_region_t *r, size_t pg, const char *why)
+{
+	struct cowmm_snap *s;
+
+	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
+		if (!cowmm__fmap_get(&s->frames, pg))
+			cowmm__snap_break(s, why);
+}
+
+bool cowmm__page_is_zero(const void *p)
 {
 	const uint64_t *w = p;
 	size_t i;
@@ -335,20 +345,14 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 	uint32_t w = r->wgen[pg];
 	struct cowmm_frame *f = &cowmm__zero_frame;
 	struct cowmm_snap *s;
-	unsigned needers = 0;
 
-	/* Newest first: those past wgen share the page, unless served. */
-	for (s = r->snaps; s && s->epoch > w; s = s->next)
-		needers += !cowmm__fmap_get(&s->frames, pg);
-	if (!needers)
+	if (!cowmm__shared_locked(r, pg))
 		return 0;
 	if (!zero) {
 		f = cowmm__frame_alloc(&r->mm->pool);
 		if (!f) {
-			for (s = r->snaps; s && s->epoch > w; s = s->next)
-				if (!cowmm__fmap_get(&s->frames, pg))
-					cowmm__snap_break(s, "out of memory "
-							     "for a frame");
+			cowmm__break_needers(r, pg,
+					     "out of memory for a frame");
 			return -ENOMEM;
 		}
 		int err = cowmm__region_read_page(r, pg, cowmm__frame_data(f),
@@ -360,12 +364,10 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 		}
 		if (err) {
 			cowmm__frame_free_now(f);
-			for (s = r->snaps; s && s->epoch > w; s = s->next)
-				if (!cowmm__fmap_get(&s->frames, pg))
-					cowmm__snap_break(s, "source lost");
+			cowmm__break_needers(r, pg, "source lost");
 			return -EIO;
 		}
-		if (page_is_zero(cowmm__frame_data(f))) {
+		if (cowmm__page_is_zero(cowmm__frame_data(f))) {
 			cowmm__frame_free_now(f); /* never published */
 			f = &cowmm__zero_frame;
 		} else {
@@ -433,8 +435,8 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
  * materialised is read from its origin, and one discarded since reads as
  * zero.  @probe: a page never populated reads as zero without being
  * populated (one mincore() call); the fault path, whose writer is about to
- * populate the page anyway, does not ask.  Call with r->lock held.  Returns 0, or -EIO when a broken origin
- * cannot supply it.
+ * populate the page anyway, does not ask.  Call with r->lock held.
+ * Returns 0, or -EIO when a broken origin cannot supply it.
  */
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe)
