@@ -510,6 +510,12 @@ START_TEST(test_lazy_refused)
 }
 END_TEST
 
+static void exit_on_sigbus(int sig)
+{
+	(void)sig;
+	_exit(99); /* the sanitizers' own SIGBUS reports would abort */
+}
+
 /* A page the file can no longer give raises SIGBUS, never wrong bytes. */
 START_TEST(test_lazy_poison)
 {
@@ -534,11 +540,12 @@ START_TEST(test_lazy_poison)
 			_exit(4);
 		if (ftruncate(fd, 4096)) /* the file shrinks behind our back */
 			_exit(5);
+		signal(SIGBUS, exit_on_sigbus);
 		(void)p[(LAZY_PAGES - 2) * T_PAGE]; /* stored past 4096 */
 		_exit(0);
 	}
 	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	ck_assert_msg(WIFSIGNALED(st) && WTERMSIG(st) == SIGBUS,
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 99,
 		      "child status %#x, not SIGBUS", st);
 }
 END_TEST
