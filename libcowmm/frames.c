@@ -37,6 +37,23 @@ struct cowmm_frame_chunk {
 	struct cowmm_frame frames[CHUNK_FRAMES];
 };
 
+/*
+ * The fault path allocates with mmap() only, never malloc(): in in-thread
+ * mode it runs in a signal handler (inthread.c), where mmap() is safe.
+ */
+static void *page_alloc(size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void page_free(void *p, size_t len)
+{
+	munmap(p, len);
+}
+
 static const unsigned char zero_page[COWMM_PAGE_SIZE]
 	__attribute__((aligned(COWMM_PAGE_SIZE)));
 
@@ -83,7 +100,7 @@ void cowmm__frame_pool_fini(struct cowmm_frame_pool *pool)
 	while ((c = pool->partial)) {
 		partial_del(pool, c);
 		munmap(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE);
-		free(c);
+		page_free(c, sizeof(*c));
 	}
 	pthread_mutex_unlock(&pool->lock);
 	pthread_mutex_destroy(&pool->lock);
@@ -91,7 +108,7 @@ void cowmm__frame_pool_fini(struct cowmm_frame_pool *pool)
 
 static struct cowmm_frame_chunk *chunk_new(struct cowmm_frame_pool *pool)
 {
-	struct cowmm_frame_chunk *c = calloc(1, sizeof(*c));
+	struct cowmm_frame_chunk *c = page_alloc(sizeof(*c)); /* zeroed */
 	unsigned i;
 
 	if (!c)
@@ -100,7 +117,7 @@ static struct cowmm_frame_chunk *chunk_new(struct cowmm_frame_pool *pool)
 		       PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (c->data == MAP_FAILED) {
-		free(c);
+		page_free(c, sizeof(*c));
 		return NULL;
 	}
 	c->pool = pool;
@@ -174,7 +191,7 @@ static void frame_release(struct cowmm_frame *f)
 	pthread_mutex_unlock(&pool->lock);
 	if (unmap) {
 		munmap(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE);
-		free(c);
+		page_free(c, sizeof(*c));
 	}
 }
 
@@ -248,7 +265,7 @@ void cowmm__fmap_fini(struct cowmm_frame_map *m)
 		for (i = 0; i < COWMM_LEAF_SIZE; i++)
 			if (leaf[i])
 				cowmm__frame_put(leaf[i]);
-		free(leaf);
+		page_free(leaf, COWMM_LEAF_SIZE * sizeof(*leaf));
 	}
 	free(m->dir);
 	m->dir = NULL;
@@ -279,7 +296,7 @@ int cowmm__fmap_set(struct cowmm_frame_map *m, size_t pg,
 	struct cowmm_frame **leaf = *slot;
 
 	if (!leaf) {
-		leaf = calloc(COWMM_LEAF_SIZE, sizeof(*leaf));
+		leaf = page_alloc(COWMM_LEAF_SIZE * sizeof(*leaf));
 		if (!leaf)
 			return -ENOMEM;
 		__atomic_store_n(slot, leaf, __ATOMIC_RELEASE);
