@@ -65,6 +65,26 @@ struct cowmm_config {
 /** Initialiser for struct cowmm_config. */
 #define COWMM_CONFIG_INIT { .size = sizeof(struct cowmm_config) }
 
+/** Flags of struct cowmm_config. */
+enum {
+	/**
+	 * In-thread fault mode: a write to a page a snapshot still needs is
+	 * resolved by the writing thread itself, in a SIGBUS handler the
+	 * library installs (UFFD_FEATURE_SIGBUS), instead of by a worker.
+	 * No hand-off between threads: the first write after a snapshot costs
+	 * about what the kernel's own COW fault costs (README, Performance).
+	 * Limits: a system call that writes into such a page (read(2) into
+	 * it, say) fails with EFAULT instead of waiting; clones, snapshot
+	 * views and lazy loads need missing faults and return -EOPNOTSUPP;
+	 * regions must not be written from the application's own signal
+	 * handlers nor hold the C library's heap.  A SIGBUS that is not a
+	 * region's goes to the handler installed before the first such
+	 * manager was opened: install yours first, not after.
+	 */
+	COWMM_OPEN_IN_THREAD = 1u << 0,
+#define COWMM_OPEN_IN_THREAD COWMM_OPEN_IN_THREAD
+};
+
 /** Most worker threads a manager accepts. */
 #define COWMM_WORKERS_MAX 64
 
@@ -123,7 +143,8 @@ struct cowmm_stats {
  *         -EPERM (no permission to use userfaultfd; the log says how to
  *         grant it), -ENOSYS (kernel without userfaultfd),
  *         -EOPNOTSUPP (kernel without write-protect support), -ENOMEM,
- *         -EMFILE, -EAGAIN (no thread could be started)
+ *         -EMFILE (also: more than 16 #COWMM_OPEN_IN_THREAD managers),
+ *         -EAGAIN (no thread could be started)
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_open(const struct cowmm_config *cfg, cowmm_t **out);
@@ -264,8 +285,8 @@ COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
  * @param flags  COWMM_REGION_THP or COWMM_REGION_NOTHP, for the clone
  * @param out    receives the clone; untouched on failure
  * @return 0; -EINVAL (NULL, bad flags), -EBADF (released region), -ENOMEM,
- *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED),
- *         -EOVERFLOW, -ECHILD
+ *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED, or a
+ *         #COWMM_OPEN_IN_THREAD manager), -EOVERFLOW, -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_clone(cowmm_region_t *src, unsigned flags,
@@ -386,7 +407,7 @@ COWMM_EXPORT size_t cowmm_snap_size(const cowmm_snap_t *s);
  * @param s     a snapshot
  * @param view  receives the address of the view
  * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -EIO (broken),
- *         -ENOMEM, -ECHILD
+ *         -EOPNOTSUPP (a #COWMM_OPEN_IN_THREAD manager), -ENOMEM, -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
@@ -500,7 +521,8 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
  *         -EPROTONOSUPPORT (another format version), -ESPIPE (not a
  *         regular file), -EBADF (bad @p fd or released region), -EBUSY
  *         (lazily, with snapshots, clones or pins of @p r, or a lazy load
- *         under way), -EOPNOTSUPP (lazily, kernel older than 6.6),
+ *         under way), -EOPNOTSUPP (lazily: kernel older than 6.6, or a
+ *         #COWMM_OPEN_IN_THREAD manager),
  *         -ENOMEM, read(2) errors, -ECHILD
  * @since 0.1
  */

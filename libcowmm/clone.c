@@ -47,6 +47,8 @@ int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
 	    (flags & COWMM_REGION_THP && flags & COWMM_REGION_NOTHP))
 		return -EINVAL;
 	mm = src->mm;
+	if (mm->flags & COWMM_OPEN_IN_THREAD)
+		return -EOPNOTSUPP; /* a clone fills by missing faults */
 	pthread_mutex_lock(&mm->lock);
 	ret = cowmm__snap_create_locked(src, true, &origin);
 	if (ret)

@@ -150,6 +150,8 @@ unsigned long cowmm__fork_gen(void);
  * the message and goes on reading.  Other threads block as usual.
  */
 extern __thread bool cowmm__in_worker;
+/* This thread is resolving its own fault (inthread.c). */
+extern __thread bool cowmm__in_sigbus;
 
 static inline int cowmm__lock(pthread_mutex_t *m)
 {
@@ -246,6 +248,11 @@ struct cowmm_lazy {
 	unsigned long *loaded;
 	size_t left;
 };
+
+/* inthread.c: the SIGBUS handler of COWMM_OPEN_IN_THREAD managers */
+int cowmm__inthread_add(cowmm_t *mm);
+void cowmm__inthread_remove(cowmm_t *mm);
+extern atomic_uint cowmm__releasing;
 
 int cowmm__check_region(const cowmm_region_t *r);
 int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off);

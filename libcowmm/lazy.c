@@ -174,6 +174,7 @@ int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
 	ret = r->lazy ? -EBUSY
 	      : r->snaps || r->pins.nrec ? -EBUSY
 	      : r->origin || r->view_of ? -EINVAL
+	      : r->mm->flags & COWMM_OPEN_IN_THREAD ? -EOPNOTSUPP
 	      : !(r->mm->features & UFFD_FEATURE_POISON)
 		      ? -EOPNOTSUPP
 		      : 0;

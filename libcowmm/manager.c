@@ -474,7 +474,8 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	ret = config_read(ucfg, &cfg);
 	if (ret)
 		return ret;
-	if (cfg.flags || cfg.workers > COWMM_WORKERS_MAX ||
+	if ((cfg.flags & ~COWMM_OPEN_IN_THREAD) ||
+	    cfg.workers > COWMM_WORKERS_MAX ||
 	    cfg.fault_around > 1)
 		return -EINVAL;
 	if (sysconf(_SC_PAGESIZE) != (long)COWMM_PAGE_SIZE)
@@ -504,6 +505,8 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		goto err_free;
 	}
 	mm->features = mm->kernel_features & COWMM_UFFD_WANTED;
+	if (mm->flags & COWMM_OPEN_IN_THREAD)
+		mm->features |= UFFD_FEATURE_SIGBUS; /* since 4.14 */
 
 	ret = cowmm__uffd_open(false);
 	if (ret < 0)
@@ -531,9 +534,17 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	ret = cowmm__frame_pool_init(&mm->pool, &mm->cnt.frames_live);
 	if (ret)
 		goto err_mutex;
+	if (mm->flags & COWMM_OPEN_IN_THREAD) {
+		ret = cowmm__inthread_add(mm);
+		if (ret)
+			goto err_pool;
+	}
 	ret = workers_start(mm);
-	if (ret)
+	if (ret) {
+		if (mm->flags & COWMM_OPEN_IN_THREAD)
+			cowmm__inthread_remove(mm);
 		goto err_pool;
+	}
 	*out = mm;
 	return 0;
 
@@ -559,6 +570,8 @@ void cowmm_close(cowmm_t *mm)
 	if (cowmm__check_mm(mm))
 		return;
 	cowmm__region_release_all(mm);
+	if (mm->flags & COWMM_OPEN_IN_THREAD)
+		cowmm__inthread_remove(mm);
 	workers_stop(mm, mm->nworkers);
 	free(mm->workers);
 	close(mm->uffd);

@@ -395,6 +395,25 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
  * that lost its protection or its frame meanwhile was discarded under us
  * (MADV_DONTNEED racing with this copy): -EIO, never its new bytes.
  */
+/*
+ * The live bytes of a page.  A worker reads them with process_vm_readv(),
+ * which fails cleanly where a load would crash (the application unmapped
+ * the page meanwhile) or fault into the library (a missing page).  The
+ * writing thread itself, resolving its own fault in in-thread mode, may
+ * simply load them: the page it is writing is as mapped for this load as
+ * for its own store, and in that mode nothing is registered for missing
+ * faults.
+ */
+static int live_copy(cowmm_region_t *r, uintptr_t addr, void *dst)
+{
+	if (cowmm__in_sigbus) {
+		memcpy(dst, (const void *)addr, COWMM_PAGE_SIZE);
+		return 0;
+	}
+	(void)r;
+	return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
+}
+
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 			 bool probe)
 {
@@ -415,7 +434,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		}
 	}
 	for (tries = 0; tries < 3; tries++) {
-		if (cowmm__live_read(addr, dst, COWMM_PAGE_SIZE) ||
+		if (live_copy(r, addr, dst) ||
 		    cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e2))
 			return -EIO;
 		if (!(e2 & PM_UFFD_WP) ||
@@ -714,6 +733,8 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 	ret = detach_snapshots(r);
 	pthread_mutex_unlock(&r->lock);
 
+	/* In-thread mode: a write that faults meanwhile is retried. */
+	atomic_fetch_add(&cowmm__releasing, 1);
 	cowmm__rtable_remove(mm, r);
 	for (pp = &mm->regions; *pp != r; pp = &(*pp)->next)
 		;
@@ -725,6 +746,7 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 	cowmm__region_wp(r, false);
 	cowmm__uffd_unregister(mm->uffd, r->base, r->len);
 	cowmm__uffd_wake(mm->uffd, r->base, r->len);
+	atomic_fetch_sub(&cowmm__releasing, 1);
 	if (!r->adopted)
 		unmap_own(r);
 	region_free(r);

@@ -411,6 +411,8 @@ int cowmm_snap_map(cowmm_snap_t *s, const void **view)
 	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
 		return -EIO;
 	mm = s->mm;
+	if (mm->flags & COWMM_OPEN_IN_THREAD)
+		return -EOPNOTSUPP; /* a view fills by missing faults */
 	pthread_mutex_lock(&mm->lock);
 	if (!s->view) {
 		ret = cowmm__region_map(mm, s->len, COWMM_REGION_NOTHP,

@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: MIT
+/*
+ * In-thread fault mode (COWMM_OPEN_IN_THREAD): the manager's userfaultfd
+ * has UFFD_FEATURE_SIGBUS, so a write to a protected page raises SIGBUS in
+ * the writing thread instead of queueing a message, and this file's handler
+ * resolves the fault right there: the same cowmm__region_fault_wp() a
+ * worker would run, without the hand-off to another thread and back.
+ *
+ * Why that is safe to do in a signal handler here: the handler runs only
+ * for a write to a protected page of a region, and the library itself
+ * never writes such a page while it holds a lock (restore unprotects a page
+ * before it copies into it; an eager load holds none).  So the thread it
+ * interrupts holds no lock the handler takes (r->lock, the frame pool's),
+ * unless the application writes regions from inside its own signal
+ * handlers or makes the C library's heap a region, which this mode does
+ * not support (README).  Every other SIGBUS goes to the handler that was
+ * installed before.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+
+#include "cowmm_i.h"
+
+#define MAX_MANAGERS 16
+
+__thread bool cowmm__in_sigbus;
+static _Atomic(cowmm_t *) managers[MAX_MANAGERS];
+static atomic_uint in_handler;
+/* Regions between leaving the lookup table and losing their protection. */
+atomic_uint cowmm__releasing;
+static struct sigaction previous;
+static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool installed;
+
+/* Pass a SIGBUS that is not ours to whoever had it before. */
+static void chain(int sig, siginfo_t *si, void *uc)
+{
+	if (previous.sa_flags & SA_SIGINFO) {
+		previous.sa_sigaction(sig, si, uc);
+	} else if (previous.sa_handler == SIG_IGN) {
+		return; /* the access faults again: as the application chose */
+	} else if (previous.sa_handler != SIG_DFL) {
+		previous.sa_handler(sig);
+	} else {
+		/* Default: die of SIGBUS when the access is retried. */
+		signal(SIGBUS, SIG_DFL);
+	}
+}
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	uintptr_t addr = (uintptr_t)si->si_addr & ~(COWMM_PAGE_SIZE - 1);
+	int saved = errno, ret = 0;
+	bool found = false;
+	unsigned i;
+
+	/* Hardware memory errors and the like are never ours. */
+	if (si->si_code != BUS_ADRERR) {
+		chain(sig, si, uc);
+		return;
+	}
+	atomic_fetch_add(&in_handler, 1);
+	cowmm__in_sigbus = true;
+	for (i = 0; i < MAX_MANAGERS && !found; i++) {
+		cowmm_t *mm = atomic_load(&managers[i]);
+		cowmm_region_t *r;
+
+		if (!mm)
+			continue;
+		urcu_bp_read_lock();
+		r = cowmm__region_lookup(mm, addr);
+		if (r) {
+			found = true;
+			ret = cowmm__region_fault_wp(r, addr, true);
+		}
+		urcu_bp_read_unlock();
+	}
+	cowmm__in_sigbus = false;
+	atomic_fetch_sub(&in_handler, 1);
+	errno = saved;
+	/*
+	 * Resolved; or busy, or the region is being released: either way the
+	 * write is retried, and faults again only if it must.
+	 */
+	if (found && (ret >= 0 || ret == -EAGAIN || ret == -ENOENT))
+		return;
+	if (!found && atomic_load(&cowmm__releasing))
+		return;
+	chain(sig, si, uc);
+}
+
+int cowmm__inthread_add(cowmm_t *mm)
+{
+	struct sigaction sa;
+	unsigned i;
+	int ret = -EMFILE;
+
+	pthread_mutex_lock(&install_lock);
+	if (!installed) {
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_sigaction = on_sigbus;
+		sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
+		sigemptyset(&sa.sa_mask);
+		if (sigaction(SIGBUS, &sa, &previous) < 0) {
+			ret = -errno;
+			goto out;
+		}
+		installed = true;
+	}
+	for (i = 0; i < MAX_MANAGERS; i++) {
+		cowmm_t *none = NULL;
+
+		if (atomic_compare_exchange_strong(&managers[i], &none, mm)) {
+			ret = 0;
+			break;
+		}
+	}
+out:
+	pthread_mutex_unlock(&install_lock);
+	return ret;
+}
+
+/* After this returns no handler still looks at @mm. */
+void cowmm__inthread_remove(cowmm_t *mm)
+{
+	unsigned i;
+
+	pthread_mutex_lock(&install_lock);
+	for (i = 0; i < MAX_MANAGERS; i++) {
+		cowmm_t *cur = mm;
+
+		atomic_compare_exchange_strong(&managers[i], &cur, NULL);
+	}
+	pthread_mutex_unlock(&install_lock);
+	while (atomic_load(&in_handler))
+		sched_yield();
+}

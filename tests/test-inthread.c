@@ -1,0 +1,283 @@
+// SPDX-License-Identifier: MIT
+/*
+ * In-thread fault mode (COWMM_OPEN_IN_THREAD): the writing thread resolves
+ * its own fault in the library's SIGBUS handler.  The same promises as the
+ * worker mode (a snapshot holds its instant, copies == pages written), its
+ * documented limits (EFAULT for a system call writing protected memory;
+ * clones, views and lazy loads refused), and that every SIGBUS that is not
+ * the library's still reaches the application's own handler.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+#define NPAGES 1024
+
+static cowmm_t *open_inthread(void)
+{
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	cowmm_t *mm = NULL;
+
+	cfg.flags = COWMM_OPEN_IN_THREAD;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+	return mm;
+}
+
+static unsigned char *filled_region(cowmm_t *mm, cowmm_region_t **r)
+{
+	unsigned char *p;
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, NPAGES * T_PAGE,
+					    COWMM_REGION_NOTHP, r),
+			 0);
+	p = cowmm_region_base(*r);
+	for (pg = 0; pg < NPAGES; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	return p;
+}
+
+struct writer {
+	unsigned char *p;
+	unsigned id;
+	atomic_uchar *written;
+};
+
+/* Each thread writes its own quarter of the pages, at random. */
+static void *writer_main(void *arg)
+{
+	struct writer *w = arg;
+	uint64_t x = w->id + 1;
+	int i;
+
+	for (i = 0; i < 2000; i++) {
+		size_t pg = (t_rand(&x) % (NPAGES / 4)) * 4 + w->id;
+
+		w->p[pg * T_PAGE + (t_rand(&x) % T_PAGE)] = 0xa0 + w->id;
+		atomic_store(&w->written[pg], 1);
+	}
+	return NULL;
+}
+
+START_TEST(test_point_in_time)
+{
+	cowmm_t *mm = open_inthread();
+	atomic_uchar written[NPAGES] = { 0 };
+	struct writer w[4];
+	pthread_t th[4];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	struct cowmm_stats st0, st;
+	unsigned char *p = filled_region(mm, &r), page[T_PAGE];
+	size_t pg, k = 0;
+	unsigned i;
+
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	st0 = t_stats(mm);
+	for (i = 0; i < 4; i++) {
+		w[i] = (struct writer){ p, i, written };
+		pthread_create(&th[i], NULL, writer_main, &w[i]);
+	}
+	for (i = 0; i < 4; i++)
+		pthread_join(th[i], NULL);
+	for (pg = 0; pg < NPAGES; pg++) {
+		unsigned char want[T_PAGE];
+
+		k += atomic_load(&written[pg]);
+		t_fill_page(want, pg + 1);
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, page, T_PAGE),
+				 T_PAGE);
+		if (memcmp(page, want, T_PAGE))
+			ck_abort_msg("snapshot page %zu changed", pg);
+	}
+	st = t_stats(mm);
+	/* Exact: one copy per page written, whichever thread wrote it. */
+	ck_assert_uint_eq(st.copies - st0.copies, k);
+	ck_assert_uint_ge(st.wp_faults - st0.wp_faults, k);
+	ck_assert_uint_eq(st.missing_faults, 0);
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+END_TEST
+
+/* A system call cannot resolve a fault in-thread: EFAULT, as documented. */
+START_TEST(test_syscall_efault)
+{
+	cowmm_t *mm = open_inthread();
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p = filled_region(mm, &r);
+	int fds[2];
+
+	ck_assert_int_eq(pipe(fds), 0);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(write(fds[1], "x", 1), 1);
+	errno = 0;
+	ck_assert_int_eq(read(fds[0], p + 5 * T_PAGE, 1), -1);
+	ck_assert_int_eq(errno, EFAULT);
+	/* Once the thread itself wrote the page, the system call works. */
+	p[5 * T_PAGE] ^= 1;
+	ck_assert_int_eq(read(fds[0], p + 5 * T_PAGE, 1), 1);
+	ck_assert_int_eq(p[5 * T_PAGE], 'x');
+	close(fds[0]);
+	close(fds[1]);
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+END_TEST
+
+START_TEST(test_refused)
+{
+	cowmm_t *mm = open_inthread();
+	cowmm_region_t *r, *c = NULL;
+	cowmm_snap_t *s;
+	const void *view = NULL;
+	char path[] = "cowmm-inthread-XXXXXX";
+	int fd = mkstemp(path);
+
+	(void)filled_region(mm, &r);
+	ck_assert_int_ge(fd, 0);
+	unlink(path);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), -EOPNOTSUPP);
+	ck_assert_ptr_null(c);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_map(s, &view), -EOPNOTSUPP);
+	ck_assert_int_eq(cowmm_snap_write(s, fd), 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_load(r, fd, COWMM_LOAD_LAZY),
+			 -EOPNOTSUPP);
+	ck_assert_int_eq(cowmm_region_load(r, fd, 0), 0); /* eager: fine */
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+static sigjmp_buf jump;
+static volatile sig_atomic_t app_handler_ran;
+
+static void app_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig;
+	(void)si;
+	(void)uc;
+	app_handler_ran = 1;
+	siglongjmp(jump, 1);
+}
+
+/* A SIGBUS that is not a region's reaches the application's handler. */
+START_TEST(test_chains_foreign_sigbus)
+{
+	struct sigaction sa = { .sa_sigaction = app_sigbus,
+				.sa_flags = SA_SIGINFO };
+	char path[] = "cowmm-sigbus-XXXXXX";
+	int fd = mkstemp(path);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	cowmm_t *mm;
+	volatile char *m;
+	unsigned char *p;
+
+	ck_assert_int_ge(fd, 0);
+	unlink(path);
+	ck_assert_int_eq(ftruncate(fd, 100), 0);
+	sigemptyset(&sa.sa_mask);
+	ck_assert_int_eq(sigaction(SIGBUS, &sa, NULL), 0);
+	mm = open_inthread(); /* installs its handler over the app's */
+	p = filled_region(mm, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	p[3 * T_PAGE] = 1; /* ours: resolved silently */
+
+	/* Beyond the end of a file: a genuine SIGBUS. */
+	m = mmap(NULL, 2 * T_PAGE, PROT_READ, MAP_SHARED, fd, 0);
+	ck_assert_ptr_ne((void *)m, MAP_FAILED);
+	if (!sigsetjmp(jump, 1))
+		(void)m[T_PAGE];
+	ck_assert_int_eq(app_handler_ran, 1);
+	munmap((void *)m, 2 * T_PAGE);
+	close(fd);
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+END_TEST
+
+struct spinner {
+	unsigned char *p;
+	atomic_bool stop;
+	uint64_t writes;
+};
+
+static void *spinner_main(void *arg)
+{
+	struct spinner *sp = arg;
+	uint64_t x = 99;
+
+	while (!atomic_load(&sp->stop)) {
+		sp->p[(t_rand(&x) % NPAGES) * T_PAGE + 8]++;
+		sp->writes++;
+	}
+	return NULL;
+}
+
+/*
+ * Snapshots taken and released, then the (adopted) region released, while
+ * a thread writes it without pause: every write lands, none dies of a
+ * SIGBUS that lost its region in between.
+ */
+START_TEST(test_release_under_writers)
+{
+	cowmm_t *mm = open_inthread();
+	struct spinner sp = { 0 };
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	pthread_t th;
+	void *mem;
+	int i;
+
+	mem = mmap(NULL, NPAGES * T_PAGE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ck_assert_ptr_ne(mem, MAP_FAILED);
+	memset(mem, 1, NPAGES * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(mm, mem, NPAGES * T_PAGE, 0, &r),
+			 0);
+	sp.p = mem;
+	pthread_create(&th, NULL, spinner_main, &sp);
+	for (i = 0; i < 20; i++) {
+		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+		usleep(2000);
+		cowmm_snap_release(s);
+	}
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_region_release(r), 0); /* under the writer */
+	usleep(20000);
+	atomic_store(&sp.stop, true);
+	pthread_join(th, NULL);
+	ck_assert_uint_gt(sp.writes, 0);
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+	munmap(mem, NPAGES * T_PAGE);
+}
+END_TEST
+
+int main(void)
+{
+	const struct t_case cases[] = {
+		{ "point-in-time", test_point_in_time, T_WP_UNPOPULATED },
+		{ "syscall-efault", test_syscall_efault, T_WP_UNPOPULATED },
+		{ "refused", test_refused, T_WP_UNPOPULATED },
+		{ "chains-foreign-sigbus", test_chains_foreign_sigbus,
+		  T_WP_UNPOPULATED },
+		{ "release-under-writers", test_release_under_writers,
+		  T_WP_UNPOPULATED },
+	};
+
+	return t_run("inthread", cases, ARRAY_SIZE(cases));
+}
