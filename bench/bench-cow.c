@@ -8,7 +8,9 @@
  *     in the parent (the child exits at once), on a freshly populated region;
  *  2. first-write cost while a snapshot (or a fork child) is alive: ns per
  *     first write to a page, sequential and random order, p50/p99/p99.9,
- *     against plain writes with no snapshot;
+ *     with a worker thread resolving the faults (cowmm) and with the
+ *     writing thread resolving its own (cowmm-inthread,
+ *     COWMM_OPEN_IN_THREAD), against plain writes with no snapshot;
  *  3. memory: extra memory while the snapshot (or child) is alive and K% of
  *     the pages are rewritten: the growth of the proportional set size
  *     (Pss) of this process, plus the child's for fork().
@@ -18,7 +20,10 @@
  * figure (bench,metric,size_mib,pages,method,order,median,min,max,unit,n).
  *
  * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
- *                  [--kinds 4k,thp] [--quick]
+ *                  [--kinds 4k,thp] [--quick] [--dump DIR]
+ * --dump DIR: every first-write latency of the random order, sorted, one
+ * file per method, size and kind (DIR/lat-<kind>-<MiB>-<method>.dat: µs
+ * and the fraction of writes at most that long), for the chart.
  */
 #include <err.h>
 #include <getopt.h>
@@ -87,7 +92,29 @@ struct cfg {
 	bool thp;
 	unsigned runs;
 	size_t sample;
+	const char *dump;
 };
+
+static void dump_lat(const struct cfg *c, const char *method, double *lat,
+		     size_t n)
+{
+	char path[512];
+	size_t i, step = n > 2000 ? n / 2000 : 1;
+	FILE *f;
+
+	if (!c->dump)
+		return;
+	snprintf(path, sizeof(path), "%s/lat-%s-%lu-%s.dat", c->dump,
+		 c->thp ? "thp" : "4k", c->size_mib, method);
+	f = fopen(path, "w");
+	if (!f)
+		err(1, "%s", path);
+	qsort(lat, n, sizeof(*lat), cmp_double);
+	for (i = 0; i < n; i += step)
+		fprintf(f, "%.3f %.5f\n", lat[i] / 1e3, (double)(i + 1) / n);
+	fprintf(f, "%.3f 1\n", lat[n - 1] / 1e3);
+	fclose(f);
+}
 
 static void row(const struct cfg *c, const char *metric, const char *method,
 		const char *order, double *v, unsigned n, const char *unit)
@@ -180,18 +207,19 @@ static char *map_plain(const struct cfg *c, size_t len)
 	return p;
 }
 
-static void bench_size(cowmm_t *mm, const struct cfg *c)
+static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 {
 	size_t len = c->size_mib << 20, npages = len / PAGE;
 	size_t sample = c->sample < npages ? c->sample : npages;
 	double pause_c[MAX_RUNS], pause_f[MAX_RUNS];
-	double *lat[3][2];
-	static const char *methods[] = { "cowmm", "fork", "plain" };
+	double *lat[4][2];
+	static const char *methods[] = { "cowmm", "fork", "plain",
+					 "cowmm-inthread" };
 	static const int kpct[] = { 1, 10, 50, 100 };
 	int m, ord;
 	unsigned run, k;
 
-	for (m = 0; m < 3; m++)
+	for (m = 0; m < 4; m++)
 		for (ord = 0; ord < 2; ord++) {
 			lat[m][ord] = malloc(c->runs * sample * sizeof(double));
 			if (!lat[m][ord])
@@ -233,6 +261,20 @@ static void bench_size(cowmm_t *mm, const struct cfg *c)
 			cowmm_snap_release(s);
 			cowmm_region_release(r);
 
+			/* The same, each writer resolving its own faults. */
+			if (cowmm_region_alloc(mm_it, len,
+					       c->thp ? COWMM_REGION_THP
+						      : COWMM_REGION_NOTHP,
+					       &r))
+				errx(1, "cowmm_region_alloc");
+			p = cowmm_region_base(r);
+			populate(p, len);
+			if (cowmm_snapshot(r, &s))
+				errx(1, "cowmm_snapshot");
+			timed_writes(p, o, sample, lat[3][ord] + run * sample);
+			cowmm_snap_release(s);
+			cowmm_region_release(r);
+
 			/* fork(): the child holds the old pages. */
 			p = map_plain(c, len);
 			populate(p, len);
@@ -262,10 +304,12 @@ static void bench_size(cowmm_t *mm, const struct cfg *c)
 	}
 	row(c, "pause_ms", "cowmm", "-", pause_c, c->runs, "ms");
 	row(c, "pause_ms", "fork", "-", pause_f, c->runs, "ms");
-	for (m = 0; m < 3; m++)
+	for (m = 0; m < 4; m++) {
 		for (ord = 0; ord < 2; ord++)
 			pct_rows(c, methods[m], ord ? "random" : "seq",
 				 lat[m][ord], c->runs * sample);
+		dump_lat(c, methods[m], lat[m][1], c->runs * sample);
+	}
 
 	/* Memory while a snapshot (child) lives and K% are rewritten. */
 	for (k = 0; k < sizeof(kpct) / sizeof(kpct[0]); k++) {
@@ -320,7 +364,7 @@ static void bench_size(cowmm_t *mm, const struct cfg *c)
 			row(c, metric, "fork", "-", extra_f, c->runs, "MiB");
 		}
 	}
-	for (m = 0; m < 3; m++)
+	for (m = 0; m < 4; m++)
 		for (ord = 0; ord < 2; ord++)
 			free(lat[m][ord]);
 }
@@ -333,14 +377,15 @@ int main(int argc, char **argv)
 		{ "sample", required_argument, NULL, 'p' },
 		{ "kinds", required_argument, NULL, 'k' },
 		{ "quick", no_argument, NULL, 'q' },
+		{ "dump", required_argument, NULL, 'd' },
 		{ 0 },
 	};
 	char sizes[256] = "256,1024", kinds[32] = "4k,thp", *tok, *save;
 	struct cfg c = { .runs = 5, .sample = 16384 };
-	cowmm_t *mm;
+	cowmm_t *mm, *mm_it;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "s:n:p:k:q", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			snprintf(sizes, sizeof(sizes), "%s", optarg);
@@ -354,6 +399,9 @@ int main(int argc, char **argv)
 		case 'k':
 			snprintf(kinds, sizeof(kinds), "%s", optarg);
 			break;
+		case 'd':
+			c.dump = optarg;
+			break;
 		case 'q':
 			snprintf(sizes, sizeof(sizes), "16");
 			c.runs = 1;
@@ -362,7 +410,7 @@ int main(int argc, char **argv)
 		default:
 			fprintf(stderr, "usage: %s [--sizes MiB,...] [--runs N] "
 					"[--sample PAGES] [--kinds 4k,thp] "
-					"[--quick]\n", argv[0]);
+					"[--quick] [--dump DIR]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -371,6 +419,15 @@ int main(int argc, char **argv)
 	ret = cowmm_open(NULL, &mm);
 	if (ret)
 		errx(1, "cowmm_open: %s", cowmm_strerror(ret));
+	{
+		struct cowmm_config cfg = COWMM_CONFIG_INIT;
+
+		cfg.flags = COWMM_OPEN_IN_THREAD;
+		ret = cowmm_open(&cfg, &mm_it);
+		if (ret)
+			errx(1, "cowmm_open(IN_THREAD): %s",
+			     cowmm_strerror(ret));
+	}
 	printf("bench,metric,size_mib,pages,method,order,median,min,max,unit,n\n");
 	for (tok = strtok_r(kinds, ",", &save); tok;
 	     tok = strtok_r(NULL, ",", &save)) {
@@ -383,9 +440,10 @@ int main(int argc, char **argv)
 			c.size_mib = strtoul(t2, NULL, 0);
 			if (c.size_mib < 2)
 				errx(2, "sizes are MiB, at least 2");
-			bench_size(mm, &c);
+			bench_size(mm, mm_it, &c);
 		}
 	}
+	cowmm_close(mm_it);
 	cowmm_close(mm);
 	return 0;
 }

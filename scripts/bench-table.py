@@ -37,17 +37,23 @@ def main(path):
 
     print("\nFirst write to a page while a snapshot (libcowmm) or a fork child "
           "(kernel COW) holds the old bytes, ns (p50 / p99 / p99.9), against "
-          "a plain write:\n")
-    print("| region | order | libcowmm | kernel COW after fork() | plain write | libcowmm / kernel p50 |")
-    print("|---|---|---:|---:|---:|---:|")
+          "a plain write.  libcowmm resolves the fault in a worker thread "
+          "(default) or in the writing thread (COWMM_OPEN_IN_THREAD):\n")
+    print("| region | order | libcowmm, worker | libcowmm, in-thread | kernel COW after fork() "
+          "| plain write | p50 / kernel: worker, in-thread |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for size, kind in sizes:
         for order in ("seq", "random"):
             cells = []
-            for m in ("cowmm", "fork", "plain"):
+            for m in ("cowmm", "cowmm-inthread", "fork", "plain"):
                 p = [fig(x, size, kind, m, order) for x in ("write_p50", "write_p99", "write_p999")]
-                cells.append(" / ".join(f"{v:,.0f}" for v in p))
-            ratio = fig("write_p50", size, kind, "cowmm", order) / fig("write_p50", size, kind, "fork", order)
-            print(f"| {size} MiB {kind} | {order} | {cells[0]} | {cells[1]} | {cells[2]} | {ratio:.1f}× |")
+                cells.append(" / ".join("–" if v is None else f"{v:,.0f}" for v in p))
+            k = fig("write_p50", size, kind, "fork", order)
+            w = fig("write_p50", size, kind, "cowmm", order)
+            t = fig("write_p50", size, kind, "cowmm-inthread", order)
+            ratio = f"{w / k:.1f}×, " + (f"{t / k:.1f}×" if t else "–")
+            print(f"| {size} MiB {kind} | {order} | {cells[0]} | {cells[1]} | {cells[2]} "
+                  f"| {cells[3]} | {ratio} |")
 
     print("\nExtra memory while the snapshot or the fork child is alive and "
           "K% of the pages are rewritten (Pss growth, MiB, median):\n")

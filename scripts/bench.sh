@@ -9,7 +9,11 @@
 #
 # Usage: scripts/bench.sh [--quick] [name]        (default name: latest)
 # Environment: SIZES (MiB, default 256,1024), RUNS (default 5),
-#              SAMPLE (pages timed per run, default 16384)
+#              SAMPLE (pages timed per run, default 16384),
+#              KV=0 to skip the database case
+# Also: bench/results/<name>-fault-latency.png, the distribution of
+# first-write latency (kernel COW after fork, libcowmm with a worker,
+# libcowmm in-thread) from the smallest size, when gnuplot is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,12 +37,32 @@ out=bench/results/$name.csv
 		./build-bench/bench/bench-pin --quick
 	else
 		./build-bench/bench/bench-cow --sizes "${SIZES:-256,1024}" \
-			--runs "${RUNS:-5}" --sample "${SAMPLE:-16384}"
+			--runs "${RUNS:-5}" --sample "${SAMPLE:-16384}" \
+			--dump bench/results
 		./build-bench/bench/bench-pin
 	fi
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 python3 scripts/bench-table.py "$out" > "bench/results/$name.md"
 cat "bench/results/$name.md"
+size=$(echo "${SIZES:-256,1024}" | cut -d, -f1)
+if [ -z "$quick" ] && command -v gnuplot >/dev/null; then
+	gnuplot <<-EOF
+	set terminal pngcairo noenhanced size 900,520 font "sans,11"
+	set output "bench/results/$name-fault-latency.png"
+	set title "First write to a page while a snapshot lives: ${size} MiB, 4 KiB pages, random order"
+	set xlabel "latency (µs, log scale)"
+	set ylabel "fraction of writes at most that long"
+	set logscale x
+	set xrange [5:5000]
+	set key bottom right
+	set grid
+	plot "bench/results/lat-4k-${size}-fork.dat" using 1:2 with lines lw 2 title "kernel COW after fork()", \
+	     "bench/results/lat-4k-${size}-cowmm-inthread.dat" using 1:2 with lines lw 2 title "libcowmm, in-thread (COWMM_OPEN_IN_THREAD)", \
+	     "bench/results/lat-4k-${size}-cowmm.dat" using 1:2 with lines lw 2 title "libcowmm, worker thread (default)"
+	EOF
+	echo "chart: bench/results/$name-fault-latency.png"
+fi
+[ "${KV:-1}" = 0 ] && exit 0
 python3 scripts/bench-kv.py build-bench "bench/results/$name-kv" $quick
 echo "results: bench/results/$name.{csv,md} bench/results/$name-kv.{csv,md}"
