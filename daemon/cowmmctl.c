@@ -96,7 +96,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "cowmmctl: socket path too long\n");
 		return 2;
 	}
-	strcpy(sa.sun_path, path);
+	memcpy(sa.sun_path, path, strlen(path) + 1); /* length checked */
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		int err = errno;

@@ -986,7 +986,7 @@ static void sanitize_name(char *dst, const char *src, size_t n)
 			 : '_';
 	dst[i] = '\0';
 	if (!i)
-		strcpy(dst, "client");
+		memcpy(dst, "client", sizeof("client"));
 }
 
 static void handle_hello(struct conn *cn, const struct cowmmd_hello *h,
@@ -1473,7 +1473,7 @@ static int listen_on(const char *path)
 		say("socket path too long: %s", path);
 		return -ENAMETOOLONG;
 	}
-	strcpy(sa.sun_path, path);
+	memcpy(sa.sun_path, path, strlen(path) + 1); /* length checked */
 	/* A socket file nobody listens on is a leftover: remove it. */
 	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (probe >= 0 &&

@@ -376,7 +376,7 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 	ret = read_at(fd, &t, sizeof(t), off);
 	if (ret)
 		return ret;
-	if (memcmp(t.magic, END_MAGIC, 8) ||
+	if (memcmp(t.magic, END_MAGIC, 8) != 0 ||
 	    le32toh(t.crc) != crc32c(0, &t, offsetof(struct file_trailer, crc)) ||
 	    le64toh(t.nchunks) != nchunks || le64toh(t.stored) != stored ||
 	    le32toh(t.chunks_crc) != chunks_crc)
@@ -405,7 +405,7 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	ret = read_at(fd, &h, sizeof(h), 0);
 	if (ret)
 		return ret;
-	if (memcmp(h.magic, FILE_MAGIC, 8) ||
+	if (memcmp(h.magic, FILE_MAGIC, 8) != 0 ||
 	    le32toh(h.crc) != crc32c(0, &h, offsetof(struct file_header, crc)))
 		return -EBADMSG;
 	if (le32toh(h.version) != FILE_VERSION)

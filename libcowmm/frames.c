@@ -20,6 +20,9 @@
 #include "cowmm_i.h"
 
 #define CHUNK_FRAMES 512
+/* A frame map's leaf: COWMM_LEAF_SIZE frame pointers, one page. */
+#define LEAF_BYTES (COWMM_LEAF_SIZE * sizeof(struct cowmm_frame *))
+_Static_assert(LEAF_BYTES == COWMM_PAGE_SIZE, "a leaf is one page");
 /*
  * Frames are populated 16 at a time (64 KiB) as a chunk's slots are first
  * handed out: one madvise instead of 16 page faults, at most 15 pages held
@@ -265,7 +268,7 @@ void cowmm__fmap_fini(struct cowmm_frame_map *m)
 		for (i = 0; i < COWMM_LEAF_SIZE; i++)
 			if (leaf[i])
 				cowmm__frame_put(leaf[i]);
-		page_free(leaf, COWMM_LEAF_SIZE * sizeof(*leaf));
+		page_free(leaf, LEAF_BYTES);
 	}
 	free(m->dir);
 	m->dir = NULL;
@@ -296,7 +299,7 @@ int cowmm__fmap_set(struct cowmm_frame_map *m, size_t pg,
 	struct cowmm_frame **leaf = *slot;
 
 	if (!leaf) {
-		leaf = page_alloc(COWMM_LEAF_SIZE * sizeof(*leaf));
+		leaf = page_alloc(LEAF_BYTES);
 		if (!leaf)
 			return -ENOMEM;
 		__atomic_store_n(slot, leaf, __ATOMIC_RELEASE);

@@ -243,14 +243,14 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 				 (pg << COWMM_PAGE_SHIFT);
 		uint64_t e2;
 
-		if (r->holes && cowmm__test_bit(r->holes, pg)) {
-			memset(dst, 0, n); /* unmapped: left the region */
+		if ((r->holes && cowmm__test_bit(r->holes, pg)) ||
+		    ((e & PM_UFFD_WP) && !(e & PM_PRESENT) && !swap)) {
+			/* Unmapped (left the region), or never populated. */
+			memset(dst, 0, n);
 		} else if (!(e & PM_UFFD_WP)) {
 			f = wait_event(s, pg);
 			if (!f)
 				return -EIO;
-		} else if (!(e & PM_PRESENT) && !swap) {
-			memset(dst, 0, n); /* never populated */
 		} else {
 			int tries;
 

@@ -10,7 +10,7 @@ set -euo pipefail
 pkgs=(
 	meson ninja-build pkg-config gcc clang python3
 	liburcu-dev libuv1-dev check liburing-dev
-	libclang-rt-14-dev
+	libclang-rt-14-dev cppcheck clang-tidy
 )
 # The database benchmark also runs Debian's Redis and its redis-benchmark.
 if [ "${1:-}" = "--bench" ]; then

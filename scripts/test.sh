@@ -4,9 +4,11 @@
 # Build libcowmm and run the whole test suite, three times: a plain build,
 # AddressSanitizer + UndefinedBehaviorSanitizer, and ThreadSanitizer.  Each
 # build lives in its own directory (build/, build-asan/, build-tsan/) and is
-# compiled with -Dwerror=true.  Installs missing Debian packages first.
+# compiled with -Dwerror=true.  Before them, static analysis (scripts/lint.sh:
+# cppcheck and clang-tidy, no finding allowed).  Installs missing Debian
+# packages first.
 #
-# Usage: scripts/test.sh [plain|asan|tsan ...]     (default: all three)
+# Usage: scripts/test.sh [lint|plain|asan|tsan ...]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,14 +18,19 @@ export COWMM_TEST_STRICT="${COWMM_TEST_STRICT:-1}"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 setups=("$@")
-[ ${#setups[@]} -gt 0 ] || setups=(plain asan tsan)
+[ ${#setups[@]} -gt 0 ] || setups=(lint plain asan tsan)
 
 for s in "${setups[@]}"; do
+	if [ "$s" = lint ]; then
+		echo "=== lint ==="
+		./scripts/lint.sh
+		continue
+	fi
 	case "$s" in
 	plain) dir=build;      opts=() ;;
 	asan)  dir=build-asan; opts=(-Db_sanitize=address,undefined -Db_lundef=false) ;;
 	tsan)  dir=build-tsan; opts=(-Db_sanitize=thread -Db_lundef=false) ;;
-	*) echo "unknown setup: $s (plain, asan, tsan)" >&2; exit 2 ;;
+	*) echo "unknown setup: $s (lint, plain, asan, tsan)" >&2; exit 2 ;;
 	esac
 	echo "=== $s build ($dir) ==="
 	if [ -d "$dir" ]; then
