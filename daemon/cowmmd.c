@@ -23,6 +23,7 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -34,6 +35,9 @@
 #include "cowmmd.h"
 #include "uffd.h"
 
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
 #ifndef PTRACE_EVENT_STOP
 #define PTRACE_EVENT_STOP 128
 #endif
@@ -62,6 +66,7 @@ struct client {
 	bool gone, closing, bye;
 	/* numbers for cowmmctl */
 	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
+	atomic_uint_fast64_t ev_started, ev_done; /* event batches */
 	uint64_t last_pause_us, last_ms;
 	int last_err;
 	char last[PATH_MAX];
@@ -98,6 +103,7 @@ static struct {
 	struct client *clients;
 	struct conn *conns;
 	uint64_t started;
+	uint64_t run; /* start time, seconds since the epoch: in file names */
 	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
 	uint64_t refused;
 } D = { .keep = 3, .next_id = 1 };
@@ -326,14 +332,16 @@ static void maybe_exit(void)
 
 static void process_events(struct client *c);
 static void on_retry(uv_timer_t *t);
+static int loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on);
 
-static bool page_of(const struct client *c, uint64_t addr, size_t *pg)
+/* The page of a snapshot in flight at @addr, by the snapshot's own list. */
+static bool page_of(const struct dsnap *s, uint64_t addr, size_t *pg)
 {
 	unsigned i;
 
-	for (i = 0; i < c->nregions; i++)
-		if (!c->r[i].gone && addr - c->r[i].addr < c->r[i].len) {
-			*pg = c->r[i].first + (addr - c->r[i].addr) / PAGE;
+	for (i = 0; i < s->nregions; i++)
+		if (!s->r[i].gone && addr - s->r[i].addr < s->r[i].len) {
+			*pg = s->r[i].first + (addr - s->r[i].addr) / PAGE;
 			return true;
 		}
 	return false;
@@ -377,42 +385,57 @@ static void preserve(struct client *c, struct dsnap *s, size_t pg,
 	atomic_fetch_add(&s->copies, 1);
 }
 
-static void unprotect_page(struct client *c, uint64_t addr)
+/*
+ * Resolve a write fault at @addr: keep the old bytes if the snapshot in
+ * flight still needs them, then unprotect and wake.  An ioctl held back by
+ * a pending event (-EAGAIN) is retried through here again, after the event
+ * is read: a snapshot armed meanwhile gets its copy first.
+ */
+static void resolve(struct client *c, uint64_t addr)
 {
-	int ret = cowmm__uffd_wp(c->uffd, addr, PAGE, false, true);
+	struct dsnap *s = c->snap;
+	size_t pg;
+	int ret;
 
-	if (ret == -EAGAIN) { /* an event is on its way: try again soon */
-		if (c->nretry < RETRY_MAX)
-			c->retry[c->nretry++] = addr;
-		else
-			abandon(c, -EAGAIN, "too many faults held back");
-		uv_timer_start(&c->retry_timer, on_retry, 1, 0);
+	if (s && page_of(s, addr, &pg) &&
+	    atomic_load(&s->state[pg]) == PG_NONE)
+		preserve(c, s, pg, addr);
+	ret = cowmm__uffd_wp(c->uffd, addr, PAGE, false, true);
+	if (ret != -EAGAIN)
+		return;
+	if (c->nretry == RETRY_MAX) { /* never drop one: it would hang */
+		abandon(c, -EAGAIN, "too many faults held back");
+		(void)loop_wp(c, addr, PAGE, false);
+		return;
 	}
+	c->retry[c->nretry++] = addr;
+	uv_timer_start(&c->retry_timer, on_retry, 1, 0);
 }
 
 static void on_retry(uv_timer_t *t)
 {
 	struct client *c = t->data;
 	unsigned i, n = c->nretry;
+	uint64_t *todo = malloc(n * sizeof(*todo));
 
+	if (!todo) {
+		uv_timer_start(&c->retry_timer, on_retry, 1, 0);
+		return;
+	}
+	/* Retries that fail again append to c->retry: work on a copy. */
+	memcpy(todo, c->retry, n * sizeof(*todo));
 	c->nretry = 0;
 	process_events(c);
 	for (i = 0; i < n; i++)
-		unprotect_page(c, c->retry[i]);
+		resolve(c, todo[i]);
+	free(todo);
 }
 
 static void handle_fault(struct client *c, const struct uffd_msg *m)
 {
-	uint64_t addr = m->arg.pagefault.address & ~(PAGE - 1);
-	struct dsnap *s = c->snap;
-	size_t pg;
-
 	c->faults++;
 	D.faults++;
-	if (s && page_of(c, addr, &pg) &&
-	    atomic_load(&s->state[pg]) == PG_NONE)
-		preserve(c, s, pg, addr);
-	unprotect_page(c, addr);
+	resolve(c, m->arg.pagefault.address & ~(PAGE - 1));
 }
 
 /*
@@ -425,8 +448,23 @@ static void handle_gone(struct client *c, uint64_t start, uint64_t end,
 			bool unmapped)
 {
 	struct dsnap *s = c->snap;
-	unsigned i;
+	unsigned i, k;
 
+	/*
+	 * The stream may have read these pages after the kernel zapped them:
+	 * it checks this list after each read (see remote_read()).
+	 */
+	if (s) {
+		k = atomic_load(&s->nremoved);
+		if (k == MAX_REMOVED) {
+			abandon(c, -EBUSY, "too many discards during the "
+					   "snapshot");
+		} else {
+			s->removed[k][0] = start;
+			s->removed[k][1] = end;
+			atomic_store(&s->nremoved, k + 1);
+		}
+	}
 	for (i = 0; i < c->nregions; i++) {
 		struct dregion *r = &c->r[i];
 		uint64_t lo = start > r->addr ? start : r->addr;
@@ -435,6 +473,11 @@ static void handle_gone(struct client *c, uint64_t start, uint64_t end,
 
 		if (r->gone || lo >= hi)
 			continue;
+		/* A region unmapped in part: the rest can no longer be read
+		 * whole, so the snapshot cannot finish either. */
+		if (s && unmapped && (lo != r->addr || hi != r->addr + r->len))
+			abandon(c, -EBUSY, "the client unmapped part of a "
+					   "region during the snapshot");
 		for (a = lo & ~(PAGE - 1); s && a < hi; a += PAGE) {
 			size_t pg = r->first + (a - r->addr) / PAGE;
 
@@ -463,12 +506,17 @@ static void process_events(struct client *c)
 	if (c->uffd < 0)
 		return;
 	for (;;) {
+		/* Batches read and dispatched: the stream waits on these. */
+		atomic_fetch_add(&c->ev_started, 1);
 		n = read(c->uffd, msgs, sizeof(msgs));
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
-			if (errno != EAGAIN)
-				client_close(c, -errno);
+			int err = errno;
+
+			atomic_fetch_add(&c->ev_done, 1);
+			if (err != EAGAIN)
+				client_close(c, -err);
 			return;
 		}
 		for (i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
@@ -495,6 +543,7 @@ static void process_events(struct client *c)
 				break;
 			}
 		}
+		atomic_fetch_add(&c->ev_done, 1);
 	}
 }
 
@@ -636,6 +685,9 @@ static int freeze(struct client *c, struct frozen *f)
 		if (ret || f->n == first)
 			break;
 	}
+	/* Still new threads after 16 rounds: not stopped, not an instant. */
+	if (!ret && round == 16)
+		ret = -EAGAIN;
 	if (ret)
 		thaw(f);
 	return ret;
@@ -658,15 +710,26 @@ static void free_dsnap(struct dsnap *s)
 	free(s);
 }
 
+/*
+ * DIR/NAME-PID-RUN.ID-SEQ: RUN (the daemon's start, in seconds) and the
+ * client id keep names unique across attaches and daemon restarts.
+ */
+static void snapshot_name(char *buf, size_t n, const char *pre,
+			  const struct client *c, uint64_t seq,
+			  const char *suf)
+{
+	snprintf(buf, n, "%s/%s%s-%d-%llu.%u-%llu%s", D.dir, pre, c->name,
+		 (int)c->pid, (unsigned long long)D.run, c->id,
+		 (unsigned long long)seq, suf);
+}
+
 static int make_files(struct client *c, struct dsnap *s)
 {
 	char path[PATH_MAX + 32];
 	unsigned i;
 
-	snprintf(s->finaldir, sizeof(s->finaldir), "%s/%s-%d-%llu", D.dir,
-		 c->name, (int)c->pid, (unsigned long long)s->seq);
-	snprintf(s->tmpdir, sizeof(s->tmpdir), "%s/.%s-%d-%llu.tmp", D.dir,
-		 c->name, (int)c->pid, (unsigned long long)s->seq);
+	snapshot_name(s->finaldir, sizeof(s->finaldir), "", c, s->seq, "");
+	snapshot_name(s->tmpdir, sizeof(s->tmpdir), ".", c, s->seq, ".tmp");
 	if (mkdir(s->tmpdir, 0700) < 0)
 		return -errno;
 	for (i = 0; i < s->nregions; i++) {
@@ -720,6 +783,8 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 	memcpy(s->r, c->r, sizeof(s->r));
 	s->npages = c->npages;
 	s->rate = D.rate;
+	s->ev_started = &c->ev_started;
+	s->ev_done = &c->ev_done;
 	for (i = 0; i < COWMMD_MAX_RANGES; i++)
 		s->fds[i] = -1;
 	for (i = 0; i < c->nregions; i++)
@@ -740,12 +805,18 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 	}
 
 	s->t_start = now_ns();
-	ret = freeze(c, f);
+	/* The pid is the client's only while its pidfd says it lives. */
+	ret = syscall(SYS_pidfd_send_signal, c->pidfd, 0, NULL, 0) < 0
+		      ? -ESRCH
+		      : freeze(c, f);
+	/* Faults read while arming already belong to this snapshot. */
+	if (!ret)
+		c->snap = s;
 	for (i = 0; !ret && i < c->nregions; i++)
 		if (!c->r[i].gone)
 			ret = loop_wp(c, c->r[i].addr, c->r[i].len, true);
-	if (!ret)
-		c->snap = s;
+	if (ret)
+		c->snap = NULL;
 	thaw(f);
 	s->pause_ns = now_ns() - s->t_start;
 	free(f);
@@ -774,8 +845,7 @@ static void prune(struct client *c)
 	char dir[PATH_MAX];
 
 	while (c->nkept > c->keep) {
-		snprintf(dir, sizeof(dir), "%s/%s-%d-%llu", D.dir, c->name,
-			 (int)c->pid, (unsigned long long)c->kept[0]);
+		snapshot_name(dir, sizeof(dir), "", c, c->kept[0], "");
 		remove_snapshot_dir(dir, c->nregions);
 		memmove(c->kept, c->kept + 1, --c->nkept * sizeof(c->kept[0]));
 	}
@@ -903,6 +973,28 @@ static bool fd_is(int fd, const char *what)
 	return !strcmp(link, what);
 }
 
+/*
+ * The features a userfaultfd was opened with, from its fdinfo ("API:
+ * <api>:<features>:<ioctls>"); 0 if unknown.
+ */
+static uint64_t uffd_features(int fd)
+{
+	char path[64], line[128];
+	unsigned long long api, features = 0, ioctls;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+	f = fopen(path, "re");
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "API: %llx:%llx:%llx", &api, &features,
+			   &ioctls) == 3)
+			break;
+	fclose(f);
+	return features;
+}
+
 static pid_t pidfd_pid(int fd)
 {
 	char path[64], line[128];
@@ -936,6 +1028,7 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 			       int *err)
 {
 	unsigned i, j, nclients = 0;
+	uint64_t want, have;
 	struct client *c;
 
 	*err = -EPROTO;
@@ -947,6 +1040,13 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 		return "HELLO without exactly two descriptors";
 	if (!fd_is(fds[0], "anon_inode:[userfaultfd]"))
 		return "first descriptor is not a userfaultfd";
+	/* Without these a discard or an unmap would go unseen. */
+	want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED |
+	       UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP |
+	       UFFD_FEATURE_EVENT_REMAP;
+	have = uffd_features(fds[0]);
+	if ((have & want) != want || (have & UFFD_FEATURE_SIGBUS))
+		return "the userfaultfd lacks the features cowmmd needs";
 	if (pidfd_pid(fds[1]) != cn->pid)
 		return "second descriptor is not a pidfd of the peer";
 	*err = -EINVAL;
@@ -1506,6 +1606,7 @@ static int listen_on(const char *path)
 static int make_dir(const char *dir)
 {
 	char tmp[PATH_MAX];
+	struct stat st;
 	char *p;
 
 	snprintf(tmp, sizeof(tmp), "%s", dir);
@@ -1518,7 +1619,42 @@ static int make_dir(const char *dir)
 		}
 	if (mkdir(tmp, 0700) < 0 && errno != EEXIST)
 		return -errno;
+	/* Root writes there: nobody else may swap things in under it. */
+	if (lstat(dir, &st) < 0)
+		return -errno;
+	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() ||
+	    (st.st_mode & 022)) {
+		say("%s must be a directory owned by uid %u and writable by "
+		    "it alone",
+		    dir, (unsigned)geteuid());
+		return -EPERM;
+	}
 	return access(dir, W_OK | X_OK) < 0 ? -errno : 0;
+}
+
+/* Hidden .tmp directories left by a daemon that died mid-snapshot. */
+static void remove_stale(const char *dir)
+{
+	char path[PATH_MAX];
+	struct dirent *e;
+	DIR *d = opendir(dir);
+	unsigned n = 0;
+
+	if (!d)
+		return;
+	while ((e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+
+		if (e->d_name[0] != '.' || len < 6 ||
+		    strcmp(e->d_name + len - 4, ".tmp"))
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		remove_snapshot_dir(path, COWMMD_MAX_RANGES);
+		n++;
+	}
+	closedir(d);
+	if (n)
+		say("removed %u unfinished snapshot(s) left in %s", n, dir);
 }
 
 static void usage(FILE *f)
@@ -1612,11 +1748,13 @@ int main(int argc, char **argv)
 		say("cannot use %s for snapshots: %s", D.dir, strerror(-ret));
 		return 1;
 	}
+	remove_stale(D.dir);
 	D.listen_fd = listen_on(D.sock);
 	if (D.listen_fd < 0)
 		return 1;
 	D.loop = uv_default_loop();
 	D.started = now_ns();
+	D.run = (uint64_t)time(NULL);
 	uv_poll_init(D.loop, &D.listen_poll, D.listen_fd);
 	uv_poll_start(&D.listen_poll, UV_READABLE, on_listen);
 	uv_signal_init(D.loop, &D.sigint);

@@ -21,6 +21,7 @@
 #define MAX_CLIENTS 64
 #define MAX_WAITERS 8
 #define RETRY_MAX 4096
+#define MAX_REMOVED 256 /* discards recorded during one snapshot */
 
 /* Where a page of a snapshot in flight stands. */
 enum { PG_NONE, PG_STREAMED, PG_PRESERVED };
@@ -56,6 +57,16 @@ struct dsnap {
 	atomic_uint_fast64_t copies;
 	uint64_t total;
 	uint64_t rate; /* bytes per second the stream may write; 0: any */
+	/*
+	 * Ranges the client discarded while this snapshot was in flight, and
+	 * the client's counts of event batches read and dispatched: a page
+	 * the stream read live may have been zapped by a discard whose event
+	 * was already read; the stream waits until that batch is dispatched,
+	 * then looks here.
+	 */
+	uint64_t removed[MAX_REMOVED][2];
+	atomic_uint nremoved;
+	atomic_uint_fast64_t *ev_started, *ev_done;
 	int fds[COWMMD_MAX_RANGES];
 	char tmpdir[PATH_MAX], finaldir[PATH_MAX];
 	uint64_t t_start, pause_ns, t_stream, t_end;

@@ -7,6 +7,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -53,6 +55,36 @@ static void throttle(struct dsnap *s, uint64_t done)
 }
 
 /*
+ * Did the client discard a page we took live?  The kernel zaps discarded
+ * pages as soon as their REMOVE event is read, maybe before the loop
+ * thread handles it: wait until every batch of events read by now has been
+ * dispatched (recorded in s->removed), then look.
+ */
+static int check_discards(struct dsnap *s, uint64_t addr, size_t len,
+			  const bool *live)
+{
+	uint64_t want = atomic_load(s->ev_started);
+	unsigned k, n;
+	size_t i;
+
+	while (atomic_load(s->ev_done) < want && !atomic_load(&s->err))
+		sched_yield();
+	n = atomic_load(&s->nremoved);
+	for (k = 0; k < n; k++) {
+		if (s->removed[k][1] <= addr || s->removed[k][0] >= addr + len)
+			continue;
+		for (i = 0; i < len / PAGE; i++) {
+			uint64_t a = addr + i * PAGE;
+
+			if (live[i] && a + PAGE > s->removed[k][0] &&
+			    a < s->removed[k][1])
+				return -EBUSY;
+		}
+	}
+	return atomic_load(&s->err);
+}
+
+/*
  * Read [off, off + len) of a region for the file.  Pages not yet saved are
  * still write-protected, so the live bytes are the snapshot's; a page the
  * fault handler preserved meanwhile is taken from its frame instead.  Then
@@ -65,6 +97,7 @@ static int remote_read(void *data, size_t off, void *buf, size_t len)
 	struct dsnap *s = src->s;
 	struct iovec local = { buf, len };
 	struct iovec remote = { (void *)(uintptr_t)(src->r->addr + off), len };
+	bool live[2 * 1024 * 1024 / PAGE]; /* cowmm_format_write's 2 MiB */
 	size_t i, first = src->r->first + off / PAGE;
 	ssize_t n;
 	int err = atomic_load(&s->err);
@@ -80,11 +113,15 @@ static int remote_read(void *data, size_t off, void *buf, size_t len)
 	for (i = 0; i < len / PAGE; i++) {
 		uint8_t expect = PG_NONE;
 
-		if (!atomic_compare_exchange_strong(&s->state[first + i],
-						    &expect, PG_STREAMED))
+		live[i] = atomic_compare_exchange_strong(&s->state[first + i],
+							 &expect, PG_STREAMED);
+		if (!live[i])
 			memcpy((char *)buf + i * PAGE, s->frames[first + i],
 			       PAGE);
 	}
+	err = check_discards(s, src->r->addr + off, len, live);
+	if (err)
+		return err;
 	/* Errors only cost faults later: the handler clears those too. */
 	(void)cowmm__uffd_wp(s->uffd, src->r->addr + off, len, false, true);
 	throttle(s, atomic_fetch_add(&s->done, len) + len);
@@ -107,6 +144,18 @@ void remove_snapshot_dir(const char *dir, unsigned nregions)
 		unlink(path);
 	}
 	rmdir(dir);
+}
+
+static int sync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), ret = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) < 0)
+		ret = -errno;
+	close(fd);
+	return ret;
 }
 
 static int sync_dir_of(const char *path)
@@ -151,6 +200,8 @@ void stream_snapshot(uv_work_t *w)
 	}
 	if (!ret)
 		ret = atomic_load(&s->err);
+	if (!ret)
+		ret = sync_dir(s->tmpdir); /* its entries, before the rename */
 	if (!ret) {
 		if (rename(s->tmpdir, s->finaldir) < 0)
 			ret = -errno;

@@ -216,8 +216,18 @@ int cowmm_attach_daemon(const char *path, const char *name,
 	 * The daemon stops this process's threads with ptrace for the instant
 	 * it arms a snapshot; under Yama's ptrace_scope 1 it needs leave.
 	 */
-	if (!getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &clen))
-		(void)prctl(PR_SET_PTRACER, (unsigned long)cred.pid, 0, 0, 0);
+	/* Only a daemon of our own user (or root) gets our memory. */
+	if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0 ||
+	    (cred.uid != 0 && cred.uid != geteuid())) {
+		cowmm__log(COWMM_LOG_ERR,
+			   "%s is served by uid %u, neither root nor us: "
+			   "refused",
+			   path, (unsigned)cred.uid);
+		close(sock);
+		free(c);
+		return -EPERM;
+	}
+	(void)prctl(PR_SET_PTRACER, (unsigned long)cred.pid, 0, 0, 0);
 
 	uffd = uffd_setup(ranges, nranges);
 	if (uffd < 0) {

@@ -13,6 +13,7 @@ messages, a client SIGKILLed and one detaching mid-snapshot, SIGTERM to the
 daemon with a snapshot in flight, and a daemon killed outright.
 """
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -262,9 +263,14 @@ try:
     r1, w1 = os.pipe()
     me = os.pidfd_open(os.getpid())
     theirs = os.pidfd_open(d["proc"].pid)
-    # A real userfaultfd of this process (SYS_userfaultfd, O_CLOEXEC).
-    uffd = ctypes.CDLL(None, use_errno=True).syscall(323, 0o2000000)
-    ok(uffd >= 0, "a userfaultfd for the hostile HELLOs")
+    # Real userfaultfds of this process (SYS_userfaultfd, O_CLOEXEC): one
+    # with the features cowmmd needs (UFFDIO_API: WP, REMAP, REMOVE,
+    # UNMAP, WP_UNPOPULATED), one without.
+    libc = ctypes.CDLL(None, use_errno=True)
+    uffd = libc.syscall(323, 0o2000000)
+    bare = libc.syscall(323, 0o2000000)
+    ok(uffd >= 0 and bare >= 0, "userfaultfds for the hostile HELLOs")
+    fcntl.ioctl(uffd, 0xC018AA3F, struct.pack("=QQQ", 0xAA, 8269, 0))
     table = [
         ("three bytes", b"abc", (), None),
         ("bad magic", hdr(CTLMSG, 16, magic=0x12345678), (), None),
@@ -278,6 +284,8 @@ try:
          -71),
         ("HELLO with someone else's pidfd", hello(1, [(0x10000, 4096)]),
          (uffd, theirs), -71),
+        ("HELLO with a userfaultfd without the events",
+         hello(1, [(0x10000, 4096)]), (bare, me), -71),
         ("HELLO offering memory it does not have",
          hello(1, [(0x10000, 4096)]), (uffd, me), -22),
         ("HELLO with an unaligned range", hello(1, [(0x10001, 4096)]),
@@ -307,7 +315,7 @@ try:
     # a pipe given as the userfaultfd.
     answer = raw_exchange(d["sock"], hello(1, [(0x10000, 4096)]), (r1, me))
     ok(status_of(answer) == -71, "a pipe passed as the userfaultfd refused")
-    for fd in (r1, w1, me, theirs, uffd):
+    for fd in (r1, w1, me, theirs, uffd, bare):
         os.close(fd)
     ok(wait_until(lambda: fd_count(d) == fds0),
        f"no descriptor leaked in the daemon ({fd_count(d)} vs {fds0})")
