@@ -137,6 +137,7 @@ struct cowmm {
 	atomic_uint busy;     /* workers between poll() and the end of a batch */
 	atomic_uint deferred; /* messages workers hold for a busy lock */
 	atomic_uint remaps_pending; /* REMAP events read, not yet handled */
+	atomic_uint removes_pending; /* REMOVE events read, not yet handled */
 	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
 
@@ -247,12 +248,14 @@ struct cowmm_lazy {
 	uint64_t *off;
 	unsigned long *loaded;
 	size_t left;
+	size_t poisoned; /* pages the file could no longer give */
 };
 
 /* inthread.c: the SIGBUS handler of COWMM_OPEN_IN_THREAD managers */
 int cowmm__inthread_add(cowmm_t *mm);
 void cowmm__inthread_remove(cowmm_t *mm);
 extern atomic_uint cowmm__releasing;
+extern atomic_uint cowmm__inthread_managers;
 
 int cowmm__check_region(const cowmm_region_t *r);
 int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off);

@@ -62,31 +62,15 @@ static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 }
 
 /*
- * A clone's page: reading it while it is being discarded could fault into
- * the library (it is registered for missing faults), so only a page the
- * pagemap shows as a uffd-wp marker (never filled since the snapshot, which
- * reads as zero) is preserved; any other is given up.
- */
-static int remove_clone_page(cowmm_region_t *r, size_t pg)
-{
-	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
-	uint64_t e;
-
-	if (!cowmm__test_bit(r->present, pg))
-		/* Not filled: its content is its origin's, never live. */
-		return cowmm__preserve_locked(r, pg, false, &r->mm->cnt.copies);
-	if (!cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e) &&
-	    !(e & PM_PRESENT) && (e & PM_UFFD_WP))
-		return cowmm__preserve_locked(r, pg, true, &r->mm->cnt.copies);
-	cowmm__break_needers(r, pg, "pages of a clone discarded while a "
-				    "snapshot needed them");
-	return 0;
-}
-
-/*
- * Plain pages go through the fault path's own copy, which checks pagemap
- * before and after (cowmm__region_read_page): a page discarded under it
- * breaks the snapshots that needed it instead of handing them zeros.
+ * A discarded page that a snapshot still shares.  The kernel zaps it as
+ * soon as this event is read, and a touch right after maps a fresh zeroed
+ * page in its place, write-protected like the old one: by the time this
+ * runs, what is mapped there may already be that refill, and nothing in
+ * pagemap tells the two apart.  So the live page is never copied: the
+ * snapshots that needed it are marked broken (their reads fail with -EIO),
+ * never handed zeros.  Only a clone's page never filled is kept, since its
+ * content is its origin's, not live memory.  Faults wait while a discard
+ * is pending (cowmm__region_read_page), so none copies a refill first.
  */
 static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 {
@@ -96,15 +80,18 @@ static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 		cowmm__lazy_discard_locked(r, pg, n);
 
 	for (i = pg; i < pg + n; i++) {
-		int ret;
-
 		if (!cowmm__shared_locked(r, i))
 			continue;
-		ret = r->present ? remove_clone_page(r, i)
-				 : cowmm__preserve_locked(r, i, false,
-							  &r->mm->cnt.copies);
-		if (ret == -EAGAIN)
-			return ret; /* a clone's origin is busy: again later */
+		if (r->present && !cowmm__test_bit(r->present, i)) {
+			int ret = cowmm__preserve_locked(r, i, false,
+							 &r->mm->cnt.copies);
+
+			if (ret == -EAGAIN)
+				return ret; /* the origin is busy: later */
+		} else {
+			cowmm__break_needers(r, i, "pages discarded while a "
+						   "snapshot still needed them");
+		}
 		r->wgen[i] = r->epoch;
 	}
 	return 0;
@@ -127,6 +114,8 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 			return 0;
 		}
 	}
+	if (r->lazy) /* never to be loaded: the range left the region */
+		cowmm__lazy_discard_locked(r, pg, n);
 	for (i = pg; i < pg + n; i++) {
 		if (cowmm__shared_locked(r, i))
 			cowmm__break_needers(r, i, "pages unmapped while a "

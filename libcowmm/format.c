@@ -433,6 +433,12 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 		return cowmm__lazy_start(r, fd, index); /* takes @index */
 	}
 	ret = load_pass(fd, NULL, &h, buf, st.st_size, NULL);
+	if (!ret && r->lazy) {
+		/* A lazy load under way: its pages first, then these over. */
+		pthread_mutex_lock(&r->lock);
+		ret = cowmm__lazy_finish_locked(r);
+		pthread_mutex_unlock(&r->lock);
+	}
 	if (!ret)
 		ret = load_pass(fd, r, &h, buf, st.st_size, NULL);
 	free(buf);

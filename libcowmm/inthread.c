@@ -17,10 +17,14 @@
  * installed before.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cowmm_i.h"
+#include "uffd.h"
 
 #define MAX_MANAGERS 16
 
@@ -29,23 +33,64 @@ static _Atomic(cowmm_t *) managers[MAX_MANAGERS];
 static atomic_uint in_handler;
 /* Regions between leaving the lookup table and losing their protection. */
 atomic_uint cowmm__releasing;
+/* Open in-thread managers: live reads bounce through a buffer then. */
+atomic_uint cowmm__inthread_managers;
 static struct sigaction previous;
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
 static bool installed;
 
-/* Pass a SIGBUS that is not ours to whoever had it before. */
+/*
+ * Pass a SIGBUS that is not ours to whoever had it before.  With no
+ * handler before, do what the kernel would have done: a fault kills (and
+ * the kernel kills on a fault even when SIGBUS is ignored); a SIGBUS sent
+ * with kill() is ignored or kills, as the disposition says.
+ */
 static void chain(int sig, siginfo_t *si, void *uc)
 {
+	bool fault = si->si_code > 0;
+
 	if (previous.sa_flags & SA_SIGINFO) {
 		previous.sa_sigaction(sig, si, uc);
-	} else if (previous.sa_handler == SIG_IGN) {
-		return; /* the access faults again: as the application chose */
-	} else if (previous.sa_handler != SIG_DFL) {
+	} else if (previous.sa_handler != SIG_DFL &&
+		   previous.sa_handler != SIG_IGN) {
 		previous.sa_handler(sig);
-	} else {
-		/* Default: die of SIGBUS when the access is retried. */
+	} else if (previous.sa_handler == SIG_DFL || fault) {
 		signal(SIGBUS, SIG_DFL);
+		if (!fault)
+			raise(SIGBUS);
+		/* a fault: the access is retried and dies of SIGBUS */
 	}
+}
+
+/*
+ * No region at the address.  Still protected in pagemap: a region that is
+ * moving (mremap, its event not handled yet) or being released: retry.
+ * Not protected: retry once, then it was not ours.
+ */
+static bool retry_unknown(uintptr_t addr)
+{
+	static __thread uintptr_t last;
+	uint64_t e = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+
+	if (fd >= 0) {
+		if (pread(fd, &e, sizeof(e),
+			  (off_t)(addr / COWMM_PAGE_SIZE * sizeof(e))) !=
+		    sizeof(e))
+			e = 0;
+		close(fd);
+	}
+	if (e & PM_UFFD_WP) {
+		sched_yield();
+		last = 0;
+		return true;
+	}
+	if (last == addr) {
+		last = 0;
+		return false;
+	}
+	last = addr;
+	return true;
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
@@ -85,7 +130,7 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	 */
 	if (found && (ret >= 0 || ret == -EAGAIN || ret == -ENOENT))
 		return;
-	if (!found && atomic_load(&cowmm__releasing))
+	if (!found && (atomic_load(&cowmm__releasing) || retry_unknown(addr)))
 		return;
 	chain(sig, si, uc);
 }
@@ -112,6 +157,7 @@ int cowmm__inthread_add(cowmm_t *mm)
 		cowmm_t *none = NULL;
 
 		if (atomic_compare_exchange_strong(&managers[i], &none, mm)) {
+			atomic_fetch_add(&cowmm__inthread_managers, 1);
 			ret = 0;
 			break;
 		}
@@ -130,7 +176,8 @@ void cowmm__inthread_remove(cowmm_t *mm)
 	for (i = 0; i < MAX_MANAGERS; i++) {
 		cowmm_t *cur = mm;
 
-		atomic_compare_exchange_strong(&managers[i], &cur, NULL);
+		if (atomic_compare_exchange_strong(&managers[i], &cur, NULL))
+			atomic_fetch_sub(&cowmm__inthread_managers, 1);
 	}
 	pthread_mutex_unlock(&install_lock);
 	while (atomic_load(&in_handler))

@@ -7,7 +7,8 @@
  * registered for missing faults as well: each page comes in from the file
  * on its first touch, read or write, through UFFDIO_COPY.  A snapshot,
  * clone or release of the region first loads what is left, so that none of
- * them ever sees a page that is neither in memory nor known to be zero.
+ * them ever sees a page that is neither in memory nor known to be zero; once
+ * all is in, the range goes back to write-protect mode only.
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -32,6 +33,16 @@ static void lazy_free(struct cowmm_lazy *l)
 	free(l->off);
 	free(l->loaded);
 	free(l);
+}
+
+/* Every page is in: the file and the index go; the bitmap stays (all 1). */
+static void lazy_done(struct cowmm_lazy *l)
+{
+	if (l->fd >= 0)
+		close(l->fd);
+	l->fd = -1;
+	free(l->off);
+	l->off = NULL;
 }
 
 /* The page's bytes from the file (or zeros); -EIO when it cannot be read. */
@@ -81,13 +92,16 @@ static int lazy_fill_locked(cowmm_region_t *r, size_t pg, bool wake)
 			   pg);
 		ret = cowmm__uffd_poison(r->mm->uffd, addr, COWMM_PAGE_SIZE,
 					 wake);
+		if (!ret)
+			l->poisoned++;
 	} else {
 		ret = cowmm__uffd_copy(r->mm->uffd, addr, page,
 				       COWMM_PAGE_SIZE, false, wake);
 	}
 	if (!ret || ret == -EEXIST) {
 		cowmm__set_bit(l->loaded, pg);
-		l->left--;
+		if (!--l->left)
+			lazy_done(l);
 	}
 	return ret;
 }
@@ -101,26 +115,60 @@ int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
 {
 	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
 
-	if (cowmm__test_bit(r->lazy->loaded, pg))
-		return cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
-					    wake);
-	return lazy_fill_locked(r, pg, wake);
+	if (!cowmm__test_bit(r->lazy->loaded, pg))
+		return lazy_fill_locked(r, pg, wake);
+	/*
+	 * Loaded, then discarded: zero.  If a snapshot still shares the page
+	 * (its discard preserved it, or it was never written since), the
+	 * zeros go in write-protected, as a clone's do (region.c).
+	 */
+	if (cowmm__shared_locked(r, pg))
+		return cowmm__uffd_copy(r->mm->uffd, addr,
+					cowmm__frame_data(&cowmm__zero_frame),
+					COWMM_PAGE_SIZE, true, wake);
+	return cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE, wake);
 }
 
-/* Load every page not loaded yet.  Call with r->lock held. */
+/*
+ * Load every page not loaded yet.  -EIO if the file could not give some
+ * page (poisoned): nothing may then copy the region as if it were whole.
+ * Call with r->lock held.
+ */
 int cowmm__lazy_finish_locked(cowmm_region_t *r)
 {
 	struct cowmm_lazy *l = r->lazy;
 	size_t pg;
 	int ret = 0;
 
-	for (pg = 0; l && l->left && pg < r->npages; pg++) {
+	if (!l)
+		return 0;
+	for (pg = 0; l->left && pg < r->npages; pg++) {
 		if (cowmm__test_bit(l->loaded, pg))
 			continue;
+		if (r->holes && cowmm__test_bit(r->holes, pg)) {
+			cowmm__lazy_discard_locked(r, pg, 1); /* unmapped */
+			continue;
+		}
 		ret = lazy_fill_locked(r, pg, true);
 		if (ret && ret != -EEXIST)
 			return ret;
 	}
+	if (l->poisoned)
+		return -EIO;
+	/*
+	 * All in, and nothing can share the region yet (a snapshot, clone or
+	 * pin would have loaded it first): back to a plain write-protect
+	 * registration.  A region registered for missing faults could make a
+	 * worker that copies a discarded page fault into itself.
+	 */
+	ret = cowmm__uffd_unregister(r->mm->uffd, r->base, r->len);
+	if (!ret)
+		ret = cowmm__uffd_register(r->mm->uffd, r->base, r->len,
+					   UFFDIO_REGISTER_MODE_WP, NULL);
+	if (ret)
+		return ret;
+	lazy_free(l);
+	r->lazy = NULL;
 	return 0;
 }
 
@@ -136,7 +184,8 @@ void cowmm__lazy_discard_locked(cowmm_region_t *r, size_t pg, size_t n)
 	for (i = pg; l && i < pg + n && i < r->npages; i++)
 		if (!cowmm__test_bit(l->loaded, i)) {
 			cowmm__set_bit(l->loaded, i);
-			l->left--;
+			if (!--l->left)
+				lazy_done(l);
 		}
 }
 
@@ -171,7 +220,13 @@ int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
 
 	pthread_mutex_lock(&r->mm->lock);
 	pthread_mutex_lock(&r->lock);
-	ret = r->lazy ? -EBUSY
+	if (r->lazy && !r->lazy->left && !r->lazy->poisoned) {
+		lazy_free(r->lazy); /* a finished load: start afresh */
+		r->lazy = NULL;
+	}
+	ret = r->magic != COWMM_MAGIC_REGION ? -EBADF
+	      : r->lazy ? -EBUSY
+	      : r->holes ? -EINVAL /* partly unmapped: cannot be emptied */
 	      : r->snaps || r->pins.nrec ? -EBUSY
 	      : r->origin || r->view_of ? -EINVAL
 	      : r->mm->flags & COWMM_OPEN_IN_THREAD ? -EOPNOTSUPP
@@ -189,11 +244,13 @@ int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
 	if (!ret) {
 		if (madvise((void *)r->base, r->len, MADV_DONTNEED) < 0)
 			ret = -errno;
+		/* Missing faults only with the lazy state in place. */
 		err = cowmm__uffd_register(r->mm->uffd, r->base, r->len,
-					   UFFDIO_REGISTER_MODE_MISSING |
-						   UFFDIO_REGISTER_MODE_WP,
+					   ret ? UFFDIO_REGISTER_MODE_WP
+					       : UFFDIO_REGISTER_MODE_MISSING |
+							 UFFDIO_REGISTER_MODE_WP,
 					   NULL);
-		if (err) /* keep the region managed, as it was */
+		if (err && !ret) /* keep the region managed, as it was */
 			cowmm__uffd_register(r->mm->uffd, r->base, r->len,
 					     UFFDIO_REGISTER_MODE_WP, NULL);
 		ret = ret ? ret : err;

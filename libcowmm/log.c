@@ -27,6 +27,9 @@ void cowmm__log(enum cowmm_log_level level, const char *fmt, ...)
 	char msg[512];
 	va_list ap;
 
+	/* Not from the in-thread fault handler: not async-signal-safe. */
+	if (cowmm__in_sigbus)
+		return;
 	pthread_mutex_lock(&sink_lock);
 	s = sink;
 	pthread_mutex_unlock(&sink_lock);

@@ -49,9 +49,28 @@ int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
 		pid = getpid();
 		atomic_store(&self_pid, pid);
 	}
-	n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
-	if (n == (ssize_t)len)
-		return 0;
+	/*
+	 * In in-thread mode the kernel cannot resolve a fault on our behalf:
+	 * a destination in a protected region page would fail with EFAULT,
+	 * read as "the source was unmapped".  Bounce through the stack (the
+	 * callers read at most a page at a time).
+	 */
+	if (atomic_load_explicit(&cowmm__inthread_managers,
+				 memory_order_relaxed) &&
+	    len <= COWMM_PAGE_SIZE) {
+		unsigned char bounce[COWMM_PAGE_SIZE];
+
+		local.iov_base = bounce;
+		n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+		if (n == (ssize_t)len) {
+			memcpy(dst, bounce, len);
+			return 0;
+		}
+	} else {
+		n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+		if (n == (ssize_t)len)
+			return 0;
+	}
 	return n < 0 && errno != EFAULT ? -errno : -EFAULT;
 }
 
@@ -260,9 +279,14 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		return fault(mm, m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1),
 			     m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
 			     wake);
-	case UFFD_EVENT_REMOVE:
-		return cowmm__event_remove(mm, m->arg.remove.start,
-					   m->arg.remove.end);
+	case UFFD_EVENT_REMOVE: {
+		int ret = cowmm__event_remove(mm, m->arg.remove.start,
+					      m->arg.remove.end);
+
+		if (ret != -EAGAIN)
+			atomic_fetch_sub(&mm->removes_pending, 1);
+		return ret;
+	}
 	case UFFD_EVENT_UNMAP:
 		return cowmm__event_unmap(mm, m->arg.remove.start,
 					  m->arg.remove.end);
@@ -369,6 +393,9 @@ static void *worker_main(void *arg)
 			for (ssize_t i = 0; i < n / (ssize_t)sizeof(msg[0]); i++)
 				if (msg[i].event == UFFD_EVENT_REMAP)
 					atomic_fetch_add(&mm->remaps_pending, 1);
+				else if (msg[i].event == UFFD_EVENT_REMOVE)
+					atomic_fetch_add(&mm->removes_pending,
+							 1);
 			pthread_mutex_unlock(&mm->read_lock);
 		}
 		if (n > 0 || d.n)

@@ -420,10 +420,18 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	uint64_t e1, e2;
 	int tries;
 
+	/*
+	 * A discard read but not handled yet: the page here may be the
+	 * kernel's zeroed refill of a zapped one (events.c).  This copy waits
+	 * until the discard has broken the snapshots that needed the page.
+	 */
+	if (atomic_load(&r->mm->removes_pending))
+		return -EAGAIN;
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
 	if (!(e1 & PM_UFFD_WP))
 		return -EIO;
+
 	if (!(e1 & PM_PRESENT) && probe) {
 		struct sysinfo si;
 
@@ -443,7 +451,10 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		if (!(e1 & PM_PRESENT) ||
 		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
 			return 0;
-		e1 = e2; /* still protected, but migrated: copy again */
+		/* Another frame, still protected: a discard, or migrated. */
+		if (atomic_load(&r->mm->removes_pending))
+			return -EAGAIN;
+		e1 = e2; /* migrated: copy again */
 	}
 	return -EIO;
 }

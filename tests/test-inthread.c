@@ -161,6 +161,28 @@ START_TEST(test_refused)
 }
 END_TEST
 
+/*
+ * Reading a snapshot into another region's protected page: the library's
+ * own write there must fault in-thread like any other (found by review:
+ * process_vm_readv into it failed with EFAULT, read as a lost page).
+ */
+START_TEST(test_read_into_protected)
+{
+	cowmm_t *mm = open_inthread();
+	cowmm_region_t *a, *b;
+	cowmm_snap_t *sa, *sb;
+	unsigned char *pa = filled_region(mm, &a), *pb = filled_region(mm, &b);
+
+	ck_assert_int_eq(cowmm_snapshot(a, &sa), 0);
+	ck_assert_int_eq(cowmm_snapshot(b, &sb), 0); /* b is protected now */
+	ck_assert_int_eq(cowmm_snap_read(sa, 3 * T_PAGE, pb, T_PAGE), T_PAGE);
+	ck_assert_mem_eq(pb, pa + 3 * T_PAGE, T_PAGE);
+	cowmm_snap_release(sb);
+	cowmm_snap_release(sa);
+	cowmm_close(mm);
+}
+END_TEST
+
 static sigjmp_buf jump;
 static volatile sig_atomic_t app_handler_ran;
 
@@ -273,6 +295,8 @@ int main(void)
 		{ "point-in-time", test_point_in_time, T_WP_UNPOPULATED },
 		{ "syscall-efault", test_syscall_efault, T_WP_UNPOPULATED },
 		{ "refused", test_refused, T_WP_UNPOPULATED },
+		{ "read-into-protected", test_read_into_protected,
+		  T_WP_UNPOPULATED },
 		{ "chains-foreign-sigbus", test_chains_foreign_sigbus,
 		  T_WP_UNPOPULATED },
 		{ "release-under-writers", test_release_under_writers,
