@@ -1646,7 +1646,7 @@ static void remove_stale(const char *dir)
 		size_t len = strlen(e->d_name);
 
 		if (e->d_name[0] != '.' || len < 6 ||
-		    strcmp(e->d_name + len - 4, ".tmp"))
+		    strcmp(e->d_name + len - 4, ".tmp") != 0)
 			continue;
 		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
 		remove_snapshot_dir(path, COWMMD_MAX_RANGES);

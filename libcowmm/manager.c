@@ -63,6 +63,9 @@ int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
 		local.iov_base = bounce;
 		n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
 		if (n == (ssize_t)len) {
+			/* filled by process_vm_readv(), which cppcheck
+			 * does not know */
+			// cppcheck-suppress uninitvar
 			memcpy(dst, bounce, len);
 			return 0;
 		}
