@@ -1266,28 +1266,17 @@ static void ctl_stats(struct conn *cn, struct out *o)
 		out_jstr(o, D.dir);
 	else
 		outf(o, "%s\n", D.dir);
-	if (o->json)
-		outf(o,
-		     ", \"clients\": %u, \"snapshots\": %llu, \"failed\": "
-		     "%llu, \"bytes\": %llu, \"faults\": %llu, \"copies\": "
-		     "%llu, \"refused\": %llu}\n",
-		     n, (unsigned long long)D.snaps_ok,
-		     (unsigned long long)D.snaps_failed,
-		     (unsigned long long)D.bytes,
-		     (unsigned long long)D.faults,
-		     (unsigned long long)D.copies,
-		     (unsigned long long)D.refused);
-	else
-		outf(o,
-		     "clients %u\nsnapshots %llu\nfailed %llu\nbytes written "
-		     "%llu\nwrite faults %llu\npages copied %llu\nrefused "
-		     "connections %llu\n",
-		     n, (unsigned long long)D.snaps_ok,
-		     (unsigned long long)D.snaps_failed,
-		     (unsigned long long)D.bytes,
-		     (unsigned long long)D.faults,
-		     (unsigned long long)D.copies,
-		     (unsigned long long)D.refused);
+	outf(o,
+	     o->json ? ", \"clients\": %u, \"snapshots\": %llu, \"failed\": "
+		       "%llu, \"bytes\": %llu, \"faults\": %llu, "
+		       "\"copies\": %llu, \"refused\": %llu}\n"
+		     : "clients %u\nsnapshots %llu\nfailed %llu\nbytes "
+		       "written %llu\nwrite faults %llu\npages copied "
+		       "%llu\nrefused connections %llu\n",
+	     n, (unsigned long long)D.snaps_ok,
+	     (unsigned long long)D.snaps_failed, (unsigned long long)D.bytes,
+	     (unsigned long long)D.faults, (unsigned long long)D.copies,
+	     (unsigned long long)D.refused);
 	send_reply(cn, 0, o);
 }
 
@@ -1662,7 +1651,7 @@ static void usage(FILE *f)
 	char def[108];
 
 	fprintf(f,
-		"usage: cowmmd [--socket PATH] [--dir DIR] [--keep N]\n"
+		"usage: cowmmd [--socket PATH] [--dir DIR] [--keep N] [--rate MIB]\n"
 		"\n"
 		"Takes snapshots of the memory of processes that attach with\n"
 		"cowmm_attach_daemon(), on cowmmctl's command or on a schedule.\n"

@@ -162,19 +162,12 @@ static int sync_dir_of(const char *path)
 {
 	char parent[PATH_MAX];
 	char *slash;
-	int fd, ret = 0;
 
 	snprintf(parent, sizeof(parent), "%s", path);
 	slash = strrchr(parent, '/');
 	if (slash)
 		*slash = '\0';
-	fd = open(slash ? parent : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	if (fsync(fd) < 0)
-		ret = -errno;
-	close(fd);
-	return ret;
+	return sync_dir(slash ? parent : ".");
 }
 
 void stream_snapshot(uv_work_t *w)
