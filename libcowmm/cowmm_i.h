@@ -283,6 +283,8 @@ int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
 int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
+void cowmm__wait_discards(cowmm_t *mm);
+bool cowmm__discards_pending(cowmm_t *mm);
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,

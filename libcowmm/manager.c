@@ -667,6 +667,33 @@ void cowmm__quiesce(cowmm_t *mm)
 	}
 }
 
+/*
+ * Let discards already read be handled before a snapshot is taken: one
+ * handled after would find the new snapshot sharing a page that was gone
+ * before it existed, and break it (events.c).  Called with no lock held;
+ * a discard read afterwards raced with the snapshot call itself.
+ */
+void cowmm__wait_discards(cowmm_t *mm)
+{
+	unsigned spins = 0;
+
+	while (cowmm__discards_pending(mm) && spins++ < 100000)
+		sched_yield();
+}
+
+/*
+ * REMOVE events read but not handled yet.  The madvise() that sent one
+ * returns as soon as a worker's read() has it, perhaps before that worker
+ * has counted it: the count is taken under read_lock, so going through
+ * the lock first sees every event read so far.
+ */
+bool cowmm__discards_pending(cowmm_t *mm)
+{
+	pthread_mutex_lock(&mm->read_lock);
+	pthread_mutex_unlock(&mm->read_lock);
+	return atomic_load(&mm->removes_pending) != 0;
+}
+
 /* Not part of the API: the next @n frame allocations fail, as when out of
  * memory. */
 void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)

@@ -425,7 +425,10 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	 * kernel's zeroed refill of a zapped one (events.c).  This copy waits
 	 * until the discard has broken the snapshots that needed the page.
 	 */
-	if (atomic_load(&r->mm->removes_pending))
+	/* Workers read events and faults in order under read_lock already;
+	 * a thread resolving its own fault (in-thread mode) goes through it. */
+	if (cowmm__in_sigbus ? cowmm__discards_pending(r->mm)
+			     : atomic_load(&r->mm->removes_pending) != 0)
 		return -EAGAIN;
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);

@@ -145,6 +145,7 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 		return ret;
 	if (!out)
 		return -EINVAL;
+	cowmm__wait_discards(r->mm);
 	pthread_mutex_lock(&r->mm->lock);
 	ret = cowmm__snap_create_locked(r, false, out);
 	pthread_mutex_unlock(&r->mm->lock);
