@@ -196,6 +196,23 @@ static void timed_writes(char *p, const size_t *o, size_t n, double *lat)
 	}
 }
 
+/* A region of @len bytes of @c's page kind, every page populated. */
+static char *populated_region(cowmm_t *mm, const struct cfg *c, size_t len,
+			      cowmm_region_t **r)
+{
+	int ret = cowmm_region_alloc(mm, len,
+				     c->thp ? COWMM_REGION_THP
+					    : COWMM_REGION_NOTHP,
+				     r);
+	char *p;
+
+	if (ret)
+		errx(1, "cowmm_region_alloc: %s", cowmm_strerror(ret));
+	p = cowmm_region_base(*r);
+	populate(p, len);
+	return p;
+}
+
 static char *map_plain(const struct cfg *c, size_t len)
 {
 	char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
@@ -237,15 +254,7 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 			int ret;
 
 			/* libcowmm: snapshot a freshly populated region. */
-			ret = cowmm_region_alloc(mm, len,
-						 c->thp ? COWMM_REGION_THP
-							: COWMM_REGION_NOTHP,
-						 &r);
-			if (ret)
-				errx(1, "cowmm_region_alloc: %s",
-				     cowmm_strerror(ret));
-			p = cowmm_region_base(r);
-			populate(p, len);
+			p = populated_region(mm, c, len, &r);
 			{
 				double t0 = now_ns();
 
@@ -262,13 +271,7 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 			cowmm_region_release(r);
 
 			/* The same, each writer resolving its own faults. */
-			if (cowmm_region_alloc(mm_it, len,
-					       c->thp ? COWMM_REGION_THP
-						      : COWMM_REGION_NOTHP,
-					       &r))
-				errx(1, "cowmm_region_alloc");
-			p = cowmm_region_base(r);
-			populate(p, len);
+			p = populated_region(mm_it, c, len, &r);
 			if (cowmm_snapshot(r, &s))
 				errx(1, "cowmm_snapshot");
 			timed_writes(p, o, sample, lat[3][ord] + run * sample);
@@ -323,13 +326,7 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 			char *p;
 			pid_t pid;
 
-			if (cowmm_region_alloc(mm, len,
-					       c->thp ? COWMM_REGION_THP
-						      : COWMM_REGION_NOTHP,
-					       &r))
-				errx(1, "cowmm_region_alloc");
-			p = cowmm_region_base(r);
-			populate(p, len);
+			p = populated_region(mm, c, len, &r);
 			before = pss_kb(getpid());
 			if (cowmm_snapshot(r, &s))
 				errx(1, "cowmm_snapshot");

@@ -227,6 +227,12 @@ struct cowmm_region {
 	unsigned long *holes;   /* pages the application unmapped */
 };
 
+/* Bytes of a bitmap of one bit per page, in whole unsigned longs. */
+static inline size_t cowmm__bitmap_bytes(size_t npages)
+{
+	return (npages + 63) / 64 * sizeof(unsigned long);
+}
+
 static inline bool cowmm__test_bit(const unsigned long *map, size_t i)
 {
 	return (map[i / 64] >> (i % 64)) & 1;
@@ -258,6 +264,7 @@ extern atomic_uint cowmm__releasing;
 extern atomic_uint cowmm__inthread_managers;
 
 int cowmm__check_region(const cowmm_region_t *r);
+int cowmm__read_at(int fd, void *buf, size_t n, off_t off); /* format.c */
 int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off);
 int cowmm__lazy_finish_locked(cowmm_region_t *r);
 void cowmm__lazy_discard_locked(cowmm_region_t *r, size_t pg, size_t n);

@@ -107,7 +107,7 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 	size_t i;
 
 	if (!r->holes) {
-		r->holes = calloc((r->npages + 63) / 64, sizeof(*r->holes));
+		r->holes = calloc(1, cowmm__bitmap_bytes(r->npages));
 		if (!r->holes) { /* cannot remember: break everything */
 			for (i = pg; i < pg + n; i++)
 				cowmm__break_needers(r, i, "region unmapped");

@@ -256,7 +256,8 @@ int cowmm_snap_write(cowmm_snap_t *s, int fd)
 /* ------------------------------------------------------------------------ */
 /* Reading */
 
-static int read_at(int fd, void *buf, size_t n, off_t off)
+/* All @n bytes at @off; -EBADMSG if the file ends first. */
+int cowmm__read_at(int fd, void *buf, size_t n, off_t off)
 {
 	size_t done = 0;
 
@@ -321,7 +322,7 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 		unsigned n, i, k = 0;
 		uint32_t crc;
 
-		ret = read_at(fd, &c, sizeof(c), off);
+		ret = cowmm__read_at(fd, &c, sizeof(c), off);
 		if (ret)
 			return ret;
 		first = le64toh(c.first_page);
@@ -337,7 +338,7 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 			if ((c.bitmap[i / 8] >> (i % 8) & 1) &&
 			    first + i >= npages)
 				return -EBADMSG;
-		ret = read_at(fd, buf, (size_t)n * COWMM_PAGE_SIZE,
+		ret = cowmm__read_at(fd, buf, (size_t)n * COWMM_PAGE_SIZE,
 			      off + sizeof(c));
 		if (ret)
 			return ret;
@@ -373,7 +374,7 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 	}
 	if (off + (off_t)sizeof(t) != size)
 		return -EBADMSG;
-	ret = read_at(fd, &t, sizeof(t), off);
+	ret = cowmm__read_at(fd, &t, sizeof(t), off);
 	if (ret)
 		return ret;
 	if (memcmp(t.magic, END_MAGIC, 8) != 0 ||
@@ -402,7 +403,7 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 		return -EBADF;
 	if (!S_ISREG(st.st_mode))
 		return -ESPIPE; /* checked whole before anything is written */
-	ret = read_at(fd, &h, sizeof(h), 0);
+	ret = cowmm__read_at(fd, &h, sizeof(h), 0);
 	if (ret)
 		return ret;
 	if (memcmp(h.magic, FILE_MAGIC, 8) != 0 ||

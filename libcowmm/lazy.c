@@ -19,11 +19,6 @@
 #include "cowmm_i.h"
 #include "uffd.h"
 
-static size_t bitmap_bytes(size_t npages)
-{
-	return (npages + 63) / 64 * sizeof(unsigned long);
-}
-
 static void lazy_free(struct cowmm_lazy *l)
 {
 	if (!l)
@@ -48,24 +43,13 @@ static void lazy_done(struct cowmm_lazy *l)
 /* The page's bytes from the file (or zeros); -EIO when it cannot be read. */
 static int lazy_read(const struct cowmm_lazy *l, size_t pg, void *dst)
 {
-	size_t done = 0;
-
 	if (!l->off[pg]) {
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}
-	while (done < COWMM_PAGE_SIZE) {
-		ssize_t n = pread(l->fd, (char *)dst + done,
-				  COWMM_PAGE_SIZE - done,
-				  (off_t)(l->off[pg] + done));
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -EIO;
-		done += (size_t)n;
-	}
-	return 0;
+	return cowmm__read_at(l->fd, dst, COWMM_PAGE_SIZE, (off_t)l->off[pg])
+		       ? -EIO
+		       : 0;
 }
 
 /*
@@ -210,7 +194,7 @@ int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
 	}
 	l->off = off;
 	l->left = r->npages;
-	l->loaded = calloc(1, bitmap_bytes(r->npages));
+	l->loaded = calloc(1, cowmm__bitmap_bytes(r->npages));
 	l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
 	if (!l->loaded || l->fd < 0) {
 		ret = l->fd < 0 ? -errno : -ENOMEM;

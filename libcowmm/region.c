@@ -110,11 +110,6 @@ int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len)
 	return ret;
 }
 
-static size_t bitmap_bytes(size_t npages)
-{
-	return (npages + 63) / 64 * sizeof(unsigned long);
-}
-
 /*
  * Register [base, base + len) in @mode and make it a region; call with
  * mm->lock held.  @listed: a user region (views are not).  @bitmap: keep a
@@ -151,7 +146,7 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 		goto err_free;
 	}
 	if (bitmap) {
-		r->present = mmap(NULL, bitmap_bytes(r->npages),
+		r->present = mmap(NULL, cowmm__bitmap_bytes(r->npages),
 				  PROT_READ | PROT_WRITE,
 				  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
 				  -1, 0);
@@ -194,7 +189,7 @@ err_pins:
 	cowmm__pins_fini(&r->pins);
 err_unmap:
 	if (r->present)
-		munmap(r->present, bitmap_bytes(r->npages));
+		munmap(r->present, cowmm__bitmap_bytes(r->npages));
 	munmap(r->wgen, wlen);
 err_free:
 	free(r);
@@ -721,7 +716,7 @@ static void region_free(cowmm_region_t *r)
 {
 	munmap(r->wgen, r->npages * sizeof(*r->wgen));
 	if (r->present)
-		munmap(r->present, bitmap_bytes(r->npages));
+		munmap(r->present, cowmm__bitmap_bytes(r->npages));
 	free(r->holes);
 	cowmm__lazy_free(r);
 	cowmm__pins_fini(&r->pins);
