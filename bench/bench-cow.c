@@ -21,6 +21,11 @@
  *
  * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
  *                  [--kinds 4k,thp] [--quick] [--dump DIR]
+ *                  [--fault-around PAGES]
+ * Sequential order writes the first PAGES pages one after another (a
+ * sequential writer, where fault-around applies); random order writes
+ * pages spread over the whole region in a shuffled order.  The mean of a
+ * pass is its cost per page: the inverse of its throughput.
  * --dump DIR: every first-write latency of the random order, sorted, one
  * file per method, size and kind (DIR/lat-<kind>-<MiB>-<method>.dat: µs
  * and the fraction of writes at most that long), for the chart.
@@ -93,6 +98,7 @@ struct cfg {
 	unsigned runs;
 	size_t sample;
 	const char *dump;
+	size_t fault_around; /* struct cowmm_config's; 0: the default */
 };
 
 static void dump_lat(const struct cfg *c, const char *method, double *lat,
@@ -129,9 +135,15 @@ static void row(const struct cfg *c, const char *metric, const char *method,
 static void pct_rows(const struct cfg *c, const char *method,
 		     const char *order, double *lat, size_t n)
 {
-	double p[4];
+	double p[4], sum = 0;
+	size_t j;
 	int i;
 
+	/* The mean is the cost per page of the whole pass: throughput. */
+	for (j = 0; j < n; j++)
+		sum += lat[j];
+	printf("cow,write_mean,%lu,%s,%s,%s,%.0f,,,ns,%zu\n", c->size_mib,
+	       c->thp ? "thp" : "4k", method, order, sum / n, n);
 	qsort(lat, n, sizeof(*lat), cmp_double);
 	p[0] = pct(lat, n, 50);
 	p[1] = pct(lat, n, 99);
@@ -165,7 +177,9 @@ static size_t *order_of(size_t npages, size_t sample, bool random)
 
 	if (!o)
 		err(1, "malloc");
-	stride = npages / sample ? npages / sample : 1;
+	/* Sequential: the first pages, one after another.  Random: pages
+	 * spread over the whole region, shuffled. */
+	stride = random && npages / sample ? npages / sample : 1;
 	for (i = 0; i < sample; i++)
 		o[i] = (i * stride) % npages;
 	if (random)
@@ -375,6 +389,7 @@ int main(int argc, char **argv)
 		{ "kinds", required_argument, NULL, 'k' },
 		{ "quick", no_argument, NULL, 'q' },
 		{ "dump", required_argument, NULL, 'd' },
+		{ "fault-around", required_argument, NULL, 'f' },
 		{ 0 },
 	};
 	char sizes[256] = "256,1024", kinds[32] = "4k,thp", *tok, *save;
@@ -382,7 +397,7 @@ int main(int argc, char **argv)
 	cowmm_t *mm, *mm_it;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			snprintf(sizes, sizeof(sizes), "%s", optarg);
@@ -399,6 +414,9 @@ int main(int argc, char **argv)
 		case 'd':
 			c.dump = optarg;
 			break;
+		case 'f':
+			c.fault_around = strtoul(optarg, NULL, 0);
+			break;
 		case 'q':
 			snprintf(sizes, sizeof(sizes), "16");
 			c.runs = 1;
@@ -407,18 +425,21 @@ int main(int argc, char **argv)
 		default:
 			fprintf(stderr, "usage: %s [--sizes MiB,...] [--runs N] "
 					"[--sample PAGES] [--kinds 4k,thp] "
-					"[--quick] [--dump DIR]\n", argv[0]);
+					"[--quick] [--dump DIR] "
+					"[--fault-around PAGES]\n",
+				argv[0]);
 			return 2;
 		}
 	}
 	if (!c.runs || c.runs > MAX_RUNS || !c.sample)
 		errx(2, "--runs 1..%d, --sample > 0", MAX_RUNS);
-	ret = cowmm_open(NULL, &mm);
-	if (ret)
-		errx(1, "cowmm_open: %s", cowmm_strerror(ret));
 	{
 		struct cowmm_config cfg = COWMM_CONFIG_INIT;
 
+		cfg.fault_around = c.fault_around;
+		ret = cowmm_open(&cfg, &mm);
+		if (ret)
+			errx(1, "cowmm_open: %s", cowmm_strerror(ret));
 		cfg.flags = COWMM_OPEN_IN_THREAD;
 		ret = cowmm_open(&cfg, &mm_it);
 		if (ret)

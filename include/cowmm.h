@@ -59,8 +59,25 @@ struct cowmm_config {
 	size_t size;         /**< sizeof(struct cowmm_config); always first */
 	unsigned workers;    /**< fault-resolving threads; 0: default (1) */
 	unsigned flags;      /**< COWMM_OPEN_*; unknown bits give -EINVAL */
-	size_t fault_around; /**< pages preserved per fault; 0: default (1) */
+	/**
+	 * Fault-around: the most pages one write fault preserves and
+	 * unprotects, itself and the pages after it, for a writer that
+	 * writes sequentially (its window doubles from 1 with each fault
+	 * that continues the previous run; any other fault goes back to 1).
+	 * 1: off, every page faults alone.  0: default
+	 * (#COWMM_FAULT_AROUND_DEFAULT).  At most #COWMM_FAULT_AROUND_MAX.
+	 * Costs up to that many pages preserved that the writer may never
+	 * write; the snapshot still needed them.  Counted in
+	 * cowmm_stats.ahead_copies.  Not done for clones, views and lazy
+	 * loads.
+	 */
+	size_t fault_around;
 };
+
+/** Default largest fault-around window, in pages (256 KiB). */
+#define COWMM_FAULT_AROUND_DEFAULT 64
+/** Largest fault-around window accepted, in pages (2 MiB). */
+#define COWMM_FAULT_AROUND_MAX 512
 
 /** Initialiser for struct cowmm_config. */
 #define COWMM_CONFIG_INIT { .size = sizeof(struct cowmm_config) }
@@ -138,7 +155,8 @@ struct cowmm_stats {
  *
  * @param cfg  configuration, or NULL for the defaults
  * @param out  receives the manager; untouched on failure
- * @return 0; -EINVAL (unknown flag, workers > COWMM_WORKERS_MAX),
+ * @return 0; -EINVAL (unknown flag, workers > COWMM_WORKERS_MAX,
+ *         fault_around > COWMM_FAULT_AROUND_MAX),
  *         -E2BIG (@p cfg longer than known, with a non-zero tail),
  *         -EPERM (no permission to use userfaultfd; the log says how to
  *         grant it), -ENOSYS (kernel without userfaultfd),

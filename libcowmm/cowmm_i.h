@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "cowmm.h"
 #include "rcu.h"
@@ -214,6 +215,8 @@ struct cowmm_region {
 	struct cowmm_pins pins;
 	struct cowmm_snap *snaps; /* live snapshots, newest first */
 	struct cowmm_region *next; /* in mm->regions */
+	/* Fault-around: the page after the last run unprotected, its size. */
+	size_t fa_next, fa_win;
 
 	/*
 	 * A clone reads as its origin (a snapshot of its source taken at
@@ -297,6 +300,8 @@ int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,
 		       size_t len);
 int cowmm__live_read(uintptr_t addr, void *dst, size_t len);
+int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
+		      size_t n);
 void cowmm__region_release_all(cowmm_t *mm);
 
 /* ------------------------------------------------------------------------ */

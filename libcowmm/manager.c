@@ -39,16 +39,36 @@ static void on_fork_child(void)
  * application may unmap a region behind the library's back (the UNMAP
  * event comes after the fact).  Returns 0 or -EFAULT.
  */
-int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
+static pid_t own_pid(void)
 {
-	struct iovec local = { dst, len }, remote = { (void *)addr, len };
 	pid_t pid = atomic_load_explicit(&self_pid, memory_order_relaxed);
-	ssize_t n;
 
 	if (!pid) {
 		pid = getpid();
 		atomic_store(&self_pid, pid);
 	}
+	return pid;
+}
+
+/*
+ * Copy @n pages of this process, at the addresses @remote gives, into
+ * @local (library memory, never a region's).  Returns 0, or -EFAULT when
+ * any of them could not be read whole.
+ */
+int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
+		      size_t n)
+{
+	ssize_t got = process_vm_readv(own_pid(), local, n, remote, n, 0);
+
+	return got == (ssize_t)(n * COWMM_PAGE_SIZE) ? 0 : -EFAULT;
+}
+
+int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
+{
+	struct iovec local = { dst, len }, remote = { (void *)addr, len };
+	pid_t pid = own_pid();
+	ssize_t n;
+
 	/*
 	 * In in-thread mode the kernel cannot resolve a fault on our behalf:
 	 * a destination in a protected region page would fail with EFAULT,
@@ -506,7 +526,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		return ret;
 	if ((cfg.flags & ~COWMM_OPEN_IN_THREAD) ||
 	    cfg.workers > COWMM_WORKERS_MAX ||
-	    cfg.fault_around > 1)
+	    cfg.fault_around > COWMM_FAULT_AROUND_MAX)
 		return -EINVAL;
 	if (sysconf(_SC_PAGESIZE) != (long)COWMM_PAGE_SIZE)
 		return -EOPNOTSUPP;
@@ -518,7 +538,8 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	mm->magic = COWMM_MAGIC_MM;
 	mm->fork_gen = cowmm__fork_gen();
 	mm->flags = cfg.flags;
-	mm->fault_around = cfg.fault_around ? cfg.fault_around : 1;
+	mm->fault_around = cfg.fault_around ? cfg.fault_around
+					    : COWMM_FAULT_AROUND_DEFAULT;
 	mm->nworkers = cfg.workers ? cfg.workers : 1;
 	mm->uffd = mm->stopfd = mm->pagemap = -1;
 

@@ -325,6 +325,27 @@ bool cowmm__page_is_zero(const void *p)
 }
 
 /*
+ * Hand frame @f, the old bytes of page @pg, to every live snapshot that
+ * still shares the page, and drop the allocation's reference.
+ */
+static void publish_locked(cowmm_region_t *r, size_t pg, struct cowmm_frame *f)
+{
+	uint32_t w = r->wgen[pg];
+	struct cowmm_snap *s;
+
+	for (s = r->snaps; s && s->epoch > w; s = s->next) {
+		if (cowmm__fmap_get(&s->frames, pg))
+			continue;
+		cowmm__frame_get(f);
+		if (cowmm__fmap_set(&s->frames, pg, f)) {
+			cowmm__frame_put(f);
+			cowmm__snap_break(s, "out of memory for a frame map");
+		}
+	}
+	cowmm__frame_put(f); /* the allocation's reference */
+}
+
+/*
  * Preserve page @pg for every live snapshot that still shares it with the
  * region, copying it once into a frame they all hold (@zero: the page is
  * known never populated, so nothing is read or held).  Counts one in
@@ -337,9 +358,7 @@ bool cowmm__page_is_zero(const void *p)
 int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			   atomic_uint_fast64_t *counter)
 {
-	uint32_t w = r->wgen[pg];
 	struct cowmm_frame *f = &cowmm__zero_frame;
-	struct cowmm_snap *s;
 
 	if (!cowmm__shared_locked(r, pg))
 		return 0;
@@ -369,16 +388,7 @@ int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			cowmm__count(r->mm, bytes_preserved, COWMM_PAGE_SIZE);
 		}
 	}
-	for (s = r->snaps; s && s->epoch > w; s = s->next) {
-		if (cowmm__fmap_get(&s->frames, pg))
-			continue;
-		cowmm__frame_get(f);
-		if (cowmm__fmap_set(&s->frames, pg, f)) {
-			cowmm__frame_put(f);
-			cowmm__snap_break(s, "out of memory for a frame map");
-		}
-	}
-	cowmm__frame_put(f); /* the allocation's reference */
+	publish_locked(r, pg, f);
 	atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
 	return 1;
 }
@@ -490,6 +500,135 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 }
 
 /*
+ * Fault-around.  A writer that faults on the page right after the run the
+ * previous fault unprotected is taken for a sequential one: its window
+ * doubles, up to mm->fault_around pages, and the pages ahead of the fault
+ * are preserved now and unprotected together with it, in one ioctl (one
+ * TLB flush for 34 pages or more, where page by page costs one each).  Any
+ * other fault starts again at one page, so random writers copy only what
+ * they write.  The bytes are read in one process_vm_readv() per batch,
+ * between two pagemap reads; a page that changed frame or lost its
+ * protection meanwhile (a discard racing with the copy) ends the run
+ * before it, and is left to its own fault.
+ */
+#define AHEAD_BATCH 64
+
+static size_t ahead_window(cowmm_region_t *r, size_t pg)
+{
+	size_t max = r->mm->fault_around;
+
+	if (max <= 1 || r->present || r->lazy)
+		return 1; /* clones, views, lazy loads: one page at a time */
+	if (pg != r->fa_next || !r->fa_win)
+		return 1;
+	return r->fa_win * 2 < max ? r->fa_win * 2 : max;
+}
+
+/* Release frames @f[@from..@n) that were never published. */
+static void ahead_drop(struct cowmm_frame **f, size_t from, size_t n)
+{
+	for (; from < n; from++)
+		if (cowmm__frame_real(f[from]))
+			cowmm__frame_free_now(f[from]);
+}
+
+/*
+ * Preserve up to @n pages from @first for a sequential writer and mark them
+ * writable in this epoch; the caller clears their protection.  Returns how
+ * many pages from @first are done.  Call with r->lock held.
+ */
+static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
+{
+	uintptr_t base = r->base + (first << COWMM_PAGE_SHIFT);
+	struct cowmm_frame *f[AHEAD_BATCH];
+	struct iovec lv[AHEAD_BATCH], rv[AHEAD_BATCH];
+	uint64_t e1[AHEAD_BATCH], e2[AHEAD_BATCH];
+	cowmm_t *mm = r->mm;
+	size_t k, j, nio = 0;
+	struct sysinfo si;
+	bool swap = true;
+
+	if (n > AHEAD_BATCH)
+		n = AHEAD_BATCH;
+	if (n > r->npages - first)
+		n = r->npages - first;
+	if (!n ||
+	    (cowmm__in_sigbus ? cowmm__discards_pending(mm)
+			      : atomic_load(&mm->removes_pending) != 0) ||
+	    cowmm__pagemap_read(mm->pagemap, base, n, e1))
+		return 0;
+	for (k = 0; k < n; k++) {
+		size_t pg = first + k;
+
+		f[k] = NULL;
+		if (r->holes && cowmm__test_bit(r->holes, pg))
+			break;
+		if (r->wgen[pg] == r->epoch || !cowmm__shared_locked(r, pg))
+			continue; /* nothing to keep: only unprotected */
+		if (!(e1[k] & PM_UFFD_WP))
+			break; /* discarded under us: its own fault decides */
+		if (!(e1[k] & PM_PRESENT)) {
+			/* Never populated, unless swap makes it ambiguous. */
+			if (swap)
+				swap = sysinfo(&si) < 0 || si.totalswap;
+			if (swap)
+				break;
+			f[k] = &cowmm__zero_frame;
+			continue;
+		}
+		f[k] = cowmm__frame_alloc(&mm->pool);
+		if (!f[k])
+			break;
+		lv[nio] = (struct iovec){ cowmm__frame_data(f[k]),
+					  COWMM_PAGE_SIZE };
+		rv[nio] = (struct iovec){ (void *)(base + (k << COWMM_PAGE_SHIFT)),
+					  COWMM_PAGE_SIZE };
+		nio++;
+	}
+	if (nio) {
+		int err = 0;
+
+		/* The writing thread itself may load its pages (live_copy). */
+		if (cowmm__in_sigbus)
+			for (j = 0; j < nio; j++)
+				memcpy(lv[j].iov_base, rv[j].iov_base,
+				       COWMM_PAGE_SIZE);
+		else
+			err = cowmm__live_readv(lv, rv, nio);
+		if (err || cowmm__pagemap_read(mm->pagemap, base, k, e2)) {
+			ahead_drop(f, 0, k);
+			return 0;
+		}
+		for (j = 0; j < k; j++)
+			if (cowmm__frame_real(f[j]) &&
+			    (!(e2[j] & PM_UFFD_WP) || !(e2[j] & PM_PRESENT) ||
+			     (e1[j] & PM_PFN_MASK) != (e2[j] & PM_PFN_MASK)))
+				break;
+		ahead_drop(f, j, k);
+		k = j;
+	}
+	for (j = 0; j < k; j++) {
+		size_t pg = first + j;
+
+		if (f[j]) {
+			if (f[j] == &cowmm__zero_frame) {
+				/* a marker: nothing was read */
+			} else if (cowmm__page_is_zero(cowmm__frame_data(f[j]))) {
+				cowmm__frame_free_now(f[j]); /* never published */
+				f[j] = &cowmm__zero_frame;
+			} else {
+				cowmm__count(mm, bytes_preserved,
+					     COWMM_PAGE_SIZE);
+			}
+			publish_locked(r, pg, f[j]);
+			cowmm__count(mm, ahead_copies, 1);
+		}
+		r->wgen[pg] = r->epoch;
+	}
+	return k;
+}
+
+/*
  * Resolve a write-protect fault at @addr (page aligned, inside @r).
  * Returns 0 when resolved and woken, 1 when resolved and the caller must
  * wake the address, or a negative errno when the fault is not ours to
@@ -498,7 +637,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 {
 	cowmm_t *mm = r->mm;
-	size_t pg;
+	size_t pg, win, end;
 	int ret;
 
 	if (cowmm__lock(&r->lock))
@@ -533,7 +672,18 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	cowmm__count(mm, wp_faults, 1);
 	r->wgen[pg] = r->epoch;
-	ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake);
+	win = ahead_window(r, pg);
+	for (end = pg + 1; end < pg + win;) {
+		size_t done = preserve_ahead(r, end, pg + win - end);
+
+		end += done;
+		if (done < AHEAD_BATCH)
+			break;
+	}
+	r->fa_next = end;
+	r->fa_win = win;
+	ret = cowmm__uffd_wp(mm->uffd, addr, (end - pg) << COWMM_PAGE_SHIFT,
+			     false, wake);
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN) /* retried later: the page is no longer needed */
 		return ret;

@@ -115,16 +115,22 @@ int t_run(const char *suite_name, const struct t_case *cases, size_t n)
 	return failed ? 1 : 0;
 }
 
-cowmm_t *t_open(unsigned workers)
+cowmm_t *t_open_fa(unsigned workers, size_t fault_around)
 {
 	struct cowmm_config cfg = COWMM_CONFIG_INIT;
 	cowmm_t *mm = NULL;
 	int ret;
 
 	cfg.workers = workers;
+	cfg.fault_around = fault_around;
 	ret = cowmm_open(&cfg, &mm);
 	ck_assert_msg(ret == 0, "cowmm_open: %s", cowmm_strerror(ret));
 	return mm;
+}
+
+cowmm_t *t_open(unsigned workers)
+{
+	return t_open_fa(workers, 0);
 }
 
 struct cowmm_stats t_stats(cowmm_t *mm)

@@ -56,6 +56,9 @@ struct t_case {
 int t_run(const char *suite, const struct t_case *cases, size_t n);
 
 cowmm_t *t_open(unsigned workers);
+/* With a fault-around window (1: off, for tests that count faults and
+ * copies page by page). */
+cowmm_t *t_open_fa(unsigned workers, size_t fault_around);
 /* Counters once every queued fault message is resolved. */
 struct cowmm_stats t_stats(cowmm_t *mm);
 void t_rcu_barrier(void);

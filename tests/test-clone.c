@@ -56,7 +56,7 @@ static size_t resident(const void *p, size_t npages)
 
 START_TEST(test_first_touch_orders)
 {
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, 1); /* counts page by page */
 	cowmm_region_t *r, *c;
 	unsigned char *p, *q;
 	struct cowmm_stats st0, st;

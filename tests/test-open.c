@@ -60,7 +60,7 @@ START_TEST(test_config)
 	/* A shorter struct (an older caller) is zero-extended. */
 	cfg.size = offsetof(struct cowmm_config, fault_around);
 	cfg.workers = 3;
-	cfg.fault_around = 99; /* beyond size: never read */
+	cfg.fault_around = COWMM_FAULT_AROUND_MAX + 1; /* beyond size: unread */
 	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
 	cowmm_close(mm);
 }
@@ -175,7 +175,7 @@ END_TEST
 
 START_TEST(test_workers)
 {
-	cowmm_t *mm = t_open(COWMM_WORKERS_MAX);
+	cowmm_t *mm = t_open_fa(COWMM_WORKERS_MAX, 1); /* counts page by page */
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
 	unsigned char *p;

@@ -409,7 +409,7 @@ END_TEST
 START_TEST(test_thp_subpage)
 {
 	const size_t n = 512;
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, 1); /* counts page by page */
 	struct cowmm_stats st0, st;
 	unsigned char *p, b[T_PAGE];
 	cowmm_region_t *r;

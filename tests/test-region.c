@@ -43,7 +43,7 @@ END_TEST
  */
 START_TEST(test_adopt_release)
 {
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, 1); /* counts page by page */
 	size_t len = NPAGES * T_PAGE, i;
 	cowmm_region_t *r;
 	cowmm_snap_t *s;

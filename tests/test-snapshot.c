@@ -310,7 +310,7 @@ static unsigned char snap_byte(cowmm_snap_t *s, size_t off)
 
 START_TEST(test_shared_frames)
 {
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, 1); /* counts page by page */
 	cowmm_snap_t *s1, *s2, *s3;
 	cowmm_region_t *r;
 	unsigned char *p;
@@ -436,6 +436,112 @@ START_TEST(test_byte_reads)
 END_TEST
 
 /*
+ * Fault-around: a sequential writer faults once per window, not per page;
+ * every page is still preserved exactly once (pages written before are
+ * skipped, never-populated ones hold no memory), the snapshot keeps every
+ * byte and the writer keeps every physical page.
+ */
+START_TEST(test_fault_around)
+{
+	const size_t npages = 2048, filled = 1984;
+	cowmm_t *mm = t_open(0);
+	struct cowmm_stats st0, st;
+	unsigned char *p, buf[T_PAGE], want[T_PAGE];
+	uint64_t *pfn = calloc(npages, sizeof(*pfn));
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < filled; pg++) { /* the last 64: never touched */
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+		pfn[pg] = t_pfn(p + pg * T_PAGE);
+	}
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	p[100 * T_PAGE] ^= 1; /* written before: copied once, alone */
+	p[700 * T_PAGE] ^= 1;
+	st0 = t_stats(mm);
+	for (pg = 0; pg < npages; pg++)
+		p[pg * T_PAGE + 5] ^= 0x5a;
+	st = t_stats(mm);
+
+	ck_assert_uint_eq(st.copies + st.ahead_copies - st0.copies -
+				  st0.ahead_copies,
+			  npages - 2);
+	ck_assert_uint_lt(st.wp_faults - st0.wp_faults, npages / 16);
+	ck_assert_uint_eq(st.frames_live, filled);
+	ck_assert_uint_eq(st.bytes_preserved, filled * T_PAGE);
+	for (pg = 0; pg < npages; pg++) {
+		if (pg < filled)
+			t_fill_page(want, pg + 1);
+		else
+			memset(want, 0, T_PAGE);
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE),
+			      "snapshot page %zu changed", pg);
+		want[5] ^= 0x5a;
+		if (pg == 100 || pg == 700)
+			want[0] ^= 1;
+		ck_assert_msg(!memcmp(p + pg * T_PAGE, want, T_PAGE),
+			      "write to page %zu lost", pg);
+		if (pfn[pg]) /* 0: not root */
+			ck_assert_uint_eq(t_pfn(p + pg * T_PAGE), pfn[pg]);
+	}
+	cowmm_snap_release(s);
+	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
+	free(pfn);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/* A random writer gets no fault-around: it copies only what it writes. */
+START_TEST(test_fault_around_random)
+{
+	const size_t npages = 1536, k = npages / 3;
+	cowmm_t *mm = t_open(0);
+	size_t *pages = malloc(k * sizeof(*pages)), i, j, pg;
+	struct cowmm_stats st;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	uint64_t x = 11;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < npages; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	for (i = 0; i < k; i++) /* every third page, shuffled */
+		pages[i] = 3 * i;
+	for (i = k - 1; i > 0; i--) {
+		size_t t;
+
+		j = t_rand(&x) % (i + 1);
+		t = pages[i];
+		pages[i] = pages[j];
+		pages[j] = t;
+	}
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 0; i < k; i++)
+		p[pages[i] * T_PAGE] ^= 1;
+	st = t_stats(mm);
+	ck_assert_uint_eq(st.ahead_copies, 0);
+	ck_assert_uint_eq(st.copies, k);
+	ck_assert_uint_eq(st.frames_live, k);
+	cowmm_snap_release(s);
+	free(pages);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * The anchor: the writer keeps its physical page.  Every page written
  * during a snapshot has the same page frame number before and after.
  */
@@ -443,6 +549,7 @@ START_TEST(test_pfn_anchor)
 {
 	const size_t npages = 256;
 	cowmm_t *mm = t_open(0);
+	struct cowmm_stats st;
 	uint64_t pfn[256];
 	cowmm_region_t *r;
 	cowmm_snap_t *s1, *s2;
@@ -464,7 +571,12 @@ START_TEST(test_pfn_anchor)
 	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0);
 	for (pg = 0; pg < npages; pg += 3)
 		p[pg * T_PAGE + 10] ^= 0xff;
-	ck_assert_uint_eq(t_stats(mm).copies, npages + (npages + 2) / 3);
+	/* The sequential pass copies ahead of the writer (fault-around),
+	 * the stride-3 one page by page. */
+	st = t_stats(mm);
+	ck_assert_uint_eq(st.copies + st.ahead_copies,
+			  npages + (npages + 2) / 3);
+	ck_assert_uint_gt(st.ahead_copies, npages / 2);
 	for (pg = 0; pg < npages; pg++)
 		ck_assert_msg(t_pfn(p + pg * T_PAGE) == pfn[pg],
 			      "page %zu moved from pfn %#lx to %#lx", pg,
@@ -484,7 +596,7 @@ END_TEST
 START_TEST(test_detach)
 {
 	const size_t npages = 512;
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, 1); /* counts page by page */
 	size_t len = npages * T_PAGE, pg;
 	unsigned char *p, buf[T_PAGE], want[T_PAGE];
 	cowmm_snap_t *s1, *s2;
@@ -592,6 +704,9 @@ int main(void)
 		{ "byte-reads", test_byte_reads, T_WP_UNPOPULATED },
 		{ "pfn-anchor", test_pfn_anchor, T_WP_UNPOPULATED, T_NEEDS_ROOT },
 		{ "detach", test_detach, T_WP_UNPOPULATED },
+		{ "fault-around", test_fault_around, T_WP_UNPOPULATED },
+		{ "fault-around-random", test_fault_around_random,
+		  T_WP_UNPOPULATED },
 		{ "big-region", test_big_region, T_WP_UNPOPULATED, 0, 600 },
 	};
 
