@@ -72,6 +72,19 @@ struct cowmm_config {
 	 * loads.
 	 */
 	size_t fault_around;
+	/**
+	 * Bounded mode: the most bytes of preserved pages (frames) the
+	 * manager holds for its snapshots; 0: no limit.  A write that would
+	 * need a copy beyond it waits (backpressure) until a snapshot is
+	 * released and frees frames: a worker puts the fault back and
+	 * retries it every millisecond, an in-thread writer sleeps 200 µs
+	 * between tries.  Eager copies (write-pinned pages at snapshot
+	 * time, a region released under a snapshot) are not held back, so
+	 * they may go beyond it.  The thread that would release the
+	 * snapshot must not be the one that waits.  Counted in
+	 * cowmm_stats.throttled.  At least one page when set.
+	 */
+	size_t max_preserved;
 };
 
 /** Default largest fault-around window, in pages (256 KiB). */
@@ -138,6 +151,9 @@ struct cowmm_stats {
 	uint64_t detach_copies;  /**< pages preserved because their region
 				      was released while a snapshot needed them */
 	uint64_t broken;         /**< snapshots marked broken (reads: -EIO) */
+	uint64_t throttled;      /**< write faults put back because preserved
+				      memory was at cowmm_config.max_preserved
+				      (once per try) */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -156,7 +172,8 @@ struct cowmm_stats {
  * @param cfg  configuration, or NULL for the defaults
  * @param out  receives the manager; untouched on failure
  * @return 0; -EINVAL (unknown flag, workers > COWMM_WORKERS_MAX,
- *         fault_around > COWMM_FAULT_AROUND_MAX),
+ *         fault_around > COWMM_FAULT_AROUND_MAX, max_preserved below
+ *         one page),
  *         -E2BIG (@p cfg longer than known, with a non-zero tail),
  *         -EPERM (no permission to use userfaultfd; the log says how to
  *         grant it), -ENOSYS (kernel without userfaultfd),

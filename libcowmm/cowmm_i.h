@@ -94,7 +94,7 @@ int cowmm__fmap_set(struct cowmm_frame_map *m, size_t pg,
 struct cowmm_counters {
 	atomic_uint_fast64_t wp_faults, missing_faults, copies, reuses, moves,
 		pin_copies, ahead_copies, bytes_preserved, frames_live,
-		snapshots_live, regions_live, detach_copies, broken;
+		snapshots_live, regions_live, detach_copies, broken, throttled;
 };
 
 #define cowmm__count(mm, field, n)                                             \
@@ -121,6 +121,7 @@ struct cowmm {
 	unsigned long fork_gen;   /* cowmm__fork_gen() at open */
 	unsigned flags;
 	size_t fault_around;
+	uint64_t max_frames; /* bounded mode: frames the fault path may hold */
 	bool naive; /* test switch: the writer gets the copy; region.c */
 
 	pthread_mutex_t lock; /* regions, graveyard, handle lifetimes */

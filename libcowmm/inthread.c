@@ -21,6 +21,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cowmm_i.h"
@@ -128,6 +129,13 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	 * Resolved; or busy, or the region is being released: either way the
 	 * write is retried, and faults again only if it must.
 	 */
+	if (found && ret == -ENOSPC) {
+		/* Bounded mode, at the cap: give a release time to run. */
+		struct timespec nap = { 0, 200000 };
+
+		nanosleep(&nap, NULL);
+		return;
+	}
 	if (found && (ret >= 0 || ret == -EAGAIN || ret == -ENOENT))
 		return;
 	if (!found && (atomic_load(&cowmm__releasing) || retry_unknown(addr)))

@@ -261,7 +261,7 @@ static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
 	else
 		ret = fault_stray(mm, addr, wp, wake);
 	urcu_bp_read_unlock();
-	return ret;
+	return ret == -ENOSPC ? -EAGAIN : ret; /* at the cap: try again */
 }
 
 static int cmp_addr(const void *a, const void *b)
@@ -526,7 +526,8 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		return ret;
 	if ((cfg.flags & ~COWMM_OPEN_IN_THREAD) ||
 	    cfg.workers > COWMM_WORKERS_MAX ||
-	    cfg.fault_around > COWMM_FAULT_AROUND_MAX)
+	    cfg.fault_around > COWMM_FAULT_AROUND_MAX ||
+	    (cfg.max_preserved && cfg.max_preserved < COWMM_PAGE_SIZE))
 		return -EINVAL;
 	if (sysconf(_SC_PAGESIZE) != (long)COWMM_PAGE_SIZE)
 		return -EOPNOTSUPP;
@@ -540,6 +541,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	mm->flags = cfg.flags;
 	mm->fault_around = cfg.fault_around ? cfg.fault_around
 					    : COWMM_FAULT_AROUND_DEFAULT;
+	mm->max_frames = cfg.max_preserved / COWMM_PAGE_SIZE;
 	mm->nworkers = cfg.workers ? cfg.workers : 1;
 	mm->uffd = mm->stopfd = mm->pagemap = -1;
 
@@ -664,6 +666,7 @@ int cowmm_stats(cowmm_t *mm, struct cowmm_stats *st, size_t size)
 	LOAD(regions_live);
 	LOAD(detach_copies);
 	LOAD(broken);
+	LOAD(throttled);
 #undef LOAD
 	memcpy(st, &s, size < sizeof(s) ? size : sizeof(s));
 	return 0;

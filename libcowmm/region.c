@@ -513,6 +513,14 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
  */
 #define AHEAD_BATCH 64
 
+/* Bounded mode: the fault path holds as many frames as it may. */
+static bool over_cap(cowmm_t *mm)
+{
+	return mm->max_frames &&
+	       atomic_load_explicit(&mm->cnt.frames_live,
+				    memory_order_relaxed) >= mm->max_frames;
+}
+
 static size_t ahead_window(cowmm_region_t *r, size_t pg)
 {
 	size_t max = r->mm->fault_around;
@@ -576,7 +584,7 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 			f[k] = &cowmm__zero_frame;
 			continue;
 		}
-		f[k] = cowmm__frame_alloc(&mm->pool);
+		f[k] = over_cap(mm) ? NULL : cowmm__frame_alloc(&mm->pool);
 		if (!f[k])
 			break;
 		lv[nio] = (struct iovec){ cowmm__frame_data(f[k]),
@@ -660,6 +668,12 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 		 */
 		cowmm__count(mm, reuses, 1);
 	} else {
+		if (cowmm__unlikely(over_cap(mm)) && cowmm__shared_locked(r, pg)) {
+			/* Bounded mode: wait for a snapshot to free frames. */
+			pthread_mutex_unlock(&r->lock);
+			cowmm__count(mm, throttled, 1);
+			return -ENOSPC;
+		}
 		ret = cowmm__preserve_locked(r, pg, false, &mm->cnt.copies);
 		if (ret == -EAGAIN) { /* a clone's origin is busy */
 			pthread_mutex_unlock(&r->lock);

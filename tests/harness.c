@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,4 +204,87 @@ void t_fill_page(void *page, uint64_t seed)
 
 	for (i = 0; i < T_PAGE / 8; i++)
 		w[i] = t_rand(&x);
+}
+
+/* Bounded mode: see harness.h. */
+struct bwriter {
+	unsigned char *p;
+	size_t n;
+	atomic_size_t done;
+};
+
+static void *bwriter_main(void *arg)
+{
+	struct bwriter *w = arg;
+	size_t pg;
+
+	for (pg = 0; pg < w->n; pg++) {
+		w->p[pg * T_PAGE + 3] ^= 0x77;
+		atomic_store(&w->done, pg + 1);
+	}
+	return NULL;
+}
+
+static struct cowmm_stats stats_now(cowmm_t *mm)
+{
+	struct cowmm_stats st;
+
+	ck_assert_int_eq(cowmm_stats(mm, &st, sizeof(st)), 0);
+	return st;
+}
+
+void t_check_bounded(cowmm_t *mm, size_t cap)
+{
+	const size_t npages = 4 * cap;
+	unsigned char want[T_PAGE], buf[T_PAGE], *p;
+	struct bwriter w = { .n = 2 * cap };
+	struct cowmm_stats st;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	pthread_t th;
+	size_t pg;
+	int i;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = w.p = cowmm_region_base(r);
+	for (pg = 0; pg < npages; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	pthread_create(&th, NULL, bwriter_main, &w);
+
+	/* The writer stops at the cap and stays there. */
+	for (i = 0; i < 500; i++) {
+		usleep(10000);
+		if (atomic_load(&w.done) >= cap && stats_now(mm).throttled)
+			break;
+	}
+	usleep(100000);
+	st = stats_now(mm);
+	ck_assert_uint_eq(atomic_load(&w.done), cap);
+	ck_assert_uint_eq(st.frames_live, cap);
+	ck_assert_uint_gt(st.throttled, 0);
+	for (pg = 0; pg < npages; pg++) {
+		t_fill_page(want, pg + 1);
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE),
+			      "snapshot page %zu changed", pg);
+	}
+
+	/* Released: the frames go, the writer goes on. */
+	cowmm_snap_release(s);
+	pthread_join(th, NULL);
+	ck_assert_uint_eq(atomic_load(&w.done), 2 * cap);
+	for (pg = 0; pg < npages; pg++) {
+		t_fill_page(want, pg + 1);
+		if (pg < 2 * cap)
+			want[3] ^= 0x77;
+		ck_assert_msg(!memcmp(p + pg * T_PAGE, want, T_PAGE),
+			      "write to page %zu lost", pg);
+	}
+	t_rcu_barrier();
+	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
 }

@@ -59,6 +59,12 @@ cowmm_t *t_open(unsigned workers);
 /* With a fault-around window (1: off, for tests that count faults and
  * copies page by page). */
 cowmm_t *t_open_fa(unsigned workers, size_t fault_around);
+/*
+ * Bounded mode on @mm (opened with max_preserved = @cap pages): a writer
+ * of 2 × @cap pages under a snapshot stops at @cap, nothing slips past,
+ * and it finishes once the snapshot is released.
+ */
+void t_check_bounded(cowmm_t *mm, size_t cap);
 /* Counters once every queued fault message is resolved. */
 struct cowmm_stats t_stats(cowmm_t *mm);
 void t_rcu_barrier(void);

@@ -13,11 +13,12 @@ START_TEST(test_config_layout)
 {
 	struct cowmm_config cfg = COWMM_CONFIG_INIT;
 
-	ck_assert_uint_eq(sizeof(struct cowmm_config), 24);
+	ck_assert_uint_eq(sizeof(struct cowmm_config), 32);
 	ck_assert_uint_eq(offsetof(struct cowmm_config, size), 0);
 	ck_assert_uint_eq(offsetof(struct cowmm_config, workers), 8);
 	ck_assert_uint_eq(offsetof(struct cowmm_config, flags), 12);
 	ck_assert_uint_eq(offsetof(struct cowmm_config, fault_around), 16);
+	ck_assert_uint_eq(offsetof(struct cowmm_config, max_preserved), 24);
 	ck_assert_uint_eq(cfg.size, sizeof(cfg));
 	ck_assert_uint_eq(cfg.workers, 0);
 }
@@ -25,7 +26,7 @@ END_TEST
 
 START_TEST(test_stats_layout)
 {
-	ck_assert_uint_eq(sizeof(struct cowmm_stats), 13 * 8);
+	ck_assert_uint_eq(sizeof(struct cowmm_stats), 14 * 8);
 	ck_assert_uint_eq(offsetof(struct cowmm_stats, wp_faults), 0);
 	ck_assert_uint_eq(offsetof(struct cowmm_stats, missing_faults), 8);
 	ck_assert_uint_eq(offsetof(struct cowmm_stats, copies), 16);
@@ -39,6 +40,7 @@ START_TEST(test_stats_layout)
 	ck_assert_uint_eq(offsetof(struct cowmm_stats, regions_live), 80);
 	ck_assert_uint_eq(offsetof(struct cowmm_stats, detach_copies), 88);
 	ck_assert_uint_eq(offsetof(struct cowmm_stats, broken), 96);
+	ck_assert_uint_eq(offsetof(struct cowmm_stats, throttled), 104);
 }
 END_TEST
 

@@ -111,6 +111,16 @@ static struct cowmm_config cfg_with(size_t size, unsigned workers,
 	return c;
 }
 
+static long open_with(struct cowmm_config c);
+
+static long open_bounded(size_t max)
+{
+	struct cowmm_config c = COWMM_CONFIG_INIT;
+
+	c.max_preserved = max;
+	return open_with(c);
+}
+
 static long open_with(struct cowmm_config c)
 {
 	cowmm_t *mm = NULL;
@@ -173,6 +183,8 @@ START_TEST(test_table)
 			BAD("open: fault_around over the most", -EINVAL,
 			    open_with(cfg_with(sizeof(struct cowmm_config), 0,
 					       0, COWMM_FAULT_AROUND_MAX + 1))),
+			BAD("open: max_preserved below a page", -EINVAL,
+			    open_bounded(T_PAGE - 1)),
 			BAD("open: longer config, unknown field set", -E2BIG,
 			    open_long_cfg()),
 			BAD("stats: NULL manager", -EINVAL,

@@ -289,6 +289,20 @@ START_TEST(test_release_under_writers)
 }
 END_TEST
 
+/* Bounded mode: an in-thread writer sleeps at the cap until a release. */
+START_TEST(test_inthread_bounded)
+{
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	cowmm_t *mm = NULL;
+
+	cfg.flags = COWMM_OPEN_IN_THREAD;
+	cfg.max_preserved = 100 * T_PAGE;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+	t_check_bounded(mm, 100);
+	cowmm_close(mm);
+}
+END_TEST
+
 int main(void)
 {
 	const struct t_case cases[] = {
@@ -301,6 +315,7 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "release-under-writers", test_release_under_writers,
 		  T_WP_UNPOPULATED },
+		{ "bounded", test_inthread_bounded, T_WP_UNPOPULATED },
 	};
 
 	return t_run("inthread", cases, ARRAY_SIZE(cases));

@@ -541,6 +541,19 @@ START_TEST(test_fault_around_random)
 }
 END_TEST
 
+/* Bounded mode: writers wait at max_preserved until a release. */
+START_TEST(test_bounded)
+{
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	cowmm_t *mm = NULL;
+
+	cfg.max_preserved = 100 * T_PAGE;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+	t_check_bounded(mm, 100);
+	cowmm_close(mm);
+}
+END_TEST
+
 /*
  * The anchor: the writer keeps its physical page.  Every page written
  * during a snapshot has the same page frame number before and after.
@@ -707,6 +720,7 @@ int main(void)
 		{ "fault-around", test_fault_around, T_WP_UNPOPULATED },
 		{ "fault-around-random", test_fault_around_random,
 		  T_WP_UNPOPULATED },
+		{ "bounded", test_bounded, T_WP_UNPOPULATED },
 		{ "big-region", test_big_region, T_WP_UNPOPULATED, 0, 600 },
 	};
 
