@@ -113,6 +113,15 @@ enum {
 	 */
 	COWMM_OPEN_IN_THREAD = 1u << 0,
 #define COWMM_OPEN_IN_THREAD COWMM_OPEN_IN_THREAD
+	/**
+	 * One worker per CPU the process may run on, each bound to its
+	 * CPU (at least cowmm_config.workers in all): a faulting thread
+	 * leaves its CPU idle, and the worker bound there can resolve the
+	 * fault without a cross-CPU wake-up (README, Performance, for what
+	 * it measured).
+	 */
+	COWMM_OPEN_PER_CPU = 1u << 1,
+#define COWMM_OPEN_PER_CPU COWMM_OPEN_PER_CPU
 };
 
 /** Most worker threads a manager accepts. */
@@ -398,7 +407,8 @@ COWMM_EXPORT int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len);
  *         -EOVERFLOW (2^32 - 1 snapshots of this region taken),
  *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED),
  *         -ENOENT (the region's memory was unmapped behind the library's
- *         back), -ECHILD
+ *         back), -EIO (the manager's userfaultfd was closed behind its
+ *         back: its snapshots are broken, none can be taken), -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out);

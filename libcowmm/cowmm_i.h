@@ -136,6 +136,15 @@ struct cowmm {
 
 	unsigned nworkers;
 	pthread_t *workers;
+	/*
+	 * Guards the workers[] slots: a worker that stops on an error
+	 * starts its replacement in its own slot unless stopping is set
+	 * (cowmm_close() joins whoever is in the slots then).
+	 */
+	pthread_mutex_t workers_lock;
+	bool stopping;
+	atomic_uint fail_worker; /* test hook: a worker stops as on an error */
+	atomic_bool uffd_lost;   /* the fd was closed under the library */
 	atomic_uint busy;     /* workers between poll() and the end of a batch */
 	atomic_uint deferred; /* messages workers hold for a busy lock */
 	atomic_uint remaps_pending; /* REMAP events read, not yet handled */
@@ -294,6 +303,7 @@ int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
 int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
+void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */
 void cowmm__wait_discards(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -376,9 +377,71 @@ static void dispatch(cowmm_t *mm, struct deferred *d,
 	free(wake);
 }
 
+static int worker_spawn(cowmm_t *mm, pthread_t *slot);
+static void worker_bind(cowmm_t *mm, unsigned i);
+
+/*
+ * The userfaultfd is gone (the application closed the library's fd): the
+ * kernel has unregistered every range and woken every writer, so writes
+ * now land without a copy.  Every live snapshot is broken, and no new one
+ * can be taken.
+ */
+static void uffd_lost(cowmm_t *mm)
+{
+	struct cowmm_snap *s;
+	unsigned n = 0;
+
+	if (atomic_exchange(&mm->uffd_lost, true))
+		return;
+	pthread_mutex_lock(&mm->lock);
+	for (s = mm->snaps; s; s = s->mm_next, n++)
+		cowmm__snap_break(s, "userfaultfd lost");
+	pthread_mutex_unlock(&mm->lock);
+	cowmm__log(COWMM_LOG_ERR,
+		   "userfaultfd %d closed under the library: writes are no "
+		   "longer protected; %u snapshots broken",
+		   mm->uffd, n);
+}
+
+/*
+ * A worker stopped on an error while the manager runs: start another in
+ * its slot, so that faults are still resolved.  Called by that worker,
+ * which then detaches itself.  Returns false when cowmm_close() is
+ * stopping the workers (it joins this one).
+ */
+static bool worker_replace(cowmm_t *mm)
+{
+	pthread_t self = pthread_self();
+	bool replaced = false;
+	unsigned i;
+	int ret;
+
+	pthread_mutex_lock(&mm->workers_lock);
+	for (i = 0; i < mm->nworkers && !mm->stopping; i++) {
+		if (!pthread_equal(mm->workers[i], self))
+			continue;
+		ret = worker_spawn(mm, &mm->workers[i]);
+		if (ret) {
+			cowmm__log(COWMM_LOG_ERR,
+				   "worker %u stopped; no replacement: %s", i,
+				   strerror(-ret));
+			break;
+		}
+		worker_bind(mm, i);
+		cowmm__log(COWMM_LOG_WARNING, "worker %u stopped on an error; "
+					   "restarted", i);
+		pthread_detach(self);
+		replaced = true;
+		break;
+	}
+	pthread_mutex_unlock(&mm->workers_lock);
+	return replaced;
+}
+
 static void *worker_main(void *arg)
 {
 	cowmm_t *mm = arg;
+	bool failed = true;
 	struct uffd_msg msg[MSG_BATCH];
 	struct deferred d = { 0 };
 	struct pollfd pfd[2] = {
@@ -398,10 +461,22 @@ static void *worker_main(void *arg)
 				   strerror(errno));
 			break;
 		}
-		if (pfd[1].revents)
+		if (pfd[1].revents) {
+			failed = false;
 			break;
+		}
 		if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-			cowmm__log(COWMM_LOG_ERR, "worker: userfaultfd error");
+			uffd_lost(mm);
+			failed = false; /* a replacement would find it gone too */
+			break;
+		}
+		if (atomic_load(&mm->uffd_lost)) { /* seen by another worker */
+			failed = false;
+			break;
+		}
+		if (cowmm__unlikely(atomic_load(&mm->fail_worker)) &&
+		    atomic_exchange(&mm->fail_worker, 0)) {
+			cowmm__log(COWMM_LOG_ERR, "worker: failing on request");
 			break;
 		}
 		atomic_fetch_add(&mm->busy, 1);
@@ -425,15 +500,30 @@ static void *worker_main(void *arg)
 			dispatch(mm, &d, msg, n > 0 ? (size_t)n / sizeof(msg[0])
 						    : 0);
 		atomic_fetch_sub(&mm->busy, 1);
+		if (n < 0 && (errno == EBADF || errno == EINVAL)) {
+			uffd_lost(mm); /* the number is not a userfaultfd */
+			failed = false;
+			break;
+		}
 		if (n < 0 && errno != EAGAIN && errno != EINTR) {
 			cowmm__log(COWMM_LOG_ERR, "worker: read: %s",
 				   strerror(errno));
 			break;
 		}
 	}
+	/* Messages it held are lost to it: its replacement cannot see
+	 * them, so their writers are woken to fault again. */
+	for (size_t i = 0; i < d.n; i++)
+		if (d.msg[i].event == UFFD_EVENT_PAGEFAULT)
+			cowmm__uffd_wake(mm->uffd,
+					 d.msg[i].arg.pagefault.address &
+						 ~(COWMM_PAGE_SIZE - 1),
+					 COWMM_PAGE_SIZE);
 	atomic_fetch_sub(&mm->deferred, d.n);
 	free(d.msg);
 	urcu_bp_unregister_thread();
+	if (failed)
+		worker_replace(mm);
 	return NULL;
 }
 
@@ -442,6 +532,10 @@ static void workers_stop(cowmm_t *mm, unsigned n)
 	uint64_t one = 1;
 	unsigned i;
 
+	pthread_mutex_lock(&mm->workers_lock);
+	mm->stopping = true;
+	pthread_mutex_unlock(&mm->workers_lock);
+
 	if (write(mm->stopfd, &one, sizeof(one)) < 0)
 		cowmm__log(COWMM_LOG_ERR, "stopping workers: %s",
 			   strerror(errno));
@@ -449,24 +543,57 @@ static void workers_stop(cowmm_t *mm, unsigned n)
 		pthread_join(mm->workers[i], NULL);
 }
 
-static int workers_start(cowmm_t *mm)
+/* Start a worker into @slot; it takes no signals: those are the
+ * application's. */
+static int worker_spawn(cowmm_t *mm, pthread_t *slot)
 {
 	sigset_t all, old;
+	int ret;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	ret = -pthread_create(slot, NULL, worker_main, mm);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return ret;
+}
+
+/* COWMM_OPEN_PER_CPU: bind worker @i to the i-th CPU this process may
+ * use.  Best effort: an unbound worker still works. */
+static void worker_bind(cowmm_t *mm, unsigned i)
+{
+	cpu_set_t set, one;
+	unsigned cpu, seen = 0, nth;
+
+	if (!(mm->flags & COWMM_OPEN_PER_CPU) ||
+	    sched_getaffinity(0, sizeof(set), &set))
+		return;
+	nth = i % (unsigned)CPU_COUNT(&set);
+	for (cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+		if (!CPU_ISSET(cpu, &set) || seen++ != nth)
+			continue;
+		CPU_ZERO(&one);
+		CPU_SET(cpu, &one);
+		pthread_setaffinity_np(mm->workers[i], sizeof(one), &one);
+		return;
+	}
+}
+
+static int workers_start(cowmm_t *mm)
+{
 	unsigned i;
 	int ret = 0;
 
 	mm->workers = calloc(mm->nworkers, sizeof(*mm->workers));
 	if (!mm->workers)
 		return -ENOMEM;
-	/* Workers take no signals: those belong to the application. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
+	pthread_mutex_lock(&mm->workers_lock);
 	for (i = 0; i < mm->nworkers; i++) {
-		ret = -pthread_create(&mm->workers[i], NULL, worker_main, mm);
+		ret = worker_spawn(mm, &mm->workers[i]);
 		if (ret)
 			break;
+		worker_bind(mm, i);
 	}
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_mutex_unlock(&mm->workers_lock);
 	if (ret) {
 		workers_stop(mm, i);
 		free(mm->workers);
@@ -524,7 +651,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	ret = config_read(ucfg, &cfg);
 	if (ret)
 		return ret;
-	if ((cfg.flags & ~COWMM_OPEN_IN_THREAD) ||
+	if ((cfg.flags & ~(COWMM_OPEN_IN_THREAD | COWMM_OPEN_PER_CPU)) ||
 	    cfg.workers > COWMM_WORKERS_MAX ||
 	    cfg.fault_around > COWMM_FAULT_AROUND_MAX ||
 	    (cfg.max_preserved && cfg.max_preserved < COWMM_PAGE_SIZE))
@@ -543,6 +670,15 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 					    : COWMM_FAULT_AROUND_DEFAULT;
 	mm->max_frames = cfg.max_preserved / COWMM_PAGE_SIZE;
 	mm->nworkers = cfg.workers ? cfg.workers : 1;
+	if (cfg.flags & COWMM_OPEN_PER_CPU) {
+		cpu_set_t set;
+
+		if (sched_getaffinity(0, sizeof(set), &set) == 0 &&
+		    (unsigned)CPU_COUNT(&set) > mm->nworkers)
+			mm->nworkers = CPU_COUNT(&set);
+		if (mm->nworkers > COWMM_WORKERS_MAX)
+			mm->nworkers = COWMM_WORKERS_MAX;
+	}
 	mm->uffd = mm->stopfd = mm->pagemap = -1;
 
 	ret = cowmm__uffd_probe(&mm->kernel_features);
@@ -584,6 +720,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		goto err_close;
 	}
 	pthread_mutex_init(&mm->read_lock, NULL);
+	pthread_mutex_init(&mm->workers_lock, NULL);
 	ret = cowmm__frame_pool_init(&mm->pool, &mm->cnt.frames_live);
 	if (ret)
 		goto err_mutex;
@@ -605,6 +742,8 @@ err_pool:
 	cowmm__frame_pool_fini(&mm->pool);
 err_mutex:
 	pthread_mutex_destroy(&mm->lock);
+	pthread_mutex_destroy(&mm->read_lock);
+	pthread_mutex_destroy(&mm->workers_lock);
 err_close:
 	if (mm->pagemap >= 0)
 		close(mm->pagemap);
@@ -627,7 +766,8 @@ void cowmm_close(cowmm_t *mm)
 		cowmm__inthread_remove(mm);
 	workers_stop(mm, mm->nworkers);
 	free(mm->workers);
-	close(mm->uffd);
+	if (!atomic_load(&mm->uffd_lost)) /* else: closed, maybe reused */
+		close(mm->uffd);
 	close(mm->stopfd);
 	close(mm->pagemap);
 
@@ -639,6 +779,7 @@ void cowmm_close(cowmm_t *mm)
 		free(mm->graveyard[i]);
 	pthread_mutex_destroy(&mm->lock);
 	pthread_mutex_destroy(&mm->read_lock);
+	pthread_mutex_destroy(&mm->workers_lock);
 	mm->magic = COWMM_MAGIC_DEAD;
 	free(mm);
 }
@@ -726,6 +867,11 @@ void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)
 }
 
 /* Not part of the API: the naive policy exists to show what it breaks. */
+void cowmm__fail_worker(cowmm_t *mm)
+{
+	atomic_store(&mm->fail_worker, 1);
+}
+
 void cowmm__set_naive(cowmm_t *mm, bool on)
 {
 	mm->naive = on;

@@ -79,6 +79,8 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 		return -EBADF;
 	if (!(mm->features & UFFD_FEATURE_WP_UNPOPULATED))
 		return -EOPNOTSUPP;
+	if (atomic_load(&mm->uffd_lost))
+		return -EIO; /* nothing could protect it */
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;

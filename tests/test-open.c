@@ -1,6 +1,13 @@
 // SPDX-License-Identifier: MIT
-/* cowmm_open()/cowmm_close(): configuration, permissions, fork(). */
+/*
+ * cowmm_open()/cowmm_close(): configuration, permissions, fork(), and the
+ * manager's own failures: a worker thread that stops, the userfaultfd
+ * closed behind the library's back.
+ */
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +16,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "cowmm_i.h"
 
 START_TEST(test_defaults)
 {
@@ -192,6 +200,144 @@ START_TEST(test_workers)
 }
 END_TEST
 
+/*
+ * COWMM_OPEN_PER_CPU: one worker bound to each CPU this process may use,
+ * and faults still resolved with their copies.
+ */
+START_TEST(test_per_cpu)
+{
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	cpu_set_t set, w, all;
+	cowmm_t *mm = NULL;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	unsigned i;
+
+	ck_assert_int_eq(sched_getaffinity(0, sizeof(set), &set), 0);
+	cfg.flags = COWMM_OPEN_PER_CPU;
+	cfg.fault_around = 1;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+	ck_assert_uint_eq(mm->nworkers, (unsigned)CPU_COUNT(&set));
+	CPU_ZERO(&all);
+	for (i = 0; i < mm->nworkers; i++) {
+		ck_assert_int_eq(pthread_getaffinity_np(mm->workers[i],
+							sizeof(w), &w),
+				 0);
+		ck_assert_int_eq(CPU_COUNT(&w), 1);
+		CPU_OR(&all, &all, &w);
+	}
+	ck_assert(CPU_EQUAL(&all, &set)); /* each CPU has its worker */
+	ck_assert_int_eq(cowmm_region_alloc(mm, 64 * T_PAGE, 0, &r), 0);
+	p = cowmm_region_base(r);
+	memset(p, 7, 64 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 0; i < 64; i++)
+		p[i * T_PAGE] = 9;
+	ck_assert_uint_eq(t_stats(mm).copies, 64);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
+ * A worker that stops on an error is replaced: writes under a snapshot
+ * are still resolved with their copies, again and again, with a single
+ * worker, and cowmm_close() joins the replacement.
+ */
+START_TEST(test_worker_dies)
+{
+	const size_t npages = 64;
+	cowmm_t *mm = t_open_fa(0, 1);
+	unsigned char want[T_PAGE], buf[T_PAGE], *p;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	size_t pg;
+	int round;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < npages; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (round = 0; round < 4; round++) {
+		t_log_clear();
+		cowmm__fail_worker(mm);
+		for (pg = round; pg < npages; pg += 4)
+			p[pg * T_PAGE] ^= 0xff; /* the first one wakes it */
+		ck_assert_ptr_nonnull(strstr(t_log_text(), "restarted"));
+	}
+	ck_assert_uint_eq(t_stats(mm).copies, npages);
+	for (pg = 0; pg < npages; pg++) {
+		t_fill_page(want, pg + 1);
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE),
+			      "snapshot page %zu changed", pg);
+		want[0] ^= 0xff;
+		ck_assert(!memcmp(p + pg * T_PAGE, want, T_PAGE));
+	}
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
+ * The application closes the library's userfaultfd by mistake: once the
+ * workers let go of the file (at the next fault), the kernel unregisters
+ * everything, so writes go through uncopied.  Nothing hangs,
+ * every snapshot reports -EIO instead of changed bytes, no new snapshot
+ * is taken, the log says why, and cowmm_close() does not close the fd
+ * number again (it may be someone else's by then).
+ */
+START_TEST(test_uffd_closed)
+{
+	const size_t npages = 64;
+	cowmm_t *mm = t_open(0);
+	unsigned char buf[T_PAGE], *p;
+	cowmm_region_t *r;
+	cowmm_snap_t *s, *s2;
+	int fd, other, i;
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < npages; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	p[0] ^= 1; /* preserved while the fd is there */
+	t_log_clear();
+	fd = mm->uffd;
+	close(fd);
+	/*
+	 * The worker's poll() holds the file until it returns: the next
+	 * fault wakes it, it finds the number closed, and the file goes.
+	 */
+	p[2 * T_PAGE] ^= 1;
+	for (i = 0; i < 500 && !strstr(t_log_text(), "userfaultfd"); i++)
+		usleep(2000);
+	ck_assert_msg(strstr(t_log_text(), "closed under the library"),
+		      "log: %s", t_log_text());
+	other = open("/dev/null", O_RDONLY); /* takes the number */
+	ck_assert_int_eq(other, fd);
+	for (pg = 0; pg < npages; pg++)
+		p[pg * T_PAGE + 1] ^= 1; /* no hang */
+	ck_assert_int_eq(cowmm_snap_read(s, T_PAGE, buf, T_PAGE), -EIO);
+	ck_assert_int_eq(cowmm_snapshot(r, &s2), -EIO);
+	cowmm_snap_release(s);
+	cowmm_region_release(r);
+	cowmm_close(mm);
+	ck_assert_int_eq(fcntl(other, F_GETFD), 0); /* still open */
+	close(other);
+}
+END_TEST
+
 int main(void)
 {
 	const struct t_case cases[] = {
@@ -201,6 +347,9 @@ int main(void)
 		{ "eperm", test_eperm, T_WP, T_NEEDS_ROOT },
 		{ "fork-child", test_fork_child, T_WP_UNPOPULATED },
 		{ "workers", test_workers, T_WP_UNPOPULATED },
+		{ "per-cpu", test_per_cpu, T_WP_UNPOPULATED },
+		{ "worker-dies", test_worker_dies, T_WP_UNPOPULATED },
+		{ "uffd-closed", test_uffd_closed, T_WP_UNPOPULATED },
 	};
 
 	return t_run("open", cases, ARRAY_SIZE(cases));
