@@ -594,16 +594,13 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		nio++;
 	}
 	if (nio) {
-		int err = 0;
-
-		/* The writing thread itself may load its pages (live_copy). */
-		if (cowmm__in_sigbus)
-			for (j = 0; j < nio; j++)
-				memcpy(lv[j].iov_base, rv[j].iov_base,
-				       COWMM_PAGE_SIZE);
-		else
-			err = cowmm__live_readv(lv, rv, nio);
-		if (err || cowmm__pagemap_read(mm->pagemap, base, k, e2)) {
+		/*
+		 * Not loads, even in the writer's own handler: another thread
+		 * may unmap a neighbour meanwhile, and process_vm_readv()
+		 * fails where a load would crash.
+		 */
+		if (cowmm__live_readv(lv, rv, nio) ||
+		    cowmm__pagemap_read(mm->pagemap, base, k, e2)) {
 			ahead_drop(f, 0, k);
 			return 0;
 		}

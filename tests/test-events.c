@@ -227,6 +227,75 @@ START_TEST(test_mremap_whole)
 END_TEST
 
 /*
+ * mremap() growing a region in place (no event: nothing moved) or a clone
+ * moved while growing (REMAP for its old length): the region keeps its
+ * size, address and snapshots; the grown tail is plain memory that faults
+ * nowhere for good.
+ */
+START_TEST(test_mremap_grow)
+{
+	const size_t len = NPAGES * T_PAGE;
+	cowmm_t *mm = t_open(0);
+	unsigned char *p = anon(2 * NPAGES), *q, *c;
+	unsigned char want[T_PAGE], buf[T_PAGE];
+	cowmm_region_t *r, *cl;
+	cowmm_snap_t *s, *s2;
+	size_t pg;
+
+	ck_assert_int_eq(munmap(p + len, len), 0); /* room to grow into */
+	for (pg = 0; pg < NPAGES; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_region_adopt(mm, p, len, 0, &r), 0);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	p[0] ^= 1;
+	q = mremap(p, len, 2 * len, 0);
+	ck_assert_ptr_eq(q, p);
+	for (pg = 0; pg < 2 * NPAGES; pg++)
+		p[pg * T_PAGE + 2] ^= 1; /* the tail too: no hang */
+	ck_assert_ptr_eq(cowmm_region_base(r), p);
+	ck_assert_uint_eq(cowmm_region_size(r), len);
+	ck_assert_int_eq(snap_state(s, NPAGES, NPAGES), 0);
+	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0);
+	ck_assert_uint_eq(cowmm_snap_size(s2), len);
+	p[T_PAGE + 3] = 0x33; /* preserved for s2 */
+	t_fill_page(want, 2);
+	want[2] ^= 1;
+	ck_assert_int_eq(cowmm_snap_read(s2, T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(!memcmp(buf, want, T_PAGE));
+
+	/* A clone that moves as it grows follows the move. */
+	ck_assert_int_eq(cowmm_clone(r, COWMM_REGION_NOTHP, &cl), 0);
+	c = cowmm_region_base(cl);
+	q = mremap(c, len, 2 * len, MREMAP_MAYMOVE);
+	ck_assert_ptr_ne(q, MAP_FAILED);
+	(void)t_stats(mm); /* settles a REMAP event */
+	ck_assert_ptr_eq(cowmm_region_base(cl), q);
+	for (pg = 0; pg < NPAGES; pg++) {
+		t_fill_page(want, pg + 1);
+		want[2] ^= 1;
+		if (pg == 0)
+			want[0] ^= 1;
+		if (pg == 1)
+			want[3] = 0x33;
+		ck_assert_msg(!memcmp(q + pg * T_PAGE, want, T_PAGE),
+			      "clone page %zu is not its source's", pg);
+	}
+	for (pg = NPAGES; pg < 2 * NPAGES; pg++) {
+		ck_assert_int_eq(q[pg * T_PAGE + 7], 0); /* the grown tail */
+		q[pg * T_PAGE + 7] = 1;
+	}
+	ck_assert_int_eq(snap_state(s, NPAGES, NPAGES), 0);
+	cowmm_snap_release(s);
+	cowmm_snap_release(s2);
+	ck_assert_int_eq(cowmm_region_release(cl), 0);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
+	munmap(p, 2 * len);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * Fault-around racing discards: a sequential writer makes the workers copy
  * pages ahead of it while another thread discards pages ahead of it too.
  * A copy taken across a discard would hand the snapshot the kernel's
@@ -322,6 +391,7 @@ int main(void)
 		{ "free", test_free, T_WP_UNPOPULATED | events },
 		{ "munmap-part", test_munmap_part, T_WP_UNPOPULATED | events },
 		{ "mremap-whole", test_mremap_whole, T_WP_UNPOPULATED | events },
+		{ "mremap-grow", test_mremap_grow, T_WP_UNPOPULATED | events },
 		{ "release-after-munmap", test_release_after_munmap,
 		  T_WP_UNPOPULATED | events },
 		{ "clone-discard-snapshot", test_clone_discard_snapshot,
