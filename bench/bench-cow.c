@@ -21,7 +21,14 @@
  *
  * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
  *                  [--kinds 4k,thp] [--quick] [--dump DIR]
- *                  [--fault-around PAGES]
+ *                  [--fault-around PAGES] [--per-cpu]
+ * --per-cpu: the worker-mode manager binds one worker to each CPU
+ * (COWMM_OPEN_PER_CPU).
+ * --other MiB: the process also holds that much populated memory outside
+ * the region (a database's other heaps): fork() pays for it, a snapshot
+ * of the region does not.
+ * pause_repeat_ms: a second snapshot of the same region after the first
+ * was released and the sampled pages written (the rest stays protected).
  * Sequential order writes the first PAGES pages one after another (a
  * sequential writer, where fault-around applies); random order writes
  * pages spread over the whole region in a shuffled order.  The mean of a
@@ -99,6 +106,8 @@ struct cfg {
 	size_t sample;
 	const char *dump;
 	size_t fault_around; /* struct cowmm_config's; 0: the default */
+	bool per_cpu;        /* the worker-mode manager: COWMM_OPEN_PER_CPU */
+	unsigned long other_mib; /* memory of the process outside the region */
 };
 
 static void dump_lat(const struct cfg *c, const char *method, double *lat,
@@ -242,7 +251,7 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 {
 	size_t len = c->size_mib << 20, npages = len / PAGE;
 	size_t sample = c->sample < npages ? c->sample : npages;
-	double pause_c[MAX_RUNS], pause_f[MAX_RUNS];
+	double pause_c[MAX_RUNS], pause_f[MAX_RUNS], pause_r[MAX_RUNS];
 	double *lat[4][2];
 	static const char *methods[] = { "cowmm", "fork", "plain",
 					 "cowmm-inthread" };
@@ -282,6 +291,16 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 			dst = lat[0][ord] + run * sample;
 			timed_writes(p, o, sample, dst);
 			cowmm_snap_release(s);
+			if (!ord) {
+				/* Stay armed: only the pages written since are
+				 * protected again. */
+				double t0 = now_ns();
+
+				if (cowmm_snapshot(r, &s))
+					errx(1, "cowmm_snapshot");
+				pause_r[run] = (now_ns() - t0) / 1e6;
+				cowmm_snap_release(s);
+			}
 			cowmm_region_release(r);
 
 			/* The same, each writer resolving its own faults. */
@@ -321,6 +340,7 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 	}
 	row(c, "pause_ms", "cowmm", "-", pause_c, c->runs, "ms");
 	row(c, "pause_ms", "fork", "-", pause_f, c->runs, "ms");
+	row(c, "pause_repeat_ms", "cowmm", "-", pause_r, c->runs, "ms");
 	for (m = 0; m < 4; m++) {
 		for (ord = 0; ord < 2; ord++)
 			pct_rows(c, methods[m], ord ? "random" : "seq",
@@ -390,6 +410,8 @@ int main(int argc, char **argv)
 		{ "quick", no_argument, NULL, 'q' },
 		{ "dump", required_argument, NULL, 'd' },
 		{ "fault-around", required_argument, NULL, 'f' },
+		{ "per-cpu", no_argument, NULL, 'c' },
+		{ "other", required_argument, NULL, 'o' },
 		{ 0 },
 	};
 	char sizes[256] = "256,1024", kinds[32] = "4k,thp", *tok, *save;
@@ -397,7 +419,7 @@ int main(int argc, char **argv)
 	cowmm_t *mm, *mm_it;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:co:", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			snprintf(sizes, sizeof(sizes), "%s", optarg);
@@ -417,6 +439,12 @@ int main(int argc, char **argv)
 		case 'f':
 			c.fault_around = strtoul(optarg, NULL, 0);
 			break;
+		case 'c':
+			c.per_cpu = true;
+			break;
+		case 'o':
+			c.other_mib = strtoul(optarg, NULL, 0);
+			break;
 		case 'q':
 			snprintf(sizes, sizeof(sizes), "16");
 			c.runs = 1;
@@ -426,7 +454,8 @@ int main(int argc, char **argv)
 			fprintf(stderr, "usage: %s [--sizes MiB,...] [--runs N] "
 					"[--sample PAGES] [--kinds 4k,thp] "
 					"[--quick] [--dump DIR] "
-					"[--fault-around PAGES]\n",
+					"[--fault-around PAGES] [--per-cpu] "
+					"[--other MiB]\n",
 				argv[0]);
 			return 2;
 		}
@@ -437,6 +466,7 @@ int main(int argc, char **argv)
 		struct cowmm_config cfg = COWMM_CONFIG_INIT;
 
 		cfg.fault_around = c.fault_around;
+		cfg.flags = c.per_cpu ? COWMM_OPEN_PER_CPU : 0;
 		ret = cowmm_open(&cfg, &mm);
 		if (ret)
 			errx(1, "cowmm_open: %s", cowmm_strerror(ret));
@@ -446,6 +476,16 @@ int main(int argc, char **argv)
 			errx(1, "cowmm_open(IN_THREAD): %s",
 			     cowmm_strerror(ret));
 	}
+	if (c.other_mib) {
+		size_t olen = c.other_mib << 20;
+		char *other = mmap(NULL, olen, PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (other == MAP_FAILED)
+			err(1, "mmap --other");
+		populate(other, olen); /* kept until exit */
+	}
+	printf("# other memory in the process: %lu MiB\n", c.other_mib);
 	printf("bench,metric,size_mib,pages,method,order,median,min,max,unit,n\n");
 	for (tok = strtok_r(kinds, ",", &save); tok;
 	     tok = strtok_r(NULL, ",", &save)) {
