@@ -205,7 +205,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--keys", type=int, default=1000000)
     ap.add_argument("--value", type=int, default=200)
-    ap.add_argument("--requests", type=int, default=2000000)
+    ap.add_argument("--requests", type=int, default=200000)
     ap.add_argument("--pipeline", type=int, default=1)
     ap.add_argument("--heap", type=int, default=2048)
     ap.add_argument("--timeline", type=float, default=6.0)
