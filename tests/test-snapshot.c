@@ -191,7 +191,7 @@ static void *kwriter_main(void *arg)
 START_TEST(test_exact_reuse)
 {
 	const size_t npages = 2048, k = 601;
-	cowmm_t *mm = t_open(2);
+	cowmm_t *mm = t_open_fa(2, 1); /* counts page by page */
 	struct kwriter kw[4];
 	pthread_t th[4];
 	struct cowmm_stats st0, st;
