@@ -150,7 +150,7 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 			ret = -EAGAIN;
 			goto out;
 		}
-		r->base = to;
+		__atomic_store_n(&r->base, to, __ATOMIC_RELEASE);
 		for (s = r->snaps; s; s = s->next)
 			__atomic_store_n(&s->base, to, __ATOMIC_RELEASE);
 		while (cowmm__rtable_move(mm, r) == -ENOMEM)

@@ -38,7 +38,10 @@ int cowmm__check_region(const cowmm_region_t *r)
 
 void *cowmm_region_base(const cowmm_region_t *r)
 {
-	return cowmm__check_region(r) ? NULL : (void *)r->base;
+	/* Atomic: a REMAP event may move the region meanwhile (events.c). */
+	return cowmm__check_region(r)
+		       ? NULL
+		       : (void *)__atomic_load_n(&r->base, __ATOMIC_ACQUIRE);
 }
 
 size_t cowmm_region_size(const cowmm_region_t *r)

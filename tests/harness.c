@@ -34,6 +34,16 @@ const char *t_log_text(void)
 	return log_buf;
 }
 
+bool t_log_has(const char *needle)
+{
+	bool found;
+
+	pthread_mutex_lock(&log_lock);
+	found = strstr(log_buf, needle) != NULL;
+	pthread_mutex_unlock(&log_lock);
+	return found;
+}
+
 void t_log_clear(void)
 {
 	pthread_mutex_lock(&log_lock);

@@ -75,7 +75,8 @@ uint64_t t_page_sum(const void *page); /* FNV-1a over one page */
 void t_fill_page(void *page, uint64_t seed);
 
 /* Messages logged by the library during the current test. */
-const char *t_log_text(void);
+const char *t_log_text(void); /* only once the logging threads are done */
+bool t_log_has(const char *needle); /* while they may still log */
 void t_log_clear(void);
 
 #endif
