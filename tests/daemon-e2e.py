@@ -51,10 +51,11 @@ def fail(msg):
     sys.exit(1)
 
 
-def ok(cond, msg):
+def ok(cond, msg, detail=None):
+    """Check @cond; on failure, @detail() (if given) says what was seen."""
     global checks
     if not cond:
-        fail(msg)
+        fail(f"{msg}: {detail()}" if detail else msg)
     checks += 1
     print(f"ok {checks} - {msg}")
 
@@ -141,6 +142,17 @@ def tmp_dirs(d):
 
 def fd_count(d):
     return len(os.listdir(f"/proc/{d['proc'].pid}/fd"))
+
+
+def fd_list(d):
+    fds = f"/proc/{d['proc'].pid}/fd"
+    out = []
+    for n in sorted(os.listdir(fds), key=int):
+        try:
+            out.append(f"{n}->{os.readlink(os.path.join(fds, n))}")
+        except OSError:
+            pass
+    return " ".join(out)
 
 
 def listed(d):
@@ -356,7 +368,8 @@ try:
     ok(client_dirs(s, "gamma") == [] and tmp_dirs(s) == [],
        "no partial snapshot left behind")
     ok(wait_until(lambda: fd_count(s) == base),
-       "its userfaultfd, pidfd and socket are closed")
+       "its userfaultfd, pidfd and socket are closed",
+       lambda: f"{fd_count(s)} descriptors, {base} before: {fd_list(s)}")
 
     # Detach in the middle of a snapshot.
     e, e_id = start_client(s, 96, "delta")

@@ -216,6 +216,34 @@ void t_fill_page(void *page, uint64_t seed)
 		w[i] = t_rand(&x);
 }
 
+unsigned char *t_filled_region(cowmm_t *mm, size_t npages, cowmm_region_t **r)
+{
+	unsigned char *p;
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, r),
+			 0);
+	p = cowmm_region_base(*r);
+	for (pg = 0; pg < npages; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	return p;
+}
+
+void t_assert_snap_filled(cowmm_snap_t *s, size_t npages)
+{
+	unsigned char want[T_PAGE], buf[T_PAGE];
+	size_t pg;
+
+	for (pg = 0; pg < npages; pg++) {
+		t_fill_page(want, pg + 1);
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE),
+			      "snapshot page %zu changed", pg);
+	}
+}
+
 /* Bounded mode: see harness.h. */
 struct bwriter {
 	unsigned char *p;
@@ -246,8 +274,8 @@ static struct cowmm_stats stats_now(cowmm_t *mm)
 void t_check_bounded(cowmm_t *mm, size_t cap)
 {
 	const size_t npages = 4 * cap;
-	unsigned char want[T_PAGE], buf[T_PAGE], *p;
 	struct bwriter w = { .n = 2 * cap };
+	unsigned char want[T_PAGE], *p;
 	struct cowmm_stats st;
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
@@ -255,12 +283,7 @@ void t_check_bounded(cowmm_t *mm, size_t cap)
 	size_t pg;
 	int i;
 
-	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
-					    COWMM_REGION_NOTHP, &r),
-			 0);
-	p = w.p = cowmm_region_base(r);
-	for (pg = 0; pg < npages; pg++)
-		t_fill_page(p + pg * T_PAGE, pg + 1);
+	p = w.p = t_filled_region(mm, npages, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	pthread_create(&th, NULL, bwriter_main, &w);
 
@@ -275,13 +298,7 @@ void t_check_bounded(cowmm_t *mm, size_t cap)
 	ck_assert_uint_eq(atomic_load(&w.done), cap);
 	ck_assert_uint_eq(st.frames_live, cap);
 	ck_assert_uint_gt(st.throttled, 0);
-	for (pg = 0; pg < npages; pg++) {
-		t_fill_page(want, pg + 1);
-		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		ck_assert_msg(!memcmp(buf, want, T_PAGE),
-			      "snapshot page %zu changed", pg);
-	}
+	t_assert_snap_filled(s, npages);
 
 	/* Released: the frames go, the writer goes on. */
 	cowmm_snap_release(s);

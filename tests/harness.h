@@ -59,6 +59,10 @@ cowmm_t *t_open(unsigned workers);
 /* With a fault-around window (1: off, for tests that count faults and
  * copies page by page). */
 cowmm_t *t_open_fa(unsigned workers, size_t fault_around);
+/* A region of @npages small pages, page pg filled with t_fill_page(pg + 1). */
+unsigned char *t_filled_region(cowmm_t *mm, size_t npages, cowmm_region_t **r);
+/* Every page pg of @s holds t_fill_page(pg + 1). */
+void t_assert_snap_filled(cowmm_snap_t *s, size_t npages);
 /*
  * Bounded mode on @mm (opened with max_preserved = @cap pages): a writer
  * of 2 × @cap pages under a snapshot stops at @cap, nothing slips past,

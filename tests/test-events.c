@@ -352,14 +352,8 @@ START_TEST(test_fault_around_discard)
 		pthread_t w, d;
 		cowmm_region_t *r;
 		cowmm_snap_t *s;
-		size_t pg;
 
-		ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
-						    COWMM_REGION_NOTHP, &r),
-				 0);
-		a.p = cowmm_region_base(r);
-		for (pg = 0; pg < npages; pg++)
-			t_fill_page(a.p + pg * T_PAGE, pg + 1);
+		a.p = t_filled_region(mm, npages, &r);
 		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 		pthread_create(&d, NULL, ahead_discarder, &a);
 		pthread_create(&w, NULL, ahead_writer, &a);

@@ -250,18 +250,13 @@ START_TEST(test_worker_dies)
 {
 	const size_t npages = 64;
 	cowmm_t *mm = t_open_fa(0, 1);
-	unsigned char want[T_PAGE], buf[T_PAGE], *p;
+	unsigned char want[T_PAGE], *p;
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
 	size_t pg;
 	int round;
 
-	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
-					    COWMM_REGION_NOTHP, &r),
-			 0);
-	p = cowmm_region_base(r);
-	for (pg = 0; pg < npages; pg++)
-		t_fill_page(p + pg * T_PAGE, pg + 1);
+	p = t_filled_region(mm, npages, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	for (round = 0; round < 4; round++) {
 		t_log_clear();
@@ -271,12 +266,9 @@ START_TEST(test_worker_dies)
 		ck_assert(t_log_has("restarted"));
 	}
 	ck_assert_uint_eq(t_stats(mm).copies, npages);
+	t_assert_snap_filled(s, npages);
 	for (pg = 0; pg < npages; pg++) {
 		t_fill_page(want, pg + 1);
-		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		ck_assert_msg(!memcmp(buf, want, T_PAGE),
-			      "snapshot page %zu changed", pg);
 		want[0] ^= 0xff;
 		ck_assert(!memcmp(p + pg * T_PAGE, want, T_PAGE));
 	}
@@ -304,12 +296,7 @@ START_TEST(test_uffd_closed)
 	int fd, other, i;
 	size_t pg;
 
-	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
-					    COWMM_REGION_NOTHP, &r),
-			 0);
-	p = cowmm_region_base(r);
-	for (pg = 0; pg < npages; pg++)
-		t_fill_page(p + pg * T_PAGE, pg + 1);
+	p = t_filled_region(mm, npages, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	p[0] ^= 1; /* preserved while the fd is there */
 	t_log_clear();

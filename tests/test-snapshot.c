@@ -504,19 +504,14 @@ START_TEST(test_fault_around_random)
 {
 	const size_t npages = 1536, k = npages / 3;
 	cowmm_t *mm = t_open(0);
-	size_t *pages = malloc(k * sizeof(*pages)), i, j, pg;
+	size_t *pages = malloc(k * sizeof(*pages)), i, j;
 	struct cowmm_stats st;
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
 	unsigned char *p;
 	uint64_t x = 11;
 
-	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
-					    COWMM_REGION_NOTHP, &r),
-			 0);
-	p = cowmm_region_base(r);
-	for (pg = 0; pg < npages; pg++)
-		t_fill_page(p + pg * T_PAGE, pg + 1);
+	p = t_filled_region(mm, npages, &r);
 	for (i = 0; i < k; i++) /* every third page, shuffled */
 		pages[i] = 3 * i;
 	for (i = k - 1; i > 0; i--) {
