@@ -330,7 +330,8 @@ COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
  * @param out    receives the clone; untouched on failure
  * @return 0; -EINVAL (NULL, bad flags), -EBADF (released region), -ENOMEM,
  *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED, or a
- *         #COWMM_OPEN_IN_THREAD manager), -EOVERFLOW, -ECHILD
+ *         #COWMM_OPEN_IN_THREAD manager), -EOVERFLOW, -EIO (the
+ *         manager's userfaultfd was closed behind its back), -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_clone(cowmm_region_t *src, unsigned flags,

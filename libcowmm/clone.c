@@ -49,6 +49,8 @@ int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
 	mm = src->mm;
 	if (mm->flags & COWMM_OPEN_IN_THREAD)
 		return -EOPNOTSUPP; /* a clone fills by missing faults */
+	if (atomic_load(&mm->uffd_lost))
+		return -EIO; /* nothing could register it */
 	cowmm__wait_discards(mm);
 	pthread_mutex_lock(&mm->lock);
 	ret = cowmm__snap_create_locked(src, true, &origin);

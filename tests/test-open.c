@@ -293,6 +293,7 @@ START_TEST(test_uffd_closed)
 	unsigned char buf[T_PAGE], *p;
 	cowmm_region_t *r;
 	cowmm_snap_t *s, *s2;
+	cowmm_region_t *cl;
 	int fd, other, i;
 	size_t pg;
 
@@ -316,6 +317,7 @@ START_TEST(test_uffd_closed)
 		p[pg * T_PAGE + 1] ^= 1; /* no hang */
 	ck_assert_int_eq(cowmm_snap_read(s, T_PAGE, buf, T_PAGE), -EIO);
 	ck_assert_int_eq(cowmm_snapshot(r, &s2), -EIO);
+	ck_assert_int_eq(cowmm_clone(r, 0, &cl), -EIO);
 	cowmm_snap_release(s);
 	cowmm_region_release(r);
 	cowmm_close(mm);
