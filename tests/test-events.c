@@ -296,6 +296,40 @@ START_TEST(test_mremap_grow)
 END_TEST
 
 /*
+ * mprotect() of part of a region under a live snapshot, to read-only and to
+ * nothing and back: the write protection the snapshot relies on survives
+ * it, so every later write still copies and the snapshot keeps every byte.
+ * MADV_REMOVE is refused by the kernel for private anonymous memory
+ * (EINVAL), and changes nothing.
+ */
+START_TEST(test_mprotect)
+{
+	cowmm_t *mm = t_open_fa(0, 1); /* counts page by page */
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p = t_filled_region(mm, NPAGES, &r);
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(mprotect(p, NPAGES / 2 * T_PAGE, PROT_READ), 0);
+	ck_assert_int_eq(mprotect(p + NPAGES / 2 * T_PAGE, NPAGES / 4 * T_PAGE,
+				  PROT_NONE),
+			 0);
+	ck_assert_int_eq(mprotect(p, NPAGES * T_PAGE, PROT_READ | PROT_WRITE),
+			 0);
+	ck_assert_int_eq(madvise(p, NPAGES * T_PAGE, MADV_REMOVE), -1);
+	ck_assert_int_eq(errno, EINVAL);
+	for (pg = 0; pg < NPAGES; pg++)
+		p[pg * T_PAGE + 11] ^= 0x3c;
+	ck_assert_uint_eq(t_stats(mm).copies, NPAGES);
+	ck_assert_int_eq(snap_state(s, NPAGES, NPAGES), 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * Fault-around racing discards: a sequential writer makes the workers copy
  * pages ahead of it while another thread discards pages ahead of it too.
  * A copy taken across a discard would hand the snapshot the kernel's
@@ -386,6 +420,7 @@ int main(void)
 		{ "munmap-part", test_munmap_part, T_WP_UNPOPULATED | events },
 		{ "mremap-whole", test_mremap_whole, T_WP_UNPOPULATED | events },
 		{ "mremap-grow", test_mremap_grow, T_WP_UNPOPULATED | events },
+		{ "mprotect", test_mprotect, T_WP_UNPOPULATED | events },
 		{ "release-after-munmap", test_release_after_munmap,
 		  T_WP_UNPOPULATED | events },
 		{ "clone-discard-snapshot", test_clone_discard_snapshot,
