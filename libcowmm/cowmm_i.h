@@ -299,6 +299,7 @@ bool cowmm__page_is_zero(const void *p);
 int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
 			   atomic_uint_fast64_t *counter);
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
+bool cowmm__swap_possible(void);
 /* [start, start + len) is private anonymous memory of @pid (0: this one). */
 int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);

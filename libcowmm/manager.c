@@ -406,13 +406,12 @@ static void uffd_lost(cowmm_t *mm)
 /*
  * A worker stopped on an error while the manager runs: start another in
  * its slot, so that faults are still resolved.  Called by that worker,
- * which then detaches itself.  Returns false when cowmm_close() is
- * stopping the workers (it joins this one).
+ * which then detaches itself; not once cowmm_close() is stopping the
+ * workers (it joins this one).
  */
-static bool worker_replace(cowmm_t *mm)
+static void worker_replace(cowmm_t *mm)
 {
 	pthread_t self = pthread_self();
-	bool replaced = false;
 	unsigned i;
 	int ret;
 
@@ -431,11 +430,9 @@ static bool worker_replace(cowmm_t *mm)
 		cowmm__log(COWMM_LOG_WARNING, "worker %u stopped on an error; "
 					   "restarted", i);
 		pthread_detach(self);
-		replaced = true;
 		break;
 	}
 	pthread_mutex_unlock(&mm->workers_lock);
-	return replaced;
 }
 
 static void *worker_main(void *arg)

@@ -284,6 +284,17 @@ int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
 }
 
 /*
+ * With swap configured (or not known), a swapped-out page and a uffd-wp
+ * marker of a page never populated look alike in pagemap and mincore().
+ */
+bool cowmm__swap_possible(void)
+{
+	struct sysinfo si;
+
+	return sysinfo(&si) < 0 || si.totalswap;
+}
+
+/*
  * Which of @npages pages from @start may hold data: 1 in @vec where the
  * page must be read, 0 where it was never populated and reads as zero.
  * mincore() tells populated anonymous pages from empty ones (a uffd-wp
@@ -292,10 +303,9 @@ int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
  */
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec)
 {
-	struct sysinfo si;
 	size_t i;
 
-	if (sysinfo(&si) < 0 || si.totalswap) {
+	if (cowmm__swap_possible()) {
 		memset(vec, 1, npages);
 		return 0;
 	}
@@ -422,6 +432,18 @@ static int live_copy(cowmm_region_t *r, uintptr_t addr, void *dst)
 	return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
 }
 
+/*
+ * A REMOVE event read but not handled yet, as the fault path may see it:
+ * workers read events and faults in order under read_lock already, so the
+ * count is enough; a thread resolving its own fault (in-thread mode) goes
+ * through that lock first.
+ */
+static bool discard_pending(cowmm_t *mm)
+{
+	return cowmm__in_sigbus ? cowmm__discards_pending(mm)
+				: atomic_load(&mm->removes_pending) != 0;
+}
+
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 			 bool probe)
 {
@@ -433,24 +455,16 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	 * kernel's zeroed refill of a zapped one (events.c).  This copy waits
 	 * until the discard has broken the snapshots that needed the page.
 	 */
-	/* Workers read events and faults in order under read_lock already;
-	 * a thread resolving its own fault (in-thread mode) goes through it. */
-	if (cowmm__in_sigbus ? cowmm__discards_pending(r->mm)
-			     : atomic_load(&r->mm->removes_pending) != 0)
+	if (discard_pending(r->mm))
 		return -EAGAIN;
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
 	if (!(e1 & PM_UFFD_WP))
 		return -EIO;
 
-	if (!(e1 & PM_PRESENT) && probe) {
-		struct sysinfo si;
-
-		/* With swap, a marker and a swapped page look alike. */
-		if (sysinfo(&si) == 0 && !si.totalswap) {
-			memset(dst, 0, COWMM_PAGE_SIZE);
-			return 0;
-		}
+	if (!(e1 & PM_PRESENT) && probe && !cowmm__swap_possible()) {
+		memset(dst, 0, COWMM_PAGE_SIZE); /* never populated */
+		return 0;
 	}
 	for (tries = 0; tries < 3; tries++) {
 		if (live_copy(r, addr, dst) ||
@@ -556,16 +570,13 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 	uint64_t e1[AHEAD_BATCH], e2[AHEAD_BATCH];
 	cowmm_t *mm = r->mm;
 	size_t k, j, nio = 0;
-	struct sysinfo si;
-	bool swap = true;
+	int swap = -1; /* not asked yet */
 
 	if (n > AHEAD_BATCH)
 		n = AHEAD_BATCH;
 	if (n > r->npages - first)
 		n = r->npages - first;
-	if (!n ||
-	    (cowmm__in_sigbus ? cowmm__discards_pending(mm)
-			      : atomic_load(&mm->removes_pending) != 0) ||
+	if (!n || discard_pending(mm) ||
 	    cowmm__pagemap_read(mm->pagemap, base, n, e1))
 		return 0;
 	for (k = 0; k < n; k++) {
@@ -580,8 +591,8 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 			break; /* discarded under us: its own fault decides */
 		if (!(e1[k] & PM_PRESENT)) {
 			/* Never populated, unless swap makes it ambiguous. */
-			if (swap)
-				swap = sysinfo(&si) < 0 || si.totalswap;
+			if (swap < 0)
+				swap = cowmm__swap_possible();
 			if (swap)
 				break;
 			f[k] = &cowmm__zero_frame;

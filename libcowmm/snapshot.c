@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include "cowmm_i.h"
@@ -292,7 +291,6 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
-	struct sysinfo si;
 	size_t done = 0;
 	bool swap;
 	int ret = cowmm__check_snap(s);
@@ -307,8 +305,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		return 0;
 	if (len > s->len - off)
 		len = s->len - off;
-	/* With swap, a marker and a swapped-out page look alike. */
-	swap = sysinfo(&si) < 0 || si.totalswap;
+	swap = cowmm__swap_possible();
 
 	urcu_bp_read_lock();
 	while (done < len && !ret) {
