@@ -244,6 +244,20 @@ void t_assert_snap_filled(cowmm_snap_t *s, size_t npages)
 	}
 }
 
+void t_assert_live_filled(const unsigned char *p, size_t first, size_t n,
+			  size_t off, unsigned char x)
+{
+	unsigned char want[T_PAGE];
+	size_t pg;
+
+	for (pg = first; pg < first + n; pg++) {
+		t_fill_page(want, pg + 1);
+		want[off] ^= x;
+		ck_assert_msg(!memcmp(p + pg * T_PAGE, want, T_PAGE),
+			      "write to page %zu lost", pg);
+	}
+}
+
 /* Bounded mode: see harness.h. */
 struct bwriter {
 	unsigned char *p;
@@ -271,18 +285,22 @@ static struct cowmm_stats stats_now(cowmm_t *mm)
 	return st;
 }
 
-void t_check_bounded(cowmm_t *mm, size_t cap)
+void t_check_bounded(unsigned flags, size_t cap)
 {
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
 	const size_t npages = 4 * cap;
 	struct bwriter w = { .n = 2 * cap };
-	unsigned char want[T_PAGE], *p;
 	struct cowmm_stats st;
 	cowmm_region_t *r;
+	cowmm_t *mm = NULL;
 	cowmm_snap_t *s;
+	unsigned char *p;
 	pthread_t th;
-	size_t pg;
 	int i;
 
+	cfg.flags = flags;
+	cfg.max_preserved = cap * T_PAGE;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
 	p = w.p = t_filled_region(mm, npages, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	pthread_create(&th, NULL, bwriter_main, &w);
@@ -304,14 +322,10 @@ void t_check_bounded(cowmm_t *mm, size_t cap)
 	cowmm_snap_release(s);
 	pthread_join(th, NULL);
 	ck_assert_uint_eq(atomic_load(&w.done), 2 * cap);
-	for (pg = 0; pg < npages; pg++) {
-		t_fill_page(want, pg + 1);
-		if (pg < 2 * cap)
-			want[3] ^= 0x77;
-		ck_assert_msg(!memcmp(p + pg * T_PAGE, want, T_PAGE),
-			      "write to page %zu lost", pg);
-	}
+	t_assert_live_filled(p, 0, 2 * cap, 3, 0x77);
+	t_assert_live_filled(p, 2 * cap, npages - 2 * cap, 0, 0);
 	t_rcu_barrier();
 	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
 	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
 }

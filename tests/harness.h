@@ -63,12 +63,16 @@ cowmm_t *t_open_fa(unsigned workers, size_t fault_around);
 unsigned char *t_filled_region(cowmm_t *mm, size_t npages, cowmm_region_t **r);
 /* Every page pg of @s holds t_fill_page(pg + 1). */
 void t_assert_snap_filled(cowmm_snap_t *s, size_t npages);
+/* Pages @first.. @first + @n - 1 at @p hold t_fill_page(pg + 1), with byte
+ * @off xored with @x (the one write a test made to each). */
+void t_assert_live_filled(const unsigned char *p, size_t first, size_t n,
+			  size_t off, unsigned char x);
 /*
- * Bounded mode on @mm (opened with max_preserved = @cap pages): a writer
- * of 2 × @cap pages under a snapshot stops at @cap, nothing slips past,
- * and it finishes once the snapshot is released.
+ * Bounded mode on a manager opened with @flags and max_preserved = @cap
+ * pages: a writer of 2 × @cap pages under a snapshot stops at @cap,
+ * nothing slips past, and it finishes once the snapshot is released.
  */
-void t_check_bounded(cowmm_t *mm, size_t cap);
+void t_check_bounded(unsigned flags, size_t cap);
 /* Counters once every queued fault message is resolved. */
 struct cowmm_stats t_stats(cowmm_t *mm);
 void t_rcu_barrier(void);

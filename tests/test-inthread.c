@@ -290,7 +290,7 @@ END_TEST
 START_TEST(test_inthread_fault_around)
 {
 	struct cowmm_config cfg = COWMM_CONFIG_INIT;
-	unsigned char want[T_PAGE], *p;
+	unsigned char *p;
 	struct cowmm_stats st;
 	cowmm_region_t *r;
 	cowmm_t *mm = NULL;
@@ -307,11 +307,7 @@ START_TEST(test_inthread_fault_around)
 	ck_assert_uint_eq(st.copies + st.ahead_copies, NPAGES);
 	ck_assert_uint_gt(st.ahead_copies, NPAGES / 2);
 	t_assert_snap_filled(s, NPAGES);
-	for (pg = 0; pg < NPAGES; pg++) {
-		t_fill_page(want, pg + 1);
-		want[1] ^= 0x11;
-		ck_assert(!memcmp(p + pg * T_PAGE, want, T_PAGE));
-	}
+	t_assert_live_filled(p, 0, NPAGES, 1, 0x11);
 	cowmm_snap_release(s);
 	ck_assert_int_eq(cowmm_region_release(r), 0);
 	cowmm_close(mm);
@@ -321,14 +317,7 @@ END_TEST
 /* Bounded mode: an in-thread writer sleeps at the cap until a release. */
 START_TEST(test_inthread_bounded)
 {
-	struct cowmm_config cfg = COWMM_CONFIG_INIT;
-	cowmm_t *mm = NULL;
-
-	cfg.flags = COWMM_OPEN_IN_THREAD;
-	cfg.max_preserved = 100 * T_PAGE;
-	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
-	t_check_bounded(mm, 100);
-	cowmm_close(mm);
+	t_check_bounded(COWMM_OPEN_IN_THREAD, 100);
 }
 END_TEST
 
