@@ -506,6 +506,38 @@ COWMM_EXPORT int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 					   cowmm_progress_fn progress,
 					   void *data);
 
+/** cowmm_snap_stream(): the snapshot lets go of what is written. */
+#define COWMM_STREAM_RELEASE (1u << 0)
+
+/**
+ * cowmm_snap_write_progress() with flags.
+ *
+ * With #COWMM_STREAM_RELEASE the stream consumes the snapshot, as a
+ * database's background save does: each 2 MiB, once read for the file, is
+ * let go.  The frames the snapshot held for it are freed, and the pages no
+ * other snapshot shares are unprotected (one ioctl per run), so the
+ * application's writes behind the stream stop faulting at all and memory
+ * shrinks as the stream advances.  The snapshot is released when the call
+ * returns, whatever it returns, except on -EINVAL, -EBADF and -EBUSY,
+ * which leave it as it was; after any other error the file is incomplete
+ * and a new snapshot is needed to try again.  No other thread may use the
+ * snapshot meanwhile.  The next snapshot of the region has every page to
+ * protect again, where one released unread would have left the pages not
+ * written since still protected.
+ * Context: any thread.
+ *
+ * @param s         a snapshot
+ * @param fd        a file descriptor open for writing
+ * @param flags     0 or #COWMM_STREAM_RELEASE
+ * @param progress  called after each 2 MiB, or NULL
+ * @param data      passed to @p progress
+ * @return as cowmm_snap_write(); -EINVAL also for unknown @p flags;
+ *         -EBUSY (#COWMM_STREAM_RELEASE on a mapped snapshot)
+ * @since 0.1
+ */
+COWMM_EXPORT int cowmm_snap_stream(cowmm_snap_t *s, int fd, unsigned flags,
+				   cowmm_progress_fn progress, void *data);
+
 /**
  * Source of the bytes cowmm_format_write() stores: fill @p buf with the
  * @p len bytes at offset @p off (both page-aligned; at most 2 MiB per call,

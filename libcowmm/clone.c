@@ -28,7 +28,7 @@ bool cowmm__shared_locked(cowmm_region_t *r, size_t pg)
 	struct cowmm_snap *s;
 
 	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
-		if (!cowmm__fmap_get(&s->frames, pg))
+		if (cowmm__snap_needs(s, pg))
 			return true;
 	return false;
 }

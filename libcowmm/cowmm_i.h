@@ -332,7 +332,19 @@ struct cowmm_snap {
 	struct cowmm_snap *mm_prev, *mm_next; /* in mm->snaps */
 	bool internal;          /* a clone's origin, not a user handle */
 	cowmm_region_t *view;   /* cowmm_snap_map(), or NULL */
+	/*
+	 * Pages below are no longer needed: a stream that releases as it goes
+	 * (cowmm_snap_stream()) has read them.  Written under the region's
+	 * lock, as the frames are.
+	 */
+	size_t drained;
 };
+
+/* Does @s still need page @pg from its region?  Call with r->lock held. */
+static inline bool cowmm__snap_needs(const struct cowmm_snap *s, size_t pg)
+{
+	return pg >= s->drained && !cowmm__fmap_get(&s->frames, pg);
+}
 
 int cowmm__check_snap(const cowmm_snap_t *s);
 int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
@@ -340,6 +352,7 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst);
 void cowmm__snap_break(cowmm_snap_t *s, const char *why);
 void cowmm__snap_release_locked(cowmm_snap_t *s); /* mm->lock held */
+void cowmm__snap_drain(cowmm_snap_t *s, size_t upto);
 
 /* ------------------------------------------------------------------------ */
 /* log.c */

@@ -229,28 +229,52 @@ int cowmm_format_write(int fd, size_t len, cowmm_read_fn read, void *rdata,
 	return ret;
 }
 
+struct snap_src {
+	cowmm_snap_t *s;
+	bool release;
+};
+
 static int snap_source(void *data, size_t off, void *buf, size_t len)
 {
-	ssize_t got = cowmm_snap_read(data, off, buf, len);
+	struct snap_src *src = data;
+	ssize_t got = cowmm_snap_read(src->s, off, buf, len);
 
-	if (got == (ssize_t)len)
-		return 0;
-	return got < 0 ? (int)got : -EIO;
+	if (got != (ssize_t)len)
+		return got < 0 ? (int)got : -EIO;
+	if (src->release)
+		cowmm__snap_drain(src->s, (off + len) >> COWMM_PAGE_SHIFT);
+	return 0;
+}
+
+int cowmm_snap_stream(cowmm_snap_t *s, int fd, unsigned flags,
+		      cowmm_progress_fn progress, void *data)
+{
+	struct snap_src src = { s, flags & COWMM_STREAM_RELEASE };
+	int ret = cowmm__check_snap(s);
+
+	if (ret)
+		return ret;
+	if (flags & ~COWMM_STREAM_RELEASE)
+		return -EINVAL;
+	if (fd < 0)
+		return -EBADF;
+	if (src.release && __atomic_load_n(&s->view, __ATOMIC_ACQUIRE))
+		return -EBUSY; /* the view fills from the pages */
+	ret = cowmm_format_write(fd, s->len, snap_source, &src, progress, data);
+	if (src.release)
+		cowmm_snap_release(s);
+	return ret;
 }
 
 int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
 			      cowmm_progress_fn progress, void *data)
 {
-	int ret = cowmm__check_snap(s);
-
-	if (ret)
-		return ret;
-	return cowmm_format_write(fd, s->len, snap_source, s, progress, data);
+	return cowmm_snap_stream(s, fd, 0, progress, data);
 }
 
 int cowmm_snap_write(cowmm_snap_t *s, int fd)
 {
-	return cowmm_snap_write_progress(s, fd, NULL, NULL);
+	return cowmm_snap_stream(s, fd, 0, NULL, NULL);
 }
 
 /* ------------------------------------------------------------------------ */

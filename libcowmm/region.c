@@ -322,7 +322,7 @@ void cowmm__break_needers(cowmm_region_t *r, size_t pg, const char *why)
 	struct cowmm_snap *s;
 
 	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
-		if (!cowmm__fmap_get(&s->frames, pg))
+		if (cowmm__snap_needs(s, pg))
 			cowmm__snap_break(s, why);
 }
 
@@ -347,7 +347,7 @@ static void publish_locked(cowmm_region_t *r, size_t pg, struct cowmm_frame *f)
 	struct cowmm_snap *s;
 
 	for (s = r->snaps; s && s->epoch > w; s = s->next) {
-		if (cowmm__fmap_get(&s->frames, pg))
+		if (!cowmm__snap_needs(s, pg))
 			continue;
 		cowmm__frame_get(f);
 		if (cowmm__fmap_set(&s->frames, pg, f)) {

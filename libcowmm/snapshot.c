@@ -339,6 +339,107 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 	return (ssize_t)done;
 }
 
+#define DRAIN_BATCH 512
+
+/*
+ * Unprotect the pages of [@pg, @pg + @n) of @r, which no snapshot needs
+ * any more, in one ioctl (one TLB flush).  @e: their pagemap entries.
+ * Never-populated pages at either end are left out: their uffd-wp markers
+ * stay, and the next snapshot need not install them again (a region mostly
+ * never written, a database's heap reserved ahead, costs nothing to keep).
+ * A failed ioctl (an event pending, say) only costs the faults it would
+ * have saved: they find the pages writable in this epoch and reuse them.
+ * Call with r->lock held.
+ */
+static void drain_run(cowmm_region_t *r, size_t pg, size_t n,
+		      const uint64_t *e)
+{
+	while (n && !(e[0] & PM_PRESENT)) {
+		pg++;
+		e++;
+		n--;
+	}
+	while (n && !(e[n - 1] & PM_PRESENT))
+		n--;
+	if (n)
+		(void)cowmm__uffd_wp(r->mm->uffd,
+				     r->base + (pg << COWMM_PAGE_SHIFT),
+				     n << COWMM_PAGE_SHIFT, false, false);
+}
+
+/*
+ * Runs of [@first, @first + @n) that no snapshot needs become writable in
+ * the current epoch and are unprotected.  Call with r->lock held.
+ */
+static void drain_batch(cowmm_region_t *r, size_t first, size_t n)
+{
+	uint64_t e[DRAIN_BATCH];
+	size_t i, run = 0;
+
+	if (cowmm__pagemap_read(r->mm->pagemap,
+				r->base + (first << COWMM_PAGE_SHIFT), n, e))
+		for (i = 0; i < n; i++)
+			e[i] = PM_PRESENT; /* unknown: clear them all */
+	for (i = 0; i <= n; i++) {
+		size_t pg = first + i;
+
+		if (i < n && !cowmm__shared_locked(r, pg) &&
+		    !(r->holes && cowmm__test_bit(r->holes, pg))) {
+			r->wgen[pg] = r->epoch;
+			run++;
+			continue;
+		}
+		if (run)
+			drain_run(r, pg - run, run, e + i - run);
+		run = 0;
+	}
+}
+
+/*
+ * A stream that releases as it goes (cowmm_snap_stream()) has read every
+ * page of @s below @upto: @s lets go of them.  The frames it held for them
+ * are dropped, and each run of them no other snapshot shares is
+ * unprotected in one ioctl, so the application's writes behind the stream
+ * stop faulting.  Under the region's lock, as a fault is, so that no
+ * snapshot is taken between the decision and the ioctl.
+ */
+void cowmm__snap_drain(cowmm_snap_t *s, size_t upto)
+{
+	cowmm_region_t *r;
+	size_t pg, n, from = s->drained;
+
+	if (upto > s->npages)
+		upto = s->npages;
+	if (upto <= from)
+		return;
+	urcu_bp_read_lock();
+	r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
+	if (r) {
+		pthread_mutex_lock(&r->lock);
+		if (__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) != r) {
+			pthread_mutex_unlock(&r->lock); /* detached meanwhile */
+			r = NULL;
+		}
+	}
+	s->drained = upto;
+	for (pg = from; pg < upto; pg++) {
+		struct cowmm_frame *f = cowmm__fmap_get(&s->frames, pg);
+
+		if (f) {
+			cowmm__fmap_set(&s->frames, pg, NULL); /* has a leaf */
+			cowmm__frame_put(f);
+		}
+	}
+	if (r && !r->dying)
+		for (pg = from; pg < upto; pg += n) {
+			n = upto - pg < DRAIN_BATCH ? upto - pg : DRAIN_BATCH;
+			drain_batch(r, pg, n);
+		}
+	if (r)
+		pthread_mutex_unlock(&r->lock);
+	urcu_bp_read_unlock();
+}
+
 /* Call with mm->lock held. */
 void cowmm__snap_release_locked(cowmm_snap_t *s)
 {

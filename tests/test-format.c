@@ -73,7 +73,12 @@ static void on_progress(uint64_t done, uint64_t total, void *data)
 	progress_calls++;
 }
 
-START_TEST(test_round_trip)
+/*
+ * Writers run while a snapshot is taken and streamed; the file holds the
+ * instant.  With @flags COWMM_STREAM_RELEASE the writers race the pages
+ * the stream unprotects behind it.
+ */
+static void round_trip(unsigned flags)
 {
 	const size_t npages = 8192; /* 32 MiB */
 	cowmm_t *mm = t_open(0);
@@ -101,8 +106,7 @@ START_TEST(test_round_trip)
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	pthread_rwlock_unlock(&w.pause);
 
-	ck_assert_int_eq(cowmm_snap_write_progress(s, fd, on_progress, NULL),
-			 0);
+	ck_assert_int_eq(cowmm_snap_stream(s, fd, flags, on_progress, NULL), 0);
 	ck_assert_uint_eq(progress_last, npages * T_PAGE);
 	ck_assert_uint_eq(progress_calls, npages / 512);
 	atomic_store(&w.stop, true);
@@ -116,9 +120,220 @@ START_TEST(test_round_trip)
 	for (pg = 0; pg < npages; pg++)
 		ck_assert_msg(t_page_sum(q + pg * T_PAGE) == sums[pg],
 			      "page %zu differs from the instant", pg);
-	cowmm_snap_release(s);
+	if (!flags)
+		cowmm_snap_release(s);
+	ck_assert_uint_eq(t_stats(mm).frames_live, 0);
 	free(sums);
 	close(fd);
+	cowmm_close(mm);
+}
+
+START_TEST(test_round_trip)
+{
+	round_trip(0);
+}
+END_TEST
+
+START_TEST(test_round_trip_release)
+{
+	round_trip(COWMM_STREAM_RELEASE);
+}
+END_TEST
+
+/*
+ * Stream and release: once a chunk is read for the file, writes to it stop
+ * faulting and keep their physical page; writes ahead of the stream still
+ * copy; the file holds the instant; afterwards nothing is held or
+ * protected.
+ */
+#define SR_PAGES 4096 /* 8 chunks of 512 */
+
+static struct {
+	cowmm_t *mm;
+	unsigned char *p;
+	unsigned calls;
+	bool checked;
+} sr;
+
+static void sr_progress(uint64_t done, uint64_t total, void *data)
+{
+	struct cowmm_stats a, b;
+	uint64_t pfn;
+
+	(void)total;
+	(void)data;
+	sr.calls++;
+	if (done != 4 * 512 * T_PAGE)
+		return;
+	/* Chunks 0-3 are in the file, 4-7 are not. */
+	a = t_stats(sr.mm);
+	ck_assert_uint_eq(a.frames_live, 0); /* page 0's copy let go */
+	pfn = t_pfn(sr.p + 600 * T_PAGE);
+	sr.p[600 * T_PAGE] ^= 1; /* behind the stream */
+	b = t_stats(sr.mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults);
+	ck_assert_uint_eq(t_pfn(sr.p + 600 * T_PAGE), pfn);
+	sr.p[3100 * T_PAGE] ^= 1; /* ahead of it */
+	b = t_stats(sr.mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults + 1);
+	ck_assert_uint_eq(b.copies, a.copies + 1);
+	ck_assert_uint_eq(b.frames_live, 1);
+	sr.checked = true;
+}
+
+START_TEST(test_stream_release)
+{
+	struct cowmm_stats a, b;
+	cowmm_region_t *r, *dst;
+	cowmm_snap_t *s;
+	size_t pg;
+	int fd = tmpfile_fd();
+
+	sr.mm = t_open_fa(1, 1);
+	sr.p = t_filled_region(sr.mm, SR_PAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	sr.p[0] ^= 1;
+	ck_assert_uint_eq(t_stats(sr.mm).copies, 1);
+
+	ck_assert_int_eq(cowmm_snap_stream(s, fd, COWMM_STREAM_RELEASE,
+					   sr_progress, NULL),
+			 0);
+	ck_assert(sr.checked);
+	ck_assert_uint_eq(sr.calls, SR_PAGES / 512);
+	a = t_stats(sr.mm);
+	ck_assert_uint_eq(a.snapshots_live, 0); /* consumed */
+	ck_assert_uint_eq(a.frames_live, 0);
+	ck_assert_uint_eq(cowmm_snap_size(s), 0);
+	ck_assert_int_eq(cowmm_snap_read(s, 0, sr.p, 1), -EBADF);
+
+	/* Nothing is protected any more: no write faults. */
+	for (pg = 0; pg < SR_PAGES; pg++)
+		sr.p[pg * T_PAGE + 1] ^= 2;
+	b = t_stats(sr.mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults);
+
+	/* The file holds the instant, none of the writes. */
+	ck_assert_int_eq(cowmm_region_alloc(sr.mm, SR_PAGES * T_PAGE, 0, &dst),
+			 0);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, 0), 0);
+	t_assert_live_filled(cowmm_region_base(dst), 0, SR_PAGES, 0, 0);
+	close(fd);
+	cowmm_close(sr.mm);
+}
+END_TEST
+
+/*
+ * Stream and release with another snapshot alive: pages that one still
+ * shares stay protected and are copied for it on their first write.
+ */
+START_TEST(test_stream_release_shared)
+{
+	const size_t half = SR_PAGES / 2;
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct cowmm_stats a, b;
+	cowmm_region_t *r, *dst;
+	cowmm_snap_t *old, *s;
+	unsigned char *p = t_filled_region(mm, SR_PAGES, &r);
+	size_t pg;
+	int fd = tmpfile_fd();
+
+	ck_assert_int_eq(cowmm_snapshot(r, &old), 0);
+	for (pg = 0; pg < half; pg++)
+		p[pg * T_PAGE + 7] ^= 4; /* copied for old */
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_stream(s, fd, COWMM_STREAM_RELEASE, NULL,
+					   NULL),
+			 0);
+	a = t_stats(mm);
+	ck_assert_uint_eq(a.snapshots_live, 1);
+	ck_assert_uint_eq(a.frames_live, half); /* old's, and only those */
+
+	/* The first half no snapshot needs; old still shares the second. */
+	for (pg = 0; pg < half; pg++)
+		p[pg * T_PAGE + 7] ^= 4;
+	b = t_stats(mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults);
+	for (pg = half; pg < SR_PAGES; pg++)
+		p[pg * T_PAGE + 7] ^= 4;
+	b = t_stats(mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults + half);
+	ck_assert_uint_eq(b.copies, a.copies + half);
+	t_assert_snap_filled(old, SR_PAGES);
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, SR_PAGES * T_PAGE, 0, &dst), 0);
+	ck_assert_int_eq(cowmm_region_load(dst, fd, 0), 0);
+	t_assert_live_filled(cowmm_region_base(dst), 0, half, 7, 4);
+	t_assert_live_filled(cowmm_region_base(dst), half, half, 0, 0);
+	cowmm_snap_release(old);
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
+ * Never-populated pages keep their protection after a stream that
+ * releases: the next snapshot need not protect them again.  Their first
+ * write faults once and copies nothing.
+ */
+START_TEST(test_stream_release_unpopulated)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct cowmm_stats a, b;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	size_t pg;
+	int fd = tmpfile_fd();
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, 2048 * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < 1024; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_stream(s, fd, COWMM_STREAM_RELEASE, NULL,
+					   NULL),
+			 0);
+	a = t_stats(mm);
+	for (pg = 0; pg < 1024; pg++)
+		p[pg * T_PAGE] ^= 1;
+	b = t_stats(mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults);
+	p[1500 * T_PAGE] = 1;
+	b = t_stats(mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults + 1);
+	ck_assert_uint_eq(b.copies, a.copies);
+	ck_assert_int_eq(fsize(fd), 64 + 2 * 88 + 1024 * T_PAGE + 32);
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+/* A mapped snapshot is not consumed; a failed stream still is. */
+START_TEST(test_stream_release_refused)
+{
+	cowmm_t *mm = t_open(0);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	const void *view;
+	int full = open("/dev/full", O_WRONLY | O_CLOEXEC);
+
+	t_filled_region(mm, 1024, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_map(s, &view), 0);
+	ck_assert_int_eq(cowmm_snap_stream(s, full, COWMM_STREAM_RELEASE,
+					   NULL, NULL),
+			 -EBUSY);
+	ck_assert_uint_eq(cowmm_snap_size(s), 1024 * T_PAGE);
+	cowmm_snap_release(s);
+
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_stream(s, full, COWMM_STREAM_RELEASE,
+					   NULL, NULL),
+			 -ENOSPC);
+	ck_assert_uint_eq(t_stats(mm).snapshots_live, 0);
+	close(full);
 	cowmm_close(mm);
 }
 END_TEST
@@ -592,7 +807,17 @@ int main(void)
 {
 	const struct t_case cases[] = {
 		{ "round-trip", test_round_trip, T_WP_UNPOPULATED },
+		{ "round-trip-release", test_round_trip_release,
+		  T_WP_UNPOPULATED },
 		{ "sparse", test_sparse, T_WP_UNPOPULATED },
+		{ "stream-release", test_stream_release, T_WP_UNPOPULATED,
+		  T_NEEDS_ROOT },
+		{ "stream-release-shared", test_stream_release_shared,
+		  T_WP_UNPOPULATED },
+		{ "stream-release-unpopulated", test_stream_release_unpopulated,
+		  T_WP_UNPOPULATED },
+		{ "stream-release-refused", test_stream_release_refused,
+		  T_WP_UNPOPULATED },
 		{ "bad-files", test_bad_files, T_WP_UNPOPULATED, 0, 120 },
 		{ "bad-args", test_bad_args, T_WP_UNPOPULATED },
 		{ "lazy", test_lazy, T_WP_UNPOPULATED | T_POISON },
