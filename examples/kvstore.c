@@ -10,8 +10,13 @@
  *
  * BGSAVE takes a libcowmm snapshot (the server pauses for the length of
  * cowmm_snapshot()) and a background thread streams it to the dump file
- * with cowmm_snap_write() while the server goes on serving writes.  With
- * --fork, BGSAVE forks a child that writes the heap, the way Redis does.
+ * while the server goes on serving writes.  The stream releases the
+ * snapshot as it goes (COWMM_STREAM_RELEASE): writes to the part already
+ * in the file no longer fault.  With --keep-armed it is written whole and
+ * released after, which leaves the pages not written since protected (the
+ * next snapshot has less to protect, but each page's first write after
+ * the save still faults once).  With --fork, BGSAVE forks a child that
+ * writes the heap, the way Redis does.
  * On start the dump is loaded if it exists; a save goes to a temporary
  * file renamed over the dump only once complete.
  *
@@ -19,6 +24,7 @@
  *   cc -O2 kvstore.c $(pkg-config --cflags --libs cowmm) -lpthread
  *
  * Usage: kvstore [--port N] [--heap MiB] [--dump FILE] [--fork] [--thp]
+ *                [--in-thread] [--keep-armed]
  */
 #include <arpa/inet.h>
 #include <err.h>
@@ -234,7 +240,7 @@ static bool set(const void *k, size_t kn, const void *v, size_t vn)
 /* Persistence */
 
 static const char *dump_path = "kvstore.dump";
-static bool use_fork;
+static bool use_fork, keep_armed;
 static cowmm_region_t *region;
 static struct {
 	atomic_bool running;
@@ -291,6 +297,19 @@ static int finish_file(int fd, const char *tmp, int ret)
 	return ret;
 }
 
+/* Write @s to @fd and release it. */
+static int write_snapshot(cowmm_snap_t *s, int fd)
+{
+	int ret;
+
+	if (!keep_armed) /* consumes the snapshot, even on failure */
+		return cowmm_snap_stream(s, fd, COWMM_STREAM_RELEASE, NULL,
+					 NULL);
+	ret = cowmm_snap_write(s, fd);
+	cowmm_snap_release(s);
+	return ret;
+}
+
 static void *bgsave_thread(void *arg)
 {
 	char tmp[4096];
@@ -299,10 +318,13 @@ static void *bgsave_thread(void *arg)
 	(void)arg;
 	snprintf(tmp, sizeof(tmp), "%s.tmp", dump_path);
 	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-	ret = fd < 0 ? -errno : cowmm_snap_write(save.snap, fd);
-	if (fd >= 0)
-		ret = finish_file(fd, tmp, ret);
-	cowmm_snap_release(save.snap);
+	if (fd < 0) {
+		ret = -errno;
+		cowmm_snap_release(save.snap);
+	} else {
+		ret = finish_file(fd, tmp, write_snapshot(save.snap, fd));
+	}
+	save.snap = NULL;
 	atomic_store(&save.last_status, ret);
 	atomic_store(&save.last_ms, (now_ns() - save.started_ns) / 1000000);
 	if (!ret)
@@ -382,10 +404,8 @@ static int save_now(void)
 	if (fd < 0)
 		return -errno;
 	ret = cowmm_snapshot(region, &s);
-	if (!ret) {
-		ret = cowmm_snap_write(s, fd);
-		cowmm_snap_release(s);
-	}
+	if (!ret)
+		ret = write_snapshot(s, fd);
 	ret = finish_file(fd, tmp, ret);
 	if (!ret)
 		atomic_store(&save.last_save, (long long)time(NULL));
@@ -470,10 +490,16 @@ static bool eq(const char *a, size_t n, const char *word)
 	return strlen(word) == n && !strncasecmp(a, word, n);
 }
 
+static cowmm_t *mm;
+
 static void info(struct client *c)
 {
+	struct cowmm_stats st = { 0 };
 	char buf[1024];
-	int n = snprintf(
+	int n;
+
+	cowmm_stats(mm, &st, sizeof(st));
+	n = snprintf(
 		buf, sizeof(buf),
 		"# Persistence\r\nloading:0\r\nrdb_bgsave_in_progress:%d\r\n"
 		"rdb_last_save_time:%lld\r\nrdb_last_bgsave_status:%s\r\n"
@@ -481,13 +507,16 @@ static void info(struct client *c)
 		"rdb_last_bgsave_duration_ms:%lld\r\n"
 		"rdb_last_bgsave_pause_ms:%.3f\r\nbgsave_method:%s\r\n"
 		"# Keyspace\r\ndb0:keys=%" PRIu64 ",expires=0\r\n"
-		"# Memory\r\nused_memory:%" PRIu64 "\r\n",
+		"# Memory\r\nused_memory:%" PRIu64 "\r\n"
+		"# cowmm\r\ncowmm_wp_faults:%" PRIu64 "\r\n"
+		"cowmm_copies:%" PRIu64 "\r\n",
 		(int)atomic_load(&save.running),
 		(long long)atomic_load(&save.last_save),
 		atomic_load(&save.last_status) ? "err" : "ok",
 		(long long)atomic_load(&save.last_ms) / 1000,
 		(long long)atomic_load(&save.last_ms), save.pause_ms,
-		use_fork ? "fork" : "cowmm", H->count, H->top);
+		use_fork ? "fork" : "cowmm", H->count, H->top, st.wp_faults,
+		st.copies);
 
 	out_bulk(c, buf, n);
 }
@@ -649,17 +678,19 @@ int main(int argc, char **argv)
 		{ "dump", required_argument, NULL, 'd' },
 		{ "fork", no_argument, NULL, 'f' },
 		{ "thp", no_argument, NULL, 'H' },
+		{ "in-thread", no_argument, NULL, 'T' },
+		{ "keep-armed", no_argument, NULL, 'K' },
 		{ 0 },
 	};
 	struct pollfd *pfd = NULL;
 	struct client **cl = NULL;
 	size_t ncl = 0, heap_mib = 1024, size;
 	struct sockaddr_in sa = { .sin_family = AF_INET };
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
 	unsigned flags = 0;
 	int port = 7379, ls, one = 1, opt, ret;
-	cowmm_t *mm;
 
-	while ((opt = getopt_long(argc, argv, "p:m:d:fH", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "p:m:d:fHTK", opts, NULL)) != -1) {
 		switch (opt) {
 		case 'p':
 			port = atoi(optarg);
@@ -676,9 +707,16 @@ int main(int argc, char **argv)
 		case 'H':
 			flags |= COWMM_REGION_THP;
 			break;
+		case 'T':
+			cfg.flags |= COWMM_OPEN_IN_THREAD;
+			break;
+		case 'K':
+			keep_armed = true;
+			break;
 		default:
 			fprintf(stderr, "usage: %s [--port N] [--heap MiB] "
-					"[--dump FILE] [--fork] [--thp]\n",
+					"[--dump FILE] [--fork] [--thp] "
+					"[--in-thread] [--keep-armed]\n",
 				argv[0]);
 			return 2;
 		}
@@ -688,7 +726,7 @@ int main(int argc, char **argv)
 	size = heap_mib << 20;
 
 	cowmm_set_log(log_stderr, NULL);
-	ret = cowmm_open(NULL, &mm);
+	ret = cowmm_open(&cfg, &mm);
 	if (ret)
 		errx(1, "cowmm_open: %s", cowmm_strerror(ret));
 	ret = cowmm_region_alloc(mm, size, flags, &region);

@@ -94,8 +94,7 @@ def run_server(kind, build, port, tmp, heap_mib):
         cmd = [os.path.join(build, "examples", "kvstore"), "--port",
                str(port), "--heap", str(heap_mib), "--dump",
                os.path.join(tmp, f"{kind}.dump")]
-        if kind == "kvstore-fork":
-            cmd.append("--fork")
+        cmd += KVSTORE_FLAGS[kind]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     wait_port(port)
@@ -103,6 +102,13 @@ def run_server(kind, build, port, tmp, heap_mib):
 
 
 WORKLOADS = [("set", 1), ("get", 1), ("set", 16), ("get", 16)]
+# Servers: kvstore in its modes, and Debian's redis-server when installed.
+KVSTORE_FLAGS = {
+    "kvstore-cowmm": [],                          # stream-and-release saves
+    "kvstore-cowmm-armed": ["--keep-armed"],      # write, then release
+    "kvstore-cowmm-inthread": ["--in-thread"],    # faults in the server thread
+    "kvstore-fork": ["--fork"],
+}
 
 
 def timeline(port, seconds, save_at):
@@ -137,7 +143,7 @@ def measure(kind, build, port, args, tmp):
         bench(port, args.keys, args.keys, args.value, 64)
         res = dict(kind=kind, runs={}, pss0_mib=pss_kb(p.pid) / 1024)
         peak, pauses, durations = [0], [], []
-        for test, pipe in WORKLOADS:
+        for test, pipe in args.workloads:
             base = bench(port, args.requests, args.keys, args.value, pipe, test)
             saves = [0]
             stop = threading.Event()
@@ -163,10 +169,12 @@ def measure(kind, build, port, args, tmp):
                     time.sleep(0.05)
             t = threading.Thread(target=saver)
             t.start()
+            f0 = int(info(port).get("cowmm_wp_faults", 0))
             during = bench(port, args.requests, args.keys, args.value, pipe, test)
             stop.set()
             t.join()
-            res["runs"][(test, pipe)] = (base, during, saves[0])
+            faults = int(info(port).get("cowmm_wp_faults", 0)) - f0
+            res["runs"][(test, pipe)] = (base, during, saves[0], faults)
         while info(port).get("rdb_bgsave_in_progress") == "1":
             time.sleep(0.05)
         res["timeline"] = timeline(port, args.timeline, 1.0)
@@ -210,12 +218,22 @@ def main():
     ap.add_argument("--heap", type=int, default=2048)
     ap.add_argument("--timeline", type=float, default=6.0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kinds", default="kvstore-cowmm,kvstore-fork,redis",
+                    help="servers, from: " + ", ".join(KVSTORE_FLAGS) +
+                    ", redis")
+    ap.add_argument("--workloads", default="set:1,get:1,set:16,get:16",
+                    help="TEST:PIPELINE,...")
     args = ap.parse_args()
+    args.workloads = [(t, int(p)) for t, p in
+                      (w.split(":") for w in args.workloads.split(","))]
     if args.quick:
         args.keys, args.requests, args.heap, args.timeline = 20000, 20000, 128, 2
-    kinds = ["kvstore-cowmm", "kvstore-fork"]
-    if shutil.which("redis-server"):
-        kinds.append("redis")
+    kinds = args.kinds.split(",")
+    for k in kinds:
+        if k != "redis" and k not in KVSTORE_FLAGS:
+            ap.error(f"unknown server {k}")
+    if "redis" in kinds and not shutil.which("redis-server"):
+        kinds.remove("redis")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, kind in enumerate(kinds):
@@ -223,12 +241,13 @@ def main():
                                 args, tmp))
     with open(args.out + ".csv", "w") as f:
         f.write("server,test,pipeline,phase,rps,p50_ms,p99_ms,p999_ms,saves,"
-                "pause_ms,save_ms,pss_before_mib,peak_pss_mib\n")
+                "wp_faults,pause_ms,save_ms,pss_before_mib,peak_pss_mib\n")
         for r in rows:
-            for (test, pipe), (base, during, saves) in r["runs"].items():
+            for (test, pipe), (base, during, saves, faults) in r["runs"].items():
                 for phase, v in (("base", base), ("during", during)):
                     f.write(f"{r['kind']},{test},{pipe},{phase},{v[0]:.0f},"
-                            f"{v[1]},{v[2]},{v[3]},{saves},{r['pause_ms']:.3f},"
+                            f"{v[1]},{v[2]},{v[3]},{saves},{faults},"
+                            f"{r['pause_ms']:.3f},"
                             f"{r['save_ms']:.0f},{r['pss0_mib']:.0f},"
                             f"{r['peak_mib']:.0f}\n")
     plot(rows, args.out)
@@ -237,13 +256,14 @@ def main():
                 f"{args.requests} requests per run, 20 clients; 'during' = "
                 "while BGSAVE runs back to back.\n\n")
         f.write("| server | test | rps no save → during save | p99 / p99.9 ms, no save "
-                "| p99 / p99.9 ms, during save | saves |\n"
-                "|---|---|---:|---:|---:|---:|\n")
+                "| p99 / p99.9 ms, during save | saves | libcowmm write faults "
+                "during |\n|---|---|---:|---:|---:|---:|---:|\n")
         for r in rows:
-            for (test, pipe), (b, d, saves) in r["runs"].items():
+            for (test, pipe), (b, d, saves, faults) in r["runs"].items():
+                fl = f"{faults:,}" if r["kind"].startswith("kvstore-cowmm") else "–"
                 f.write(f"| {r['kind']} | {test.upper()} -P {pipe} | {b[0]:,.0f} → "
                         f"{d[0]:,.0f} ({d[0] / b[0]:.0%}) | {b[2]} / {b[3]} "
-                        f"| {d[2]} / {d[3]} | {saves} |\n")
+                        f"| {d[2]} / {d[3]} | {saves} | {fl} |\n")
         f.write("\n| server | pause per save (median) | save duration (median) "
                 "| Pss before → peak during saves |\n|---|---:|---:|---:|\n")
         for r in rows:
