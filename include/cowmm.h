@@ -135,6 +135,19 @@ enum {
 	/** Never back the region with huge pages (MADV_NOHUGEPAGE). */
 	COWMM_REGION_NOTHP = 1u << 1,
 #define COWMM_REGION_NOTHP COWMM_REGION_NOTHP
+	/**
+	 * Copy on write at 2 MiB: a write fault in a 2 MiB block that one
+	 * transparent huge page maps preserves every page of the block a
+	 * snapshot still needs and unprotects the block in one piece, so the
+	 * huge mapping survives (a 4 KiB unprotect would split it).  Later
+	 * writes to the block do not fault, and the next snapshot protects
+	 * it as one entry again.  Costs up to 2 MiB of preserved memory for
+	 * one 4 KiB write: for dense writers of huge-page memory (a
+	 * database's heap), not sparse ones (README, Performance).  Blocks
+	 * not mapped by a huge page are handled 4 KiB at a time.
+	 */
+	COWMM_REGION_HUGE_COW = 1u << 2,
+#define COWMM_REGION_HUGE_COW COWMM_REGION_HUGE_COW
 };
 
 /**
@@ -244,7 +257,8 @@ COWMM_EXPORT uint64_t cowmm_features(const cowmm_t *mm);
  *
  * @param mm     a manager
  * @param len    length in bytes, a non-zero multiple of the page size
- * @param flags  COWMM_REGION_THP or COWMM_REGION_NOTHP (not both)
+ * @param flags  COWMM_REGION_THP or COWMM_REGION_NOTHP (not both), and
+ *               COWMM_REGION_HUGE_COW
  * @param out    receives the region; untouched on failure
  * @return 0; -EINVAL (bad length or flags), -ENOMEM, -ECHILD
  * @since 0.1
@@ -261,7 +275,7 @@ COWMM_EXPORT int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
  * @param mm     a manager
  * @param addr   start, page aligned
  * @param len    length, a non-zero multiple of the page size
- * @param flags  must be 0
+ * @param flags  0 or COWMM_REGION_HUGE_COW
  * @param out    receives the region; untouched on failure
  * @return 0; -EINVAL (unaligned, zero or overflowing range, unknown flag,
  *         memory that is not private anonymous: shared, file-backed,

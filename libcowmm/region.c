@@ -206,7 +206,8 @@ int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len, unsigned flags,
 
 	if (ret)
 		return ret;
-	if (!out || flags || !range_ok((uintptr_t)addr, len))
+	if (!out || (flags & ~COWMM_REGION_HUGE_COW) ||
+	    !range_ok((uintptr_t)addr, len))
 		return -EINVAL;
 	ret = cowmm__check_maps(0, (uintptr_t)addr, len);
 	if (ret)
@@ -222,7 +223,8 @@ static bool region_flags_ok(unsigned flags)
 {
 	const unsigned thp = COWMM_REGION_THP | COWMM_REGION_NOTHP;
 
-	return !(flags & ~thp) && (flags & thp) != thp;
+	return !(flags & ~(thp | COWMM_REGION_HUGE_COW)) &&
+	       (flags & thp) != thp;
 }
 
 /*
@@ -647,6 +649,52 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 	return k;
 }
 
+#define HPAGE_PAGES (COWMM_HPAGE_SIZE >> COWMM_PAGE_SHIFT)
+
+/* Preserve [@first, @first + @n) for a huge block; false if one was not. */
+static bool preserve_all(cowmm_region_t *r, size_t first, size_t n)
+{
+	while (n) {
+		size_t want = n < AHEAD_BATCH ? n : AHEAD_BATCH;
+
+		if (preserve_ahead(r, first, want) < want)
+			return false;
+		first += want;
+		n -= want;
+	}
+	return true;
+}
+
+/*
+ * COWMM_REGION_HUGE_COW: when one huge page maps the whole 2 MiB block
+ * around @pg, present and protected, preserve every page of it that a snapshot needs
+ * and return its first page: the caller unprotects the block in one piece,
+ * which keeps the huge mapping.  @pg itself is done already.  Returns
+ * SIZE_MAX when the block is not such a page or a copy failed (whatever
+ * was preserved stays, and is merely still protected).  Call with r->lock
+ * held.
+ */
+static size_t huge_block(cowmm_region_t *r, size_t pg)
+{
+	uintptr_t start = (r->base + (pg << COWMM_PAGE_SHIFT)) &
+			  ~(COWMM_HPAGE_SIZE - 1);
+	size_t first, i;
+
+	if (!(r->flags & COWMM_REGION_HUGE_COW) || r->present || r->lazy ||
+	    start < r->base || start + COWMM_HPAGE_SIZE > r->base + r->len)
+		return SIZE_MAX;
+	first = (start - r->base) >> COWMM_PAGE_SHIFT;
+	if (!cowmm__pagemap_huge_wp(r->mm->pagemap, start))
+		return SIZE_MAX;
+	for (i = 0; r->holes && i < HPAGE_PAGES; i++)
+		if (cowmm__test_bit(r->holes, first + i))
+			return SIZE_MAX;
+	if (!preserve_all(r, first, pg - first) ||
+	    !preserve_all(r, pg + 1, first + HPAGE_PAGES - pg - 1))
+		return SIZE_MAX;
+	return first;
+}
+
 /*
  * Resolve a write-protect fault at @addr (page aligned, inside @r).
  * Returns 0 when resolved and woken, 1 when resolved and the caller must
@@ -656,7 +704,7 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 {
 	cowmm_t *mm = r->mm;
-	size_t pg, win, end;
+	size_t pg, first, win, end;
 	int ret;
 
 	if (cowmm__lock(&r->lock))
@@ -697,18 +745,25 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	cowmm__count(mm, wp_faults, 1);
 	r->wgen[pg] = r->epoch;
-	win = ahead_window(r, pg);
-	for (end = pg + 1; end < pg + win;) {
-		size_t done = preserve_ahead(r, end, pg + win - end);
+	first = huge_block(r, pg);
+	if (first != SIZE_MAX) {
+		end = first + HPAGE_PAGES;
+		win = mm->fault_around;
+	} else {
+		first = pg;
+		win = ahead_window(r, pg);
+		for (end = pg + 1; end < pg + win;) {
+			size_t done = preserve_ahead(r, end, pg + win - end);
 
-		end += done;
-		if (done < AHEAD_BATCH)
-			break;
+			end += done;
+			if (done < AHEAD_BATCH)
+				break;
+		}
 	}
 	r->fa_next = end;
 	r->fa_win = win;
-	ret = cowmm__uffd_wp(mm->uffd, addr, (end - pg) << COWMM_PAGE_SHIFT,
-			     false, wake);
+	ret = cowmm__uffd_wp(mm->uffd, r->base + (first << COWMM_PAGE_SHIFT),
+			     (end - first) << COWMM_PAGE_SHIFT, false, wake);
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN) /* retried later: the page is no longer needed */
 		return ret;

@@ -226,3 +226,28 @@ int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out)
 	}
 	return 0;
 }
+
+/*
+ * Is [@start, @start + 2 MiB) mapped by one huge page that is present and
+ * write-protected?  One PAGEMAP_SCAN (Linux 6.7; needs no privilege);
+ * false when it fails.
+ */
+bool cowmm__pagemap_huge_wp(int fd, uintptr_t start)
+{
+	struct page_region v[2];
+	struct pm_scan_arg a = {
+		.size = sizeof(a),
+		.start = start,
+		.end = start + (2UL << 20),
+		.vec = (uintptr_t)v,
+		.vec_len = ARRAY_SIZE(v),
+		/* huge, present and not written (uffd-wp set) */
+		.category_mask = PAGE_IS_HUGE | PAGE_IS_PRESENT |
+				 PAGE_IS_WRITTEN,
+		.category_inverted = PAGE_IS_WRITTEN,
+		.return_mask = PAGE_IS_HUGE,
+	};
+
+	return ioctl(fd, PAGEMAP_SCAN, &a) == 1 && v[0].start == start &&
+	       v[0].end == a.end;
+}

@@ -77,6 +77,9 @@ void t_check_bounded(unsigned flags, size_t cap);
 struct cowmm_stats t_stats(cowmm_t *mm);
 void t_rcu_barrier(void);
 uint64_t t_pfn(const void *addr);      /* 0 if not present; needs root */
+/* The 2 MiB at @addr: one huge page, write-protected or not, or not huge. */
+enum { T_HUGE_NO, T_HUGE_PROTECTED, T_HUGE_WRITABLE };
+int t_huge(const void *addr);
 long t_rss_kb(void);
 uint64_t t_rand(uint64_t *state);      /* xorshift64 */
 uint64_t t_page_sum(const void *page); /* FNV-1a over one page */

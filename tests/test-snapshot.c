@@ -695,6 +695,73 @@ START_TEST(test_big_region)
 }
 END_TEST
 
+/*
+ * COWMM_REGION_HUGE_COW: one write in a huge page preserves its whole block
+ * and unprotects it in one piece; the huge mapping survives, the rest of
+ * the block writes without faults, and the next snapshot protects it as
+ * one entry again.  Without the flag the same write splits the page.
+ */
+START_TEST(test_huge_cow)
+{
+	const size_t npages = 4 * 512, h = 512 * T_PAGE;
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct cowmm_stats a, b;
+	cowmm_region_t *r, *plain;
+	cowmm_snap_t *s, *ps;
+	unsigned char *p, *q;
+	size_t pg, i;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_THP |
+						    COWMM_REGION_HUGE_COW,
+					    &r),
+			 0);
+	ck_assert_int_eq(cowmm_region_alloc(mm, h, COWMM_REGION_THP, &plain),
+			 0);
+	p = cowmm_region_base(r);
+	q = cowmm_region_base(plain);
+	for (pg = 0; pg < npages; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	memset(q, 3, h);
+	for (i = 0; i < 4; i++)
+		ck_assert_msg(t_huge(p + i * h) == T_HUGE_WRITABLE,
+			      "block %zu is not one huge page", i);
+	ck_assert_int_eq(t_huge(q), T_HUGE_WRITABLE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snapshot(plain, &ps), 0);
+	ck_assert_int_eq(t_huge(p + h), T_HUGE_PROTECTED);
+
+	a = t_stats(mm);
+	p[612 * T_PAGE + 9] ^= 1; /* block 1 */
+	b = t_stats(mm);
+	ck_assert_uint_eq(b.wp_faults, a.wp_faults + 1);
+	ck_assert_uint_eq(b.copies, a.copies + 1);
+	ck_assert_uint_eq(b.ahead_copies, a.ahead_copies + 511);
+	ck_assert_int_eq(t_huge(p + h), T_HUGE_WRITABLE);
+	for (i = 0; i < 4; i += 2)
+		ck_assert_int_eq(t_huge(p + i * h), T_HUGE_PROTECTED);
+	for (pg = 512; pg < 1024; pg++)
+		p[pg * T_PAGE + 9] ^= 1;
+	ck_assert_uint_eq(t_stats(mm).wp_faults, b.wp_faults);
+	t_assert_snap_filled(s, npages);
+	p[612 * T_PAGE + 9] ^= 1; /* a third time: as every other page */
+	t_assert_live_filled(p, 512, 512, 9, 1);
+	t_assert_live_filled(p, 0, 512, 0, 0);
+
+	/* The next snapshot protects the block whole again. */
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(t_huge(p + h), T_HUGE_PROTECTED);
+	cowmm_snap_release(s);
+
+	/* Without the flag: 4 KiB, and the huge page is split. */
+	q[5] = 4;
+	ck_assert_int_eq(t_huge(q), T_HUGE_NO);
+	cowmm_snap_release(ps);
+	cowmm_close(mm);
+}
+END_TEST
+
 int main(void)
 {
 	const struct t_case cases[] = {
@@ -710,6 +777,7 @@ int main(void)
 		{ "fault-around-random", test_fault_around_random,
 		  T_WP_UNPOPULATED },
 		{ "bounded", test_bounded, T_WP_UNPOPULATED },
+		{ "huge-cow", test_huge_cow, T_WP_UNPOPULATED },
 		{ "big-region", test_big_region, T_WP_UNPOPULATED, 0, 600 },
 	};
 
