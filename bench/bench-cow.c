@@ -3,7 +3,9 @@
  * bench-cow: libcowmm snapshots against fork() and the kernel's own COW,
  * side by side in one run.
  *
- * For each region size and page kind (4 KiB, THP):
+ * For each region size and page kind (4k: 4 KiB pages; thp: transparent
+ * huge pages; thp2m: huge pages with COWMM_REGION_HUGE_COW, which copies
+ * and unprotects 2 MiB at a time, fork() and plain writes as for thp):
  *  1. pause: cowmm_snapshot() call to return, against fork() call to return
  *     in the parent (the child exits at once), on a freshly populated region;
  *  2. first-write cost while a snapshot (or a fork child) is alive: ns per
@@ -20,7 +22,7 @@
  * figure (bench,metric,size_mib,pages,method,order,median,min,max,unit,n).
  *
  * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
- *                  [--kinds 4k,thp] [--quick] [--dump DIR]
+ *                  [--kinds 4k,thp,thp2m] [--quick] [--dump DIR]
  *                  [--fault-around PAGES] [--per-cpu]
  * --per-cpu: the worker-mode manager binds one worker to each CPU
  * (COWMM_OPEN_PER_CPU).
@@ -102,6 +104,7 @@ static long pss_kb(pid_t pid)
 struct cfg {
 	unsigned long size_mib;
 	bool thp;
+	bool huge_cow; /* thp2m: COWMM_REGION_HUGE_COW */
 	unsigned runs;
 	size_t sample;
 	const char *dump;
@@ -109,6 +112,11 @@ struct cfg {
 	bool per_cpu;        /* the worker-mode manager: COWMM_OPEN_PER_CPU */
 	unsigned long other_mib; /* memory of the process outside the region */
 };
+
+static const char *kind_name(const struct cfg *c)
+{
+	return c->huge_cow ? "thp2m" : c->thp ? "thp" : "4k";
+}
 
 static void dump_lat(const struct cfg *c, const char *method, double *lat,
 		     size_t n)
@@ -120,7 +128,7 @@ static void dump_lat(const struct cfg *c, const char *method, double *lat,
 	if (!c->dump)
 		return;
 	snprintf(path, sizeof(path), "%s/lat-%s-%lu-%s.dat", c->dump,
-		 c->thp ? "thp" : "4k", c->size_mib, method);
+		 kind_name(c), c->size_mib, method);
 	f = fopen(path, "w");
 	if (!f)
 		err(1, "%s", path);
@@ -136,7 +144,7 @@ static void row(const struct cfg *c, const char *metric, const char *method,
 {
 	qsort(v, n, sizeof(*v), cmp_double);
 	printf("cow,%s,%lu,%s,%s,%s,%.3f,%.3f,%.3f,%s,%u\n", metric,
-	       c->size_mib, c->thp ? "thp" : "4k", method, order, v[n / 2],
+	       c->size_mib, kind_name(c), method, order, v[n / 2],
 	       v[0], v[n - 1], unit, n);
 	fflush(stdout);
 }
@@ -152,7 +160,7 @@ static void pct_rows(const struct cfg *c, const char *method,
 	for (j = 0; j < n; j++)
 		sum += lat[j];
 	printf("cow,write_mean,%lu,%s,%s,%s,%.0f,,,ns,%zu\n", c->size_mib,
-	       c->thp ? "thp" : "4k", method, order, sum / n, n);
+	       kind_name(c), method, order, sum / n, n);
 	qsort(lat, n, sizeof(*lat), cmp_double);
 	p[0] = pct(lat, n, 50);
 	p[1] = pct(lat, n, 99);
@@ -163,7 +171,7 @@ static void pct_rows(const struct cfg *c, const char *method,
 					       "write_p999", "write_max" };
 
 		printf("cow,%s,%lu,%s,%s,%s,%.0f,,,ns,%zu\n", names[i],
-		       c->size_mib, c->thp ? "thp" : "4k", method, order, p[i],
+		       c->size_mib, kind_name(c), method, order, p[i],
 		       n);
 	}
 	fflush(stdout);
@@ -224,8 +232,10 @@ static char *populated_region(cowmm_t *mm, const struct cfg *c, size_t len,
 			      cowmm_region_t **r)
 {
 	int ret = cowmm_region_alloc(mm, len,
-				     c->thp ? COWMM_REGION_THP
-					    : COWMM_REGION_NOTHP,
+				     c->huge_cow ? COWMM_REGION_THP |
+							   COWMM_REGION_HUGE_COW
+				     : c->thp    ? COWMM_REGION_THP
+						 : COWMM_REGION_NOTHP,
 				     r);
 	char *p;
 
@@ -452,7 +462,7 @@ int main(int argc, char **argv)
 			break;
 		default:
 			fprintf(stderr, "usage: %s [--sizes MiB,...] [--runs N] "
-					"[--sample PAGES] [--kinds 4k,thp] "
+					"[--sample PAGES] [--kinds 4k,thp,thp2m] "
 					"[--quick] [--dump DIR] "
 					"[--fault-around PAGES] [--per-cpu] "
 					"[--other MiB]\n",
@@ -491,7 +501,10 @@ int main(int argc, char **argv)
 	     tok = strtok_r(NULL, ",", &save)) {
 		char sz[256], *t2, *s2;
 
-		c.thp = !strcmp(tok, "thp");
+		c.huge_cow = !strcmp(tok, "thp2m");
+		c.thp = c.huge_cow || !strcmp(tok, "thp");
+		if (!c.thp && strcmp(tok, "4k"))
+			errx(2, "unknown page kind %s (4k, thp, thp2m)", tok);
 		snprintf(sz, sizeof(sz), "%s", sizes);
 		for (t2 = strtok_r(sz, ",", &s2); t2;
 		     t2 = strtok_r(NULL, ",", &s2)) {

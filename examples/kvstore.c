@@ -24,7 +24,7 @@
  *   cc -O2 kvstore.c $(pkg-config --cflags --libs cowmm) -lpthread
  *
  * Usage: kvstore [--port N] [--heap MiB] [--dump FILE] [--fork] [--thp]
- *                [--in-thread] [--keep-armed]
+ *                [--huge-cow] [--in-thread] [--keep-armed] [--save-nice N]
  */
 #include <arpa/inet.h>
 #include <err.h>
@@ -44,7 +44,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -241,6 +243,15 @@ static bool set(const void *k, size_t kn, const void *v, size_t vn)
 
 static const char *dump_path = "kvstore.dump";
 static bool use_fork, keep_armed;
+static int save_nice; /* --save-nice: the saver's nice value */
+
+/* The saving thread (or child) yields the CPU to the server. */
+static void saver_priority(void)
+{
+	if (save_nice &&
+	    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), save_nice) < 0)
+		warn("setpriority");
+}
 static cowmm_region_t *region;
 static struct {
 	atomic_bool running;
@@ -316,6 +327,7 @@ static void *bgsave_thread(void *arg)
 	int fd, ret;
 
 	(void)arg;
+	saver_priority();
 	snprintf(tmp, sizeof(tmp), "%s.tmp", dump_path);
 	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (fd < 0) {
@@ -354,6 +366,7 @@ static int bgsave(void)
 			char tmp[4096];
 			int fd;
 
+			saver_priority();
 			snprintf(tmp, sizeof(tmp), "%s.tmp", dump_path);
 			fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
 			_exit(fd < 0 || finish_file(fd, tmp, write_raw(fd)));
@@ -678,8 +691,10 @@ int main(int argc, char **argv)
 		{ "dump", required_argument, NULL, 'd' },
 		{ "fork", no_argument, NULL, 'f' },
 		{ "thp", no_argument, NULL, 'H' },
+		{ "huge-cow", no_argument, NULL, 'C' },
 		{ "in-thread", no_argument, NULL, 'T' },
 		{ "keep-armed", no_argument, NULL, 'K' },
+		{ "save-nice", required_argument, NULL, 'n' },
 		{ 0 },
 	};
 	struct pollfd *pfd = NULL;
@@ -690,7 +705,7 @@ int main(int argc, char **argv)
 	unsigned flags = 0;
 	int port = 7379, ls, one = 1, opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "p:m:d:fHTK", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "p:m:d:fHCTKn:", opts, NULL)) != -1) {
 		switch (opt) {
 		case 'p':
 			port = atoi(optarg);
@@ -707,16 +722,23 @@ int main(int argc, char **argv)
 		case 'H':
 			flags |= COWMM_REGION_THP;
 			break;
+		case 'C': /* copy whole huge pages: implies --thp */
+			flags |= COWMM_REGION_THP | COWMM_REGION_HUGE_COW;
+			break;
 		case 'T':
 			cfg.flags |= COWMM_OPEN_IN_THREAD;
 			break;
 		case 'K':
 			keep_armed = true;
 			break;
+		case 'n':
+			save_nice = atoi(optarg);
+			break;
 		default:
 			fprintf(stderr, "usage: %s [--port N] [--heap MiB] "
 					"[--dump FILE] [--fork] [--thp] "
-					"[--in-thread] [--keep-armed]\n",
+					"[--huge-cow] [--in-thread] "
+					"[--keep-armed] [--save-nice N]\n",
 				argv[0]);
 			return 2;
 		}

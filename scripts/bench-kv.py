@@ -94,19 +94,22 @@ def run_server(kind, build, port, tmp, heap_mib):
         cmd = [os.path.join(build, "examples", "kvstore"), "--port",
                str(port), "--heap", str(heap_mib), "--dump",
                os.path.join(tmp, f"{kind}.dump")]
-        cmd += KVSTORE_FLAGS[kind]
+        cmd += KVSTORE_FLAGS[kind] + EXTRA
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     wait_port(port)
     return p
 
 
+EXTRA = []
 WORKLOADS = [("set", 1), ("get", 1), ("set", 16), ("get", 16)]
 # Servers: kvstore in its modes, and Debian's redis-server when installed.
 KVSTORE_FLAGS = {
     "kvstore-cowmm": [],                          # stream-and-release saves
     "kvstore-cowmm-armed": ["--keep-armed"],      # write, then release
     "kvstore-cowmm-inthread": ["--in-thread"],    # faults in the server thread
+    "kvstore-cowmm-thp": ["--thp"],               # heap on huge pages
+    "kvstore-cowmm-huge": ["--huge-cow"],         # huge pages, 2 MiB copies
     "kvstore-fork": ["--fork"],
 }
 
@@ -218,12 +221,16 @@ def main():
     ap.add_argument("--heap", type=int, default=2048)
     ap.add_argument("--timeline", type=float, default=6.0)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kinds", default="kvstore-cowmm,kvstore-fork,redis",
+    ap.add_argument("--kinds", default="kvstore-cowmm,kvstore-cowmm-armed,"
+                    "kvstore-cowmm-huge,kvstore-fork,redis",
                     help="servers, from: " + ", ".join(KVSTORE_FLAGS) +
                     ", redis")
     ap.add_argument("--workloads", default="set:1,get:1,set:16,get:16",
                     help="TEST:PIPELINE,...")
+    ap.add_argument("--kvstore-args", default="",
+                    help="more kvstore options, for every kvstore server")
     args = ap.parse_args()
+    EXTRA.extend(args.kvstore_args.split())
     args.workloads = [(t, int(p)) for t, p in
                       (w.split(":") for w in args.workloads.split(","))]
     if args.quick:

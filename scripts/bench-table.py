@@ -55,7 +55,7 @@ def main(path):
             k = fig("write_p50", size, kind, "fork", order)
             w = fig("write_p50", size, kind, "cowmm", order)
             t = fig("write_p50", size, kind, "cowmm-inthread", order)
-            ratio = f"{w / k:.1f}×, " + (f"{t / k:.1f}×" if t else "–")
+            ratio = f"{w / k:.2g}×, " + (f"{t / k:.2g}×" if t else "–")
             if order == "seq":  # most writes do not fault: see throughput
                 ratio = "see below"
             print(f"| {size} MiB {kind} | {order} | {cells[0]} | {cells[1]} | {cells[2]} "

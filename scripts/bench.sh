@@ -9,6 +9,7 @@
 #
 # Usage: scripts/bench.sh [--quick] [name]        (default name: latest)
 # Environment: SIZES (MiB, default 256,1024), RUNS (default 5),
+#              KINDS (page kinds, default 4k,thp,thp2m: see bench-cow),
 #              SAMPLE (pages timed per run, default 16384),
 #              KV=0 to skip the database case
 # Also: bench/results/<name>-fault-latency.png, the distribution of
@@ -37,6 +38,7 @@ out=bench/results/$name.csv
 		./build-bench/bench/bench-pin --quick
 	else
 		./build-bench/bench/bench-cow --sizes "${SIZES:-256,1024}" \
+			--kinds "${KINDS:-4k,thp,thp2m}" \
 			--runs "${RUNS:-5}" --sample "${SAMPLE:-16384}" \
 			--dump bench/results
 		./build-bench/bench/bench-pin
