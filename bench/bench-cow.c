@@ -26,6 +26,7 @@
  *                  [--fault-around PAGES] [--per-cpu]
  * --per-cpu: the worker-mode manager binds one worker to each CPU
  * (COWMM_OPEN_PER_CPU).
+ * --pause-only: only the pause figures (pause_ms, pause_repeat_ms).
  * --other MiB: the process also holds that much populated memory outside
  * the region (a database's other heaps): fork() pays for it, a snapshot
  * of the region does not.
@@ -111,6 +112,7 @@ struct cfg {
 	size_t fault_around; /* struct cowmm_config's; 0: the default */
 	bool per_cpu;        /* the worker-mode manager: COWMM_OPEN_PER_CPU */
 	unsigned long other_mib; /* memory of the process outside the region */
+	bool pause_only;         /* --pause-only */
 };
 
 static const char *kind_name(const struct cfg *c)
@@ -410,6 +412,54 @@ static void bench_size(cowmm_t *mm, cowmm_t *mm_it, const struct cfg *c)
 			free(lat[m][ord]);
 }
 
+/* --pause-only: the pause figures alone, as bench_size() takes them. */
+static void bench_pause(cowmm_t *mm, const struct cfg *c)
+{
+	size_t len = c->size_mib << 20, npages = len / PAGE, pg;
+	size_t sample = c->sample < npages ? c->sample : npages;
+	double pause_c[MAX_RUNS], pause_f[MAX_RUNS], pause_r[MAX_RUNS], t0;
+	unsigned run;
+
+	for (run = 0; run < c->runs; run++) {
+		cowmm_region_t *r;
+		cowmm_snap_t *s;
+		char *p = populated_region(mm, c, len, &r);
+		pid_t pid;
+
+		t0 = now_ns();
+		if (cowmm_snapshot(r, &s))
+			errx(1, "cowmm_snapshot");
+		pause_c[run] = (now_ns() - t0) / 1e6;
+		for (pg = 0; pg < sample; pg++)
+			p[pg * PAGE + 64] = 1;
+		cowmm_snap_release(s);
+		t0 = now_ns();
+		if (cowmm_snapshot(r, &s))
+			errx(1, "cowmm_snapshot");
+		pause_r[run] = (now_ns() - t0) / 1e6;
+		cowmm_snap_release(s);
+		cowmm_region_release(r);
+
+		p = map_plain(c, len);
+		populate(p, len);
+		t0 = now_ns();
+		pid = fork();
+		if (pid == 0) {
+			pause();
+			_exit(0);
+		}
+		pause_f[run] = (now_ns() - t0) / 1e6;
+		if (pid < 0)
+			err(1, "fork");
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		munmap(p, len);
+	}
+	row(c, "pause_ms", "cowmm", "-", pause_c, c->runs, "ms");
+	row(c, "pause_ms", "fork", "-", pause_f, c->runs, "ms");
+	row(c, "pause_repeat_ms", "cowmm", "-", pause_r, c->runs, "ms");
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -422,6 +472,7 @@ int main(int argc, char **argv)
 		{ "fault-around", required_argument, NULL, 'f' },
 		{ "per-cpu", no_argument, NULL, 'c' },
 		{ "other", required_argument, NULL, 'o' },
+		{ "pause-only", no_argument, NULL, 'P' },
 		{ 0 },
 	};
 	char sizes[256] = "256,1024", kinds[32] = "4k,thp", *tok, *save;
@@ -429,7 +480,7 @@ int main(int argc, char **argv)
 	cowmm_t *mm, *mm_it;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:co:", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:co:P", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			snprintf(sizes, sizeof(sizes), "%s", optarg);
@@ -455,6 +506,9 @@ int main(int argc, char **argv)
 		case 'o':
 			c.other_mib = strtoul(optarg, NULL, 0);
 			break;
+		case 'P':
+			c.pause_only = true;
+			break;
 		case 'q':
 			snprintf(sizes, sizeof(sizes), "16");
 			c.runs = 1;
@@ -465,7 +519,7 @@ int main(int argc, char **argv)
 					"[--sample PAGES] [--kinds 4k,thp,thp2m] "
 					"[--quick] [--dump DIR] "
 					"[--fault-around PAGES] [--per-cpu] "
-					"[--other MiB]\n",
+					"[--other MiB] [--pause-only]\n",
 				argv[0]);
 			return 2;
 		}
@@ -511,7 +565,10 @@ int main(int argc, char **argv)
 			c.size_mib = strtoul(t2, NULL, 0);
 			if (c.size_mib < 2)
 				errx(2, "sizes are MiB, at least 2");
-			bench_size(mm, mm_it, &c);
+			if (c.pause_only)
+				bench_pause(mm, &c);
+			else
+				bench_size(mm, mm_it, &c);
 		}
 	}
 	cowmm_close(mm_it);
