@@ -696,6 +696,61 @@ START_TEST(test_big_region)
 END_TEST
 
 /*
+ * A repeat snapshot protects only what is not protected already (a
+ * PAGEMAP_SCAN finds it): the pages written since, discarded ones, and
+ * never-populated ones.  Any page missed would write without a fault.
+ */
+START_TEST(test_repeat_protects_all)
+{
+	const size_t npages = 4096;
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct cowmm_stats a, b;
+	unsigned char want[T_PAGE], buf[T_PAGE];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	size_t pg;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
+					    COWMM_REGION_NOTHP, &r),
+			 0);
+	p = cowmm_region_base(r);
+	for (pg = 0; pg < npages / 2; pg++)
+		t_fill_page(p + pg * T_PAGE, pg + 1);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	cowmm_snap_release(s);
+	for (pg = 100; pg < 200; pg++)
+		p[pg * T_PAGE] ^= 1; /* written since */
+	ck_assert_int_eq(madvise(p + 300 * T_PAGE, 10 * T_PAGE, MADV_DONTNEED),
+			 0);
+	p[3000 * T_PAGE] = 7; /* populated since */
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+
+	a = t_stats(mm);
+	for (pg = 0; pg < npages; pg++)
+		p[pg * T_PAGE + 1] ^= 2;
+	b = t_stats(mm);
+	ck_assert_uint_eq(b.wp_faults - a.wp_faults, npages);
+	ck_assert_uint_eq(b.broken, a.broken);
+	for (pg = 0; pg < npages; pg++) {
+		memset(want, 0, T_PAGE);
+		if (pg < npages / 2 && (pg < 300 || pg >= 310))
+			t_fill_page(want, pg + 1);
+		if (pg >= 100 && pg < 200)
+			want[0] ^= 1;
+		if (pg == 3000)
+			want[0] = 7;
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE), "page %zu changed",
+			      pg);
+	}
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * COWMM_REGION_HUGE_COW: one write in a huge page preserves its whole block
  * and unprotects it in one piece; the huge mapping survives, the rest of
  * the block writes without faults, and the next snapshot protects it as
@@ -778,6 +833,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "bounded", test_bounded, T_WP_UNPOPULATED },
 		{ "huge-cow", test_huge_cow, T_WP_UNPOPULATED },
+		{ "repeat-protects-all", test_repeat_protects_all,
+		  T_WP_UNPOPULATED },
 		{ "big-region", test_big_region, T_WP_UNPOPULATED, 0, 600 },
 	};
 
