@@ -984,6 +984,8 @@ static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
 	size_t i, most = len / COWMM_PAGE_SIZE / 256 + 1;
 	int ret = 0;
 
+	if (!r->epoch)
+		return 1; /* never protected: all of it */
 	for (;;) {
 		long n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
 
