@@ -227,6 +227,8 @@ struct cowmm_region {
 	struct cowmm_region *next; /* in mm->regions */
 	/* Fault-around: the page after the last run unprotected, its size. */
 	size_t fa_next, fa_win;
+	/* Snapshots left to protect whole before scanning again (region.c). */
+	unsigned scan_skip;
 
 	/*
 	 * A clone reads as its origin (a snapshot of its source taken at

@@ -927,17 +927,27 @@ static int run_unmap(cowmm_region_t *r, uintptr_t start, size_t len, bool a)
 /*
  * Stay armed, cheaply: a page still protected since an earlier snapshot
  * needs nothing, yet a whole-range UFFDIO_WRITEPROTECT rewrites its entry
- * all the same (100-150 ns a page here).  One read-only PAGEMAP_SCAN
- * (about 0.5 ms per GiB) finds the pages that are not protected: written
+ * all the same (about 150 ns a page here).  One read-only PAGEMAP_SCAN
+ * (about 5 ns a page) finds the pages that are not protected: written
  * (present or swapped without the uffd-wp bit) or empty (neither present
  * nor swapped: no marker yet).  Runs of them closer than PROTECT_GAP pages
  * are merged, so that runs stay long enough for one TLB flush each, and
- * only the runs are protected.  When they cover most of the range, or are
- * too many, one ioctl over the whole range is cheaper and is what happens.
- * Returns 1 when the caller is to protect the whole range.
+ * only the runs are protected; too many runs, and one ioctl over the whole
+ * range is what happens.
+ *
+ * The scan pays off only when many populated pages are still protected.
+ * A writer spread over the whole heap leaves few, and a heap reserved far
+ * ahead of its use makes the scan walk much that the ioctl skips cheaply
+ * (uffd-wp markers cost it almost nothing): when a scan saved less than
+ * twice what it cost, the next PROTECT_SKIP snapshots protect the whole
+ * range without one.  Returns 1 when the caller is to protect the whole
+ * range.
  */
 #define PROTECT_GAP 64
 #define PROTECT_VEC 256
+#define PROTECT_SKIP 8
+#define REWRITE_NS 150 /* a present entry rewritten, per page */
+#define SCAN_NS 5      /* an entry scanned, per page */
 
 struct prot_runs {
 	uintptr_t (*run)[2];
@@ -982,10 +992,15 @@ static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
 	};
 	struct prot_runs p = { 0 };
 	size_t i, most = len / COWMM_PAGE_SIZE / 256 + 1;
+	size_t unprot = 0, kept = 0; /* bytes */
 	int ret = 0;
 
 	if (!r->epoch)
 		return 1; /* never protected: all of it */
+	if (r->scan_skip) {
+		r->scan_skip--;
+		return 1;
+	}
 	for (;;) {
 		long n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
 
@@ -997,10 +1012,14 @@ static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
 			uint64_t c = v[i].categories;
 
 			if (!(c & PAGE_IS_WRITTEN) &&
-			    (c & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED)))
+			    (c & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED))) {
+				if (c & PAGE_IS_PRESENT)
+					kept += v[i].end - v[i].start;
 				continue; /* protected already */
+			}
+			unprot += v[i].end - v[i].start;
 			if (prot_runs_add(&p, v[i].start, v[i].end) ||
-			    p.n > most || p.bytes > len / 2) {
+			    p.n > most) {
 				ret = 1;
 				goto out;
 			}
@@ -1010,6 +1029,11 @@ static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
 			break;
 		a.start = v[n - 1].end;
 	}
+	/* Present pages left alone: those outside every run. */
+	kept -= p.bytes - unprot < kept ? p.bytes - unprot : kept;
+	if (kept / COWMM_PAGE_SIZE * REWRITE_NS <
+	    2 * (len / COWMM_PAGE_SIZE) * SCAN_NS)
+		r->scan_skip = PROTECT_SKIP;
 	for (i = 0; i < p.n && !ret; i++)
 		ret = cowmm__uffd_wp(r->mm->uffd, p.run[i][0],
 				     p.run[i][1] - p.run[i][0], true, false);

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """End to end: kvstore serves, BGSAVEs while writes go on, and a restart
-loads every key back; the same with --fork.  Usage: kvstore-e2e.py KVSTORE"""
+loads every key back: saving with stream-and-release (the default), kept
+armed, with 2 MiB copies on huge pages, in-thread, and with --fork.
+Usage: kvstore-e2e.py KVSTORE"""
 import os
 import socket
 import subprocess
@@ -108,8 +110,10 @@ def main():
     kvstore = sys.argv[1]
     with tempfile.TemporaryDirectory() as d:
         base = 20000 + os.getpid() % 20000
-        run(kvstore, [], base, os.path.join(d, "a.dump"))
-        run(kvstore, ["--fork"], base + 1, os.path.join(d, "b.dump"))
+        modes = [[], ["--keep-armed"], ["--huge-cow"], ["--in-thread"],
+                 ["--fork"]]
+        for i, mode in enumerate(modes):
+            run(kvstore, mode, base + i, os.path.join(d, "%d.dump" % i))
 
 
 if __name__ == "__main__":
