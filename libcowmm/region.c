@@ -666,13 +666,13 @@ static bool preserve_all(cowmm_region_t *r, size_t first, size_t n)
 }
 
 /*
- * COWMM_REGION_HUGE_COW: when one huge page maps the whole 2 MiB block
- * around @pg, present and protected, preserve every page of it that a snapshot needs
- * and return its first page: the caller unprotects the block in one piece,
- * which keeps the huge mapping.  @pg itself is done already.  Returns
- * SIZE_MAX when the block is not such a page or a copy failed (whatever
- * was preserved stays, and is merely still protected).  Call with r->lock
- * held.
+ * COWMM_REGION_HUGE_COW: when one huge page, present and protected, maps
+ * the whole 2 MiB block around @pg, preserve every page of it that a
+ * snapshot needs and return its first page: the caller unprotects the
+ * block in one piece, which keeps the huge mapping.  @pg itself is done
+ * already.  Returns SIZE_MAX when the block is not such a page or a copy
+ * failed (whatever was preserved stays, and is merely still protected).
+ * Call with r->lock held.
  */
 static size_t huge_block(cowmm_region_t *r, size_t pg)
 {

@@ -39,6 +39,8 @@ def main(path):
         print(f"| {size} MiB {kind} | {c:.2f} ms ({float(cr[7]):.2f}–{float(cr[8]):.2f}) "
               f"| {f:.2f} ms ({float(fr[7]):.2f}–{float(fr[8]):.2f}) | {f / c:.1f}× | {rep} |")
 
+    if not any(fig("write_p50", size, kind, "fork", "random") for size, kind in sizes):
+        return  # bench-cow --pause-only
     print("\nFirst write to a page while a snapshot (libcowmm) or a fork child "
           "(kernel COW) holds the old bytes, ns (p50 / p99 / p99.9), against "
           "a plain write.  libcowmm resolves the fault in a worker thread "
