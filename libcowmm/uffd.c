@@ -234,7 +234,7 @@ int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out)
  */
 bool cowmm__pagemap_huge_wp(int fd, uintptr_t start)
 {
-	struct page_region v[2];
+	struct page_region v[2] = { { 0 } };
 	struct pm_scan_arg a = {
 		.size = sizeof(a),
 		.start = start,
