@@ -20,20 +20,6 @@
 
 #define NPAGES 64
 
-static unsigned char *region(cowmm_t *mm, size_t npages, cowmm_region_t **r)
-{
-	size_t pg;
-	unsigned char *p;
-
-	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE,
-					    COWMM_REGION_NOTHP, r),
-			 0);
-	p = cowmm_region_base(*r);
-	for (pg = 0; pg < npages; pg++)
-		t_fill_page(p + pg * T_PAGE, pg + 1);
-	return p;
-}
-
 static bool page_is(const unsigned char *page, uint64_t seed)
 {
 	unsigned char want[T_PAGE];
@@ -61,7 +47,7 @@ START_TEST(test_first_touch_orders)
 	unsigned char *p, *q;
 	struct cowmm_stats st0, st;
 
-	p = region(mm, NPAGES, &r);
+	p = t_filled_region(mm, NPAGES, &r);
 	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
 	q = cowmm_region_base(c);
 	ck_assert_ptr_ne(p, q);
@@ -172,7 +158,7 @@ START_TEST(test_concurrent_writers)
 	unsigned char *p, *q;
 	size_t i, pg;
 
-	p = region(mm, npages, &r);
+	p = t_filled_region(mm, npages, &r);
 	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
 	q = cowmm_region_base(c);
 	for (i = 0; i < 4; i++) {
@@ -218,7 +204,7 @@ START_TEST(test_chain)
 	unsigned char *m[GEN];
 	int i, j;
 
-	m[0] = region(mm, NPAGES, &g[0]);
+	m[0] = t_filled_region(mm, NPAGES, &g[0]);
 	for (i = 1; i < GEN; i++) {
 		/* Each generation marks page i before it is cloned. */
 		m[i - 1][i * T_PAGE] = (unsigned char)(0x80 + i);
@@ -264,7 +250,7 @@ START_TEST(test_snapshot_of_clone)
 	unsigned char *p, *q, b[T_PAGE];
 	size_t pg;
 
-	p = region(mm, NPAGES, &r);
+	p = t_filled_region(mm, NPAGES, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &rs), 0); /* a live snapshot */
 	p[0] = 0x10;
 	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
@@ -318,7 +304,7 @@ START_TEST(test_release_orders)
 		unsigned char *p, *q;
 		size_t pg;
 
-		p = region(mm, npages, &r);
+		p = t_filled_region(mm, npages, &r);
 		if (rss0 < 0)
 			rss0 = t_rss_kb();
 		ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
@@ -359,7 +345,7 @@ START_TEST(test_view)
 	int status;
 	pid_t pid;
 
-	p = region(mm, NPAGES, &r);
+	p = t_filled_region(mm, NPAGES, &r);
 	/* A pointer stored inside the region, to follow by offset. */
 	*(unsigned char **)(p + 8) = p + 9 * T_PAGE + 3;
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
@@ -411,7 +397,7 @@ START_TEST(test_restore)
 	uint64_t pfn = 0;
 	size_t pg;
 
-	p = region(mm, NPAGES, &r);
+	p = t_filled_region(mm, NPAGES, &r);
 	ck_assert_int_eq(cowmm_pin(r, p + 3 * T_PAGE, T_PAGE,
 				   COWMM_PIN_READ),
 			 0);
@@ -487,7 +473,7 @@ START_TEST(test_restore_concurrent)
 	cowmm_snap_t *s;
 	int i;
 
-	ch.mem = region(mm, npages, &r);
+	ch.mem = t_filled_region(mm, npages, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	atomic_init(&ch.stop, false);
 	for (i = 0; i < 2; i++)
@@ -519,7 +505,7 @@ START_TEST(test_clone_pinned)
 	cowmm_region_t *r, *c;
 	unsigned char *p, *q;
 
-	p = region(mm, NPAGES, &r);
+	p = t_filled_region(mm, NPAGES, &r);
 	ck_assert_int_eq(cowmm_pin(r, p, 2 * T_PAGE, COWMM_PIN_WRITE), 0);
 	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
 	ck_assert_uint_eq(t_stats(mm).pin_copies, 2);
@@ -542,7 +528,7 @@ START_TEST(test_bad_args)
 	cowmm_snap_t *s;
 	const void *v = &mm;
 
-	region(mm, 4, &r);
+	t_filled_region(mm, 4, &r);
 	ck_assert_int_eq(cowmm_clone(NULL, 0, &c), -EINVAL);
 	ck_assert_int_eq(cowmm_clone(r, 0, NULL), -EINVAL);
 	ck_assert_int_eq(cowmm_clone(r, 1u << 9, &c), -EINVAL);
