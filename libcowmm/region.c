@@ -684,7 +684,7 @@ static size_t huge_block(cowmm_region_t *r, size_t pg)
 	    start < r->base || start + COWMM_HPAGE_SIZE > r->base + r->len)
 		return SIZE_MAX;
 	first = (start - r->base) >> COWMM_PAGE_SHIFT;
-	if (!cowmm__pagemap_huge_wp(r->mm->pagemap, start))
+	if (cowmm__pagemap_huge(r->mm->pagemap, start) != COWMM_HUGE_PROTECTED)
 		return SIZE_MAX;
 	for (i = 0; r->holes && i < HPAGE_PAGES; i++)
 		if (cowmm__test_bit(r->holes, first + i))

@@ -228,11 +228,12 @@ int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out)
 }
 
 /*
- * Is [@start, @start + 2 MiB) mapped by one huge page that is present and
- * write-protected?  One PAGEMAP_SCAN (Linux 6.7; needs no privilege);
- * false when it fails.
+ * The 2 MiB at @start: COWMM_HUGE_NO unless one present huge page maps
+ * all of it, else COWMM_HUGE_PROTECTED (uffd-wp set) or COWMM_HUGE_WRITABLE.
+ * One PAGEMAP_SCAN (Linux 6.7; needs no privilege); COWMM_HUGE_NO when it
+ * fails.
  */
-bool cowmm__pagemap_huge_wp(int fd, uintptr_t start)
+int cowmm__pagemap_huge(int fd, uintptr_t start)
 {
 	struct page_region v[2] = { { 0 } };
 	struct pm_scan_arg a = {
@@ -241,13 +242,13 @@ bool cowmm__pagemap_huge_wp(int fd, uintptr_t start)
 		.end = start + (2UL << 20),
 		.vec = (uintptr_t)v,
 		.vec_len = ARRAY_SIZE(v),
-		/* huge, present and not written (uffd-wp set) */
-		.category_mask = PAGE_IS_HUGE | PAGE_IS_PRESENT |
-				 PAGE_IS_WRITTEN,
-		.category_inverted = PAGE_IS_WRITTEN,
-		.return_mask = PAGE_IS_HUGE,
+		.category_mask = PAGE_IS_HUGE | PAGE_IS_PRESENT,
+		.return_mask = PAGE_IS_HUGE | PAGE_IS_WRITTEN,
 	};
 
-	return ioctl(fd, PAGEMAP_SCAN, &a) == 1 && v[0].start == start &&
-	       v[0].end == a.end;
+	if (ioctl(fd, PAGEMAP_SCAN, &a) != 1 || v[0].start != start ||
+	    v[0].end != a.end)
+		return COWMM_HUGE_NO;
+	return v[0].categories & PAGE_IS_WRITTEN ? COWMM_HUGE_WRITABLE
+						 : COWMM_HUGE_PROTECTED;
 }

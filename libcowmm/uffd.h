@@ -132,6 +132,7 @@ int cowmm__uffd_poison(int fd, uintptr_t dst, size_t len, bool wake);
 int cowmm__uffd_move(int fd, uintptr_t dst, const void *src, size_t len,
 		     bool wake);
 int cowmm__pagemap_read(int fd, uintptr_t start, size_t npages, uint64_t *out);
-bool cowmm__pagemap_huge_wp(int fd, uintptr_t start);
+enum { COWMM_HUGE_NO, COWMM_HUGE_PROTECTED, COWMM_HUGE_WRITABLE };
+int cowmm__pagemap_huge(int fd, uintptr_t start);
 
 #endif /* COWMM_UFFD_H */

@@ -169,28 +169,19 @@ uint64_t t_pfn(const void *addr)
 	return (e & PM_PRESENT) ? (e & PM_PFN_MASK) : 0;
 }
 
+_Static_assert((int)T_HUGE_NO == (int)COWMM_HUGE_NO &&
+		       (int)T_HUGE_PROTECTED == (int)COWMM_HUGE_PROTECTED &&
+		       (int)T_HUGE_WRITABLE == (int)COWMM_HUGE_WRITABLE,
+	       "t_huge() answers as cowmm__pagemap_huge()");
+
 int t_huge(const void *addr)
 {
-	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-	struct page_region v[2];
-	struct pm_scan_arg a = {
-		.size = sizeof(a),
-		.start = (uintptr_t)addr,
-		.end = (uintptr_t)addr + (2UL << 20),
-		.vec = (uintptr_t)v,
-		.vec_len = ARRAY_SIZE(v),
-		.category_mask = PAGE_IS_HUGE | PAGE_IS_PRESENT,
-		.return_mask = PAGE_IS_HUGE | PAGE_IS_WRITTEN,
-	};
-	long n;
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC), ret;
 
 	ck_assert_int_ge(fd, 0);
-	n = ioctl(fd, PAGEMAP_SCAN, &a);
+	ret = cowmm__pagemap_huge(fd, (uintptr_t)addr);
 	close(fd);
-	if (n != 1 || v[0].start != a.start || v[0].end != a.end)
-		return T_HUGE_NO;
-	return v[0].categories & PAGE_IS_WRITTEN ? T_HUGE_WRITABLE
-						 : T_HUGE_PROTECTED;
+	return ret;
 }
 
 long t_rss_kb(void)
