@@ -123,6 +123,13 @@ static struct cowmm_frame_chunk *chunk_new(struct cowmm_frame_pool *pool)
 		page_free(c, sizeof(*c));
 		return NULL;
 	}
+	/*
+	 * 2 MiB of anonymous memory is huge-page aligned since Linux 6.7: with
+	 * THP "always" the first populate would allocate a whole huge page
+	 * in the fault path (milliseconds here; README, levers).  Best
+	 * effort: without THP the call fails and nothing changes.
+	 */
+	madvise(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE, MADV_NOHUGEPAGE);
 	c->pool = pool;
 	for (i = CHUNK_FRAMES; i-- > 0;) {
 		c->frames[i].chunk = c;

@@ -2,12 +2,14 @@
 /* Regions: alloc, adopt, release, and every bad argument. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "harness.h"
+#include "cowmm_i.h"
 
 #define NPAGES 64
 
@@ -205,6 +207,59 @@ START_TEST(test_adopt_split_vmas)
 }
 END_TEST
 
+/*
+ * The VmFlags of the mapping that holds @addr in /proc/self/smaps contain
+ * @flag.
+ */
+static bool vma_has_flag(const void *addr, const char *flag)
+{
+	FILE *f = fopen("/proc/self/smaps", "r");
+	char line[512];
+	bool inside = false, found = false;
+
+	ck_assert_ptr_nonnull(f);
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+
+		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {
+			inside = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
+			continue;
+		}
+		if (inside && !strncmp(line, "VmFlags:", 8)) {
+			char want[8];
+
+			snprintf(want, sizeof(want), " %s", flag);
+			found = strstr(line, want) != NULL;
+			break;
+		}
+	}
+	fclose(f);
+	return found;
+}
+
+/*
+ * Frames live in 2 MiB chunks, huge-page aligned on recent kernels: with
+ * THP "always" a populate in the fault path would take a whole huge page.
+ * The chunk is marked MADV_NOHUGEPAGE whatever the system's setting.
+ */
+START_TEST(test_frame_chunk_no_thp)
+{
+	struct cowmm_frame_pool pool;
+	atomic_uint_fast64_t live = 0;
+	struct cowmm_frame *f;
+
+	ck_assert_int_eq(cowmm__frame_pool_init(&pool, &live), 0);
+	f = cowmm__frame_alloc(&pool);
+	ck_assert_ptr_nonnull(f);
+	memset(cowmm__frame_data(f), 7, T_PAGE);
+	ck_assert_msg(vma_has_flag(cowmm__frame_data(f), "nh"),
+		      "a frame chunk may be backed by huge pages");
+	cowmm__frame_free_now(f);
+	ck_assert_uint_eq(live, 0);
+	cowmm__frame_pool_fini(&pool);
+}
+END_TEST
+
 int main(void)
 {
 	const struct t_case cases[] = {
@@ -212,6 +267,7 @@ int main(void)
 		{ "adopt-release", test_adopt_release, T_WP_UNPOPULATED },
 		{ "bad-input", test_bad_input, T_WP },
 		{ "adopt-split-vmas", test_adopt_split_vmas, T_WP_UNPOPULATED },
+		{ "frame-chunk-no-thp", test_frame_chunk_no_thp, 0 },
 	};
 
 	return t_run("region", cases, ARRAY_SIZE(cases));
