@@ -6,7 +6,7 @@ import sys
 
 
 def main(path):
-    cow, pin, head = [], [], ""
+    cow, pin, floor, head = [], [], [], ""
     with open(path) as f:
         for line in f:
             if line.startswith("#"):
@@ -15,9 +15,19 @@ def main(path):
             if line.startswith("bench,"):
                 continue
             row = next(csv.reader([line]))
-            (cow if row[0] == "cow" else pin).append(row)
+            {"cow": cow, "floor": floor}.get(row[0], pin).append(row)
 
     print(f"Run: {head}\n")
+    if cow:
+        cow_tables(cow)
+    if floor:
+        floor_table(floor)
+    if pin:
+        pin_table(pin)
+
+
+def cow_tables(cow):
+    """bench-cow: pauses, first-write costs, memory."""
     sizes = sorted({(r[2], r[3]) for r in cow}, key=lambda s: (s[1], int(s[0])))
     get = {(r[1], r[2], r[3], r[4], r[5]): r for r in cow}
 
@@ -89,6 +99,10 @@ def main(path):
             print(f"| {size} MiB {kind} | {k}% | {fig(m, size, kind, 'cowmm'):.1f} "
                   f"| {fig(m, size, kind, 'fork'):.1f} |")
 
+
+
+def pin_table(pin):
+    """bench-pin: the eager copy of write-pinned pages."""
     if pin:
         print("\nEager copy of write-pinned pages at snapshot time (bench-pin):\n")
         print("| write-pinned | snapshot (median) | extra per pinned MiB |")
@@ -98,6 +112,35 @@ def main(path):
             if r[1] == "snapshot_ms":
                 extra = f"{float(per[r[2]]):.2f} ms" if r[2] in per else ""
                 print(f"| {r[2]} MiB | {float(r[3]):.2f} ms | {extra} |")
+
+
+FLOOR_METHODS = (
+    ("kernel", "kernel COW after fork()"),
+    ("kernel-busy", "kernel COW after fork(), another thread busy"),
+    ("sigbus-clear", "SIGBUS handler, clear only"),
+    ("sigbus-clear-busy", "SIGBUS handler, clear only, another thread busy"),
+    ("sigbus-copy", "SIGBUS handler, copy and clear"),
+    ("worker-clear", "worker, clear and wake only"),
+    ("worker-clear-1cpu", "worker, clear and wake only, one CPU"),
+    ("worker-copy", "worker, copy, clear and wake"),
+)
+
+
+def floor_table(rows):
+    """bench-floor: the raw interface's cost of a first write."""
+    get = {(r[1], r[2], r[4]): float(r[6]) for r in rows}
+    for size in sorted({r[2] for r in rows}, key=int):
+        n = next(r[10] for r in rows if r[2] == size)
+        print(f"\nThe floor (bench-floor, no libcowmm: raw userfaultfd), {size} MiB of "
+              f"4 KiB pages, random first writes, ns (p50 / p99 / p99.9 over {n}):\n")
+        print("| how the fault is resolved | p50 / p99 / p99.9 | p50 / kernel |")
+        print("|---|---:|---:|")
+        k = get.get(("write_p50", size, "kernel"))
+        for m, label in FLOOR_METHODS:
+            p = [get.get((x, size, m)) for x in ("write_p50", "write_p99", "write_p999")]
+            if None in p:
+                continue
+            print(f"| {label} | {' / '.join(f'{v:,.0f}' for v in p)} | {p[0] / k:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ out=bench/results/$name.csv
 	if [ -n "$quick" ]; then
 		./build-bench/bench/bench-cow --quick
 		./build-bench/bench/bench-pin --quick
+		./build-bench/bench/bench-floor --quick
 	else
 		./build-bench/bench/bench-cow --sizes "${SIZES:-256,1024}" \
 			--kinds "${KINDS:-4k,thp,thp2m}" \
 			--runs "${RUNS:-5}" --sample "${SAMPLE:-16384}" \
 			--dump bench/results
 		./build-bench/bench/bench-pin
+		./build-bench/bench/bench-floor --runs "${RUNS:-5}"
 	fi
 } > "$out.tmp"
 mv "$out.tmp" "$out"
