@@ -56,6 +56,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define PAGE 4096UL
 #define MAX_RUNS 64
 
@@ -85,21 +87,6 @@ static struct {
 	_Atomic size_t next_frame;
 	_Atomic bool spin;
 } h;
-
-static double now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
 
 static uint64_t pagemap_entry(uintptr_t addr)
 {
@@ -325,13 +312,6 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 	munmap(p, len);
 }
 
-static double pct(const double *v, size_t n, double q)
-{
-	size_t i = (size_t)(q * (double)(n - 1) + 0.5);
-
-	return v[i < n ? i : n - 1];
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -415,9 +395,9 @@ int main(int argc, char **argv)
 
 	for (int m = 0; m < NMETHODS; m++) {
 		static const struct { const char *name; double q; } qs[] = {
-			{ "write_p50", 0.5 },
-			{ "write_p99", 0.99 },
-			{ "write_p999", 0.999 },
+			{ "write_p50", 50 },
+			{ "write_p99", 99 },
+			{ "write_p999", 99.9 },
 		};
 
 		qsort(lat[m], n, sizeof(double), cmp_double);
@@ -429,7 +409,7 @@ int main(int argc, char **argv)
 	for (int m = 1; m < NMETHODS; m++)
 		printf("floor,p50_over_kernel,%zu,4k,%s,random,%.2f,,,x,%zu\n",
 		       size_mib, method_name[m],
-		       pct(lat[m], n, 0.5) / pct(lat[KERNEL], n, 0.5), n);
+		       pct(lat[m], n, 50) / pct(lat[KERNEL], n, 50), n);
 	for (int m = 0; m < NMETHODS; m++)
 		free(lat[m]);
 	free(o);

@@ -18,19 +18,11 @@
 
 #include <cowmm.h>
 
+#include "bench.h"
+
 static double now_ms(void)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
+	return now_ns() / 1e6;
 }
 
 int main(int argc, char **argv)
