@@ -57,7 +57,6 @@
 
 #include "bench.h"
 
-#define PAGE 4096UL
 #define MAX_RUNS 64
 
 /*
@@ -157,43 +156,6 @@ static void pct_rows(const struct cfg *c, const char *method,
 		       n);
 	}
 	fflush(stdout);
-}
-
-/* Populate every page of a fresh mapping (or region). */
-static void populate(char *p, size_t len)
-{
-	size_t i;
-
-	for (i = 0; i < len; i += PAGE)
-		p[i] = (char)i | 1;
-}
-
-/* The order in which the sampled pages are first written. */
-static size_t *order_of(size_t npages, size_t sample, bool random)
-{
-	size_t *o = malloc(sample * sizeof(*o)), i, stride;
-	uint64_t x = 0x9e3779b97f4a7c15ULL;
-
-	if (!o)
-		err(1, "malloc");
-	/* Sequential: the first pages, one after another.  Random: pages
-	 * spread over the whole region, shuffled. */
-	stride = random && npages / sample ? npages / sample : 1;
-	for (i = 0; i < sample; i++)
-		o[i] = (i * stride) % npages;
-	if (random)
-		for (i = sample - 1; i > 0; i--) {
-			size_t j, t;
-
-			x ^= x << 13;
-			x ^= x >> 7;
-			x ^= x << 17;
-			j = x % (i + 1);
-			t = o[i];
-			o[i] = o[j];
-			o[j] = t;
-		}
-	return o;
 }
 
 /*

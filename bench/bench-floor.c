@@ -58,7 +58,6 @@
 
 #include "bench.h"
 
-#define PAGE 4096UL
 #define MAX_RUNS 64
 
 enum method {
@@ -207,8 +206,7 @@ static char *populated(size_t len)
 		err(1, "mmap");
 	if (madvise(p, len, MADV_NOHUGEPAGE))
 		err(1, "madvise");
-	for (size_t off = 0; off < len; off += PAGE)
-		memset(p + off, (int)(off / PAGE) | 1, PAGE);
+	populate(p, len);
 	return p;
 }
 
@@ -241,6 +239,7 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 {
 	char *p = populated(len);
 	pthread_t t = 0, busy = 0;
+	cpu_set_t was;
 	pid_t child = -1;
 	bool worker_mode = m >= WORKER_CLEAR;
 
@@ -261,8 +260,16 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 		if (pthread_create(&t, NULL, worker, NULL))
 			errx(1, "pthread_create");
 		if (m == WORKER_CLEAR_1CPU) {
-			bind_to(t, 0);
-			bind_to(pthread_self(), 0);
+			/* both on the first CPU this thread may use */
+			int cpu = 0;
+
+			if (pthread_getaffinity_np(pthread_self(), sizeof(was),
+						   &was))
+				errx(1, "pthread_getaffinity_np");
+			while (!CPU_ISSET(cpu, &was))
+				cpu++;
+			bind_to(t, cpu);
+			bind_to(pthread_self(), cpu);
 		}
 	}
 	if (m == SIGBUS_CLEAR_BUSY || m == KERNEL_BUSY) {
@@ -290,15 +297,9 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 		pthread_join(t, NULL);
 		if (read(h.stopfd, &one, sizeof(one)) != sizeof(one))
 			err(1, "eventfd");
-		if (m == WORKER_CLEAR_1CPU) {
-			cpu_set_t all;
-
-			CPU_ZERO(&all);
-			for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
-				CPU_SET(cpu, &all);
-			pthread_setaffinity_np(pthread_self(), sizeof(all),
-					       &all);
-		}
+		if (m == WORKER_CLEAR_1CPU &&
+		    pthread_setaffinity_np(pthread_self(), sizeof(was), &was))
+			warnx("cannot restore this thread's CPUs");
 	}
 	if (child > 0) {
 		kill(child, SIGKILL);
@@ -365,20 +366,9 @@ int main(int argc, char **argv)
 		err(1, "mmap frames");
 
 	/* Distinct pages spread over the region, in a shuffled order. */
-	size_t *o = malloc(sample * sizeof(*o));
+	size_t *o = order_of(npages, sample, true);
 	double *lat[NMETHODS];
 
-	if (!o)
-		err(1, "malloc");
-	for (size_t i = 0; i < sample; i++)
-		o[i] = i * (npages / sample);
-	srand(1);
-	for (size_t i = sample - 1; i > 0; i--) {
-		size_t j = (size_t)rand() % (i + 1), x = o[i];
-
-		o[i] = o[j];
-		o[j] = x;
-	}
 	for (int m = 0; m < NMETHODS; m++)
 		if (!(lat[m] = malloc(runs * sample * sizeof(double))))
 			err(1, "malloc");

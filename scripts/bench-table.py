@@ -100,18 +100,16 @@ def cow_tables(cow):
                   f"| {fig(m, size, kind, 'fork'):.1f} |")
 
 
-
 def pin_table(pin):
     """bench-pin: the eager copy of write-pinned pages."""
-    if pin:
-        print("\nEager copy of write-pinned pages at snapshot time (bench-pin):\n")
-        print("| write-pinned | snapshot (median) | extra per pinned MiB |")
-        print("|---:|---:|---:|")
-        per = {r[2]: r[3] for r in pin if r[1] == "eager_copy_ms_per_mib"}
-        for r in pin:
-            if r[1] == "snapshot_ms":
-                extra = f"{float(per[r[2]]):.2f} ms" if r[2] in per else ""
-                print(f"| {r[2]} MiB | {float(r[3]):.2f} ms | {extra} |")
+    print("\nEager copy of write-pinned pages at snapshot time (bench-pin):\n")
+    print("| write-pinned | snapshot (median) | extra per pinned MiB |")
+    print("|---:|---:|---:|")
+    per = {r[2]: r[3] for r in pin if r[1] == "eager_copy_ms_per_mib"}
+    for r in pin:
+        if r[1] == "snapshot_ms":
+            extra = f"{float(per[r[2]]):.2f} ms" if r[2] in per else ""
+            print(f"| {r[2]} MiB | {float(r[3]):.2f} ms | {extra} |")
 
 
 FLOOR_METHODS = (
