@@ -88,7 +88,7 @@ struct cfg {
 	unsigned runs;
 	size_t sample;
 	const char *dump;
-	size_t fault_around; /* struct cowmm_config's; 0: the default */
+	size_t fault_around; /* struct cowmm_config's; --fault-around */
 	bool per_cpu;        /* the worker-mode manager: COWMM_OPEN_PER_CPU */
 	unsigned long other_mib; /* memory of the process outside the region */
 	bool pause_only;         /* --pause-only */
@@ -430,7 +430,8 @@ int main(int argc, char **argv)
 		{ 0 },
 	};
 	char sizes[256] = "256,1024", kinds[32] = "4k,thp", *tok, *save;
-	struct cfg c = { .runs = 5, .sample = 16384 };
+	struct cfg c = { .runs = 5, .sample = 16384,
+			 .fault_around = COWMM_FAULT_AROUND_SEQUENTIAL };
 	cowmm_t *mm, *mm_it;
 	int opt, ret;
 

@@ -64,8 +64,12 @@ struct cowmm_config {
 	 * unprotects, itself and the pages after it, for a writer that
 	 * writes sequentially (its window doubles from 1 with each fault
 	 * that continues the previous run; any other fault goes back to 1).
-	 * 1: off, every page faults alone.  0: default
-	 * (#COWMM_FAULT_AROUND_DEFAULT).  At most #COWMM_FAULT_AROUND_MAX.
+	 * 0 (the default) and 1: off, every page faults alone, so that a
+	 * snapshot followed by writes to K distinct pages counts
+	 * copies == K.  A sequential writer (a database's save, a bulk
+	 * load) gains from #COWMM_FAULT_AROUND_SEQUENTIAL, the measured
+	 * recommendation.  At most #COWMM_FAULT_AROUND_MAX.  (Before 0.2,
+	 * 0 meant a 64-page window.)
 	 * Costs up to that many pages preserved that the writer may never
 	 * write; the snapshot still needed them.  Counted in
 	 * cowmm_stats.ahead_copies.  Not done for clones, views and lazy
@@ -87,8 +91,18 @@ struct cowmm_config {
 	size_t max_preserved;
 };
 
-/** Default largest fault-around window, in pages (256 KiB). */
-#define COWMM_FAULT_AROUND_DEFAULT 64
+/**
+ * Recommended fault-around window for sequential writers, in pages
+ * (256 KiB): from about 34 pages on, one unprotect costs one TLB flush
+ * (bench/README figures).  Opt-in: the default is one page.
+ * @since 0.2
+ */
+#define COWMM_FAULT_AROUND_SEQUENTIAL 64
+/**
+ * The 0.1 name of #COWMM_FAULT_AROUND_SEQUENTIAL, from when it was the
+ * default.  Kept for source compatibility; 0 no longer means it.
+ */
+#define COWMM_FAULT_AROUND_DEFAULT COWMM_FAULT_AROUND_SEQUENTIAL
 /** Largest fault-around window accepted, in pages (2 MiB). */
 #define COWMM_FAULT_AROUND_MAX 512
 
@@ -318,8 +332,10 @@ COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
  * @param r  a region
  * @return 0; -EINVAL (NULL), -EBADF (already released), -ECHILD,
  *         -EBUSY (pages of the region are pinned: cowmm_unpin() first),
- *         -ENOMEM (a snapshot could not be preserved: the region is
- *         released and that snapshot is marked broken)
+ *         -ENOMEM or -EIO (a page a snapshot still shared could not be
+ *         preserved, for want of memory or because it was lost: the
+ *         region is released all the same and that snapshot is marked
+ *         broken)
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);

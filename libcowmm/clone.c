@@ -19,19 +19,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#include "cowmm_i.h"
+#include "cow.h"
 #include "uffd.h"
-
-/* Does a snapshot of @r still share page @pg?  Call with r->lock held. */
-bool cowmm__shared_locked(cowmm_region_t *r, size_t pg)
-{
-	struct cowmm_snap *s;
-
-	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
-		if (cowmm__snap_needs(s, pg))
-			return true;
-	return false;
-}
 
 int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
 {
@@ -76,6 +65,8 @@ out:
 /*
  * Materialise page @pg of clone @c from its origin.  Call with c->lock
  * held; takes the source's lock (a clone's lock always comes first).
+ * Returns 0, -EHWPOISON when the origin lost the page and it was poisoned
+ * instead, or a negative errno.
  */
 int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 {
@@ -118,18 +109,37 @@ int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 
 	if (f == &cowmm__zero_frame || cowmm__frame_real(f)) {
 		data = cowmm__frame_data(f);
-	} else if (!f && src) {
+	} else if (!f && src && o->epoch > src->wgen[pg]) {
+		/* Still shared with the source: its live bytes. */
 		ret = cowmm__region_read_page(src, pg, page, true);
 		if (ret == -EAGAIN)
 			goto out;
 		if (ret)
-			memset(page, 0, sizeof(page));
+			data = NULL;
 	} else {
-		/* Detached and broken: the origin lost this page. */
+		data = NULL; /* changed without a frame for the origin */
+	}
+	if (!data) {
+		/*
+		 * The origin lost this page (discarded in the source, or no
+		 * frame for its copy): a touch raises SIGBUS, as a lazy load's
+		 * unreadable page does, never zeros that were not there.
+		 */
 		cowmm__log(COWMM_LOG_ERR, "clone %#lx: page %zu of its origin "
-					  "is lost; it reads as zero",
-			   (unsigned long)c->base, pg);
+					  "is lost; %s",
+			   (unsigned long)c->base, pg,
+			   mm->features & UFFD_FEATURE_POISON
+				   ? "poisoned (SIGBUS on access)"
+				   : "it reads as zero (no UFFDIO_POISON)");
+		if (mm->features & UFFD_FEATURE_POISON) {
+			ret = cowmm__uffd_poison(mm->uffd, addr,
+						 COWMM_PAGE_SIZE, wake);
+			if (!ret)
+				ret = -EHWPOISON; /* resolved, not filled */
+			goto out; /* the origin keeps its (lost) slot */
+		}
 		memset(page, 0, sizeof(page));
+		data = page;
 	}
 	if (f == &cowmm__zero_frame && !wp)
 		ret = cowmm__uffd_zeropage(mm->uffd, addr, COWMM_PAGE_SIZE,

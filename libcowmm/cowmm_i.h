@@ -295,11 +295,7 @@ int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
 void cowmm__region_unmap(cowmm_region_t *r); /* views; mm->lock held */
 int cowmm__clone_fill(cowmm_region_t *r, size_t pg, bool wake);
 int cowmm__view_fill(cowmm_region_t *r, size_t pg, bool wake);
-bool cowmm__shared_locked(cowmm_region_t *r, size_t pg);
-void cowmm__break_needers(cowmm_region_t *r, size_t pg, const char *why);
-bool cowmm__page_is_zero(const void *p);
-int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
-			   atomic_uint_fast64_t *counter);
+bool cowmm__page_is_zero(const void *p); /* cow.c */
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
 bool cowmm__swap_possible(void);
 /* [start, start + len) is private anonymous memory of @pid (0: this one). */

@@ -16,8 +16,11 @@
  * zero in later snapshots, and live reads never touch it.
  *
  * REMAP of a whole region moves it: snapshots follow it to its new base.
- * A move of part of a region is, for the region, an unmap of that part;
- * the moved pages are unregistered at their new address.
+ * A move of part of a region takes that part out of the region, but first
+ * every snapshot that still shares a moved page gets its bytes (read at
+ * the new address, where the kernel keeps them protected until this event
+ * is handled), and a clone's pages not materialised yet are filled there;
+ * then the moved pages are unregistered at their new address.
  *
  * Workers run these: locks are only tried (-EAGAIN: deferred), and every
  * handler is idempotent, since a deferred event runs again from the start.
@@ -26,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cowmm_i.h"
+#include "cow.h"
 #include "uffd.h"
 
 /* Run @fn on the part of every region that overlaps [start, end). */
@@ -76,23 +79,29 @@ static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 {
 	size_t i;
 
+	if (r->view_of)
+		return 0; /* a view refills from its snapshot */
 	if (r->lazy) /* not loaded yet: zero now, not the file's */
 		cowmm__lazy_discard_locked(r, pg, n);
 
 	for (i = pg; i < pg + n; i++) {
-		if (!cowmm__shared_locked(r, i))
-			continue;
 		if (r->present && !cowmm__test_bit(r->present, i)) {
-			int ret = cowmm__preserve_locked(r, i, false,
-							 &r->mm->cnt.copies);
+			/*
+			 * A clone's page never materialised: its snapshots
+			 * get the origin's bytes, and from now on it reads
+			 * as zero, as a discarded page of a fork() child does.
+			 */
+			int ret = cowmm__cow_claim_locked(r, i, COWMM_COW_READ,
+							  &r->mm->cnt.copies);
 
 			if (ret == -EAGAIN)
 				return ret; /* the origin is busy: later */
-		} else {
-			cowmm__break_needers(r, i, "pages discarded while a "
-						   "snapshot still needed them");
+			cowmm__set_bit(r->present, i);
+		} else if (cowmm__shared_locked(r, i)) {
+			cowmm__cow_claim_lost_locked(r, i,
+						     "pages discarded while a "
+						     "snapshot still needed them");
 		}
-		r->wgen[i] = r->epoch;
 	}
 	return 0;
 }
@@ -117,10 +126,8 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 	if (r->lazy) /* never to be loaded: the range left the region */
 		cowmm__lazy_discard_locked(r, pg, n);
 	for (i = pg; i < pg + n; i++) {
-		if (cowmm__shared_locked(r, i))
-			cowmm__break_needers(r, i, "pages unmapped while a "
+		cowmm__cow_claim_lost_locked(r, i, "pages unmapped while a "
 						   "snapshot still needed them");
-		r->wgen[i] = r->epoch;
 		cowmm__set_bit(r->holes, i);
 	}
 	return 0;
@@ -129,6 +136,126 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end)
 {
 	return for_overlap(mm, start, end, unmap_pages);
+}
+
+/*
+ * The old bytes of page @p of @r, moved to @addr: into a frame for the
+ * snapshots that share it.  The copy is verified as a fault's is
+ * (read_verified() in region.c): still protected, and on the same frame
+ * afterwards, or the page was discarded meanwhile and they are broken.
+ */
+static void remap_preserve(cowmm_region_t *r, size_t p, uintptr_t addr)
+{
+	struct cowmm_frame *f;
+	uint64_t e1, e2;
+
+	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1) ||
+	    !(e1 & PM_UFFD_WP)) {
+		cowmm__cow_claim_lost_locked(r, p, "pages discarded while "
+						   "moved by mremap");
+		return;
+	}
+	if (!(e1 & (PM_PRESENT | PM_SWAP))) { /* a marker: never populated */
+		cowmm__cow_claim_frame_locked(r, p, &cowmm__zero_frame);
+		return;
+	}
+	f = cowmm__frame_alloc(&r->mm->pool);
+	if (!f) {
+		cowmm__cow_claim_lost_locked(r, p, "out of memory for a frame");
+		return;
+	}
+	if (cowmm__live_read(addr, cowmm__frame_data(f), COWMM_PAGE_SIZE) ||
+	    cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e2) ||
+	    !(e2 & PM_UFFD_WP) ||
+	    ((e1 & PM_PRESENT) && (e1 & PM_PFN_MASK) != (e2 & PM_PFN_MASK))) {
+		cowmm__frame_free_now(f);
+		cowmm__cow_claim_lost_locked(r, p, "pages discarded while "
+						   "moved by mremap");
+		return;
+	}
+	cowmm__count(r->mm, copies, 1);
+	cowmm__count(r->mm, bytes_preserved, COWMM_PAGE_SIZE);
+	cowmm__cow_claim_frame_locked(r, p, f);
+}
+
+/*
+ * Page @p of clone @r, never materialised, moved to @addr: fill it there
+ * from the origin (poison it where the origin lost it), and give its
+ * bytes to the clone's snapshots that share it.  -EAGAIN: nothing done
+ * (the kernel answers -EAGAIN until the mremap() has returned).
+ */
+static int remap_fill(cowmm_region_t *r, size_t p, uintptr_t addr)
+{
+	unsigned char page[COWMM_PAGE_SIZE]
+		__attribute__((aligned(COWMM_PAGE_SIZE)));
+	struct cowmm_frame *f = &cowmm__zero_frame;
+	int ret = cowmm__snap_page(r->origin, p, page);
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret) {
+		if (r->mm->features & UFFD_FEATURE_POISON) {
+			ret = cowmm__uffd_poison(r->mm->uffd, addr,
+						 COWMM_PAGE_SIZE, false);
+			if (ret == -EAGAIN)
+				return ret;
+		}
+		cowmm__cow_claim_lost_locked(r, p, "the origin lost a page "
+						   "moved by mremap");
+		return 0;
+	}
+	ret = cowmm__uffd_copy(r->mm->uffd, addr, page, COWMM_PAGE_SIZE,
+			       false, false);
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret && ret != -EEXIST)
+		cowmm__log(COWMM_LOG_ERR, "filling a moved clone page at %#lx: %s",
+			   (unsigned long)addr, strerror(-ret));
+	if (cowmm__shared_locked(r, p) && !cowmm__page_is_zero(page)) {
+		f = cowmm__frame_alloc(&r->mm->pool);
+		if (!f) {
+			cowmm__cow_claim_lost_locked(r, p, "out of memory for "
+							   "a frame");
+			return 0;
+		}
+		memcpy(cowmm__frame_data(f), page, COWMM_PAGE_SIZE);
+	}
+	cowmm__cow_claim_frame_locked(r, p, f);
+	return 0;
+}
+
+/*
+ * Pages [@pg, @pg + @n) of @r now live at @to, moved there by mremap().
+ * The kernel moved them with their registration and their protection,
+ * and a write there waits until this event is handled (a fault at an
+ * address no region holds waits while a REMAP is pending: manager.c), so
+ * what is at @to is still what the snapshots share.  Each snapshot that
+ * shares a page gets its copy from there; a clone's page not materialised
+ * yet is filled there from its origin, as plain memory; then the range
+ * leaves the region.  Idempotent: after -EAGAIN, the pages done are no
+ * longer shared, and a filled page answers -EEXIST.
+ */
+static int remap_part(cowmm_region_t *r, size_t pg, size_t n, uintptr_t to)
+{
+	size_t i;
+	int ret;
+
+	for (i = 0; i < n; i++) {
+		size_t p = pg + i;
+		uintptr_t addr = to + (i << COWMM_PAGE_SHIFT);
+
+		if (r->holes && cowmm__test_bit(r->holes, p))
+			continue;
+		if (r->origin && !cowmm__test_bit(r->present, p)) {
+			ret = remap_fill(r, p, addr);
+			if (ret == -EAGAIN)
+				return ret;
+			cowmm__set_bit(r->present, p);
+			continue;
+		}
+		if (cowmm__shared_locked(r, p))
+			remap_preserve(r, p, addr);
+	}
+	return unmap_pages(r, pg, n);
 }
 
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
@@ -165,11 +292,16 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 		ret = -EAGAIN;
 		goto out;
 	}
-	if (!r->dying)
-		unmap_pages(r, (from - r->base) >> COWMM_PAGE_SHIFT,
-			    ((from + len < r->base + r->len ? from + len
-							     : r->base + r->len) -
-			     from) >> COWMM_PAGE_SHIFT);
+	if (!r->dying &&
+	    remap_part(r, (from - r->base) >> COWMM_PAGE_SHIFT,
+		       ((from + len < r->base + r->len ? from + len
+						       : r->base + r->len) -
+			from) >> COWMM_PAGE_SHIFT,
+		       to) == -EAGAIN) {
+		pthread_mutex_unlock(&r->lock);
+		ret = -EAGAIN;
+		goto out;
+	}
 	pthread_mutex_unlock(&r->lock);
 	ret = cowmm__uffd_wp(mm->uffd, to, len, false, true);
 	if (!ret || ret == -ENOENT)

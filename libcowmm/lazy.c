@@ -16,7 +16,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "cowmm_i.h"
+#include "cow.h"
 #include "uffd.h"
 
 static void lazy_free(struct cowmm_lazy *l)

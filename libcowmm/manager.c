@@ -36,9 +36,9 @@ static void on_fork_child(void)
 }
 
 /*
- * Copy live memory of this process without ever taking SIGSEGV: the
+ * Live memory of this process is copied without ever taking SIGSEGV: the
  * application may unmap a region behind the library's back (the UNMAP
- * event comes after the fact).  Returns 0 or -EFAULT.
+ * event comes after the fact).
  */
 static pid_t own_pid(void)
 {
@@ -53,8 +53,10 @@ static pid_t own_pid(void)
 
 /*
  * Copy @n pages of this process, at the addresses @remote gives, into
- * @local (library memory, never a region's).  Returns 0, or -EFAULT when
- * any of them could not be read whole.
+ * @local (library memory, never a region's), in one call.  Only for
+ * ranges registered for write-protect faults alone (fault-around in plain
+ * regions): process_vm_readv() waits on a missing fault.  Returns 0, or
+ * -EFAULT when any of them could not be read whole.
  */
 int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
 		      size_t n)
@@ -64,12 +66,47 @@ int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
 	return got == (ssize_t)(n * COWMM_PAGE_SIZE) ? 0 : -EFAULT;
 }
 
+/*
+ * /proc/self/mem of this process, opened once per process (a child of
+ * fork() opens its own: the parent's would read the parent's memory).
+ */
+static int self_mem(void)
+{
+	static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+	static int fd = -1;
+	static pid_t fd_pid;
+	pid_t pid = own_pid();
+	int ret;
+
+	pthread_mutex_lock(&lock);
+	if (fd < 0 || fd_pid != pid) {
+		/* The parent's descriptor is not ours to close. */
+		fd = open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+		fd_pid = pid;
+	}
+	ret = fd < 0 ? -errno : fd;
+	pthread_mutex_unlock(&lock);
+	return ret;
+}
+
+/*
+ * Copy live memory of this process into @dst (library memory, never a
+ * region's).  Through /proc/self/mem, not process_vm_readv(): its reads
+ * never wait on a userfaultfd.  A page missing in a range registered for
+ * missing faults (a clone's or a view's) fails at once with -EIO, where
+ * process_vm_readv() would sleep until some worker resolved the fault,
+ * perhaps the very worker that is reading (Linux 6.3+: access_remote_vm()
+ * does not allow a fault retry, so handle_userfault() gives SIGBUS).  An
+ * unmapped address fails the same way; a swapped-out page is read in.
+ * Returns 0, or -EFAULT when the bytes could not be read whole.
+ */
 int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
 {
-	struct iovec local = { dst, len }, remote = { (void *)addr, len };
-	pid_t pid = own_pid();
+	int fd = self_mem();
 	ssize_t n;
 
+	if (fd < 0)
+		return fd;
 	/*
 	 * In in-thread mode the kernel cannot resolve a fault on our behalf:
 	 * a destination in a protected region page would fail with EFAULT,
@@ -81,21 +118,19 @@ int cowmm__live_read(uintptr_t addr, void *dst, size_t len)
 	    len <= COWMM_PAGE_SIZE) {
 		unsigned char bounce[COWMM_PAGE_SIZE];
 
-		local.iov_base = bounce;
-		n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+		n = pread(fd, bounce, len, (off_t)addr);
 		if (n == (ssize_t)len) {
-			/* filled by process_vm_readv(), which cppcheck
-			 * does not know */
+			/* filled by pread(), which cppcheck does not see */
 			// cppcheck-suppress uninitvar
 			memcpy(dst, bounce, len);
 			return 0;
 		}
 	} else {
-		n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+		n = pread(fd, dst, len, (off_t)addr);
 		if (n == (ssize_t)len)
 			return 0;
 	}
-	return n < 0 && errno != EFAULT ? -errno : -EFAULT;
+	return n < 0 && errno != EIO && errno != EFAULT ? -errno : -EFAULT;
 }
 
 static void atfork_register(void)
@@ -312,6 +347,14 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		return ret;
 	}
 	case UFFD_EVENT_UNMAP:
+		/*
+		 * mremap() sends REMAP, then UNMAP of the old range: the
+		 * move is to be followed before its old range is taken for
+		 * unmapped (the REMAP may be deferred: the kernel refuses
+		 * ioctls until the mremap() has returned).
+		 */
+		if (atomic_load(&mm->remaps_pending))
+			return -EAGAIN;
 		return cowmm__event_unmap(mm, m->arg.remove.start,
 					  m->arg.remove.end);
 	case UFFD_EVENT_REMAP: {
@@ -350,12 +393,18 @@ static void dispatch(cowmm_t *mm, struct deferred *d,
 		bool lone = total == 1 || !wake;
 		int ret = handle(mm, m, lone);
 
+		/*
+		 * A fault not resolved (ret < 0) is woken too: nothing will
+		 * try it again, and the writer's access faults anew if it
+		 * must.  A thread left asleep here sleeps for good.
+		 */
 		if (ret == -EAGAIN)
 			defer(mm, d, m);
 		else if (ret > 0 && wake)
 			wake[nwake++] = m->arg.pagefault.address &
 					~(COWMM_PAGE_SIZE - 1);
-		else if (ret > 0)
+		else if (ret > 0 || (ret < 0 &&
+				     m->event == UFFD_EVENT_PAGEFAULT))
 			cowmm__uffd_wake(mm->uffd,
 					 m->arg.pagefault.address &
 						 ~(COWMM_PAGE_SIZE - 1),
@@ -663,8 +712,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	mm->magic = COWMM_MAGIC_MM;
 	mm->fork_gen = cowmm__fork_gen();
 	mm->flags = cfg.flags;
-	mm->fault_around = cfg.fault_around ? cfg.fault_around
-					    : COWMM_FAULT_AROUND_DEFAULT;
+	mm->fault_around = cfg.fault_around ? cfg.fault_around : 1;
 	mm->max_frames = cfg.max_preserved / COWMM_PAGE_SIZE;
 	mm->nworkers = cfg.workers ? cfg.workers : 1;
 	if (cfg.flags & COWMM_OPEN_PER_CPU) {

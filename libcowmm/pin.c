@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cowmm_i.h"
+#include "cow.h"
 
 #define COUNT_MAX 0xffff
 
@@ -189,12 +189,9 @@ int cowmm_pin(cowmm_region_t *r, void *addr, size_t len, unsigned flags)
 	 * that still shares one of these pages gets its copy now.
 	 */
 	if (flags & COWMM_PIN_WRITE) {
-		for (i = pg; i < pg + n; i++) {
-			ret = cowmm__preserve_locked(r, i, false,
-						     &mm->cnt.pin_copies);
-			if (ret > 0)
-				r->wgen[i] = r->epoch;
-		}
+		for (i = pg; i < pg + n; i++)
+			cowmm__cow_claim(r, i, COWMM_COW_READ,
+					 &mm->cnt.pin_copies);
 		ret = 0; /* a failure broke the snapshots that needed it */
 	}
 out:

@@ -3,13 +3,10 @@
  * Regions: takeover of private anonymous memory, the per-page state, and the
  * write-fault decision.
  *
- * Per page the region keeps one number, wgen: the epoch of the newest
- * snapshot that existed when the page was last made writable.  Every live
- * snapshot with a larger epoch still shares the page's current content with
- * the region, so the page's mapcount is one (the region) plus the number of
- * such snapshots.  A write fault copies if and only if that count is above
- * one, publishes the copy to exactly those snapshots, and clears the
- * protection; the writer keeps its physical page.
+ * A write fault copies if and only if a snapshot still shares the page
+ * (the rule and its steps live in cow.c), publishes the copy to exactly
+ * those snapshots, and clears the protection; the writer keeps its
+ * physical page.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -20,7 +17,7 @@
 #include <sys/sysinfo.h>
 #include <unistd.h>
 
-#include "cowmm_i.h"
+#include "cow.h"
 #include "uffd.h"
 
 #define RESIDENT_BATCH 4096 /* pages per mincore() call */
@@ -318,96 +315,6 @@ int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec)
 	return 0;
 }
 
-/* Mark broken every live snapshot that still needed page @pg of @r. */
-void cowmm__break_needers(cowmm_region_t *r, size_t pg, const char *why)
-{
-	struct cowmm_snap *s;
-
-	for (s = r->snaps; s && s->epoch > r->wgen[pg]; s = s->next)
-		if (cowmm__snap_needs(s, pg))
-			cowmm__snap_break(s, why);
-}
-
-bool cowmm__page_is_zero(const void *p)
-{
-	const uint64_t *w = p;
-	size_t i;
-
-	for (i = 0; i < COWMM_PAGE_SIZE / sizeof(*w); i++)
-		if (w[i])
-			return false;
-	return true;
-}
-
-/*
- * Hand frame @f, the old bytes of page @pg, to every live snapshot that
- * still shares the page, and drop the allocation's reference.
- */
-static void publish_locked(cowmm_region_t *r, size_t pg, struct cowmm_frame *f)
-{
-	uint32_t w = r->wgen[pg];
-	struct cowmm_snap *s;
-
-	for (s = r->snaps; s && s->epoch > w; s = s->next) {
-		if (!cowmm__snap_needs(s, pg))
-			continue;
-		cowmm__frame_get(f);
-		if (cowmm__fmap_set(&s->frames, pg, f)) {
-			cowmm__frame_put(f);
-			cowmm__snap_break(s, "out of memory for a frame map");
-		}
-	}
-	cowmm__frame_put(f); /* the allocation's reference */
-}
-
-/*
- * Preserve page @pg for every live snapshot that still shares it with the
- * region, copying it once into a frame they all hold (@zero: the page is
- * known never populated, so nothing is read or held).  Counts one in
- * @counter when a copy was made.  Does not change wgen or protection.
- * Call with r->lock held.
- *
- * Returns 1 when the page was preserved, 0 when no snapshot needed it,
- * -ENOMEM when it could not be (the snapshots that needed it are broken).
- */
-int cowmm__preserve_locked(cowmm_region_t *r, size_t pg, bool zero,
-			   atomic_uint_fast64_t *counter)
-{
-	struct cowmm_frame *f = &cowmm__zero_frame;
-
-	if (!cowmm__shared_locked(r, pg))
-		return 0;
-	if (!zero) {
-		f = cowmm__frame_alloc(&r->mm->pool);
-		if (!f) {
-			cowmm__break_needers(r, pg,
-					     "out of memory for a frame");
-			return -ENOMEM;
-		}
-		int err = cowmm__region_read_page(r, pg, cowmm__frame_data(f),
-						  false);
-
-		if (err == -EAGAIN) {
-			cowmm__frame_free_now(f);
-			return err;
-		}
-		if (err) {
-			cowmm__frame_free_now(f);
-			cowmm__break_needers(r, pg, "source lost");
-			return -EIO;
-		}
-		if (cowmm__page_is_zero(cowmm__frame_data(f))) {
-			cowmm__frame_free_now(f); /* never published */
-			f = &cowmm__zero_frame;
-		} else {
-			cowmm__count(r->mm, bytes_preserved, COWMM_PAGE_SIZE);
-		}
-	}
-	publish_locked(r, pg, f);
-	atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
-	return 1;
-}
-
 /*
  * Copy a page a snapshot still shares, which is write-protected: present,
  * or never populated (a uffd-wp marker, zero without being touched when
@@ -437,13 +344,13 @@ static int live_copy(cowmm_region_t *r, uintptr_t addr, void *dst)
 /*
  * A REMOVE event read but not handled yet, as the fault path may see it:
  * workers read events and faults in order under read_lock already, so the
- * count is enough; a thread resolving its own fault (in-thread mode) goes
- * through that lock first.
+ * count is enough; any other thread (one resolving its own fault in
+ * in-thread mode, a snapshot reader) goes through that lock first.
  */
 static bool discard_pending(cowmm_t *mm)
 {
-	return cowmm__in_sigbus ? cowmm__discards_pending(mm)
-				: atomic_load(&mm->removes_pending) != 0;
+	return cowmm__in_worker ? atomic_load(&mm->removes_pending) != 0
+				: cowmm__discards_pending(mm);
 }
 
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
@@ -493,7 +400,8 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
  * zero.  @probe: a page never populated reads as zero without being
  * populated (one mincore() call); the fault path, whose writer is about to
  * populate the page anyway, does not ask.  Call with r->lock held.
- * Returns 0, or -EIO when a broken origin cannot supply it.
+ * Returns 0, -EIO when a broken origin cannot supply it, or -EAGAIN while
+ * a discard is read but not handled (or, in a worker, a lock is busy).
  */
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe)
@@ -508,12 +416,25 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 	if (r->origin && !cowmm__test_bit(r->present, pg))
 		return cowmm__snap_page(r->origin, pg, dst);
 	if (r->present) {
-		/* A clone's page that is not there was discarded. */
-		if (!cowmm__resident(addr, 1, &vec) && !vec) {
-			memset(dst, 0, COWMM_PAGE_SIZE);
+		/*
+		 * Materialised.  A discard read but not handled: what is
+		 * there may be the zeroed refill, which the discard's handler
+		 * must see first (it breaks the snapshots that shared it).
+		 */
+		if (discard_pending(r->mm))
+			return -EAGAIN;
+		if (!cowmm__live_read(addr, dst, COWMM_PAGE_SIZE))
 			return 0;
-		}
-		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
+		/*
+		 * Not there, and the read did not wait for it (see
+		 * cowmm__live_read()): discarded, so zero; unless the range
+		 * is no longer mapped at all (mincore() fails), an unmap whose
+		 * event is still to come.
+		 */
+		if (mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
+			return -EIO;
+		memset(dst, 0, COWMM_PAGE_SIZE);
+		return 0;
 	}
 	return read_verified(r, addr, dst, probe);
 }
@@ -641,10 +562,11 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 				cowmm__count(mm, bytes_preserved,
 					     COWMM_PAGE_SIZE);
 			}
-			publish_locked(r, pg, f[j]);
+			cowmm__cow_claim_frame_locked(r, pg, f[j]);
 			cowmm__count(mm, ahead_copies, 1);
+		} else {
+			cowmm__cow_claim_unshared(r, pg);
 		}
-		r->wgen[pg] = r->epoch;
 	}
 	return k;
 }
@@ -733,8 +655,9 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 			cowmm__count(mm, throttled, 1);
 			return -ENOSPC;
 		}
-		ret = cowmm__preserve_locked(r, pg, false, &mm->cnt.copies);
-		if (ret == -EAGAIN) { /* a clone's origin is busy */
+		ret = cowmm__cow_claim_locked(r, pg, COWMM_COW_READ,
+					      &mm->cnt.copies);
+		if (ret == -EAGAIN) { /* a discard pending, an origin busy */
 			pthread_mutex_unlock(&r->lock);
 			return ret;
 		}
@@ -744,7 +667,6 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 			cowmm__count(mm, reuses, 1);
 	}
 	cowmm__count(mm, wp_faults, 1);
-	r->wgen[pg] = r->epoch;
 	first = huge_block(r, pg);
 	if (first != SIZE_MAX) {
 		end = first + HPAGE_PAGES;
@@ -764,6 +686,17 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	r->fa_win = win;
 	ret = cowmm__uffd_wp(mm->uffd, r->base + (first << COWMM_PAGE_SHIFT),
 			     (end - first) << COWMM_PAGE_SHIFT, false, wake);
+	if (ret && ret != -EAGAIN && end - first > 1) {
+		/*
+		 * The window met a range the kernel no longer has registered
+		 * (unmapped and mapped again, its UNMAP event not handled
+		 * yet): the pages ahead stay protected and fault on their
+		 * own; the page written is unprotected alone.
+		 */
+		r->fa_win = 0;
+		ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false,
+				     wake);
+	}
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN) /* retried later: the page is no longer needed */
 		return ret;
@@ -777,8 +710,9 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 
 /*
  * Resolve a missing fault at @addr: a clone's page read for the first time
- * (from its origin), or a view's page (from its snapshot).  A page of
- * either that was materialised and then discarded reads as zero.  Returns
+ * (from its origin), or a view's page (from its snapshot).  A clone's page
+ * that was materialised (or discarded before that) and then discarded
+ * reads as zero; a view's always reads as its snapshot.  Returns
  * as cowmm__region_fault_wp() does.
  */
 int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
@@ -798,8 +732,17 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 	cowmm__count(r->mm, missing_faults, 1);
+	if (r->origin && r->present && !cowmm__test_bit(r->present, pg) &&
+	    discard_pending(r->mm)) {
+		/* Perhaps this very page: its discard decides first. */
+		pthread_mutex_unlock(&r->lock);
+		return -EAGAIN;
+	}
 	if (r->lazy)
 		ret = cowmm__lazy_fault_locked(r, pg, wake);
+	else if (r->view_of)
+		/* A view shows its snapshot, also where it was discarded. */
+		ret = cowmm__view_fill(r, pg, wake);
 	else if (cowmm__test_bit(r->present, pg))
 		/* Discarded after it was filled: zero, protected if shared. */
 		ret = cowmm__shared_locked(r, pg)
@@ -809,12 +752,12 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 						 COWMM_PAGE_SIZE, true, wake)
 			      : cowmm__uffd_zeropage(r->mm->uffd, addr,
 						     COWMM_PAGE_SIZE, wake);
-	else if (r->origin)
-		ret = cowmm__clone_fill(r, pg, wake);
 	else
-		ret = cowmm__view_fill(r, pg, wake);
+		ret = cowmm__clone_fill(r, pg, wake);
 	if ((!ret || ret == -EEXIST) && r->present)
 		cowmm__set_bit(r->present, pg);
+	if (ret == -EHWPOISON)
+		ret = 0; /* resolved with SIGBUS to come; still the origin's */
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN)
 		return ret;
@@ -872,8 +815,10 @@ static int detach_snapshots(cowmm_region_t *r)
 				    (!r->origin ||
 				     cowmm__test_bit(r->present, pg + i));
 
-			err = cowmm__preserve_locked(r, pg + i, zero,
-						     &r->mm->cnt.detach_copies);
+			err = cowmm__cow_claim(r, pg + i,
+					       zero ? COWMM_COW_ZERO
+						    : COWMM_COW_READ,
+					       &r->mm->cnt.detach_copies);
 			if (err < 0)
 				ret = err;
 		}

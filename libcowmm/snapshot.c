@@ -15,7 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "cowmm_i.h"
+#include "cow.h"
 #include "uffd.h"
 
 #define READ_BATCH 512 /* pages whose residency one mincore() call asks */
@@ -44,7 +44,8 @@ void cowmm__snap_break(cowmm_snap_t *s, const char *why)
 /*
  * A write-pinned page changes without faults: the new snapshot gets its copy
  * now, as the kernel copies pinned pages at fork().  Faults on it later find
- * nothing to preserve.  Call with r->lock held, the snapshot linked.
+ * nothing to preserve.  Call with r->lock held, the snapshot linked; the
+ * lock is dropped while a pending discard is waited for (cow.c).
  */
 static int copy_write_pinned(cowmm_region_t *r)
 {
@@ -54,12 +55,10 @@ static int copy_write_pinned(cowmm_region_t *r)
 	if (!r->pins.wpages)
 		return 0;
 	for (pg = cowmm__pins_next_write(&r->pins, 0); pg < r->npages;
-	     pg = cowmm__pins_next_write(&r->pins, pg + 1)) {
-		if (cowmm__preserve_locked(r, pg, false,
-					   &r->mm->cnt.pin_copies) < 0)
+	     pg = cowmm__pins_next_write(&r->pins, pg + 1))
+		if (cowmm__cow_claim(r, pg, COWMM_COW_READ,
+				     &r->mm->cnt.pin_copies) < 0)
 			ret = -ENOMEM;
-		r->wgen[pg] = r->epoch;
-	}
 	return ret;
 }
 
@@ -158,7 +157,7 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
  * was taken of: the slow path that never touches memory faulting into the
  * library.  Call with no lock of an ancestor of that region held.
  * Returns 0, -EIO when the content is lost (a broken snapshot), or
- * -EAGAIN in a worker when the region's lock is busy.
+ * -EAGAIN while a discard is pending, or in a worker when a lock is busy.
  */
 int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst)
 {
@@ -181,10 +180,10 @@ int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst)
 	f = cowmm__fmap_get(&s->frames, pg);
 	if (f == &cowmm__zero_frame || cowmm__frame_real(f))
 		memcpy(dst, cowmm__frame_data(f), COWMM_PAGE_SIZE);
-	else if (!f && r)
+	else if (!f && r && s->epoch > r->wgen[pg])
 		ret = cowmm__region_read_page(r, pg, dst, true);
 	else
-		ret = -EIO;
+		ret = -EIO; /* changed without a frame for @s: lost */
 	if (r)
 		pthread_mutex_unlock(&r->lock);
 	urcu_bp_read_unlock();
@@ -229,14 +228,26 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
 static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 		     uint64_t e, bool swap, char *dst)
 {
-	struct cowmm_frame *f = cowmm__fmap_get(&s->frames, pg);
+	/*
+	 * The region first, then the frame slot: a release publishes every
+	 * frame before it detaches (release order), so a snapshot found
+	 * detached has all it will ever have.
+	 */
 	cowmm_region_t *r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
+	struct cowmm_frame *f = cowmm__fmap_get(&s->frames, pg);
 
 	if (!f && r && r->origin && !(e & PM_PRESENT)) {
 		/* A clone's page may still be its origin's. */
 		unsigned char page[COWMM_PAGE_SIZE];
-		int ret = cowmm__snap_page(s, pg, page);
+		int ret;
 
+		while ((ret = cowmm__snap_page(s, pg, page)) == -EAGAIN) {
+			/* A discard pending: let it be handled first. */
+			urcu_bp_read_unlock();
+			cowmm__wait_discards(s->mm);
+			usleep(100);
+			urcu_bp_read_lock();
+		}
 		memcpy(dst, page + in, n);
 		return ret;
 	}
@@ -383,9 +394,8 @@ static void drain_batch(cowmm_region_t *r, size_t first, size_t n)
 	for (i = 0; i <= n; i++) {
 		size_t pg = first + i;
 
-		if (i < n && !cowmm__shared_locked(r, pg) &&
-		    !(r->holes && cowmm__test_bit(r->holes, pg))) {
-			r->wgen[pg] = r->epoch;
+		if (i < n && !(r->holes && cowmm__test_bit(r->holes, pg)) &&
+		    cowmm__cow_claim_unshared(r, pg)) {
 			run++;
 			continue;
 		}
@@ -599,8 +609,8 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 		f = cowmm__fmap_get(&s->frames, pg);
 		if (!f)
 			continue;
-		cowmm__preserve_locked(r, pg, false, &mm->cnt.copies);
-		r->wgen[pg] = r->epoch;
+		/* Newer snapshots first; the lock may be dropped meanwhile. */
+		cowmm__cow_claim(r, pg, COWMM_COW_READ, &mm->cnt.copies);
 		if (r->present && mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 			vec = 1;
 		if (r->present && !(vec & 1)) {

@@ -382,7 +382,7 @@ static void *ahead_discarder(void *arg)
 START_TEST(test_fault_around_discard)
 {
 	const size_t npages = 1024;
-	cowmm_t *mm = t_open(2);
+	cowmm_t *mm = t_open_fa(2, COWMM_FAULT_AROUND_SEQUENTIAL);
 	int round, kept = 0, broken = 0;
 	uint64_t ahead = 0;
 

@@ -298,6 +298,7 @@ START_TEST(test_inthread_fault_around)
 	size_t pg;
 
 	cfg.flags = COWMM_OPEN_IN_THREAD;
+	cfg.fault_around = COWMM_FAULT_AROUND_SEQUENTIAL;
 	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
 	p = filled_region(mm, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);

@@ -444,7 +444,7 @@ END_TEST
 START_TEST(test_fault_around)
 {
 	const size_t npages = 2048, filled = 1984;
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, COWMM_FAULT_AROUND_SEQUENTIAL);
 	struct cowmm_stats st0, st;
 	unsigned char *p, buf[T_PAGE], want[T_PAGE];
 	uint64_t *pfn = calloc(npages, sizeof(*pfn));
@@ -550,7 +550,7 @@ END_TEST
 START_TEST(test_pfn_anchor)
 {
 	const size_t npages = 256;
-	cowmm_t *mm = t_open(0);
+	cowmm_t *mm = t_open_fa(0, COWMM_FAULT_AROUND_SEQUENTIAL);
 	struct cowmm_stats st;
 	uint64_t pfn[256];
 	cowmm_region_t *r;
