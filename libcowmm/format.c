@@ -405,15 +405,16 @@ static int load_pass(int fd, cowmm_region_t *r, uint64_t npages,
 		if ((off_t)n * (off_t)COWMM_PAGE_SIZE >
 		    size - (off_t)sizeof(t) - off - (off_t)sizeof(c))
 			return bad_file("chunk %" PRIu64 " at offset %jd: %u "
-					"pages stored, past the end (%jd bytes)",
+					"pages, past the end (%jd bytes)",
 					nchunks, (intmax_t)off, n,
 					(intmax_t)size);
 		/* first < npages, i < 512: no wrap. */
 		for (i = 0; i < CHUNK_PAGES; i++)
 			if ((c.bitmap[i / 8] >> (i % 8) & 1) &&
 			    first + i >= npages)
-				return bad_file("chunk %" PRIu64 ": page %" PRIu64
-						" stored, the region has %" PRIu64,
+				return bad_file("chunk %" PRIu64 ": page %"
+						PRIu64 " stored, the region "
+						"has %" PRIu64,
 						nchunks, first + i, npages);
 		ret = cowmm__read_at(fd, buf, (size_t)n * COWMM_PAGE_SIZE,
 				     off + sizeof(c));

@@ -715,8 +715,9 @@ static void crafted_npages(unsigned flags)
 		close(fd);
 		guarded_changes(&g, &out, &in);
 		ck_assert_msg(!sig && ret == -EBADMSG && !out && !in,
-			      "%s load, chunk at %" PRIu64 " (%u pages): %s %d, "
-			      "%zu bytes changed around the region, %zu in it",
+			      "%s load, chunk at %" PRIu64 " (%u pages): %s "
+			      "%d, %zu bytes changed around the region, %zu "
+			      "in it",
 			      flags ? "lazy" : "eager", cases[i].first,
 			      cases[i].n, sig ? "signal" : "returned",
 			      sig ? sig : ret, out, in);
@@ -732,7 +733,8 @@ static void crafted_npages(unsigned flags)
 		int fd = crafted_file(G_PAGES, G_PAGES * T_PAGE, 0, 2);
 
 		ck_assert_int_eq(cowmm_region_load(g.r, fd, flags), 0);
-		ck_assert_int_eq(g.base[T_PAGE + 5], 0xc5); /* lazily: a fault */
+		/* Lazily, this read is a missing fault. */
+		ck_assert_int_eq(g.base[T_PAGE + 5], 0xc5);
 		ck_assert_int_eq(g.base[2 * T_PAGE + 5], 0);
 		ck_assert_int_eq(g.base[-1], G_GUARD);
 		ck_assert_int_eq(g.base[G_PAGES * T_PAGE], G_GUARD);
