@@ -18,7 +18,10 @@
  */
 #include <endian.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -300,6 +303,20 @@ int cowmm__read_at(int fd, void *buf, size_t n, off_t off)
 	return 0;
 }
 
+/* A file the reader refuses: log what failed, with its value; -EBADMSG. */
+__attribute__((format(printf, 1, 2)))
+static int bad_file(const char *fmt, ...)
+{
+	char msg[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	cowmm__log(COWMM_LOG_WARNING, "snapshot file refused: %s", msg);
+	return -EBADMSG;
+}
+
 static unsigned popcount_bitmap(const uint8_t *b)
 {
 	unsigned i, n = 0;
@@ -329,47 +346,86 @@ static void load_zero(cowmm_region_t *r, size_t pg)
  * Walk the file; with @r NULL only check it (and with @index, note where
  * each stored page lies), else write each chunk's pages into @r (and zero
  * the pages the file does not store).
+ *
+ * @npages bounds every page number the file may name: the region's page
+ * count, which is also the length of @index.  The header's own count was
+ * checked equal to it before; nothing below trusts the file for a bound.
+ * Offsets stay below @size (the file's, from fstat()) and page numbers
+ * below @npages, so no sum below can wrap: @npages * 4096 is the region's
+ * length, and each chunk is checked to lie inside the file before it is
+ * read.
  */
-static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
+static int load_pass(int fd, cowmm_region_t *r, uint64_t npages,
 		     unsigned char *buf, off_t size, uint64_t *index)
 {
-	uint64_t npages = le64toh(h->npages), nchunks = 0, stored = 0;
-	uint64_t next_first = 0;
+	uint64_t nchunks = 0, stored = 0, next_first = 0, pg;
 	uint32_t chunks_crc = 0;
-	off_t off = sizeof(*h);
+	off_t off = sizeof(struct file_header);
 	struct file_trailer t;
 	int ret;
 
-	while (off + (off_t)sizeof(t) < size) {
+	if (size < (off_t)(sizeof(struct file_header) + sizeof(t)))
+		return bad_file("%jd bytes, shorter than header and trailer",
+				(intmax_t)size);
+	while (off < size - (off_t)sizeof(t)) {
 		struct chunk_header c;
 		uint64_t first;
 		unsigned n, i, k = 0;
 		uint32_t crc;
 
+		if (size - (off_t)sizeof(t) - off < (off_t)sizeof(c))
+			return bad_file("%jd bytes at offset %jd: no room for "
+					"a chunk header and the trailer",
+					(intmax_t)(size - off), (intmax_t)off);
 		ret = cowmm__read_at(fd, &c, sizeof(c), off);
 		if (ret)
 			return ret;
 		first = le64toh(c.first_page);
 		n = le32toh(c.stored);
-		if (le32toh(c.magic) != CHUNK_MAGIC ||
-		    le32toh(c.index) != nchunks || first % CHUNK_PAGES ||
-		    first < next_first || first >= npages || n == 0 ||
-		    n > CHUNK_PAGES || popcount_bitmap(c.bitmap) != n ||
-		    off + (off_t)sizeof(c) + (off_t)n * (off_t)COWMM_PAGE_SIZE >
-			    size - (off_t)sizeof(t))
-			return -EBADMSG;
+		if (le32toh(c.magic) != CHUNK_MAGIC)
+			return bad_file("chunk %" PRIu64 " at offset %jd: "
+					"magic %#x",
+					nchunks, (intmax_t)off,
+					le32toh(c.magic));
+		if (le32toh(c.index) != nchunks)
+			return bad_file("chunk %" PRIu64 ": index %u",
+					nchunks, le32toh(c.index));
+		if (first % CHUNK_PAGES || first < next_first ||
+		    first >= npages)
+			return bad_file("chunk %" PRIu64 ": first page %" PRIu64
+					" (next free %" PRIu64 ", %" PRIu64
+					" pages, %u per chunk)",
+					nchunks, first, next_first, npages,
+					CHUNK_PAGES);
+		if (n == 0 || n > CHUNK_PAGES || popcount_bitmap(c.bitmap) != n)
+			return bad_file("chunk %" PRIu64 ": %u pages stored, "
+					"%u in its bitmap",
+					nchunks, n, popcount_bitmap(c.bitmap));
+		/* n <= CHUNK_PAGES: the product is at most 2 MiB. */
+		if ((off_t)n * (off_t)COWMM_PAGE_SIZE >
+		    size - (off_t)sizeof(t) - off - (off_t)sizeof(c))
+			return bad_file("chunk %" PRIu64 " at offset %jd: %u "
+					"pages, past the end (%jd bytes)",
+					nchunks, (intmax_t)off, n,
+					(intmax_t)size);
+		/* first < npages, i < 512: no wrap. */
 		for (i = 0; i < CHUNK_PAGES; i++)
 			if ((c.bitmap[i / 8] >> (i % 8) & 1) &&
 			    first + i >= npages)
-				return -EBADMSG;
+				return bad_file("chunk %" PRIu64 ": page %"
+						PRIu64 " stored, the region "
+						"has %" PRIu64,
+						nchunks, first + i, npages);
 		ret = cowmm__read_at(fd, buf, (size_t)n * COWMM_PAGE_SIZE,
-			      off + sizeof(c));
+				     off + sizeof(c));
 		if (ret)
 			return ret;
 		crc = crc32c(crc32c(0, c.bitmap, BITMAP_BYTES), buf,
 			     (size_t)n * COWMM_PAGE_SIZE);
 		if (crc != le32toh(c.crc))
-			return -EBADMSG;
+			return bad_file("chunk %" PRIu64 ": CRC32C %#x, "
+					"stored %#x",
+					nchunks, crc, le32toh(c.crc));
 		chunks_crc = crc32c(chunks_crc, &c.crc, sizeof(c.crc));
 		for (i = 0; index && i < CHUNK_PAGES; i++)
 			if (c.bitmap[i / 8] >> (i % 8) & 1)
@@ -378,8 +434,8 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 					(uint64_t)k++ * COWMM_PAGE_SIZE;
 		if (r) {
 			/* Zero what lies between the stored chunks. */
-			for (i = next_first; i < first; i++)
-				load_zero(r, i);
+			for (pg = next_first; pg < first; pg++)
+				load_zero(r, pg);
 			for (i = 0; i < CHUNK_PAGES && first + i < npages; i++)
 				if (c.bitmap[i / 8] >> (i % 8) & 1)
 					memcpy((char *)r->base +
@@ -396,16 +452,25 @@ static int load_pass(int fd, cowmm_region_t *r, const struct file_header *h,
 		stored += n;
 		nchunks++;
 	}
-	if (off + (off_t)sizeof(t) != size)
-		return -EBADMSG;
+	if (off != size - (off_t)sizeof(t))
+		return bad_file("%jd bytes: the last chunk ends at %jd, "
+				"the trailer does not follow it",
+				(intmax_t)size, (intmax_t)off);
 	ret = cowmm__read_at(fd, &t, sizeof(t), off);
 	if (ret)
 		return ret;
 	if (memcmp(t.magic, END_MAGIC, 8) != 0 ||
-	    le32toh(t.crc) != crc32c(0, &t, offsetof(struct file_trailer, crc)) ||
-	    le64toh(t.nchunks) != nchunks || le64toh(t.stored) != stored ||
+	    le32toh(t.crc) != crc32c(0, &t, offsetof(struct file_trailer, crc)))
+		return bad_file("trailer at offset %jd: bad magic or CRC32C",
+				(intmax_t)off);
+	if (le64toh(t.nchunks) != nchunks || le64toh(t.stored) != stored ||
 	    le32toh(t.chunks_crc) != chunks_crc)
-		return -EBADMSG;
+		return bad_file("trailer: %" PRIu64 " chunks, %" PRIu64
+				" pages, chunk CRCs %#x; the file has %" PRIu64
+				", %" PRIu64 ", %#x",
+				le64toh(t.nchunks), le64toh(t.stored),
+				le32toh(t.chunks_crc), nchunks, stored,
+				chunks_crc);
 	if (r)
 		for (; next_first < npages; next_first++)
 			load_zero(r, next_first);
@@ -417,6 +482,7 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	struct file_header h;
 	unsigned char *buf;
 	struct stat st;
+	uint32_t hcrc;
 	int ret = cowmm__check_region(r);
 
 	if (ret)
@@ -428,19 +494,48 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	if (!S_ISREG(st.st_mode))
 		return -ESPIPE; /* checked whole before anything is written */
 	ret = cowmm__read_at(fd, &h, sizeof(h), 0);
+	if (ret == -EBADMSG)
+		return bad_file("%jd bytes, shorter than its header",
+				(intmax_t)st.st_size);
 	if (ret)
 		return ret;
-	if (memcmp(h.magic, FILE_MAGIC, 8) != 0 ||
-	    le32toh(h.crc) != crc32c(0, &h, offsetof(struct file_header, crc)))
-		return -EBADMSG;
-	if (le32toh(h.version) != FILE_VERSION)
+	if (memcmp(h.magic, FILE_MAGIC, 8) != 0)
+		return bad_file("no \"%s\" magic", FILE_MAGIC);
+	hcrc = crc32c(0, &h, offsetof(struct file_header, crc));
+	if (le32toh(h.crc) != hcrc)
+		return bad_file("header CRC32C %#x, stored %#x", hcrc,
+				le32toh(h.crc));
+	if (le32toh(h.version) != FILE_VERSION) {
+		cowmm__log(COWMM_LOG_WARNING,
+			   "snapshot file refused: version %u, this library "
+			   "reads %u",
+			   le32toh(h.version), FILE_VERSION);
 		return -EPROTONOSUPPORT;
+	}
 	if (le32toh(h.page_size) != COWMM_PAGE_SIZE ||
-	    le32toh(h.chunk_pages) != CHUNK_PAGES || h.flags ||
-	    le64toh(h.npages) * COWMM_PAGE_SIZE != le64toh(h.region_size))
-		return -EBADMSG;
-	if (le64toh(h.region_size) != r->len)
+	    le32toh(h.chunk_pages) != CHUNK_PAGES || h.flags)
+		return bad_file("page size %u, %u pages per chunk, flags %#x",
+				le32toh(h.page_size), le32toh(h.chunk_pages),
+				le32toh(h.flags));
+	/*
+	 * Divide, never multiply: npages * 4096 wraps in 64 bits, and a
+	 * page count of 2^52 + k passed for a k-page region.
+	 */
+	if (le64toh(h.region_size) % COWMM_PAGE_SIZE ||
+	    le64toh(h.npages) != le64toh(h.region_size) / COWMM_PAGE_SIZE)
+		return bad_file("%" PRIu64 " pages for a region of %" PRIu64
+				" bytes",
+				le64toh(h.npages), le64toh(h.region_size));
+	if (le64toh(h.region_size) != r->len) {
+		cowmm__log(COWMM_LOG_WARNING,
+			   "snapshot file refused: for a region of %" PRIu64
+			   " bytes, this one has %zu",
+			   le64toh(h.region_size), r->len);
 		return le64toh(h.region_size) > r->len ? -EFBIG : -EINVAL;
+	}
+	if (le64toh(h.npages) != r->npages) /* both from r->len: never */
+		return bad_file("%" PRIu64 " pages for a region of %zu",
+				le64toh(h.npages), r->npages);
 
 	buf = aligned_alloc(COWMM_PAGE_SIZE, CHUNK_PAGES * COWMM_PAGE_SIZE);
 	if (!buf)
@@ -448,7 +543,8 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	if (flags & COWMM_LOAD_LAZY) {
 		uint64_t *index = calloc(r->npages, sizeof(*index));
 
-		ret = index ? load_pass(fd, NULL, &h, buf, st.st_size, index)
+		ret = index ? load_pass(fd, NULL, r->npages, buf, st.st_size,
+					    index)
 			    : -ENOMEM;
 		free(buf);
 		if (ret) {
@@ -457,7 +553,7 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 		}
 		return cowmm__lazy_start(r, fd, index); /* takes @index */
 	}
-	ret = load_pass(fd, NULL, &h, buf, st.st_size, NULL);
+	ret = load_pass(fd, NULL, r->npages, buf, st.st_size, NULL);
 	if (!ret && r->lazy) {
 		/* A lazy load under way: its pages first, then these over. */
 		pthread_mutex_lock(&r->lock);
@@ -465,7 +561,7 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 		pthread_mutex_unlock(&r->lock);
 	}
 	if (!ret)
-		ret = load_pass(fd, r, &h, buf, st.st_size, NULL);
+		ret = load_pass(fd, r, r->npages, buf, st.st_size, NULL);
 	free(buf);
 	return ret;
 }

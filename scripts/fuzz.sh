@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 #
-# Fuzz the snapshot file reader with libFuzzer for SECONDS (default 60):
-# a clang build with ASan and UBSan in build-fuzz/, seeded from
-# tests/fuzz/corpus.  New inputs go to build-fuzz/corpus, crashes to
+# Fuzz the snapshot file reader, eager and lazy loads, with libFuzzer for
+# SECONDS (default 60): a clang build with ASan and UBSan in build-fuzz/,
+# seeded from tests/fuzz/corpus, with the custom mutator of
+# tests/fuzz/mutator.c (it keeps the CRCs right).  One job; run it under
+# nice on a shared machine.  New inputs go to build-fuzz/corpus, crashes to
 # build-fuzz/crash-*; add a minimised crash to tests/fuzz/corpus (and to
 # the list in tests/meson.build) once it is fixed.
 set -euo pipefail

@@ -3,10 +3,14 @@
  * The snapshot file format: a round trip while writers run, sparseness,
  * and every kind of bad file refused with the target region untouched.
  */
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
@@ -535,6 +539,222 @@ START_TEST(test_bad_args)
 }
 END_TEST
 
+/* ------------------------------------------------------------------------ */
+/* Crafted files: valid checksums, fields that lie */
+
+/* CRC32C bit by bit: the format's checksum, computed apart from the library. */
+static uint32_t t_crc32c(uint32_t crc, const void *buf, size_t n)
+{
+	const unsigned char *p = buf;
+
+	crc = ~crc;
+	while (n--) {
+		crc ^= *p++;
+		for (int b = 0; b < 8; b++)
+			crc = crc & 1 ? (crc >> 1) ^ 0x82f63b78u : crc >> 1;
+	}
+	return ~crc;
+}
+
+static void put32(unsigned char *p, uint32_t v)
+{
+	v = htole32(v);
+	memcpy(p, &v, 4);
+}
+
+static void put64(unsigned char *p, uint64_t v)
+{
+	v = htole64(v);
+	memcpy(p, &v, 8);
+}
+
+/*
+ * A snapshot file whose every checksum and count matches, whatever its
+ * header claims: @npages and @region_size as given, then (if @n) one chunk
+ * at page @first storing its first @n pages, each all 0xc5, then the
+ * trailer.  Returns its fd.
+ */
+static int crafted_file(uint64_t npages, uint64_t region_size, uint64_t first,
+			unsigned n)
+{
+	size_t len = 64 + (n ? 88 + n * T_PAGE : 0) + 32;
+	unsigned char *f = calloc(1, len), *c = f + 64, *t = f + len - 32;
+	uint32_t crc = 0, chunks_crc = 0;
+	int fd = tmpfile_fd();
+
+	memcpy(f, "COWMMSNP", 8);
+	put32(f + 8, 1);
+	put32(f + 12, T_PAGE);
+	put64(f + 16, region_size);
+	put64(f + 24, npages);
+	put32(f + 32, 512);
+	put32(f + 60, t_crc32c(0, f, 60));
+	if (n) {
+		put32(c, 0x4b4e4843); /* "CHNK" */
+		put32(c + 4, 0);
+		put64(c + 8, first);
+		put32(c + 16, n);
+		for (unsigned i = 0; i < n; i++)
+			c[24 + i / 8] |= 1u << (i % 8);
+		memset(c + 88, 0xc5, n * T_PAGE);
+		crc = t_crc32c(0, c + 24, 64 + n * T_PAGE);
+		put32(c + 20, crc);
+		chunks_crc = t_crc32c(0, c + 20, 4);
+	}
+	memcpy(t, "COWMMEND", 8);
+	put64(t + 8, n ? 1 : 0);
+	put64(t + 16, n);
+	put32(t + 24, chunks_crc);
+	put32(t + 28, t_crc32c(0, t, 28));
+	ck_assert_int_eq(write(fd, f, len), (ssize_t)len);
+	free(f);
+	return fd;
+}
+
+/*
+ * An 8-page region adopted in the middle of a larger mapping: 16 guard
+ * pages before it, 1024 after (a chunk at page 512 of the region lands
+ * there), then one resident PROT_NONE page that stops a runaway loader
+ * with SIGSEGV before it reaches memory the test does not own.
+ */
+#define G_BEFORE 16
+#define G_PAGES 8
+#define G_AFTER 1024
+#define G_MAP (G_BEFORE + G_PAGES + G_AFTER + 1)
+#define G_GUARD 0xa5
+#define G_OLD 0x3c
+
+struct guarded {
+	unsigned char *map, *base;
+	cowmm_region_t *r;
+};
+
+static void guarded_setup(cowmm_t *mm, struct guarded *g)
+{
+	g->map = mmap(NULL, G_MAP * T_PAGE, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ck_assert(g->map != MAP_FAILED);
+	ck_assert_int_eq(madvise(g->map, G_MAP * T_PAGE, MADV_NOHUGEPAGE), 0);
+	memset(g->map, G_GUARD, G_MAP * T_PAGE);
+	ck_assert_int_eq(mprotect(g->map + (G_MAP - 1) * T_PAGE, T_PAGE,
+				  PROT_NONE),
+			 0);
+	g->base = g->map + G_BEFORE * T_PAGE;
+	memset(g->base, G_OLD, G_PAGES * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(mm, g->base, G_PAGES * T_PAGE, 0,
+					    &g->r),
+			 0);
+}
+
+/* Bytes changed outside the region (guards) and inside it. */
+static void guarded_changes(const struct guarded *g, size_t *out, size_t *in)
+{
+	size_t i;
+
+	*out = *in = 0;
+	for (i = 0; i < (G_MAP - 1) * T_PAGE; i++) {
+		bool inside = i >= G_BEFORE * T_PAGE &&
+			      i < (G_BEFORE + G_PAGES) * T_PAGE;
+
+		if (inside)
+			*in += g->map[i] != G_OLD;
+		else
+			*out += g->map[i] != G_GUARD;
+	}
+}
+
+static sigjmp_buf runaway_jmp;
+
+static void on_runaway(int sig)
+{
+	siglongjmp(runaway_jmp, sig);
+}
+
+static char last_log[512];
+
+static void keep_log(enum cowmm_log_level level, const char *msg, void *data)
+{
+	(void)level;
+	(void)data;
+	snprintf(last_log, sizeof(last_log), "%s", msg);
+}
+
+/*
+ * npages = 2^52 + 8 wraps npages * 4096 to the 8-page region's size.  The
+ * chunk at page 512 (or none at all, or one at page 2^52, which wraps to
+ * page 0) must not take the loader out of the region, nor the lazy one
+ * out of its per-page index: refused with -EBADMSG, the region and every
+ * byte around it as they were.
+ */
+static void crafted_npages(unsigned flags)
+{
+	const uint64_t wrap = (1ULL << 52) + G_PAGES;
+	const struct {
+		uint64_t first;
+		unsigned n;
+	} cases[] = { { 512, 1 }, { 0, 0 }, { 1ULL << 52, 1 } };
+	struct sigaction sa = { .sa_handler = on_runaway }, old_segv, old_bus;
+	cowmm_t *mm = t_open(0);
+	struct guarded g;
+	size_t i, out, in;
+
+	guarded_setup(mm, &g);
+	cowmm_set_log(keep_log, NULL);
+	sigaction(SIGSEGV, &sa, &old_segv);
+	sigaction(SIGBUS, &sa, &old_bus);
+	for (i = 0; i < ARRAY_SIZE(cases); i++) {
+		int fd = crafted_file(wrap, G_PAGES * T_PAGE, cases[i].first,
+				      cases[i].n);
+		volatile int ret = 1;
+		int sig;
+
+		last_log[0] = '\0';
+		sig = sigsetjmp(runaway_jmp, 1);
+		if (!sig)
+			ret = cowmm_region_load(g.r, fd, flags);
+		close(fd);
+		guarded_changes(&g, &out, &in);
+		ck_assert_msg(!sig && ret == -EBADMSG && !out && !in,
+			      "%s load, chunk at %" PRIu64 " (%u pages): %s "
+			      "%d, %zu bytes changed around the region, %zu "
+			      "in it",
+			      flags ? "lazy" : "eager", cases[i].first,
+			      cases[i].n, sig ? "signal" : "returned",
+			      sig ? sig : ret, out, in);
+		ck_assert_msg(strstr(last_log, "4503599627370504"),
+			      "the log does not name the page count: \"%s\"",
+			      last_log);
+	}
+	sigaction(SIGSEGV, &old_segv, NULL);
+	sigaction(SIGBUS, &old_bus, NULL);
+	cowmm_set_log(NULL, NULL);
+	/* The region still works: a good file of its size loads. */
+	{
+		int fd = crafted_file(G_PAGES, G_PAGES * T_PAGE, 0, 2);
+
+		ck_assert_int_eq(cowmm_region_load(g.r, fd, flags), 0);
+		/* Lazily, this read is a missing fault. */
+		ck_assert_int_eq(g.base[T_PAGE + 5], 0xc5);
+		ck_assert_int_eq(g.base[2 * T_PAGE + 5], 0);
+		ck_assert_int_eq(g.base[-1], G_GUARD);
+		ck_assert_int_eq(g.base[G_PAGES * T_PAGE], G_GUARD);
+		close(fd);
+	}
+	cowmm_close(mm);
+}
+
+START_TEST(test_crafted_npages_eager)
+{
+	crafted_npages(0);
+}
+END_TEST
+
+START_TEST(test_crafted_npages_lazy)
+{
+	crafted_npages(COWMM_LOAD_LAZY);
+}
+END_TEST
+
 
 /* ------------------------------------------------------------------------ */
 /* Lazy loading */
@@ -820,6 +1040,10 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "bad-files", test_bad_files, T_WP_UNPOPULATED, 0, 120 },
 		{ "bad-args", test_bad_args, T_WP_UNPOPULATED },
+		{ "crafted-npages-eager", test_crafted_npages_eager,
+		  T_WP_UNPOPULATED },
+		{ "crafted-npages-lazy", test_crafted_npages_lazy,
+		  T_WP_UNPOPULATED | T_POISON },
 		{ "lazy", test_lazy, T_WP_UNPOPULATED | T_POISON },
 		{ "lazy-discard-then-snapshot", test_lazy_discard_then_snapshot,
 		  T_WP_UNPOPULATED | T_POISON },
