@@ -1178,13 +1178,13 @@ static void op_map(struct op *o, char *d)
 		return;
 	}
 	ret = cowmm_snap_map(s->s, &v);
+	if (ret == -EIO && s->may_break) {
+		DESC("map S%d: -EIO (may be broken)", s->id);
+		return;
+	}
 	if (mode.in_thread) {
 		expect_ret("cowmm_snap_map (in_thread)", ret, -EOPNOTSUPP);
 		DESC("map S%d: -EOPNOTSUPP (in_thread)", s->id);
-		return;
-	}
-	if (ret == -EIO && s->may_break) {
-		DESC("map S%d: -EIO (may be broken)", s->id);
 		return;
 	}
 	expect_ret("cowmm_snap_map", ret, 0);
@@ -1601,7 +1601,12 @@ static void op_stream(int opi, struct op *o, char *d)
 	expect_ret("cowmm_region_load", ret, 0);
 	close(fd); /* a lazy load keeps its own duplicate */
 	for (pg = 0; pg < npages; pg++) {
-		page_written(ri, pg);
+		/* A page that keeps its bytes may be left alone (and stay
+		 * shared with the region's snapshots); any other is
+		 * written through the normal write path. */
+		if (memcmp(page_of(R[ri].model, pg), page_of(fmodel, pg), PG) ||
+		    R[ri].amb[pg] || famb[pg])
+			page_written(ri, pg);
 		memcpy(page_of(R[ri].model, pg), page_of(fmodel, pg), PG);
 		R[ri].amb[pg] = famb[pg];
 		R[ri].lazy[pg] = l == 1;
