@@ -282,6 +282,8 @@ static int guarded_copy(void *dst, const void *src, size_t len)
 /* ------------------------------------------------------------------------ */
 /* Watchdog: a step that takes too long is a hang, reported with its seed */
 
+static size_t frame_budget(void);
+
 static void *watchdog(void *arg)
 {
 	(void)arg;
@@ -293,8 +295,22 @@ static void *watchdog(void *arg)
 		if (start && now_ns() - start > hang_seconds * 1e9) {
 			if (!quiet) {
 				report_head("hang");
+				struct cowmm_stats st;
+
 				printf("  op #%d did not finish in %.0f s\n",
 				       atomic_load(&cur_op), hang_seconds);
+				if (mm && !cowmm_stats(mm, &st, sizeof(st)))
+					printf("  stats: frames_live %llu "
+					       "snapshots_live %llu throttled "
+					       "%llu wp_faults %llu "
+					       "missing_faults %llu; model "
+					       "frame budget %zu pages\n",
+					       (unsigned long long)st.frames_live,
+					       (unsigned long long)st.snapshots_live,
+					       (unsigned long long)st.throttled,
+					       (unsigned long long)st.wp_faults,
+					       (unsigned long long)st.missing_faults,
+					       frame_budget());
 				fflush(stdout);
 			}
 			_exit(M_HANG);
@@ -539,6 +555,8 @@ static void lose(int ri, size_t pg)
 			continue;
 		m->cshared[pg] = 0;
 		m->maylose[pg] = 1;
+		/* the library may count the clone's loss as broken */
+		ever_broken_allowed = true;
 		for (i = 0; i < MAXS; i++)
 			if (S[i].live && S[i].region == c && S[i].shared[pg]) {
 				S[i].may_break = true;
@@ -965,6 +983,82 @@ static void op_syscall_write(int opi, struct op *o, char *d, bool pipe_)
 	DESC("%s R%d pages %s", kind_name[o->kind], R[ri].id, pl);
 }
 
+/*
+ * Discards meanwhile: for restore, release, snapshot and pin, half of the
+ * time another thread discards (MADV_DONTNEED, again and again) pages of
+ * another region while the call runs (issue 15 items 1, 2, 10: the
+ * library's REMOVE handling racing its own copies).  Its effect on the
+ * model is known in advance: those pages read zero.
+ */
+static size_t pick_run(struct mregion *m, struct op *o, size_t *pg,
+		       bool nopin, size_t max);
+static void model_dontneed(int ri, size_t pg);
+
+static struct {
+	pthread_t th;
+	atomic_bool stop, started;
+	unsigned char *addr;
+	size_t len;
+	bool on;
+	char what[64];
+} busy;
+static int busy_exclude;
+
+static void *busy_main(void *arg)
+{
+	(void)arg;
+	do {
+		madvise(busy.addr, busy.len, MADV_DONTNEED);
+		atomic_store(&busy.started, true);
+	} while (!atomic_load(&busy.stop));
+	return NULL;
+}
+
+static bool busy_target(struct mregion *m)
+{
+	return m != &R[busy_exclude];
+}
+
+static void busy_start(struct op *o, int exclude)
+{
+	size_t pg, n, i;
+	int ri;
+
+	busy.on = false;
+	busy.what[0] = 0;
+	if (!(o->d & 4))
+		return;
+	busy_exclude = exclude;
+	ri = find_region(o->c, busy_target);
+	if (ri < 0)
+		return;
+	n = pick_run(&R[ri], o, &pg, true, 2);
+	if (!n)
+		return;
+	for (i = pg; i < pg + n; i++)
+		model_dontneed(ri, i);
+	busy.addr = R[ri].addr[pg];
+	busy.len = n * PG;
+	atomic_store(&busy.stop, false);
+	atomic_store(&busy.started, false);
+	pthread_create(&busy.th, NULL, busy_main, NULL);
+	while (!atomic_load(&busy.started))
+		usleep(50);
+	busy.on = true;
+	snprintf(busy.what, sizeof(busy.what),
+		 " (R%d pages %zu..%zu discarded meanwhile)", R[ri].id, pg,
+		 pg + n - 1);
+}
+
+static void busy_stop(void)
+{
+	if (!busy.on)
+		return;
+	atomic_store(&busy.stop, true);
+	pthread_join(busy.th, NULL);
+	busy.on = false;
+}
+
 static void op_snapshot(int opi, struct op *o, char *d)
 {
 	int ri = find_region(o->a, NULL), si = free_snap_slot(), ret;
@@ -981,7 +1075,9 @@ static void op_snapshot(int opi, struct op *o, char *d)
 	m = &R[ri];
 	s = &S[si];
 	memset(s, 0, sizeof(*s));
+	busy_start(o, ri);
 	ret = cowmm_snapshot(m->r, &s->s);
+	busy_stop();
 	expect_ret("cowmm_snapshot", ret, 0);
 	s->live = true;
 	s->id = next_sid++;
@@ -1003,7 +1099,7 @@ static void op_snapshot(int opi, struct op *o, char *d)
 			ever_broken_allowed = true;
 		}
 	}
-	DESC("snapshot R%d -> S%d", m->id, s->id);
+	DESC("snapshot R%d -> S%d%s", m->id, s->id, busy.what);
 }
 
 static void op_snap_release(struct op *o, char *d)
@@ -1093,12 +1189,15 @@ static void op_release(struct op *o, char *d)
 		return;
 	}
 	m = &R[ri];
+	busy_start(o, ri);
 	ret = cowmm_region_release(m->r);
+	busy_stop();
 	if (m->npins) {
 		/* header: "A region with pins is refused and left
 		 * unchanged" (-EBUSY); the next check sees it unchanged. */
 		expect_ret("cowmm_region_release (pinned)", ret, -EBUSY);
-		DESC("release R%d: -EBUSY (%d pins)", m->id, m->npins);
+		DESC("release R%d: -EBUSY (%d pins)%s", m->id, m->npins,
+		     busy.what);
 		return;
 	}
 	/* header: -ENOMEM: released, and that snapshot is marked broken */
@@ -1119,8 +1218,8 @@ static void op_release(struct op *o, char *d)
 			R[i].origin = -1;
 			memset(R[i].cshared, 0, R[i].npages);
 		}
-	DESC("release R%d (%s)%s", m->id, rkind_name[m->kind],
-	     ret ? " -ENOMEM" : "");
+	DESC("release R%d (%s)%s%s", m->id, rkind_name[m->kind],
+	     ret ? " -ENOMEM" : "", busy.what);
 	unmap_owned(m);
 	region_free(m);
 }
@@ -1138,7 +1237,9 @@ static void op_restore(struct op *o, char *d)
 	}
 	s = &S[si];
 	ri = s->region;
+	busy_start(o, ri < 0 ? MAXR : ri);
 	ret = cowmm_snap_restore(s->s);
+	busy_stop();
 	if (ri < 0) {
 		expect_ret("cowmm_snap_restore (region released)", ret,
 			   -ENOENT);
@@ -1159,7 +1260,7 @@ static void op_restore(struct op *o, char *d)
 		m->amb[pg] = s->amb[pg];
 		m->maylose[pg] = 0;
 	}
-	DESC("restore S%d into R%d", s->id, m->id);
+	DESC("restore S%d into R%d%s", s->id, m->id, busy.what);
 }
 
 static void op_map(struct op *o, char *d)
@@ -1246,12 +1347,14 @@ static void op_pin(struct op *o, char *d)
 			DESC("pin R%d (skipped: lost page)", m->id);
 			return;
 		}
+	busy_start(o, ri);
 	ret = cowmm_pin(m->r, m->addr[p.pg], p.n * PG, p.flags);
+	busy_stop();
 	expect_ret("cowmm_pin", ret, 0);
 	m->pins[m->npins++] = p;
-	DESC("pin R%d pages %zu..%zu %s", m->id, p.pg, p.pg + p.n - 1,
+	DESC("pin R%d pages %zu..%zu %s%s", m->id, p.pg, p.pg + p.n - 1,
 	     p.flags == COWMM_PIN_READ	 ? "READ" :
-	     p.flags == COWMM_PIN_WRITE ? "WRITE" : "READ|WRITE");
+	     p.flags == COWMM_PIN_WRITE ? "WRITE" : "READ|WRITE", busy.what);
 }
 
 static bool has_pins(struct mregion *m)
@@ -1300,6 +1403,20 @@ static size_t pick_run(struct mregion *m, struct op *o, size_t *pg,
 	return n;
 }
 
+static void model_dontneed(int ri, size_t pg)
+{
+	struct mregion *m = &R[ri];
+
+	/* DESIGN.md: "A discarded range stays managed and reads as zero"
+	 * (also a clone's untouched page, issue 15 item 3; a lazy load's) */
+	page_discarded(ri, pg);
+	memset(page_of(m->model, pg), 0, PG);
+	m->amb[pg] = 0;
+	m->maylose[pg] = 0;
+	m->cshared[pg] = 0;
+	m->lazy[pg] = 0;
+}
+
 static void op_discard(struct op *o, char *d, int advice)
 {
 	int ri = find_region(o->a, NULL);
@@ -1320,17 +1437,10 @@ static void op_discard(struct op *o, char *d, int advice)
 	if (madvise(m->addr[pg], n * PG, advice))
 		die(M_ERROR, "madvise(%s): %m", name);
 	for (i = pg; i < pg + n; i++) {
-		page_discarded(ri, i);
 		if (advice == MADV_DONTNEED) {
-			/* DESIGN.md: "A discarded range stays managed and
-			 * reads as zero" (also a clone's untouched page,
-			 * issue 15 item 3; also a lazy load's) */
-			memset(page_of(m->model, i), 0, PG);
-			m->amb[i] = 0;
-			m->maylose[i] = 0;
-			m->cshared[i] = 0;
-			m->lazy[i] = 0;
+			model_dontneed(ri, i);
 		} else {
+			page_discarded(ri, i);
 			/* MADV_FREE: the kernel may free the page lazily,
 			 * until the next write: old bytes or zeros. */
 			m->amb[i] = 1;
@@ -1788,6 +1898,8 @@ static void run_seed(void)
 	for (i = 0; i < (int)nops; i++) {
 		if (!pick[i])
 			continue;
+		snprintf(descs[i], sizeof(descs[i]), "%s (did not finish)",
+			 kind_name[ops[i].kind]);
 		atomic_store(&step_start_ns, now_ns());
 		atomic_store(&cur_op, i);
 		run_op(i);
