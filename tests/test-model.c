@@ -151,6 +151,11 @@ static size_t nops;
 static unsigned char *pick;	/* ops[i] runs only if pick[i] */
 static bool quiet, verbose;
 static bool skip_kind[NKINDS];
+/* Behaviours that can be left out while their bug is being fixed. */
+static bool skip_untouched;	/* discard_untouched: no discard or unmap of
+				   a clone's or lazy load's untouched page */
+static bool skip_origin;	/* discard_origin: none of a page that an
+				   untouched clone page still reads from */
 static double hang_seconds = 20;
 
 static cowmm_t *mm;
@@ -990,8 +995,9 @@ static void op_syscall_write(int opi, struct op *o, char *d, bool pipe_)
  * library's REMOVE handling racing its own copies).  Its effect on the
  * model is known in advance: those pages read zero.
  */
+enum { RUN_NOPIN = 1, RUN_DISCARD = 2 };
 static size_t pick_run(struct mregion *m, struct op *o, size_t *pg,
-		       bool nopin, size_t max);
+		       int flags, size_t max);
 static void model_dontneed(int ri, size_t pg);
 
 static struct {
@@ -1032,7 +1038,7 @@ static void busy_start(struct op *o, int exclude)
 	ri = find_region(o->c, busy_target);
 	if (ri < 0)
 		return;
-	n = pick_run(&R[ri], o, &pg, true, 2);
+	n = pick_run(&R[ri], o, &pg, RUN_NOPIN | RUN_DISCARD, 2);
 	if (!n)
 		return;
 	for (i = pg; i < pg + n; i++)
@@ -1385,19 +1391,39 @@ static void op_unpin(struct op *o, char *d)
  * A range of pages of region m, contiguous in memory, starting at a
  * mapped page: [*pg, *pg + n).  With @nopin, pinned pages end it.
  */
+/* May page pg of m be discarded or unmapped, given COWMM_MODEL_SKIP? */
+static bool discard_ok(struct mregion *m, size_t pg)
+{
+	int c;
+
+	if (skip_untouched && m->lazy[pg])
+		return false;
+	if (skip_origin)
+		for (c = 0; c < MAXR; c++)
+			if (R[c].live && R[c].origin == m - R &&
+			    pg < R[c].npages && R[c].cshared[pg])
+				return false;
+	return true;
+}
+
+static bool run_ok(struct mregion *m, size_t pg, int flags)
+{
+	return m->addr[pg] && !((flags & RUN_NOPIN) && pinned(m, pg)) &&
+	       !((flags & RUN_DISCARD) && !discard_ok(m, pg));
+}
+
 static size_t pick_run(struct mregion *m, struct op *o, size_t *pg,
-		       bool nopin, size_t max)
+		       int flags, size_t max)
 {
 	size_t start = o->b % m->npages, want = 1 + o->c % max, n;
 
-	while (start < m->npages && (!m->addr[start] ||
-				     (nopin && pinned(m, start))))
+	while (start < m->npages && !run_ok(m, start, flags))
 		start++;
 	if (start == m->npages)
 		return 0;
 	for (n = 1; n < want && start + n < m->npages; n++)
 		if (m->addr[start + n] != m->addr[start] + n * PG ||
-		    (nopin && pinned(m, start + n)))
+		    !run_ok(m, start + n, flags))
 			break;
 	*pg = start;
 	return n;
@@ -1429,7 +1455,7 @@ static void op_discard(struct op *o, char *d, int advice)
 		return;
 	}
 	m = &R[ri];
-	n = pick_run(m, o, &pg, true, m->npages);
+	n = pick_run(m, o, &pg, RUN_NOPIN | RUN_DISCARD, m->npages);
 	if (!n) {
 		DESC("%s R%d (skipped: no unpinned page)", name, m->id);
 		return;
@@ -1460,7 +1486,7 @@ static void op_pageout(struct op *o, char *d)
 		return;
 	}
 	m = &R[ri];
-	n = pick_run(m, o, &pg, false, m->npages);
+	n = pick_run(m, o, &pg, 0, m->npages);
 	if (!n) {
 		DESC("pageout R%d (skipped: nothing mapped)", m->id);
 		return;
@@ -1488,7 +1514,7 @@ static void op_munmap(struct op *o, char *d)
 	m = &R[ri];
 	for (i = 0; i < m->npages; i++)
 		mapped += !!m->addr[i];
-	n = pick_run(m, o, &pg, false, 8);
+	n = pick_run(m, o, &pg, RUN_DISCARD, 8);
 	if (!n || n >= mapped) {
 		DESC("munmap R%d (skipped: would unmap all)", m->id);
 		return;
@@ -1572,7 +1598,7 @@ static void op_mremap_part(struct op *o, char *d)
 	m = &R[ri];
 	for (i = 0; i < m->npages; i++)
 		mapped += !!m->addr[i];
-	n = pick_run(m, o, &pg, false, 8);
+	n = pick_run(m, o, &pg, 0, 8);
 	if (!n || n >= mapped) {
 		DESC("mremap_part R%d (skipped: would move all)", m->id);
 		return;
@@ -2035,7 +2061,11 @@ static void parse_skip(void)
 		for (k = 0; k < NKINDS; k++)
 			if (!strcmp(tok, kind_name[k]))
 				break;
-		if (k == NKINDS)
+		if (!strcmp(tok, "discard_untouched"))
+			skip_untouched = true;
+		else if (!strcmp(tok, "discard_origin"))
+			skip_origin = true;
+		else if (k == NKINDS)
 			printf("COWMM_MODEL_SKIP: no op kind %s\n", tok);
 		else
 			skip_kind[k] = true;
