@@ -1103,7 +1103,15 @@ static void op_snapshot(int opi, struct op *o, char *d)
 		memcpy(page_of(s->model, pg), page_of(m->model, pg), PG);
 		s->amb[pg] = m->amb[pg];
 		s->shared[pg] = 1;
-		if (m->maylose[pg]) { /* lost in the region: -EIO */
+		/*
+		 * A page freed with MADV_FREE and not written since may be
+		 * dropped by the kernel at any time (reclaim, MADV_PAGEOUT)
+		 * with no event to the library: "where the kernel makes
+		 * preservation impossible, the affected snapshot is marked
+		 * broken" (DESIGN.md), so it may break.  A page lost in a
+		 * clone (maylose) likewise.
+		 */
+		if (m->maylose[pg] || m->amb[pg]) {
 			s->may_break = true;
 			ever_broken_allowed = true;
 		}
