@@ -40,7 +40,8 @@ for s in "${setups[@]}"; do
 	fi
 	ninja -C "$dir"
 	echo "=== $s tests ==="
-	meson test -C "$dir" --setup="$s" --print-errorlogs --no-suite stress |
+	meson test -C "$dir" --setup="$s" --print-errorlogs --no-suite stress \
+		--no-suite model-long --no-suite swap |
 		tee -a "$results"
 done
 echo "=== all test setups passed: ${setups[*]} ==="
