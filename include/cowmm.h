@@ -184,8 +184,11 @@ struct cowmm_stats {
 	uint64_t frames_live;    /**< frames (preserved 4 KiB pages) held now */
 	uint64_t snapshots_live; /**< snapshots not yet released */
 	uint64_t regions_live;   /**< regions not yet released */
-	uint64_t detach_copies;  /**< pages preserved because their region
-				      was released while a snapshot needed them */
+	uint64_t detach_copies;  /**< pages preserved outside a write fault
+				      while a snapshot needed them: their
+				      region released or restored, moved in
+				      part by mremap, or (a clone's page
+				      never touched) discarded */
 	uint64_t broken;         /**< snapshots marked broken (reads: -EIO) */
 	uint64_t throttled;      /**< write faults put back because preserved
 				      memory was at cowmm_config.max_preserved

@@ -164,6 +164,8 @@ unsigned long cowmm__fork_gen(void);
 extern __thread bool cowmm__in_worker;
 /* This thread is resolving its own fault (inthread.c). */
 extern __thread bool cowmm__in_sigbus;
+/* This worker is handling a REMOVE event (manager.c). */
+extern __thread bool cowmm__in_remove;
 
 static inline int cowmm__lock(pthread_mutex_t *m)
 {

@@ -91,8 +91,8 @@ static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 			 * get the origin's bytes, and from now on it reads
 			 * as zero, as a discarded page of a fork() child does.
 			 */
-			int ret = cowmm__cow_claim_locked(r, i, COWMM_COW_READ,
-							  &r->mm->cnt.copies);
+			int ret = cowmm__cow_claim_locked(
+				r, i, COWMM_COW_READ, &r->mm->cnt.detach_copies);
 
 			if (ret == -EAGAIN)
 				return ret; /* the origin is busy: later */
@@ -173,7 +173,7 @@ static void remap_preserve(cowmm_region_t *r, size_t p, uintptr_t addr)
 						   "moved by mremap");
 		return;
 	}
-	cowmm__count(r->mm, copies, 1);
+	cowmm__count(r->mm, detach_copies, 1);
 	cowmm__count(r->mm, bytes_preserved, COWMM_PAGE_SIZE);
 	cowmm__cow_claim_frame_locked(r, p, f);
 }

@@ -21,6 +21,7 @@
 #define MSG_BATCH 64
 
 __thread bool cowmm__in_worker;
+__thread bool cowmm__in_remove;
 
 /* ------------------------------------------------------------------------ */
 /* fork() detection: a counter the child side of every fork() increments. */
@@ -339,8 +340,12 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 			     m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
 			     wake);
 	case UFFD_EVENT_REMOVE: {
-		int ret = cowmm__event_remove(mm, m->arg.remove.start,
-					      m->arg.remove.end);
+		int ret;
+
+		cowmm__in_remove = true;
+		ret = cowmm__event_remove(mm, m->arg.remove.start,
+					  m->arg.remove.end);
+		cowmm__in_remove = false;
 
 		if (ret != -EAGAIN)
 			atomic_fetch_sub(&mm->removes_pending, 1);

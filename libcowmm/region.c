@@ -349,6 +349,14 @@ static int live_copy(cowmm_region_t *r, uintptr_t addr, void *dst)
  */
 static bool discard_pending(cowmm_t *mm)
 {
+	/*
+	 * A REMOVE handler preserving a clone's page reads its origin: the
+	 * count includes its own event, and waiting for it would wait for
+	 * ever.  It relies on the pagemap check alone: on this kernel a
+	 * zapped page and its refill carry no uffd-wp bit (README).
+	 */
+	if (cowmm__in_remove)
+		return false;
 	return cowmm__in_worker ? atomic_load(&mm->removes_pending) != 0
 				: cowmm__discards_pending(mm);
 }

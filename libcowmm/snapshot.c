@@ -610,7 +610,8 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 		if (!f)
 			continue;
 		/* Newer snapshots first; the lock may be dropped meanwhile. */
-		cowmm__cow_claim(r, pg, COWMM_COW_READ, &mm->cnt.copies);
+		cowmm__cow_claim(r, pg, COWMM_COW_READ,
+				 &mm->cnt.detach_copies);
 		if (r->present && mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 			vec = 1;
 		if (r->present && !(vec & 1)) {
