@@ -741,6 +741,7 @@ static void crafted_npages(unsigned flags)
 		close(fd);
 	}
 	cowmm_close(mm);
+	munmap(g.map, G_MAP * T_PAGE);
 }
 
 START_TEST(test_crafted_npages_eager)

@@ -262,6 +262,8 @@ static size_t mutate_chunks(uint8_t *d, size_t size, size_t max_size,
 		at = l->off[i] + l->len[i];
 		if (rnd() % 2 && l->len[i] > CHDR)
 			return shift(d, size, max_size, at, -PAGE);
+		if (size + PAGE > max_size)
+			return size;
 		size = shift(d, size, max_size, at, PAGE);
 		memset(d + at, (int)rnd(), PAGE);
 		return size;
