@@ -10,6 +10,8 @@
  * Environment:
  *   COWMM_MODEL_SECONDS=n   run seeds until n seconds have passed (50)
  *   COWMM_MODEL_SEED=n      run only seed n (replay)
+ *   COWMM_MODEL_FIRST=n     start at seed n (default: from the clock)
+ *   COWMM_MODEL_NSEEDS=n    stop after n seeds (or the time, if first)
  *   COWMM_MODEL_OPS=k       only the first k operations of each seed
  *   COWMM_MODEL_PICK=i,j,.. only these operations (a shrunk list)
  *   COWMM_MODEL_SHRINK=1    on failure, shrink the list (delta debugging)
@@ -2119,6 +2121,7 @@ START_TEST(test_model)
 	bool do_shrink = env_long("COWMM_MODEL_SHRINK", 0) == 1;
 	double start = now_ns() / 1e9, deadline = start + seconds;
 	uint64_t base, seeds = 0, opsrun = 0, failures = 0;
+	long first, nseeds;
 	int res, counts[M_CRASH + 1] = { 0 };
 
 	verbose = env_long("COWMM_MODEL_VERBOSE", 0) == 1;
@@ -2129,7 +2132,11 @@ START_TEST(test_model)
 		n = 120;
 	parse_skip();
 	pick = malloc(MAXOPS);
-	base = one >= 0 ? (uint64_t)one : (uint64_t)(time(NULL) % 1000000) * 1000;
+	first = env_long("COWMM_MODEL_FIRST", -1);
+	nseeds = env_long("COWMM_MODEL_NSEEDS", -1);
+	base = one >= 0     ? (uint64_t)one
+	       : first >= 0 ? (uint64_t)first
+			    : (uint64_t)(time(NULL) % 1000000) * 1000;
 	printf("model: %s seed %llu, %ld ops per seed, %.0f s\n",
 	       one >= 0 ? "replaying" : "first", (unsigned long long)base, n,
 	       seconds);
@@ -2151,7 +2158,8 @@ START_TEST(test_model)
 			if (do_shrink)
 				shrink(res, deadline + 600);
 		}
-		if (one >= 0 || now_ns() / 1e9 > deadline)
+		if (one >= 0 || now_ns() / 1e9 > deadline ||
+		    (nseeds > 0 && seeds >= (uint64_t)nseeds))
 			break;
 	}
 	printf("model: %llu seeds, %llu ops in %.0f s: %llu failed (bytes %d, "
