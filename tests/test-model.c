@@ -13,7 +13,16 @@
  *   COWMM_MODEL_OPS=k       only the first k operations of each seed
  *   COWMM_MODEL_PICK=i,j,.. only these operations (a shrunk list)
  *   COWMM_MODEL_SHRINK=1    on failure, shrink the list (delta debugging)
- *   COWMM_MODEL_SKIP=a,b    operation kinds that do nothing (by name)
+ *   COWMM_MODEL_SKIP=a,b    operation kinds that do nothing (by name:
+ *                           alloc write write_mt pread pipe snapshot
+ *                           snap_release clone release restore map
+ *                           view_discard pin unpin dontneed free munmap
+ *                           mremap mremap_part stream pageout count),
+ *                           and behaviours: discard_untouched (no
+ *                           discard or unmap of a clone's or lazy load's
+ *                           untouched page), discard_origin (nor of a
+ *                           page such a clone page reads from), wp_sum
+ *                           (no end-of-seed wp_faults == copies + reuses)
  *   COWMM_MODEL_NOPS=n      operations per seed (120)
  *   COWMM_MODEL_PAGEOUT=n   weight of pageout operations (2; swap: more)
  *   COWMM_MODEL_HANG=n      seconds one step may take (20, x3 sanitized)
