@@ -328,6 +328,12 @@ static void *watchdog(void *arg)
 					       (unsigned long long)st.wp_faults,
 					       (unsigned long long)st.missing_faults,
 					       frame_budget());
+				sleep(1);
+				if (mm && !cowmm_stats(mm, &st, sizeof(st)))
+					printf("  1 s later: missing_faults "
+					       "%llu wp_faults %llu\n",
+					       (unsigned long long)st.missing_faults,
+					       (unsigned long long)st.wp_faults);
 				fflush(stdout);
 			}
 			_exit(M_HANG);
