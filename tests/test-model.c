@@ -2136,6 +2136,7 @@ START_TEST(test_model)
 	uint64_t base, seeds = 0, opsrun = 0, failures = 0;
 	int res, counts[M_CRASH + 1] = { 0 };
 
+	setvbuf(stdout, NULL, _IOLBF, 0); /* Check's failure does not flush */
 	verbose = env_long("COWMM_MODEL_VERBOSE", 0) == 1;
 	hang_seconds = (double)env_long("COWMM_MODEL_HANG", 20) *
 		       (T_SANITIZED ? 3 : 1);
