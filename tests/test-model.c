@@ -1504,8 +1504,9 @@ static void op_discard(struct op *o, char *d, int advice)
 static void op_pageout(struct op *o, char *d)
 {
 	int ri = find_region(o->a, NULL);
+	unsigned char vec[64];
 	struct mregion *m;
-	size_t pg, n;
+	size_t pg, n, i, out = 0;
 
 	if (ri < 0) {
 		DESC("pageout (skipped: no region)");
@@ -1519,7 +1520,12 @@ static void op_pageout(struct op *o, char *d)
 	}
 	/* Advice only: EINVAL on kernels without it is fine. */
 	madvise(m->addr[pg], n * PG, MADV_PAGEOUT);
-	DESC("pageout R%d pages %zu..%zu", m->id, pg, pg + n - 1);
+	/* How many went out (with swap; without, anonymous pages stay) */
+	if (mincore(m->addr[pg], n * PG, vec) == 0)
+		for (i = 0; i < n; i++)
+			out += !(vec[i] & 1);
+	DESC("pageout R%d pages %zu..%zu (%zu not resident after)", m->id,
+	     pg, pg + n - 1, out);
 }
 
 static bool unmappable(struct mregion *m)
