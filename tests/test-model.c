@@ -15,7 +15,16 @@
  *   COWMM_MODEL_OPS=k       only the first k operations of each seed
  *   COWMM_MODEL_PICK=i,j,.. only these operations (a shrunk list)
  *   COWMM_MODEL_SHRINK=1    on failure, shrink the list (delta debugging)
- *   COWMM_MODEL_SKIP=a,b    operation kinds that do nothing (by name)
+ *   COWMM_MODEL_SKIP=a,b    operation kinds that do nothing (by name:
+ *                           alloc write write_mt pread pipe snapshot
+ *                           snap_release clone release restore map
+ *                           view_discard pin unpin dontneed free munmap
+ *                           mremap mremap_part stream pageout count),
+ *                           and behaviours: discard_untouched (no
+ *                           discard or unmap of a clone's or lazy load's
+ *                           untouched page), discard_origin (nor of a
+ *                           page such a clone page reads from), wp_sum
+ *                           (no end-of-seed wp_faults == copies + reuses)
  *   COWMM_MODEL_NOPS=n      operations per seed (120)
  *   COWMM_MODEL_PAGEOUT=n   weight of pageout operations (2; swap: more)
  *   COWMM_MODEL_HANG=n      seconds one step may take (20, x3 sanitized)
@@ -321,6 +330,12 @@ static void *watchdog(void *arg)
 					       (unsigned long long)st.wp_faults,
 					       (unsigned long long)st.missing_faults,
 					       frame_budget());
+				sleep(1);
+				if (mm && !cowmm_stats(mm, &st, sizeof(st)))
+					printf("  1 s later: missing_faults "
+					       "%llu wp_faults %llu\n",
+					       (unsigned long long)st.missing_faults,
+					       (unsigned long long)st.wp_faults);
 				fflush(stdout);
 			}
 			_exit(M_HANG);
@@ -1015,13 +1030,20 @@ static struct {
 } busy;
 static int busy_exclude;
 
+/*
+ * A bounded number of discards, 20 µs apart: a race with the call, not a
+ * stream of REMOVE events that could starve it.
+ */
 static void *busy_main(void *arg)
 {
+	int i = 0;
+
 	(void)arg;
 	do {
 		madvise(busy.addr, busy.len, MADV_DONTNEED);
 		atomic_store(&busy.started, true);
-	} while (!atomic_load(&busy.stop));
+		usleep(20);
+	} while (!atomic_load(&busy.stop) && ++i < 5000);
 	return NULL;
 }
 
@@ -1491,8 +1513,9 @@ static void op_discard(struct op *o, char *d, int advice)
 static void op_pageout(struct op *o, char *d)
 {
 	int ri = find_region(o->a, NULL);
+	unsigned char vec[64];
 	struct mregion *m;
-	size_t pg, n;
+	size_t pg, n, i, out = 0;
 
 	if (ri < 0) {
 		DESC("pageout (skipped: no region)");
@@ -1506,7 +1529,12 @@ static void op_pageout(struct op *o, char *d)
 	}
 	/* Advice only: EINVAL on kernels without it is fine. */
 	madvise(m->addr[pg], n * PG, MADV_PAGEOUT);
-	DESC("pageout R%d pages %zu..%zu", m->id, pg, pg + n - 1);
+	/* How many went out (with swap; without, anonymous pages stay) */
+	if (mincore(m->addr[pg], n * PG, vec) == 0)
+		for (i = 0; i < n; i++)
+			out += !(vec[i] & 1);
+	DESC("pageout R%d pages %zu..%zu (%zu not resident after)", m->id,
+	     pg, pg + n - 1, out);
 }
 
 static bool unmappable(struct mregion *m)
@@ -2124,6 +2152,7 @@ START_TEST(test_model)
 	long first, nseeds;
 	int res, counts[M_CRASH + 1] = { 0 };
 
+	setvbuf(stdout, NULL, _IOLBF, 0); /* Check's failure does not flush */
 	verbose = env_long("COWMM_MODEL_VERBOSE", 0) == 1;
 	hang_seconds = (double)env_long("COWMM_MODEL_HANG", 20) *
 		       (T_SANITIZED ? 3 : 1);
