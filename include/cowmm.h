@@ -335,10 +335,8 @@ COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
  * @param r  a region
  * @return 0; -EINVAL (NULL), -EBADF (already released), -ECHILD,
  *         -EBUSY (pages of the region are pinned: cowmm_unpin() first),
- *         -ENOMEM or -EIO (a page a snapshot still shared could not be
- *         preserved, for want of memory or because it was lost: the
- *         region is released all the same and that snapshot is marked
- *         broken)
+ *         -ENOMEM (a snapshot could not be preserved: the region is
+ *         released and that snapshot is marked broken)
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);

@@ -827,7 +827,12 @@ static int detach_snapshots(cowmm_region_t *r)
 					       zero ? COWMM_COW_ZERO
 						    : COWMM_COW_READ,
 					       &r->mm->cnt.detach_copies);
-			if (err < 0)
+			/*
+			 * -EIO: the page was lost before the release (a
+			 * discard): its snapshots are broken, as the discard
+			 * meant, and the release itself lost nothing.
+			 */
+			if (err == -ENOMEM)
 				ret = err;
 		}
 	}

@@ -607,8 +607,8 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 		unsigned char vec = 1;
 
 		f = cowmm__fmap_get(&s->frames, pg);
-		if (!f)
-			continue;
+		if (!f || (r->holes && cowmm__test_bit(r->holes, pg)))
+			continue; /* unchanged, or it left the region */
 		/* Newer snapshots first; the lock may be dropped meanwhile. */
 		cowmm__cow_claim(r, pg, COWMM_COW_READ,
 				 &mm->cnt.detach_copies);
