@@ -41,7 +41,7 @@ for s in "${setups[@]}"; do
 	ninja -C "$dir"
 	echo "=== $s tests ==="
 	meson test -C "$dir" --setup="$s" --print-errorlogs --no-suite stress \
-		--no-suite model-long --no-suite swap |
+		--no-suite model --no-suite model-long --no-suite swap |
 		tee -a "$results"
 done
 echo "=== all test setups passed: ${setups[*]} ==="
