@@ -132,6 +132,13 @@ int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 				   ? "poisoned (SIGBUS on access)"
 				   : "it reads as zero (no UFFDIO_POISON)");
 		if (mm->features & UFFD_FEATURE_POISON) {
+			/*
+			 * UFFDIO_POISON refuses any PTE, a uffd-wp marker
+			 * (a snapshot of the clone protected the page) too;
+			 * resolving the protection clears the marker.
+			 */
+			(void)cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE,
+					     false, false);
 			ret = cowmm__uffd_poison(mm->uffd, addr,
 						 COWMM_PAGE_SIZE, wake);
 			if (!ret)

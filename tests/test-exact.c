@@ -244,7 +244,8 @@ static void exit_on_sigbus(int sig)
 /*
  * Item 5: where a clone's origin lost a page, touching it raises SIGBUS
  * (or gives the right bytes), never zeros.  @how: 0 the source discards
- * the page, 1 the copy for the origin cannot get a frame.
+ * the page, 1 the copy for the origin cannot get a frame, 2 the source
+ * unmaps it and a snapshot of the clone protects the clone's page.
  */
 static void origin_lost(int how)
 {
@@ -275,6 +276,16 @@ static void origin_lost(int how)
 			if (madvise(p + 7 * T_PAGE, T_PAGE, MADV_DONTNEED))
 				_exit(4);
 			cowmm__quiesce(mm);
+		} else if (how == 2) {
+			cowmm_snap_t *s;
+
+			/* Unmapped in the source; the clone then protected
+			 * (uffd-wp markers where nothing is mapped yet). */
+			if (munmap(p + 7 * T_PAGE, T_PAGE))
+				_exit(4);
+			cowmm__quiesce(mm);
+			if (cowmm_snapshot(c, &s))
+				_exit(5);
 		} else {
 			cowmm__inject_frame_failures(mm, 1);
 			p[7 * T_PAGE] ^= 1;
@@ -302,6 +313,12 @@ END_TEST
 START_TEST(test_clone_origin_no_frame)
 {
 	origin_lost(1);
+}
+END_TEST
+
+START_TEST(test_clone_origin_unmapped_protected)
+{
+	origin_lost(2);
 }
 END_TEST
 
@@ -566,6 +583,9 @@ int main(void)
 		{ "clone-origin-discarded", test_clone_origin_discarded,
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "clone-origin-no-frame", test_clone_origin_no_frame,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "clone-origin-unmapped-protected",
+		  test_clone_origin_unmapped_protected,
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "clone-mremap-part", test_clone_mremap_part,
 		  T_WP_UNPOPULATED },
