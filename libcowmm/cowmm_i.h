@@ -180,6 +180,7 @@ int cowmm__check_mm(const cowmm_t *mm);
 void cowmm__bury(cowmm_t *mm, void *handle); /* mm->lock held */
 int cowmm__rtable_insert(cowmm_t *mm, struct cowmm_region *r);
 int cowmm__rtable_move(cowmm_t *mm, struct cowmm_region *r);
+bool cowmm__rtable_overlaps(cowmm_t *mm, uintptr_t start, size_t len);
 void cowmm__rtable_remove(cowmm_t *mm, struct cowmm_region *r);
 struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr);
 

@@ -52,8 +52,10 @@ static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 			ret = -EAGAIN;
 			continue;
 		}
-		s = start > r->base ? start : r->base;
-		e = end < r->base + r->len ? end : r->base + r->len;
+		/* Each run of the region has its entry: its part only. */
+		s = start > t->e[i].base ? start : t->e[i].base;
+		e = end < t->e[i].base + t->e[i].len ? end
+						     : t->e[i].base + t->e[i].len;
 		if (!r->dying && s < e &&
 		    fn(r, (s - r->base) >> COWMM_PAGE_SHIFT,
 		       (e - s) >> COWMM_PAGE_SHIFT) == -EAGAIN)
@@ -133,9 +135,28 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 	return 0;
 }
 
+/* Index again the regions whose pages in [start, end) left them. */
+static void reindex(cowmm_t *mm, uintptr_t start, uintptr_t end)
+{
+	cowmm_region_t *r;
+
+	for (r = mm->regions; r; r = r->next)
+		if (r->holes && start < r->base + r->len && r->base < end)
+			while (cowmm__rtable_move(mm, r) == -ENOMEM)
+				;
+}
+
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end)
 {
-	return for_overlap(mm, start, end, unmap_pages);
+	int ret;
+
+	if (cowmm__lock(&mm->lock)) /* the table changes under it */
+		return -EAGAIN;
+	ret = for_overlap(mm, start, end, unmap_pages);
+	if (ret != -EAGAIN)
+		reindex(mm, start, end);
+	pthread_mutex_unlock(&mm->lock);
+	return ret;
 }
 
 /*
@@ -303,6 +324,7 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 		goto out;
 	}
 	pthread_mutex_unlock(&r->lock);
+	reindex(mm, from, from + len);
 	ret = cowmm__uffd_wp(mm->uffd, to, len, false, true);
 	if (!ret || ret == -ENOENT)
 		ret = cowmm__uffd_unregister(mm->uffd, to, len);

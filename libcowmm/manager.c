@@ -177,28 +177,62 @@ static void rtable_free_rcu(struct rcu_head *head)
 }
 
 /* Publish a copy of the table with @add inserted and @del left out. */
+static int rtable_cmp(const void *a, const void *b)
+{
+	const struct cowmm_rtable_ent *x = a, *y = b;
+
+	return x->base < y->base ? -1 : x->base > y->base;
+}
+
+/*
+ * Append an entry for each run of @r's pages that has not left it (holes:
+ * unmapped or moved away), at most @cap; returns how many there are.
+ * Something else may be mapped in a hole now, a region too.
+ */
+static size_t rtable_runs(struct cowmm_region *r, struct cowmm_rtable_ent *e,
+			  size_t cap)
+{
+	size_t pg = 0, run, n = 0;
+
+	if (!r->holes) {
+		if (cap)
+			e[0] = (struct cowmm_rtable_ent){ r->base, r->len, r };
+		return 1;
+	}
+	while (pg < r->npages) {
+		for (run = 0; pg + run < r->npages &&
+			      !cowmm__test_bit(r->holes, pg + run);
+		     run++)
+			;
+		if (run) {
+			if (n < cap)
+				e[n] = (struct cowmm_rtable_ent){
+					r->base + (pg << COWMM_PAGE_SHIFT),
+					run << COWMM_PAGE_SHIFT, r
+				};
+			n++;
+		}
+		pg += run + 1;
+	}
+	return n;
+}
+
 static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 			  struct cowmm_region *del)
 {
 	struct cowmm_rtable *old = mm->rtable, *t;
-	size_t n = old ? old->n : 0, i, j = 0;
-	bool added = false;
+	size_t n = old ? old->n : 0, nadd = add ? rtable_runs(add, NULL, 0) : 0;
+	size_t i, j = 0;
 
-	t = malloc(sizeof(*t) + (n + 1) * sizeof(t->e[0]));
+	t = malloc(sizeof(*t) + (n + nadd) * sizeof(t->e[0]));
 	if (!t)
 		return -ENOMEM;
-	for (i = 0; i < n; i++) {
-		if (old->e[i].r == del)
-			continue;
-		if (add && !added && add->base < old->e[i].base) {
-			t->e[j++] = (struct cowmm_rtable_ent){ add->base,
-							       add->len, add };
-			added = true;
-		}
-		t->e[j++] = old->e[i];
-	}
-	if (add && !added)
-		t->e[j++] = (struct cowmm_rtable_ent){ add->base, add->len, add };
+	for (i = 0; i < n; i++)
+		if (old->e[i].r != del)
+			t->e[j++] = old->e[i];
+	if (add)
+		j += rtable_runs(add, t->e + j, nadd);
+	qsort(t->e, j, sizeof(t->e[0]), rtable_cmp);
 	t->n = j;
 	__atomic_store_n(&mm->rtable, t, __ATOMIC_RELEASE); /* publish */
 	if (old)
@@ -207,8 +241,24 @@ static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 }
 
 /*
- * @r moved (mremap): index it at its new base.  Serialised with the other
- * table changes by mm->lock, which a worker holds here.
+ * Does [@start, @start + @len) overlap a region's pages that have not left
+ * it?  Call with mm->lock held.
+ */
+bool cowmm__rtable_overlaps(cowmm_t *mm, uintptr_t start, size_t len)
+{
+	struct cowmm_rtable *t = mm->rtable;
+	size_t i;
+
+	for (i = 0; t && i < t->n; i++)
+		if (start < t->e[i].base + t->e[i].len &&
+		    t->e[i].base < start + len)
+			return true;
+	return false;
+}
+
+/*
+ * @r moved (mremap), or pages of it left it: index it anew.  Serialised
+ * with the other table changes by mm->lock, which a worker holds here.
  */
 int cowmm__rtable_move(cowmm_t *mm, struct cowmm_region *r)
 {

@@ -120,13 +120,13 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 			      bool listed, bool bitmap, cowmm_region_t **out)
 {
 	uint64_t ioctls = 0;
-	cowmm_region_t *r, *o;
+	cowmm_region_t *r;
 	size_t wlen;
 	int ret;
 
-	for (o = mm->regions; o; o = o->next)
-		if (base < o->base + o->len && o->base < base + len)
-			return -EEXIST;
+	/* Pages that left a region (holes) may hold new memory now. */
+	if (cowmm__rtable_overlaps(mm, base, len))
+		return -EEXIST;
 	r = calloc(1, sizeof(*r));
 	if (!r)
 		return -ENOMEM;
@@ -882,6 +882,13 @@ static int run_unmap(cowmm_region_t *r, uintptr_t start, size_t len, bool a)
 	return munmap((void *)start, len) ? -errno : 0;
 }
 
+static int run_unregister(cowmm_region_t *r, uintptr_t start, size_t len,
+			  bool a)
+{
+	(void)a;
+	return cowmm__uffd_unregister(r->mm->uffd, start, len);
+}
+
 /*
  * Stay armed, cheaply: a page still protected since an earlier snapshot
  * needs nothing, yet a whole-range UFFDIO_WRITEPROTECT rewrites its entry
@@ -1063,9 +1070,12 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 	/* No worker and no snapshot reader is still inside the region. */
 	urcu_bp_synchronize_rcu();
 
-	/* Unprotect, unregister, and wake whoever blocked meanwhile. */
+	/*
+	 * Unprotect, unregister, and wake whoever blocked meanwhile; not in
+	 * the holes, where another region may live now.
+	 */
 	cowmm__region_wp(r, false);
-	cowmm__uffd_unregister(mm->uffd, r->base, r->len);
+	for_runs(r, run_unregister, false);
 	cowmm__uffd_wake(mm->uffd, r->base, r->len);
 	atomic_fetch_sub(&cowmm__releasing, 1);
 	if (!r->adopted)

@@ -383,6 +383,43 @@ START_TEST(test_region_mremap_part)
 }
 END_TEST
 
+/*
+ * Memory mapped where part of a region was unmapped can be taken over,
+ * and releasing the old region leaves the new one registered and exact.
+ */
+START_TEST(test_region_in_hole)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r, *in;
+	cowmm_snap_t *s;
+	unsigned char *p, *q;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(munmap(p + 16 * T_PAGE, 8 * T_PAGE), 0);
+	cowmm__quiesce(mm);
+	q = mmap(p + 16 * T_PAGE, 8 * T_PAGE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+	ck_assert_ptr_eq(q, p + 16 * T_PAGE);
+	for (i = 0; i < 8; i++)
+		t_fill_page(q + i * T_PAGE, 100 + i);
+	ck_assert_int_eq(cowmm_region_adopt(mm, q, 8 * T_PAGE, 0, &in), 0);
+	ck_assert_int_eq(cowmm_snapshot(in, &s), 0);
+	ck_assert_int_eq(cowmm_region_release(r), 0); /* not the hole */
+	for (i = 0; i < 8; i++)
+		q[i * T_PAGE] ^= 1; /* still copies for @s */
+	for (i = 0; i < 8; i++) {
+		unsigned char buf[T_PAGE];
+
+		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert(page_is(buf, 100 + i));
+	}
+	ck_assert_uint_eq(t_stats(mm).copies, 8);
+	cowmm_close(mm);
+}
+END_TEST
+
 /* Item 12: a mapped view's page discarded by the application refills. */
 START_TEST(test_view_discard)
 {
@@ -592,6 +629,7 @@ int main(void)
 		{ "region-mremap-part", test_region_mremap_part,
 		  T_WP_UNPOPULATED },
 		{ "view-discard", test_view_discard, T_WP_UNPOPULATED },
+		{ "region-in-hole", test_region_in_hole, T_WP_UNPOPULATED },
 		{ "fault-around-zero", test_fault_around_zero,
 		  T_WP_UNPOPULATED },
 		{ "fault-error-wakes", test_fault_error_wakes,
