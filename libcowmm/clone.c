@@ -40,7 +40,7 @@ int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
 		return -EOPNOTSUPP; /* a clone fills by missing faults */
 	if (atomic_load(&mm->uffd_lost))
 		return -EIO; /* nothing could register it */
-	cowmm__wait_discards(mm);
+	cowmm__wait_events(mm);
 	pthread_mutex_lock(&mm->lock);
 	ret = cowmm__snap_create_locked(src, true, &origin);
 	if (ret)
@@ -60,6 +60,42 @@ int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
 out:
 	pthread_mutex_unlock(&mm->lock);
 	return ret;
+}
+
+/*
+ * Clone @c no longer reads page @pg from its origin (it discarded the page
+ * before its first touch, or the page moved away): the origin lets go of
+ * it, so that the source neither copies it on a write nor breaks the
+ * origin when it discards it.  Call with c->lock held; takes the source's
+ * lock.  Returns 0, or -EAGAIN in a worker when that lock is busy.
+ */
+int cowmm__clone_forget(cowmm_region_t *c, size_t pg)
+{
+	cowmm_snap_t *o = c->origin;
+	struct cowmm_frame *f;
+	cowmm_region_t *src;
+
+	urcu_bp_read_lock();
+	src = __atomic_load_n(&o->region, __ATOMIC_ACQUIRE);
+	if (src) {
+		if (cowmm__lock(&src->lock)) {
+			urcu_bp_read_unlock();
+			return -EAGAIN;
+		}
+		if (__atomic_load_n(&o->region, __ATOMIC_ACQUIRE) != src) {
+			pthread_mutex_unlock(&src->lock);
+			src = NULL;
+		}
+	}
+	f = cowmm__fmap_get(&o->frames, pg);
+	if (f != &cowmm__gone_frame &&
+	    cowmm__fmap_set(&o->frames, pg, &cowmm__gone_frame) == 0 &&
+	    cowmm__frame_real(f))
+		cowmm__frame_put(f);
+	if (src)
+		pthread_mutex_unlock(&src->lock);
+	urcu_bp_read_unlock();
+	return 0;
 }
 
 /*

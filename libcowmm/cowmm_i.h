@@ -149,6 +149,7 @@ struct cowmm {
 	atomic_uint deferred; /* messages workers hold for a busy lock */
 	atomic_uint remaps_pending; /* REMAP events read, not yet handled */
 	atomic_uint removes_pending; /* REMOVE events read, not yet handled */
+	atomic_uint unmaps_pending;  /* UNMAP events read, not yet handled */
 	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
 
@@ -297,6 +298,7 @@ int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
 		      uint64_t mode, cowmm_region_t **out);
 void cowmm__region_unmap(cowmm_region_t *r); /* views; mm->lock held */
 int cowmm__clone_fill(cowmm_region_t *r, size_t pg, bool wake);
+int cowmm__clone_forget(cowmm_region_t *c, size_t pg);
 int cowmm__view_fill(cowmm_region_t *r, size_t pg, bool wake);
 bool cowmm__page_is_zero(const void *p); /* cow.c */
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
@@ -307,6 +309,7 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
 void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */
 void cowmm__wait_discards(cowmm_t *mm);
+void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);

@@ -96,8 +96,9 @@ static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 			int ret = cowmm__cow_claim_locked(
 				r, i, COWMM_COW_READ, &r->mm->cnt.detach_copies);
 
-			if (ret == -EAGAIN)
-				return ret; /* the origin is busy: later */
+			if (ret == -EAGAIN ||
+			    (r->origin && cowmm__clone_forget(r, i) == -EAGAIN))
+				return -EAGAIN; /* the origin is busy: later */
 			cowmm__set_bit(r->present, i);
 		} else if (cowmm__shared_locked(r, i)) {
 			cowmm__cow_claim_lost_locked(r, i,
@@ -268,8 +269,8 @@ static int remap_part(cowmm_region_t *r, size_t pg, size_t n, uintptr_t to)
 			continue;
 		if (r->origin && !cowmm__test_bit(r->present, p)) {
 			ret = remap_fill(r, p, addr);
-			if (ret == -EAGAIN)
-				return ret;
+			if (ret == -EAGAIN || cowmm__clone_forget(r, p) == -EAGAIN)
+				return -EAGAIN;
 			cowmm__set_bit(r->present, p);
 			continue;
 		}

@@ -401,7 +401,9 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 			atomic_fetch_sub(&mm->removes_pending, 1);
 		return ret;
 	}
-	case UFFD_EVENT_UNMAP:
+	case UFFD_EVENT_UNMAP: {
+		int ret;
+
 		/*
 		 * mremap() sends REMAP, then UNMAP of the old range: the
 		 * move is to be followed before its old range is taken for
@@ -410,8 +412,12 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		 */
 		if (atomic_load(&mm->remaps_pending))
 			return -EAGAIN;
-		return cowmm__event_unmap(mm, m->arg.remove.start,
-					  m->arg.remove.end);
+		ret = cowmm__event_unmap(mm, m->arg.remove.start,
+					 m->arg.remove.end);
+		if (ret != -EAGAIN)
+			atomic_fetch_sub(&mm->unmaps_pending, 1);
+		return ret;
+	}
 	case UFFD_EVENT_REMAP: {
 		int ret = cowmm__event_remap(mm, m->arg.remap.from,
 					     m->arg.remap.to, m->arg.remap.len);
@@ -594,6 +600,9 @@ static void *worker_main(void *arg)
 					atomic_fetch_add(&mm->remaps_pending, 1);
 				else if (msg[i].event == UFFD_EVENT_REMOVE)
 					atomic_fetch_add(&mm->removes_pending,
+							 1);
+				else if (msg[i].event == UFFD_EVENT_UNMAP)
+					atomic_fetch_add(&mm->unmaps_pending,
 							 1);
 			pthread_mutex_unlock(&mm->read_lock);
 		}
@@ -943,6 +952,22 @@ void cowmm__wait_discards(cowmm_t *mm)
 	unsigned spins = 0;
 
 	while (cowmm__discards_pending(mm) && spins++ < 100000)
+		sched_yield();
+}
+
+/*
+ * cowmm__wait_discards(), and unmaps and moves read but not handled yet:
+ * a snapshot taken before them would protect a range that is gone.  For
+ * cowmm_snapshot() and cowmm_clone(), with no lock held.
+ */
+void cowmm__wait_events(cowmm_t *mm)
+{
+	unsigned spins = 0;
+
+	cowmm__wait_discards(mm);
+	while ((atomic_load(&mm->unmaps_pending) ||
+		atomic_load(&mm->remaps_pending)) &&
+	       spins++ < 100000)
 		sched_yield();
 }
 

@@ -56,8 +56,13 @@ static int copy_write_pinned(cowmm_region_t *r)
 		return 0;
 	for (pg = cowmm__pins_next_write(&r->pins, 0); pg < r->npages;
 	     pg = cowmm__pins_next_write(&r->pins, pg + 1))
+		/*
+		 * -EIO: the page's content was lost already (a clone's
+		 * origin lost it): the new snapshot is broken there, as
+		 * the page itself is, and is handed out all the same.
+		 */
 		if (cowmm__cow_claim(r, pg, COWMM_COW_READ,
-				     &r->mm->cnt.pin_copies) < 0)
+				     &r->mm->cnt.pin_copies) == -ENOMEM)
 			ret = -ENOMEM;
 	return ret;
 }
@@ -145,7 +150,7 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 		return ret;
 	if (!out)
 		return -EINVAL;
-	cowmm__wait_discards(r->mm);
+	cowmm__wait_events(r->mm);
 	pthread_mutex_lock(&r->mm->lock);
 	ret = cowmm__snap_create_locked(r, false, out);
 	pthread_mutex_unlock(&r->mm->lock);

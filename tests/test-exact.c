@@ -322,6 +322,53 @@ START_TEST(test_clone_origin_unmapped_protected)
 }
 END_TEST
 
+/*
+ * A clone's page discarded before its first touch is no longer its
+ * origin's: a discard of it in the source breaks nothing.
+ */
+START_TEST(test_clone_discard_both)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r, *c;
+	unsigned char *p, *q;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	ck_assert_int_eq(madvise(q + 4 * T_PAGE, 8 * T_PAGE, MADV_DONTNEED), 0);
+	cowmm__quiesce(mm);
+	ck_assert_int_eq(madvise(p + 6 * T_PAGE, 2 * T_PAGE, MADV_DONTNEED), 0);
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	ck_assert(zero_page(q + 6 * T_PAGE));
+	ck_assert(page_is(q + 12 * T_PAGE, 13));
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
+ * A clone's write-pinned page whose origin lost it: a snapshot (or a clone)
+ * of the clone is still taken, broken where the page is lost.
+ */
+START_TEST(test_clone_pinned_origin_lost)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r, *c, *c2;
+	cowmm_snap_t *s;
+	unsigned char *p, *q;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	ck_assert_int_eq(cowmm_pin(c, q + 4 * T_PAGE, T_PAGE, COWMM_PIN_WRITE),
+			 0);
+	ck_assert_int_eq(munmap(p + 4 * T_PAGE, T_PAGE), 0);
+	cowmm__quiesce(mm);
+	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
+	ck_assert_int_eq(cowmm_clone(c, 0, &c2), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
 /* Reserve @len bytes of address space nothing else will take. */
 static unsigned char *reserve(size_t len)
 {
@@ -624,6 +671,10 @@ int main(void)
 		{ "clone-origin-unmapped-protected",
 		  test_clone_origin_unmapped_protected,
 		  T_WP_UNPOPULATED | T_POISON },
+		{ "clone-discard-both", test_clone_discard_both,
+		  T_WP_UNPOPULATED },
+		{ "clone-pinned-origin-lost", test_clone_pinned_origin_lost,
+		  T_WP_UNPOPULATED },
 		{ "clone-mremap-part", test_clone_mremap_part,
 		  T_WP_UNPOPULATED },
 		{ "region-mremap-part", test_region_mremap_part,
