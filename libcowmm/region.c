@@ -1007,8 +1007,57 @@ out:
 	return ret;
 }
 
+/*
+ * A page an older snapshot still shares is write-protected, or its change
+ * went through cowmm__cow_claim*().  One that is not changed without a
+ * fault, and without an event: the kernel may drop a page MADV_FREE left
+ * (reclaim, MADV_PAGEOUT) and a write then lands on a fresh one unseen.
+ * Before protecting again, break the snapshots that shared such a page
+ * (reads of it wait and fail already; protected again, it would read the
+ * new bytes silently).  One read-only PAGEMAP_SCAN of the run.
+ */
+static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
+{
+	struct page_region v[PROTECT_VEC];
+	struct pm_scan_arg a = {
+		.size = sizeof(a),
+		.start = start,
+		.end = start + len,
+		.vec = (uintptr_t)v,
+		.vec_len = PROTECT_VEC,
+		.category_mask = PAGE_IS_WRITTEN,
+		.return_mask = PAGE_IS_WRITTEN,
+	};
+	uintptr_t addr;
+	long n, i;
+
+	if (!r->snaps)
+		return;
+	for (;;) {
+		n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
+		if (n < 0)
+			return; /* an older kernel: reads still fail loudly */
+		for (i = 0; i < n; i++)
+			for (addr = v[i].start; addr < v[i].end;
+			     addr += COWMM_PAGE_SIZE) {
+				size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+
+				if (cowmm__shared_locked(r, pg))
+					cowmm__cow_claim_lost_locked(
+						r, pg, "page changed without a "
+						       "fault (dropped by the "
+						       "kernel after MADV_FREE)");
+			}
+		if (n < PROTECT_VEC) /* a short answer: done (MACHINE.md) */
+			return;
+		a.start = v[n - 1].end;
+	}
+}
+
 static int run_wp(cowmm_region_t *r, uintptr_t start, size_t len, bool wp)
 {
+	if (wp)
+		break_unseen(r, start, len);
 	if (wp) {
 		int ret = protect_unprotected(r, start, len);
 

@@ -369,6 +369,42 @@ START_TEST(test_clone_pinned_origin_lost)
 }
 END_TEST
 
+/*
+ * The kernel may drop a page MADV_FREE left without telling anyone
+ * (MADV_PAGEOUT here); a write then lands on a fresh page with no fault.
+ * A snapshot that shared it must never read that write, also after a
+ * later snapshot protects the page again.
+ */
+START_TEST(test_free_dropped_written)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r;
+	cowmm_snap_t *s1, *s2;
+	unsigned char *p, buf[T_PAGE];
+	unsigned char vec;
+	ssize_t n;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(madvise(p, 8 * T_PAGE, MADV_FREE), 0);
+	cowmm__quiesce(mm);
+	ck_assert_int_eq(cowmm_snapshot(r, &s1), 0); /* shares them */
+	ck_assert_int_eq(madvise(p, 8 * T_PAGE, MADV_PAGEOUT), 0);
+	ck_assert_int_eq(mincore(p + 3 * T_PAGE, T_PAGE, &vec), 0);
+	if (vec & 1)
+		ck_abort_msg("MADV_PAGEOUT kept a MADV_FREE page: this case "
+			     "cannot be set up here");
+	p[3 * T_PAGE] = 0xee; /* no fault: nothing protects it now */
+	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0);
+	n = cowmm_snap_read(s1, 3 * T_PAGE, buf, T_PAGE);
+	ck_assert_msg(n == -EIO || (n == T_PAGE && (page_is(buf, 4) ||
+						    zero_page(buf))),
+		      "a snapshot read %zd: %s", n,
+		      n == T_PAGE && buf[0] == 0xee ? "the later write"
+						    : "other bytes");
+	cowmm_close(mm);
+}
+END_TEST
+
 /* Reserve @len bytes of address space nothing else will take. */
 static unsigned char *reserve(size_t len)
 {
@@ -674,6 +710,8 @@ int main(void)
 		{ "clone-discard-both", test_clone_discard_both,
 		  T_WP_UNPOPULATED },
 		{ "clone-pinned-origin-lost", test_clone_pinned_origin_lost,
+		  T_WP_UNPOPULATED },
+		{ "free-dropped-written", test_free_dropped_written,
 		  T_WP_UNPOPULATED },
 		{ "clone-mremap-part", test_clone_mremap_part,
 		  T_WP_UNPOPULATED },
