@@ -124,8 +124,17 @@ int cowmm__cow_claim_locked(cowmm_region_t *r, size_t pg,
 int cowmm__cow_claim(cowmm_region_t *r, size_t pg, enum cowmm_cow_src src,
 		     atomic_uint_fast64_t *counter)
 {
+	bool outer = cowmm__stamped;
 	int ret;
 
+	/*
+	 * Wait only for the discards read before now: a steady stream of
+	 * discards elsewhere would otherwise hold this page back for ever.
+	 */
+	if (!outer) {
+		cowmm__stamp = cowmm__removes_stamp(r->mm);
+		cowmm__stamped = true;
+	}
 	while ((ret = cowmm__cow_claim_locked(r, pg, src, counter)) ==
 	       -EAGAIN) {
 		/* The discard's handler may need this very lock. */
@@ -134,6 +143,7 @@ int cowmm__cow_claim(cowmm_region_t *r, size_t pg, enum cowmm_cow_src src,
 		usleep(100);
 		pthread_mutex_lock(&r->lock);
 	}
+	cowmm__stamped = outer;
 	return ret;
 }
 

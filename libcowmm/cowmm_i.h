@@ -149,6 +149,11 @@ struct cowmm {
 	atomic_uint deferred; /* messages workers hold for a busy lock */
 	atomic_uint remaps_pending; /* REMAP events read, not yet handled */
 	atomic_uint removes_pending; /* REMOVE events read, not yet handled */
+	/* Their sequence numbers (manager.c); removes_read under read_lock. */
+	pthread_mutex_t removes_lock;
+	uint32_t removes_read;
+	uint32_t *removes_q;
+	size_t removes_n, removes_cap;
 	atomic_uint unmaps_pending;  /* UNMAP events read, not yet handled */
 	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
@@ -167,6 +172,14 @@ extern __thread bool cowmm__in_worker;
 extern __thread bool cowmm__in_sigbus;
 /* This worker is handling a REMOVE event (manager.c). */
 extern __thread bool cowmm__in_remove;
+/*
+ * This thread waits only for discards read at or before cowmm__stamp
+ * (manager.c): a worker's fault, an application call in progress.
+ */
+extern __thread bool cowmm__stamped;
+extern __thread uint32_t cowmm__stamp;
+bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp);
+uint32_t cowmm__removes_stamp(cowmm_t *mm);
 
 static inline int cowmm__lock(pthread_mutex_t *m)
 {

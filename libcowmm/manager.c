@@ -22,6 +22,8 @@
 
 __thread bool cowmm__in_worker;
 __thread bool cowmm__in_remove;
+__thread bool cowmm__stamped;
+__thread uint32_t cowmm__stamp;
 
 /* ------------------------------------------------------------------------ */
 /* fork() detection: a counter the child side of every fork() increments. */
@@ -381,14 +383,87 @@ static void defer(cowmm_t *mm, struct deferred *d, const struct uffd_msg *m)
 	atomic_fetch_add(&mm->deferred, 1);
 }
 
+/*
+ * Discards in order.  Each REMOVE event gets a sequence number when it is
+ * read, and every other message the number of the last REMOVE read before
+ * it, in the message's reserved3 (the kernel leaves it zero).  A fault
+ * waits only for the discards read before it: under a steady stream of
+ * discards elsewhere, "any discard pending" would defer it for ever.
+ */
+static void removes_add(cowmm_t *mm, uint32_t seq)
+{
+	pthread_mutex_lock(&mm->removes_lock);
+	while (mm->removes_n == mm->removes_cap) {
+		size_t cap = mm->removes_cap ? 2 * mm->removes_cap : 16;
+		uint32_t *q = realloc(mm->removes_q, cap * sizeof(*q));
+
+		if (q) {
+			mm->removes_q = q;
+			mm->removes_cap = cap;
+		} else { /* a discard forgotten would let a copy race it */
+			pthread_mutex_unlock(&mm->removes_lock);
+			usleep(1000);
+			pthread_mutex_lock(&mm->removes_lock);
+		}
+	}
+	mm->removes_q[mm->removes_n++] = seq;
+	pthread_mutex_unlock(&mm->removes_lock);
+}
+
+static void removes_done(cowmm_t *mm, uint32_t seq)
+{
+	size_t i;
+
+	pthread_mutex_lock(&mm->removes_lock);
+	for (i = 0; i < mm->removes_n; i++)
+		if (mm->removes_q[i] == seq) {
+			mm->removes_q[i] = mm->removes_q[--mm->removes_n];
+			break;
+		}
+	pthread_mutex_unlock(&mm->removes_lock);
+	atomic_fetch_sub(&mm->removes_pending, 1);
+}
+
+/* Is a discard read at or before @stamp not handled yet? */
+bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
+{
+	bool ret = false;
+	size_t i;
+
+	pthread_mutex_lock(&mm->removes_lock);
+	for (i = 0; i < mm->removes_n && !ret; i++)
+		ret = (int32_t)(mm->removes_q[i] - stamp) <= 0;
+	pthread_mutex_unlock(&mm->removes_lock);
+	return ret;
+}
+
+/* The last discard read so far (through read_lock: every one read). */
+uint32_t cowmm__removes_stamp(cowmm_t *mm)
+{
+	uint32_t stamp;
+
+	pthread_mutex_lock(&mm->read_lock);
+	stamp = mm->removes_read;
+	pthread_mutex_unlock(&mm->read_lock);
+	return stamp;
+}
+
 /* Resolve one message; -EAGAIN: try again later. */
 static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 {
 	switch (m->event) {
-	case UFFD_EVENT_PAGEFAULT:
-		return fault(mm, m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1),
-			     m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
-			     wake);
+	case UFFD_EVENT_PAGEFAULT: {
+		int ret;
+
+		/* Discards read after this fault are not its business. */
+		cowmm__stamp = m->reserved3;
+		cowmm__stamped = true;
+		ret = fault(mm, m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1),
+			    m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
+			    wake);
+		cowmm__stamped = false;
+		return ret;
+	}
 	case UFFD_EVENT_REMOVE: {
 		int ret;
 
@@ -398,7 +473,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		cowmm__in_remove = false;
 
 		if (ret != -EAGAIN)
-			atomic_fetch_sub(&mm->removes_pending, 1);
+			removes_done(mm, m->reserved3);
 		return ret;
 	}
 	case UFFD_EVENT_UNMAP: {
@@ -489,6 +564,31 @@ static void dispatch(cowmm_t *mm, struct deferred *d,
 
 static int worker_spawn(cowmm_t *mm, pthread_t *slot);
 static void worker_bind(cowmm_t *mm, unsigned i);
+
+/*
+ * Count a message just read, under read_lock, before any worker can read
+ * a later one: a fault at a moved region's new address must not look
+ * stray, and a fault must see the discards read before it.
+ */
+static void count_event(cowmm_t *mm, struct uffd_msg *m)
+{
+	switch (m->event) {
+	case UFFD_EVENT_REMAP:
+		atomic_fetch_add(&mm->remaps_pending, 1);
+		break;
+	case UFFD_EVENT_REMOVE:
+		m->reserved3 = ++mm->removes_read;
+		removes_add(mm, m->reserved3);
+		atomic_fetch_add(&mm->removes_pending, 1);
+		return;
+	case UFFD_EVENT_UNMAP:
+		atomic_fetch_add(&mm->unmaps_pending, 1);
+		break;
+	default:
+		break;
+	}
+	m->reserved3 = mm->removes_read;
+}
 
 /*
  * The userfaultfd is gone (the application closed the library's fd): the
@@ -596,14 +696,7 @@ static void *worker_main(void *arg)
 			pthread_mutex_lock(&mm->read_lock);
 			n = read(mm->uffd, msg, sizeof(msg));
 			for (ssize_t i = 0; i < n / (ssize_t)sizeof(msg[0]); i++)
-				if (msg[i].event == UFFD_EVENT_REMAP)
-					atomic_fetch_add(&mm->remaps_pending, 1);
-				else if (msg[i].event == UFFD_EVENT_REMOVE)
-					atomic_fetch_add(&mm->removes_pending,
-							 1);
-				else if (msg[i].event == UFFD_EVENT_UNMAP)
-					atomic_fetch_add(&mm->unmaps_pending,
-							 1);
+				count_event(mm, &msg[i]);
 			pthread_mutex_unlock(&mm->read_lock);
 		}
 		if (n > 0 || d.n)
@@ -829,6 +922,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		goto err_close;
 	}
 	pthread_mutex_init(&mm->read_lock, NULL);
+	pthread_mutex_init(&mm->removes_lock, NULL);
 	pthread_mutex_init(&mm->workers_lock, NULL);
 	ret = cowmm__frame_pool_init(&mm->pool, &mm->cnt.frames_live);
 	if (ret)
@@ -852,6 +946,8 @@ err_pool:
 err_mutex:
 	pthread_mutex_destroy(&mm->lock);
 	pthread_mutex_destroy(&mm->read_lock);
+	pthread_mutex_destroy(&mm->removes_lock);
+	free(mm->removes_q);
 	pthread_mutex_destroy(&mm->workers_lock);
 err_close:
 	if (mm->pagemap >= 0)
@@ -888,6 +984,8 @@ void cowmm_close(cowmm_t *mm)
 		free(mm->graveyard[i]);
 	pthread_mutex_destroy(&mm->lock);
 	pthread_mutex_destroy(&mm->read_lock);
+	pthread_mutex_destroy(&mm->removes_lock);
+	free(mm->removes_q);
 	pthread_mutex_destroy(&mm->workers_lock);
 	mm->magic = COWMM_MAGIC_DEAD;
 	free(mm);
@@ -949,9 +1047,12 @@ void cowmm__quiesce(cowmm_t *mm)
  */
 void cowmm__wait_discards(cowmm_t *mm)
 {
+	uint32_t stamp = cowmm__stamped ? cowmm__stamp
+					: cowmm__removes_stamp(mm);
 	unsigned spins = 0;
 
-	while (cowmm__discards_pending(mm) && spins++ < 100000)
+	/* Only those read so far: new ones may come for ever. */
+	while (cowmm__removes_before(mm, stamp) && spins++ < 100000)
 		sched_yield();
 }
 

@@ -357,6 +357,8 @@ static bool discard_pending(cowmm_t *mm)
 	 */
 	if (cowmm__in_remove)
 		return false;
+	if (cowmm__stamped)
+		return cowmm__removes_before(mm, cowmm__stamp);
 	return cowmm__in_worker ? atomic_load(&mm->removes_pending) != 0
 				: cowmm__discards_pending(mm);
 }
@@ -376,8 +378,20 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		return -EAGAIN;
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
-	if (!(e1 & PM_UFFD_WP))
-		return -EIO;
+	if (!(e1 & PM_UFFD_WP)) {
+		/*
+		 * Shared, yet not protected, and no discard pending: the
+		 * kernel dropped a page MADV_FREE left (no event comes for
+		 * that), which reads as zero, as the application allowed;
+		 * whatever was written there since did not fault.  Zero is
+		 * what the page held for whoever shares it.  A REMOVE
+		 * handler cannot tell its own zap from another: -EIO.
+		 */
+		if (cowmm__in_remove)
+			return -EIO;
+		memset(dst, 0, COWMM_PAGE_SIZE);
+		return 0;
+	}
 
 	if (!(e1 & PM_PRESENT) && probe && !cowmm__swap_possible()) {
 		memset(dst, 0, COWMM_PAGE_SIZE); /* never populated */
@@ -394,7 +408,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
 			return 0;
 		/* Another frame, still protected: a discard, or migrated. */
-		if (atomic_load(&r->mm->removes_pending))
+		if (discard_pending(r->mm))
 			return -EAGAIN;
 		e1 = e2; /* migrated: copy again */
 	}
@@ -1011,10 +1025,10 @@ out:
  * A page an older snapshot still shares is write-protected, or its change
  * went through cowmm__cow_claim*().  One that is not changed without a
  * fault, and without an event: the kernel may drop a page MADV_FREE left
- * (reclaim, MADV_PAGEOUT) and a write then lands on a fresh one unseen.
- * Before protecting again, break the snapshots that shared such a page
- * (reads of it wait and fail already; protected again, it would read the
- * new bytes silently).  One read-only PAGEMAP_SCAN of the run.
+ * (reclaim, MADV_PAGEOUT), and a write then lands on a fresh one unseen.
+ * Before protecting again, the snapshots that shared such a page get it as
+ * the kernel left it, zero (protected again, it would read the new bytes
+ * silently).  One read-only PAGEMAP_SCAN of the run.
  */
 static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
 {
@@ -1042,11 +1056,14 @@ static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
 			     addr += COWMM_PAGE_SIZE) {
 				size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 
-				if (cowmm__shared_locked(r, pg))
+				if (!discard_pending(r->mm))
+					cowmm__cow_claim_locked(
+						r, pg, COWMM_COW_ZERO,
+						&r->mm->cnt.detach_copies);
+				else if (cowmm__shared_locked(r, pg))
 					cowmm__cow_claim_lost_locked(
-						r, pg, "page changed without a "
-						       "fault (dropped by the "
-						       "kernel after MADV_FREE)");
+						r, pg, "page discarded while a "
+						       "snapshot was taken");
 			}
 		if (n < PROTECT_VEC) /* a short answer: done (MACHINE.md) */
 			return;

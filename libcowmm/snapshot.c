@@ -266,9 +266,23 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 			/* Unmapped (left the region), or never populated. */
 			memset(dst, 0, n);
 		} else if (!(e & PM_UFFD_WP)) {
-			f = wait_event(s, pg);
-			if (!f)
-				return -EIO;
+			/*
+			 * Lost its protection: a discard whose event is being
+			 * handled (wait for it), or a page MADV_FREE left that
+			 * the kernel dropped, with no event: zero, as it was
+			 * allowed to read (region.c, read_verified()).
+			 */
+			if (!cowmm__removes_before(s->mm, cowmm__stamp)) {
+				f = cowmm__fmap_get(&s->frames, pg);
+				if (!f) {
+					memset(dst, 0, n);
+					return 0;
+				}
+			} else {
+				f = wait_event(s, pg);
+				if (!f)
+					return -EIO;
+			}
 		} else {
 			int tries;
 
@@ -308,7 +322,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
 	size_t done = 0;
-	bool swap;
+	bool swap, stamped;
 	int ret = cowmm__check_snap(s);
 
 	if (ret)
@@ -322,6 +336,12 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 	if (len > s->len - off)
 		len = s->len - off;
 	swap = cowmm__swap_possible();
+	/* Wait only for discards read before the call (manager.c). */
+	stamped = cowmm__stamped;
+	if (!stamped) {
+		cowmm__stamp = cowmm__removes_stamp(s->mm);
+		cowmm__stamped = true;
+	}
 
 	urcu_bp_read_lock();
 	while (done < len && !ret) {
@@ -350,6 +370,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		}
 	}
 	urcu_bp_read_unlock();
+	cowmm__stamped = stamped;
 	if (ret || __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
 		return -EIO;
 	return (ssize_t)done;

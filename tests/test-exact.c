@@ -405,6 +405,70 @@ START_TEST(test_free_dropped_written)
 }
 END_TEST
 
+/*
+ * A thread that discards pages of a region without pause never holds back
+ * faults, clones or snapshot reads on its other pages: each waits only
+ * for the discards read before it.  (It hung in 5 of 5 runs.)
+ */
+struct storm {
+	unsigned char *p;
+	atomic_bool stop;
+};
+
+static void *storm_main(void *arg)
+{
+	struct storm *st = arg;
+	unsigned seed = 1, g = 1;
+
+	while (!atomic_load(&st->stop)) {
+		memset(st->p + (rand_r(&seed) % 16) * T_PAGE, g++ % 250 + 1,
+		       T_PAGE);
+		madvise(st->p + (rand_r(&seed) % 16) * T_PAGE, T_PAGE,
+			MADV_DONTNEED);
+	}
+	return NULL;
+}
+
+START_TEST(test_discard_storm)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct storm st = { 0 };
+	cowmm_region_t *r, *c;
+	cowmm_snap_t *s;
+	pthread_t th;
+	unsigned char *q, buf[T_PAGE];
+	size_t i;
+	int round;
+
+	st.p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(pthread_create(&th, NULL, storm_main, &st), 0);
+	for (round = 0; round < 20; round++) {
+		unsigned char v = (unsigned char)(round + 20);
+
+		for (i = 16; i < NPAGES; i++)
+			memset(st.p + i * T_PAGE, v, T_PAGE);
+		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+		for (i = 16; i < NPAGES; i += 2)
+			st.p[i * T_PAGE] = v + 1;
+		ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+		q = cowmm_region_base(c);
+		for (i = 16; i < NPAGES; i++)
+			ck_assert_int_eq(q[i * T_PAGE], i % 2 ? v : v + 1);
+		ck_assert_int_eq(cowmm_region_release(c), 0);
+		for (i = 16; i < NPAGES; i++) {
+			ssize_t n = cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE);
+
+			/* -EIO: a discard of pages 0..15 broke it, fine */
+			ck_assert(n == -EIO || (n == T_PAGE && buf[0] == v));
+		}
+		cowmm_snap_release(s);
+	}
+	atomic_store(&st.stop, true);
+	pthread_join(th, NULL);
+	cowmm_close(mm);
+}
+END_TEST
+
 /* Reserve @len bytes of address space nothing else will take. */
 static unsigned char *reserve(size_t len)
 {
@@ -713,6 +777,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "free-dropped-written", test_free_dropped_written,
 		  T_WP_UNPOPULATED },
+		{ "discard-storm", test_discard_storm, T_WP_UNPOPULATED, 0,
+		  30 },
 		{ "clone-mremap-part", test_clone_mremap_part,
 		  T_WP_UNPOPULATED },
 		{ "region-mremap-part", test_region_mremap_part,
