@@ -437,6 +437,23 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
 	return ret;
 }
 
+/*
+ * No discard read since @stamp, none pending: a page that lost its
+ * protection meanwhile was not zapped by one (the kernel zaps only once
+ * its event is read), so the kernel dropped it on its own (MADV_FREE).
+ */
+bool cowmm__removes_quiet(cowmm_t *mm, uint32_t stamp)
+{
+	bool quiet;
+
+	pthread_mutex_lock(&mm->read_lock);
+	pthread_mutex_lock(&mm->removes_lock);
+	quiet = mm->removes_read == stamp && !mm->removes_n;
+	pthread_mutex_unlock(&mm->removes_lock);
+	pthread_mutex_unlock(&mm->read_lock);
+	return quiet;
+}
+
 /* The last discard read so far (through read_lock: every one read). */
 uint32_t cowmm__removes_stamp(cowmm_t *mm)
 {

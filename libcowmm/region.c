@@ -367,6 +367,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 			 bool probe)
 {
 	uint64_t e1, e2;
+	uint32_t before;
 	int tries;
 
 	/*
@@ -376,19 +377,23 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	 */
 	if (discard_pending(r->mm))
 		return -EAGAIN;
+	before = cowmm__removes_stamp(r->mm);
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
 	if (!(e1 & PM_UFFD_WP)) {
 		/*
-		 * Shared, yet not protected, and no discard pending: the
-		 * kernel dropped a page MADV_FREE left (no event comes for
-		 * that), which reads as zero, as the application allowed;
-		 * whatever was written there since did not fault.  Zero is
-		 * what the page held for whoever shares it.  A REMOVE
-		 * handler cannot tell its own zap from another: -EIO.
+		 * Shared, yet not protected.  Zapped by a discard read since
+		 * (the snapshots that shared it break when it is handled):
+		 * try again then.  A REMOVE handler cannot tell its own zap
+		 * from another's: -EIO.  Otherwise no event came, and the
+		 * kernel dropped a page MADV_FREE left: it reads as the zero
+		 * the application allowed (what was written since did not
+		 * fault).
 		 */
 		if (cowmm__in_remove)
 			return -EIO;
+		if (!cowmm__removes_quiet(r->mm, before))
+			return -EAGAIN;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}
@@ -1043,10 +1048,12 @@ static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
 		.return_mask = PAGE_IS_WRITTEN,
 	};
 	uintptr_t addr;
+	uint32_t before;
 	long n, i;
 
 	if (!r->snaps)
 		return;
+	before = cowmm__removes_stamp(r->mm);
 	for (;;) {
 		n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
 		if (n < 0)
@@ -1056,7 +1063,7 @@ static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
 			     addr += COWMM_PAGE_SIZE) {
 				size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 
-				if (!discard_pending(r->mm))
+				if (cowmm__removes_quiet(r->mm, before))
 					cowmm__cow_claim_locked(
 						r, pg, COWMM_COW_ZERO,
 						&r->mm->cnt.detach_copies);

@@ -227,11 +227,12 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
  * pagemap entry, read before: a page the snapshot still shares is always
  * write-protected, present or never populated (a uffd-wp marker, which
  * reads as zero without being touched).  A page without the uffd-wp bit, or
- * one that lost it while it was copied, was discarded under the snapshot.
+ * one that lost it while it was copied, was discarded under the snapshot
+ * (@before: the last discard read before @e was).
  * Call inside an RCU read section.
  */
 static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
-		     uint64_t e, bool swap, char *dst)
+		     uint64_t e, uint32_t before, bool swap, char *dst)
 {
 	/*
 	 * The region first, then the frame slot: a release publishes every
@@ -272,7 +273,7 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 			 * the kernel dropped, with no event: zero, as it was
 			 * allowed to read (region.c, read_verified()).
 			 */
-			if (!cowmm__removes_before(s->mm, cowmm__stamp)) {
+			if (cowmm__removes_quiet(s->mm, before)) {
 				f = cowmm__fmap_get(&s->frames, pg);
 				if (!f) {
 					memset(dst, 0, n);
@@ -322,6 +323,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
 	size_t done = 0;
+	uint32_t before;
 	bool swap, stamped;
 	int ret = cowmm__check_snap(s);
 
@@ -350,6 +352,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		np = ((off + len - 1) >> COWMM_PAGE_SHIFT) - pg0 + 1;
 		if (np > READ_BATCH)
 			np = READ_BATCH;
+		before = cowmm__removes_stamp(s->mm); /* before pagemap */
 		if (!__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) ||
 		    cowmm__pagemap_read(s->mm->pagemap,
 					__atomic_load_n(&s->base,
@@ -364,8 +367,8 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 
 			if (n > len - done)
 				n = len - done;
-			ret = read_page(s, pg0 + i, in, n, entry[i], swap,
-					(char *)buf + done);
+			ret = read_page(s, pg0 + i, in, n, entry[i], before,
+					swap, (char *)buf + done);
 			done += n;
 		}
 	}
