@@ -1063,6 +1063,11 @@ static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
 			     addr += COWMM_PAGE_SIZE) {
 				size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 
+				/* A clone's page not materialised: empty,
+				 * its bytes are its origin's. */
+				if (r->present &&
+				    !cowmm__test_bit(r->present, pg))
+					continue;
 				if (cowmm__removes_quiet(r->mm, before))
 					cowmm__cow_claim_locked(
 						r, pg, COWMM_COW_ZERO,

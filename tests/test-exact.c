@@ -469,6 +469,23 @@ START_TEST(test_discard_storm)
 }
 END_TEST
 
+/* Snapshots of a clone never touched read its origin's bytes. */
+START_TEST(test_clone_snapshots_untouched)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r, *c;
+	cowmm_snap_t *s0, *s1;
+
+	t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	ck_assert_int_eq(cowmm_snapshot(c, &s0), 0);
+	ck_assert_int_eq(cowmm_snapshot(c, &s1), 0);
+	t_assert_snap_filled(s0, NPAGES);
+	t_assert_snap_filled(s1, NPAGES);
+	cowmm_close(mm);
+}
+END_TEST
+
 /* Reserve @len bytes of address space nothing else will take. */
 static unsigned char *reserve(size_t len)
 {
@@ -779,6 +796,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "discard-storm", test_discard_storm, T_WP_UNPOPULATED, 0,
 		  30 },
+		{ "clone-snapshots-untouched", test_clone_snapshots_untouched,
+		  T_WP_UNPOPULATED },
 		{ "clone-mremap-part", test_clone_mremap_part,
 		  T_WP_UNPOPULATED },
 		{ "region-mremap-part", test_region_mremap_part,
