@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -76,16 +77,30 @@ int cowmm__uffd_probe(uint64_t *features)
 /*
  * Every page-table ioctl may fail with EAGAIN while the address space is
  * changing (an event is being delivered); the contract is to retry.
+ *
+ * The kernel counts an event as changing from before it is queued until
+ * the thread that sent it runs again after a worker read it.  A worker
+ * must go and read an event still queued; but when none is (the event was
+ * read and its sender is about to run), it tries again for a while: a
+ * thread that discards without pause sends its next event within
+ * microseconds, and a worker that always went back to poll() first would
+ * come back each time to a new event and never get its ioctl through
+ * (exact/discard-storm).
  */
+#define WORKER_RETRIES 2000
+
 static int uffd_ioctl(int fd, unsigned long req, void *arg)
 {
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	unsigned tries = 0;
+
 	for (;;) {
 		if (ioctl(fd, req, arg) == 0)
 			return 0;
 		if (errno != EAGAIN)
 			return -errno;
-		/* A worker must go and read the event that causes it. */
-		if (cowmm__in_worker)
+		if (cowmm__in_worker &&
+		    (++tries > WORKER_RETRIES || poll(&pfd, 1, 0) != 0))
 			return -EAGAIN;
 		sched_yield();
 	}
