@@ -357,32 +357,22 @@ static void abandon(struct client *c, int err, const char *why)
 		    (unsigned long long)c->snap->seq, why);
 }
 
-/* Copy the page's old bytes into a frame before the writer may go on. */
-static void preserve(struct client *c, struct dsnap *s, size_t pg,
-		     uint64_t addr)
+/*
+ * Hand a page whose old bytes the snapshot still needs to the copier
+ * thread: it reads them, then unprotects the page and wakes the writer.
+ * Never here: a read of the client's memory may fault into a userfaultfd
+ * the client controls, and this thread must keep serving everyone else.
+ */
+static void queue_copy(struct dsnap *s, size_t pg, uint64_t addr)
 {
-	uint8_t expect = PG_NONE;
-	void *f = malloc(PAGE);
-	struct iovec local = { f, PAGE };
-	struct iovec remote = { (void *)(uintptr_t)addr, PAGE };
-
-	if (!f) {
-		abandon(c, -ENOMEM, "out of memory for a frame");
-		return;
-	}
-	if (process_vm_readv(c->pid, &local, 1, &remote, 1, 0) != PAGE) {
-		abandon(c, -errno, "cannot read the client's memory");
-		free(f);
-		return;
-	}
-	s->frames[pg] = f;
-	if (!atomic_compare_exchange_strong(&s->state[pg], &expect,
-					    PG_PRESERVED)) {
-		s->frames[pg] = NULL; /* the stream got there first */
-		free(f);
-		return;
-	}
-	atomic_fetch_add(&s->copies, 1);
+	if (s->queued[pg])
+		return; /* the copier wakes every writer of the page */
+	s->queued[pg] = 1;
+	pthread_mutex_lock(&s->qlock);
+	if (s->qhead == s->qtail)
+		pthread_cond_signal(&s->qcond);
+	s->queue[s->qtail++] = addr;
+	pthread_mutex_unlock(&s->qlock);
 }
 
 /*
@@ -398,8 +388,10 @@ static void resolve(struct client *c, uint64_t addr)
 	int ret;
 
 	if (s && page_of(s, addr, &pg) &&
-	    atomic_load(&s->state[pg]) == PG_NONE)
-		preserve(c, s, pg, addr);
+	    atomic_load(&s->state[pg]) == PG_NONE) {
+		queue_copy(s, pg, addr);
+		return;
+	}
 	ret = cowmm__uffd_wp(c->uffd, addr, PAGE, false, true);
 	if (ret != -EAGAIN)
 		return;
@@ -411,6 +403,8 @@ static void resolve(struct client *c, uint64_t addr)
 	c->retry[c->nretry++] = addr;
 	uv_timer_start(&c->retry_timer, on_retry, 1, 0);
 }
+
+static void missing_fault(struct client *c, uint64_t addr);
 
 static void on_retry(uv_timer_t *t)
 {
@@ -427,15 +421,48 @@ static void on_retry(uv_timer_t *t)
 	c->nretry = 0;
 	process_events(c);
 	for (i = 0; i < n; i++)
-		resolve(c, todo[i]);
+		if (todo[i] & 1)
+			missing_fault(c, todo[i] & ~1ull);
+		else
+			resolve(c, todo[i]);
 	free(todo);
+}
+
+/*
+ * A missing (or minor) fault on the client's userfaultfd: the client
+ * registered its ranges for more than write-protect faults after HELLO.
+ * The faulting thread may be one of ours (the copier, a stream) reading
+ * its memory: map a zero page so that it goes on, and drop the client.
+ */
+static void missing_fault(struct client *c, uint64_t addr)
+{
+	int ret = cowmm__uffd_zeropage(c->uffd, addr, PAGE, true);
+
+	if (ret == -EAGAIN && c->nretry < RETRY_MAX) {
+		c->retry[c->nretry++] = addr | 1; /* after the event is read */
+		uv_timer_start(&c->retry_timer, on_retry, 1, 0);
+	} else if (ret) {
+		(void)cowmm__uffd_wake(c->uffd, addr, PAGE);
+	}
+	if (!c->gone) {
+		say("client %u: a missing or minor fault at 0x%llx: its ranges "
+		    "are registered for more than write-protect faults",
+		    c->id, (unsigned long long)addr);
+		abandon(c, -EPROTO, "the client registered missing faults");
+		client_close(c, -EPROTO);
+	}
 }
 
 static void handle_fault(struct client *c, const struct uffd_msg *m)
 {
+	uint64_t addr = m->arg.pagefault.address & ~(PAGE - 1);
+
 	c->faults++;
 	D.faults++;
-	resolve(c, m->arg.pagefault.address & ~(PAGE - 1));
+	if (!(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
+		missing_fault(c, addr);
+	else
+		resolve(c, addr);
 }
 
 /*
@@ -581,7 +608,142 @@ static int loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Stopping a client for the instant of a snapshot */
+/* Helper threads */
+
+/*
+ * A thread of its own for work that may block on the client: ptrace
+ * (waiting for its threads to stop) and reading its memory (a read may
+ * fault into a userfaultfd it controls).  The loop learns that the thread
+ * has exited from a pidfd of the thread (PIDFD_THREAD, Linux 6.9), which
+ * turns readable only once the kernel has run exit_ptrace(): whatever
+ * the thread left seized is detached and running by then.
+ */
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL /* 6.9 */
+#endif
+
+struct helper {
+	pthread_t th;
+	int pidfd, err;
+	uv_poll_t poll;
+	uv_sem_t started;
+	void (*run)(struct helper *h);	/* on the thread */
+	void (*done)(struct helper *h); /* on the loop, once it exited */
+	void *data;
+	int result;
+};
+
+static void *helper_main(void *arg)
+{
+	struct helper *h = arg;
+
+	h->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)syscall(SYS_gettid),
+				PIDFD_THREAD);
+	h->err = h->pidfd < 0 ? -errno : 0;
+	uv_sem_post(&h->started);
+	if (h->err)
+		return NULL;
+	/* Userfaultfd ioctls come back with -EAGAIN: we retry, bounded. */
+	cowmm__in_worker = true;
+	h->run(h);
+	return NULL;
+}
+
+static void helper_closed(uv_handle_t *hd)
+{
+	struct helper *h = hd->data;
+
+	close(h->pidfd);
+	h->done(h);
+}
+
+static void on_helper_exit(uv_poll_t *p, int status, int events)
+{
+	struct helper *h = p->data;
+
+	(void)status;
+	(void)events;
+	uv_poll_stop(p);
+	pthread_join(h->th, NULL); /* it has exited: no wait */
+	uv_close((uv_handle_t *)p, helper_closed);
+}
+
+/* Start @h->run on a thread; @h->done follows on the loop.  -errno. */
+static int helper_start(struct helper *h)
+{
+	int ret;
+
+	if (uv_sem_init(&h->started, 0))
+		return -ENOMEM;
+	ret = -pthread_create(&h->th, NULL, helper_main, h);
+	if (!ret) {
+		uv_sem_wait(&h->started); /* the pidfd: microseconds */
+		ret = h->err;
+		if (ret)
+			pthread_join(h->th, NULL);
+	}
+	uv_sem_destroy(&h->started);
+	if (ret)
+		return ret;
+	uv_poll_init(D.loop, &h->poll, h->pidfd);
+	h->poll.data = h;
+	uv_poll_start(&h->poll, UV_READABLE, on_helper_exit);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The registration of the client's ranges */
+
+/*
+ * Every mapping that overlaps the ranges must be registered for
+ * write-protect faults (smaps VmFlags "uw") and for nothing else: with
+ * "um" (missing) or "ui" (minor) a read of the page by this daemon would
+ * wait for a fault nobody here resolves.  Returns 0, -EPROTO (missing or
+ * minor), -EINVAL (a range not registered) or -ESRCH.
+ */
+static int check_registration(pid_t pid, const struct dregion *r, unsigned n)
+{
+	char path[64], *line = NULL;
+	unsigned long lo = 0, hi = 0;
+	size_t cap = 0;
+	bool in = false;
+	int ret = 0;
+	unsigned i;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/smaps", (int)pid);
+	f = fopen(path, "re");
+	if (!f)
+		return -ESRCH;
+	while (!ret && getline(&line, &cap, f) > 0) {
+		char perms[8];
+
+		if (sscanf(line, "%lx-%lx %4s ", &lo, &hi, perms) == 3) {
+			in = false;
+			for (i = 0; i < n; i++)
+				if (!r[i].gone && lo < r[i].addr + r[i].len &&
+				    r[i].addr < hi)
+					in = true;
+			continue;
+		}
+		if (!in || strncmp(line, "VmFlags:", 8))
+			continue;
+		if (strstr(line, " um") || strstr(line, " ui"))
+			ret = -EPROTO;
+		else if (!strstr(line, " uw"))
+			ret = -EINVAL;
+		in = false;
+	}
+	free(line);
+	fclose(f);
+	return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stopping a client for the instant of a snapshot (on a helper thread) */
 
 struct frozen {
 	pid_t tid[1024];
@@ -599,20 +761,24 @@ static bool frozen_has(const struct frozen *f, pid_t tid)
 	return false;
 }
 
+/*
+ * Detach every thread that stopped.  One interrupted but not stopped yet
+ * (asleep in vfork(), say) cannot be detached: the helper thread's exit
+ * detaches it, and the loop goes on only after that exit.
+ */
 static void thaw(struct frozen *f)
 {
 	unsigned i;
 
 	for (i = 0; i < f->n; i++)
 		if (f->tid[i])
-			ptrace(PTRACE_DETACH, f->tid[i], 0, f->sig[i]);
+			(void)ptrace(PTRACE_DETACH, f->tid[i], 0, f->sig[i]);
 	f->n = 0;
 }
 
-/* Wait for thread @i to stop; it may be handling one of our faults. */
-static int wait_stopped(struct client *c, struct frozen *f, unsigned i)
+/* Wait for thread @i to stop (the client's other threads stay stopped). */
+static int wait_stopped(struct frozen *f, unsigned i, uint64_t deadline)
 {
-	uint64_t deadline = now_ns() + 2000000000ull;
 	int st;
 
 	for (;;) {
@@ -634,7 +800,6 @@ static int wait_stopped(struct client *c, struct frozen *f, unsigned i)
 		}
 		if (now_ns() > deadline)
 			return -ETIMEDOUT;
-		process_events(c);
 		usleep(100);
 	}
 }
@@ -643,12 +808,13 @@ static int wait_stopped(struct client *c, struct frozen *f, unsigned i)
  * Stop every thread of the client (PTRACE_SEIZE + PTRACE_INTERRUPT: no
  * signal, invisible to its parent), again until no new thread appears.
  */
-static int freeze(struct client *c, struct frozen *f)
+static int freeze(pid_t pid, struct frozen *f)
 {
+	uint64_t deadline = now_ns() + 2000000000ull;
 	char path[32];
 	int round, ret = 0;
 
-	snprintf(path, sizeof(path), "/proc/%d/task", (int)c->pid);
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
 	for (round = 0; round < 16; round++) {
 		struct dirent *e;
 		unsigned first = f->n, i;
@@ -681,22 +847,64 @@ static int freeze(struct client *c, struct frozen *f)
 		}
 		closedir(d);
 		for (i = first; !ret && i < f->n; i++)
-			ret = wait_stopped(c, f, i);
+			ret = wait_stopped(f, i, deadline);
 		if (ret || f->n == first)
 			break;
 	}
 	/* Still new threads after 16 rounds: not stopped, not an instant. */
 	if (!ret && round == 16)
 		ret = -EAGAIN;
-	if (ret)
-		thaw(f);
 	return ret;
+}
+
+/* Write-protect or unprotect from a helper thread while the loop reads
+ * the events the kernel holds the ioctl back for. */
+static int wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
+		    uint64_t deadline)
+{
+	int ret;
+
+	for (;;) {
+		ret = cowmm__uffd_wp(uffd, addr, len, on, true);
+		if (ret != -EAGAIN)
+			return ret;
+		if (now_ns() > deadline)
+			return -ETIMEDOUT;
+		usleep(100);
+	}
+}
+
+/* The helper thread that arms a snapshot: stop, check, protect, resume. */
+static void arm_thread(struct helper *h)
+{
+	struct dsnap *s = h->data;
+	struct frozen *f = calloc(1, sizeof(*f));
+	unsigned i;
+	int ret;
+
+	if (!f) {
+		h->result = -ENOMEM;
+		return;
+	}
+	ret = freeze(s->pid, f);
+	/* Stopped: the registration cannot change under us any more. */
+	if (!ret)
+		ret = check_registration(s->pid, s->r, s->nregions);
+	for (i = 0; !ret && i < s->nregions; i++)
+		if (!s->r[i].gone)
+			ret = wp_retry(s->uffd, s->r[i].addr, s->r[i].len,
+				       true, now_ns() + 2000000000ull);
+	thaw(f);
+	s->pause_ns = now_ns() - s->t_start;
+	free(f);
+	h->result = ret;
 }
 
 /* ------------------------------------------------------------------------ */
 /* Snapshots */
 
 static void snapshot_done(uv_work_t *w, int status);
+static void snapshot_finish(struct dsnap *s);
 
 static void free_dsnap(struct dsnap *s)
 {
@@ -707,6 +915,10 @@ static void free_dsnap(struct dsnap *s)
 			free(s->frames[i]);
 	free(s->frames);
 	free((void *)s->state);
+	free(s->queue);
+	free(s->queued);
+	pthread_mutex_destroy(&s->qlock);
+	pthread_cond_destroy(&s->qcond);
 	free(s);
 }
 
@@ -751,10 +963,160 @@ static int make_files(struct client *c, struct dsnap *s)
 	return 0;
 }
 
-/* Start a snapshot of @c; the reply to @waiter follows when it is done. */
+static void set_err(struct dsnap *s, int err)
+{
+	int zero = 0;
+
+	atomic_compare_exchange_strong(&s->err, &zero, err);
+}
+
+#define COPY_BATCH 64
+
+/*
+ * The copier: reads the old bytes of the pages queued by the loop, a
+ * batch per process_vm_readv(), then unprotects them and wakes their
+ * writers.  Exits when asked, once the queue is empty.
+ */
+static void copy_thread(struct helper *h)
+{
+	struct dsnap *s = h->data;
+	bool live = true;
+
+	for (;;) {
+		struct iovec local[COPY_BATCH], remote[COPY_BATCH];
+		uint64_t addr[COPY_BATCH];
+		size_t pg[COPY_BATCH];
+		unsigned n = 0, m = 0, k;
+		ssize_t got;
+		int err;
+
+		pthread_mutex_lock(&s->qlock);
+		while (s->qhead == s->qtail && !s->qstop)
+			pthread_cond_wait(&s->qcond, &s->qlock);
+		while (n < COPY_BATCH && s->qhead < s->qtail)
+			addr[n++] = s->queue[s->qhead++];
+		pthread_mutex_unlock(&s->qlock);
+		if (!n)
+			return;
+
+		for (k = 0; k < n; k++) {
+			size_t p;
+
+			if (atomic_load(&s->err) || !page_of(s, addr[k], &p) ||
+			    atomic_load(&s->state[p]) != PG_NONE)
+				continue;
+			local[m].iov_base = malloc(PAGE);
+			if (!local[m].iov_base) {
+				set_err(s, -ENOMEM);
+				break;
+			}
+			local[m].iov_len = PAGE;
+			remote[m] = (struct iovec){ (void *)(uintptr_t)addr[k],
+						    PAGE };
+			pg[m++] = p;
+		}
+		got = m ? process_vm_readv(s->pid, local, m, remote, m, 0) : 0;
+		if (got != (ssize_t)(m * PAGE))
+			set_err(s, got < 0 ? -errno : -EFAULT);
+		for (k = 0; k < m; k++) {
+			uint8_t expect = PG_NONE;
+
+			/* A discard zaps a page once its event is read. */
+			err = atomic_load(&s->err);
+			if (!err)
+				err = check_discards(s, (uint64_t)(uintptr_t)
+						     remote[k].iov_base, PAGE,
+						     &live);
+			if (err) {
+				set_err(s, err);
+				free(local[k].iov_base);
+				continue;
+			}
+			s->frames[pg[k]] = local[k].iov_base;
+			if (atomic_compare_exchange_strong(&s->state[pg[k]],
+							   &expect,
+							   PG_PRESERVED)) {
+				atomic_fetch_add(&s->copies, 1);
+				continue;
+			}
+			s->frames[pg[k]] = NULL; /* the stream got there first */
+			free(local[k].iov_base);
+		}
+		/* Failing here, the loop unprotects everything at the end. */
+		for (k = 0; k < n; k++)
+			(void)wp_retry(s->uffd, addr[k], PAGE, false,
+				       now_ns() + 1000000000ull);
+	}
+}
+
+static void copier_done(struct helper *h)
+{
+	struct dsnap *s = h->data;
+
+	free(h);
+	s->copier = NULL;
+	snapshot_finish(s);
+}
+
+static void reply_snapshot_error(struct conn *cn, struct client *c, int ret)
+{
+	reply_error(cn, ret, "snapshot of client %u failed: %s%s", c->id,
+		    strerror(-ret),
+		    ret == -EPERM ? " (ptrace not allowed: run cowmmd as root "
+				    "or the client's user)"
+		    : ret == -EPROTO ? " (its ranges are registered for more "
+				       "than write-protect faults)"
+				     : "");
+}
+
+/* Armed (or not): start the copier and the stream, or give up. */
+static void arm_done(struct helper *h)
+{
+	struct dsnap *s = h->data;
+	int ret = h->result;
+	unsigned i;
+
+	free(h);
+	if (!ret)
+		ret = atomic_load(&s->err);
+	if (!ret) {
+		h = calloc(1, sizeof(*h));
+		if (!h)
+			ret = -ENOMEM;
+	}
+	if (!ret) {
+		*h = (struct helper){ .run = copy_thread, .done = copier_done,
+				      .data = s };
+		ret = helper_start(h);
+		if (ret)
+			free(h);
+		else
+			s->copier = h;
+	}
+	if (!ret) {
+		s->work.data = s;
+		uv_queue_work(D.loop, &s->work, stream_snapshot, snapshot_done);
+		return;
+	}
+	for (i = 0; i < s->nregions; i++)
+		if (s->fds[i] >= 0) {
+			close(s->fds[i]);
+			s->fds[i] = -1;
+		}
+	remove_snapshot_dir(s->tmpdir, s->nregions);
+	s->result = ret;
+	s->t_end = now_ns();
+	snapshot_finish(s);
+}
+
+/*
+ * Start a snapshot of @c; the reply to @waiter follows when it is done.
+ * The client is stopped and armed on a helper thread (arm_thread()), the
+ * files streamed on the pool (stream.c); the loop goes on meanwhile.
+ */
 static int start_snapshot(struct client *c, struct conn *waiter)
 {
-	struct frozen *f;
+	struct helper *h;
 	struct dsnap *s;
 	unsigned i, live = 0;
 	int ret;
@@ -768,12 +1130,14 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 	if (!live)
 		return -ENOENT;
 	s = calloc(1, sizeof(*s));
-	f = calloc(1, sizeof(*f));
-	if (!s || !f) {
+	h = calloc(1, sizeof(*h));
+	if (!s || !h) {
 		free(s);
-		free(f);
+		free(h);
 		return -ENOMEM;
 	}
+	pthread_mutex_init(&s->qlock, NULL);
+	pthread_cond_init(&s->qcond, NULL);
 	s->c = c;
 	s->seq = ++c->seq;
 	s->pid = c->pid;
@@ -792,14 +1156,16 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 			s->total += c->r[i].len;
 	s->state = calloc(s->npages, 1);
 	s->frames = calloc(s->npages, sizeof(void *));
-	if (!s->state || !s->frames) {
-		free(f);
+	s->queue = calloc(s->npages, sizeof(*s->queue));
+	s->queued = calloc(s->npages, 1);
+	if (!s->state || !s->frames || !s->queue || !s->queued) {
+		free(h);
 		free_dsnap(s);
 		return -ENOMEM;
 	}
 	ret = make_files(c, s);
 	if (ret) {
-		free(f);
+		free(h);
 		free_dsnap(s);
 		return ret;
 	}
@@ -808,25 +1174,19 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 	/* The pid is the client's only while its pidfd says it lives. */
 	ret = syscall(SYS_pidfd_send_signal, c->pidfd, 0, NULL, 0) < 0
 		      ? -ESRCH
-		      : freeze(c, f);
+		      : 0;
 	/* Faults read while arming already belong to this snapshot. */
-	if (!ret)
+	*h = (struct helper){ .run = arm_thread, .done = arm_done, .data = s };
+	if (!ret) {
 		c->snap = s;
-	for (i = 0; !ret && i < c->nregions; i++)
-		if (!c->r[i].gone)
-			ret = loop_wp(c, c->r[i].addr, c->r[i].len, true);
-	if (ret)
-		c->snap = NULL;
-	thaw(f);
-	s->pause_ns = now_ns() - s->t_start;
-	free(f);
+		ret = helper_start(h);
+	}
 	if (ret) {
-		for (i = 0; i < c->nregions; i++) {
+		c->snap = NULL;
+		free(h);
+		for (i = 0; i < c->nregions; i++)
 			if (s->fds[i] >= 0)
 				close(s->fds[i]);
-			if (!c->r[i].gone)
-				loop_wp(c, c->r[i].addr, c->r[i].len, false);
-		}
 		remove_snapshot_dir(s->tmpdir, s->nregions);
 		free_dsnap(s);
 		return ret;
@@ -835,8 +1195,6 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 		s->waiters[s->nwaiters++] = waiter;
 		waiter->waiting = s;
 	}
-	s->work.data = s;
-	uv_queue_work(D.loop, &s->work, stream_snapshot, snapshot_done);
 	return 0;
 }
 
@@ -873,15 +1231,29 @@ static void out_snapshot(struct out *o, const struct dsnap *s)
 		     (unsigned long long)atomic_load(&s->copies));
 }
 
+/* The stream returned: let the copier drain its queue and exit. */
 static void snapshot_done(uv_work_t *w, int status)
 {
 	struct dsnap *s = w->data;
+
+	(void)status;
+	pthread_mutex_lock(&s->qlock);
+	s->qstop = true;
+	pthread_cond_signal(&s->qcond);
+	pthread_mutex_unlock(&s->qlock);
+	/* copier_done() follows; without a copier, finish now. */
+	if (!s->copier)
+		snapshot_finish(s);
+}
+
+static void snapshot_finish(struct dsnap *s)
+{
 	struct client *c = s->c;
 	char text[1024];
 	struct out o = { text, 0, sizeof(text), false };
 	unsigned i;
+	int ret;
 
-	(void)status;
 	c->snap = NULL;
 	c->copies += atomic_load(&s->copies);
 	D.copies += atomic_load(&s->copies);
@@ -921,9 +1293,7 @@ static void snapshot_done(uv_work_t *w, int status)
 			continue;
 		cn->waiting = NULL;
 		if (s->result) {
-			reply_error(cn, s->result, "snapshot of client %u "
-				    "failed: %s", c->id,
-				    strerror(-s->result));
+			reply_snapshot_error(cn, c, s->result);
 		} else {
 			o.json = cn->flags & COWMMD_CTL_JSON;
 			o.len = 0;
@@ -933,7 +1303,10 @@ static void snapshot_done(uv_work_t *w, int status)
 		if (D.stopping)
 			conn_close(cn);
 	}
+	ret = s->result;
 	free_dsnap(s);
+	if (ret == -EPROTO)
+		client_close(c, -EPROTO); /* it lied about its registration */
 	if (c->gone)
 		client_finish(c);
 	else if (D.stopping)
@@ -1027,6 +1400,7 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 			       size_t len, const int *fds, unsigned nfds,
 			       int *err)
 {
+	struct dregion dr[COWMMD_MAX_RANGES];
 	unsigned i, j, nclients = 0;
 	uint64_t want, have;
 	struct client *c;
@@ -1063,7 +1437,13 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 		if (cowmm__check_maps(cn->pid, r->addr, r->len))
 			return "range is not private anonymous memory of the "
 			       "client";
+		dr[i] = (struct dregion){ r->addr, r->len, 0, false };
 	}
+	*err = check_registration(cn->pid, dr, h->nranges);
+	if (*err == -EPROTO)
+		return "ranges registered for missing or minor faults";
+	if (*err)
+		return "ranges not registered for write-protect faults";
 	for (c = D.clients; c; c = c->next)
 		nclients++;
 	*err = -EUSERS;
@@ -1343,12 +1723,7 @@ static void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m,
 		}
 		ret = start_snapshot(c, cn);
 		if (ret)
-			reply_error(cn, ret, "snapshot of client %u: %s%s",
-				    c->id, strerror(-ret),
-				    ret == -EPERM ? " (ptrace not allowed: "
-						    "run cowmmd as root or "
-						    "the client's user)"
-						  : "");
+			reply_snapshot_error(cn, c, ret);
 	} else if (!strcmp(argv[0], "schedule") &&
 		   (argc == 3 || argc == 4)) {
 		c = find_client(argv[1]);

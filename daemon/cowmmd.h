@@ -8,6 +8,7 @@
 #define COWMMD_H
 
 #include <limits.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -27,6 +28,7 @@
 enum { PG_NONE, PG_STREAMED, PG_PRESERVED };
 
 struct conn;
+struct helper;
 
 struct dregion {
 	uint64_t addr, len;
@@ -71,6 +73,19 @@ struct dsnap {
 	char tmpdir[PATH_MAX], finaldir[PATH_MAX];
 	uint64_t t_start, pause_ns, t_stream, t_end;
 	int result;
+	/*
+	 * Pages whose write faults wait for the copier thread, which reads
+	 * their old bytes (process_vm_readv) so that the loop thread never
+	 * touches the client's memory.  The loop queues a page at most once
+	 * (queued[], loop thread only), so npages slots are enough.
+	 */
+	pthread_mutex_t qlock;
+	pthread_cond_t qcond;
+	uint64_t *queue;
+	size_t qhead, qtail;
+	bool qstop;
+	uint8_t *queued;
+	struct helper *copier; /* NULL until armed, and once it exited */
 	uv_work_t work;
 	struct conn *waiters[MAX_WAITERS];
 	unsigned nwaiters;
@@ -78,6 +93,8 @@ struct dsnap {
 
 /* Streams a snapshot; runs on the thread pool (stream.c). */
 void stream_snapshot(uv_work_t *w);
+int check_discards(struct dsnap *s, uint64_t addr, size_t len,
+		   const bool *live);
 void remove_snapshot_dir(const char *dir, unsigned nregions);
 uint64_t now_ns(void);
 

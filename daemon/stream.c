@@ -60,8 +60,8 @@ static void throttle(struct dsnap *s, uint64_t done)
  * thread handles it: wait until every batch of events read by now has been
  * dispatched (recorded in s->removed), then look.
  */
-static int check_discards(struct dsnap *s, uint64_t addr, size_t len,
-			  const bool *live)
+int check_discards(struct dsnap *s, uint64_t addr, size_t len,
+		   const bool *live)
 {
 	uint64_t want = atomic_load(s->ev_started);
 	unsigned k, n;
