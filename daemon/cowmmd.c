@@ -83,6 +83,7 @@ struct conn {
 	enum conn_kind kind;
 	struct client *client;
 	struct dsnap *waiting; /* a ctl waiting for this snapshot */
+	uint64_t last_ns;      /* its last message: for the idle timeout */
 	unsigned flags;
 	bool closing;
 	struct conn *next;
@@ -92,6 +93,8 @@ static struct {
 	uv_loop_t *loop;
 	uv_poll_t listen_poll;
 	uv_signal_t sigint, sigterm;
+	uv_timer_t idle_timer, backoff_timer;
+	uint64_t idle_ns;
 	int listen_fd;
 	char sock[108];
 	char dir[PATH_MAX / 2];
@@ -106,7 +109,7 @@ static struct {
 	uint64_t run; /* start time, seconds since the epoch: in file names */
 	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
 	uint64_t refused;
-} D = { .keep = 3, .next_id = 1 };
+} D = { .keep = 3, .next_id = 1, .idle_ns = IDLE_TIMEOUT_S * 1000000000ull };
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
@@ -324,6 +327,8 @@ static void maybe_exit(void)
 	if (!uv_is_closing((uv_handle_t *)&D.sigint)) {
 		uv_close((uv_handle_t *)&D.sigint, NULL);
 		uv_close((uv_handle_t *)&D.sigterm, NULL);
+		uv_close((uv_handle_t *)&D.idle_timer, NULL);
+		uv_close((uv_handle_t *)&D.backoff_timer, NULL);
 	}
 }
 
@@ -1444,9 +1449,26 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 		return "ranges registered for missing or minor faults";
 	if (*err)
 		return "ranges not registered for write-protect faults";
-	for (c = D.clients; c; c = c->next)
-		nclients++;
+	/*
+	 * Registered with this userfaultfd, not another one of the client's
+	 * (-EBUSY): registering again in the same mode changes nothing.
+	 */
+	for (i = 0; i < h->nranges; i++) {
+		*err = cowmm__uffd_register(fds[0], h->ranges[i].addr,
+					    h->ranges[i].len,
+					    UFFDIO_REGISTER_MODE_WP, NULL);
+		if (*err == -EBUSY)
+			return "ranges registered with another userfaultfd";
+		if (*err)
+			return "cannot check the registration of the ranges";
+	}
+	j = 0;
 	*err = -EUSERS;
+	for (c = D.clients; c; c = c->next) {
+		nclients++;
+		if (!c->gone && c->pid == cn->pid && ++j >= MAX_CLIENTS_PER_PID)
+			return "too many clients in this process";
+	}
 	if (nclients >= MAX_CLIENTS)
 		return "too many clients";
 	*err = 0;
@@ -1807,6 +1829,7 @@ static void on_conn(uv_poll_t *h, int status, int events)
 	n = recvmsg(cn->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return;
+	cn->last_ns = now_ns();
 	for (cm = CMSG_FIRSTHDR(&msg); n >= 0 && cm;
 	     cm = CMSG_NXTHDR(&msg, cm)) {
 		if (cm->cmsg_level != SOL_SOCKET ||
@@ -1865,10 +1888,42 @@ static void on_conn(uv_poll_t *h, int status, int events)
 			close(fds[i]);
 }
 
+static void on_listen(uv_poll_t *h, int status, int events);
+
+static void on_backoff(uv_timer_t *t)
+{
+	(void)t;
+	if (!D.stopping)
+		uv_poll_start(&D.listen_poll, UV_READABLE, on_listen);
+}
+
+/* Why a new connection from @cred is not taken, or NULL. */
+static const char *over_limit(const struct ucred *cred)
+{
+	unsigned all = 0, uid = 0, pid = 0;
+	struct conn *cn;
+
+	for (cn = D.conns; cn; cn = cn->next) {
+		all++;
+		if (cn->kind == CONN_CLIENT || cn->closing)
+			continue;
+		uid += cn->uid == cred->uid;
+		pid += cn->pid == cred->pid;
+	}
+	if (all >= MAX_CONNS)
+		return "too many connections";
+	if (uid >= MAX_IDLE_PER_UID)
+		return "too many connections from this uid";
+	if (pid >= MAX_IDLE_PER_PID)
+		return "too many connections from this process";
+	return NULL;
+}
+
 static void on_listen(uv_poll_t *h, int status, int events)
 {
 	struct ucred cred;
 	socklen_t len = sizeof(cred);
+	const char *why;
 	struct conn *cn;
 	int fd;
 
@@ -1876,11 +1931,35 @@ static void on_listen(uv_poll_t *h, int status, int events)
 	(void)status;
 	(void)events;
 	fd = accept4(D.listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-	if (fd < 0)
+	if (fd < 0) {
+		/*
+		 * Out of descriptors or memory: the connection stays queued
+		 * and the socket readable.  Stop polling it for a while
+		 * rather than spin; the idle timeout frees descriptors.
+		 */
+		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+		    errno == ENOMEM) {
+			say("accept: %s: not accepting for 100 ms",
+			    strerror(errno));
+			uv_poll_stop(&D.listen_poll);
+			uv_timer_start(&D.backoff_timer, on_backoff, 100, 0);
+		}
 		return;
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+		close(fd);
+		return;
+	}
+	why = over_limit(&cred);
+	if (why) {
+		D.refused++;
+		say("connection from pid %d (uid %u) refused: %s",
+		    (int)cred.pid, (unsigned)cred.uid, why);
+		close(fd);
+		return;
+	}
 	cn = calloc(1, sizeof(*cn));
-	if (!cn || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
-		free(cn);
+	if (!cn) {
 		close(fd);
 		return;
 	}
@@ -1888,11 +1967,29 @@ static void on_listen(uv_poll_t *h, int status, int events)
 	cn->uid = cred.uid;
 	cn->pid = cred.pid;
 	cn->kind = CONN_NEW;
+	cn->last_ns = now_ns();
 	uv_poll_init(D.loop, &cn->poll, fd);
 	cn->poll.data = cn;
 	cn->next = D.conns;
 	D.conns = cn;
 	uv_poll_start(&cn->poll, UV_READABLE | UV_DISCONNECT, on_conn);
+}
+
+/* Connections with nothing in flight that said nothing for too long. */
+static void on_idle_timer(uv_timer_t *t)
+{
+	struct conn *cn, *next;
+	uint64_t now = now_ns();
+
+	(void)t;
+	for (cn = D.conns; cn; cn = next) {
+		next = cn->next;
+		if (cn->kind == CONN_CLIENT || cn->waiting || cn->closing ||
+		    now - cn->last_ns < D.idle_ns)
+			continue;
+		say("connection from pid %d closed: idle", (int)cn->pid);
+		conn_close(cn);
+	}
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -1911,6 +2008,7 @@ static void on_signal(uv_signal_t *h, int signum)
 	say("%s: finishing snapshots in flight, then exiting",
 	    strsignal(signum));
 	D.stopping = true;
+	uv_timer_stop(&D.backoff_timer);
 	uv_close((uv_handle_t *)&D.listen_poll, NULL);
 	close(D.listen_fd);
 	unlink(D.sock);
@@ -2027,6 +2125,7 @@ static void usage(FILE *f)
 
 	fprintf(f,
 		"usage: cowmmd [--socket PATH] [--dir DIR] [--keep N] [--rate MIB]\n"
+		"              [--idle-timeout S]\n"
 		"\n"
 		"Takes snapshots of the memory of processes that attach with\n"
 		"cowmm_attach_daemon(), on cowmmctl's command or on a schedule.\n"
@@ -2039,12 +2138,16 @@ static void usage(FILE *f)
 		"(default 0:\n"
 		"                     no limit); the client's writes fault "
 		"meanwhile\n"
+		"  -i, --idle-timeout S  close a connection that is not a "
+		"client\n"
+		"                     after S seconds without a request "
+		"(default %d)\n"
 		"  -h, --help         this text\n"
 		"  -V, --version      the version\n"
 		"\n"
 		"SIGTERM or SIGINT: finish the snapshots in flight, then exit;\n"
 		"a second one abandons them (their files are removed).\n",
-		cowmmd_default_socket(def, sizeof(def)));
+		cowmmd_default_socket(def, sizeof(def)), IDLE_TIMEOUT_S);
 }
 
 int main(int argc, char **argv)
@@ -2054,16 +2157,17 @@ int main(int argc, char **argv)
 		{ "dir", required_argument, NULL, 'd' },
 		{ "keep", required_argument, NULL, 'k' },
 		{ "rate", required_argument, NULL, 'r' },
+		{ "idle-timeout", required_argument, NULL, 'i' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
-	unsigned long keep, rate;
+	unsigned long keep, rate, idle;
 	int opt, ret;
 
 	cowmmd_default_socket(D.sock, sizeof(D.sock));
 	snprintf(D.dir, sizeof(D.dir), "/var/tmp/cowmmd");
-	while ((opt = getopt_long(argc, argv, "s:d:k:r:hV", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:d:k:r:i:hV", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			snprintf(D.sock, sizeof(D.sock), "%s", optarg);
@@ -2086,6 +2190,14 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			D.rate = (uint64_t)rate << 20;
+			break;
+		case 'i':
+			if (!parse_uint(optarg, 86400, &idle) || !idle) {
+				fprintf(stderr, "cowmmd: --idle-timeout takes "
+						"1 to 86400 seconds\n");
+				return 2;
+			}
+			D.idle_ns = idle * 1000000000ull;
 			break;
 		case 'h':
 			usage(stdout);
@@ -2121,6 +2233,10 @@ int main(int argc, char **argv)
 	D.run = (uint64_t)time(NULL);
 	uv_poll_init(D.loop, &D.listen_poll, D.listen_fd);
 	uv_poll_start(&D.listen_poll, UV_READABLE, on_listen);
+	uv_timer_init(D.loop, &D.backoff_timer);
+	uv_timer_init(D.loop, &D.idle_timer);
+	uv_timer_start(&D.idle_timer, on_idle_timer, D.idle_ns / 4000000 + 1,
+		       D.idle_ns / 4000000 + 1);
 	uv_signal_init(D.loop, &D.sigint);
 	uv_signal_init(D.loop, &D.sigterm);
 	uv_signal_start(&D.sigint, on_signal, SIGINT);

@@ -20,6 +20,11 @@
 #define PAGE 4096UL
 #define KEEP_MAX 64
 #define MAX_CLIENTS 64
+#define MAX_CLIENTS_PER_PID 4
+#define MAX_CONNS 512	  /* every connection, clients included */
+#define MAX_IDLE_PER_UID 32 /* connections that are not clients */
+#define MAX_IDLE_PER_PID 8
+#define IDLE_TIMEOUT_S 10 /* for a connection with nothing in flight */
 #define MAX_WAITERS 8
 #define RETRY_MAX 4096
 #define MAX_REMOVED 256 /* discards recorded during one snapshot */

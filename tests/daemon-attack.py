@@ -406,7 +406,8 @@ def case_limits():
        lambda: f"{fd_count(dpid)} vs {base}")
 
     # Out of descriptors: back off, do not spin.
-    resource.prlimit(dpid, resource.RLIMIT_NOFILE, (base + 8, base + 8))
+    soft, hard = resource.prlimit(dpid, resource.RLIMIT_NOFILE)
+    resource.prlimit(dpid, resource.RLIMIT_NOFILE, (base + 8, hard))
     socks = []
     for _ in range(64):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -422,24 +423,26 @@ def case_limits():
     ok(used < 0.3, f"at EMFILE the daemon uses {used:.0%} of a CPU")
     for s in socks:
         s.close()
-    resource.prlimit(dpid, resource.RLIMIT_NOFILE, (1024, 1024))
+    with open(d["logpath"]) as f:
+        ok("Too many open files" in f.read(), "the daemon did hit EMFILE")
+    resource.prlimit(dpid, resource.RLIMIT_NOFILE, (soft, hard))
     ok(wait_until(lambda: ping_time(d["sock"], 2) is not None, 15),
        "and answers again once descriptors are free")
 
     # An empty userfaultfd, and one process asking for every slot.
-    buf = mmap.mmap(-1, 1 << 20)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    bufs = [mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            for _ in range(71)]
+    addrs = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in bufs]
     empty = uffd_of()
     me = os.pidfd_open(os.getpid())
-    s, st = send_hello(d["sock"], hello_msg([(addr, 1 << 20)]),
+    s, st = send_hello(d["sock"], hello_msg([(addrs[0], 1 << 16)]),
                        (empty, me))
     s.close()
     ok(st is not None and st < 0, f"an empty userfaultfd is refused ({st})")
     held, statuses = [], []
-    for _ in range(70):
-        fd = uffd_of(addr, 1 << 20, 4)  # UFFDIO_REGISTER_MODE_WP
-        s, st = send_hello(d["sock"], hello_msg([(addr, 1 << 20)]),
-                           (fd, me))
+    for a in addrs[1:]:
+        fd = uffd_of(a, 1 << 16, 2)  # UFFDIO_REGISTER_MODE_WP
+        s, st = send_hello(d["sock"], hello_msg([(a, 1 << 16)]), (fd, me))
         os.close(fd)
         statuses.append(st)
         held.append(s)
@@ -451,7 +454,6 @@ def case_limits():
         s.close()
     os.close(empty)
     os.close(me)
-    del buf
     stop_daemon(d)
 
 
@@ -573,6 +575,7 @@ CASES = {
     "freeze-loop": case_freeze_loop,
     "ptrace-eperm": case_ptrace_eperm,
     "zombie": case_zombie,
+    "limits": case_limits,
 }
 
 failed = []
