@@ -33,7 +33,8 @@ static void usage(FILE *f)
 		"  stats                       the daemon's numbers\n"
 		"  ping                        is the daemon there?\n"
 		"\n"
-		"CLIENT is an id from 'list' or a client's name.\n"
+		"CLIENT is an id from 'list' (all digits) or a client's name\n"
+		"(never all digits; a name shared by two clients is refused).\n"
 		"  -s, --socket PATH  the daemon's socket (default %s)\n"
 		"  -j, --json         answer in JSON\n",
 		cowmmd_default_socket(def, sizeof(def)));

@@ -1475,19 +1475,25 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 	return NULL;
 }
 
+/*
+ * Letters, digits, '-' and '_'; a name never starts with a digit, so that
+ * cowmmctl's CLIENT, all digits, is always an id.
+ */
 static void sanitize_name(char *dst, const char *src, size_t n)
 {
-	size_t i;
+	size_t i, o = 0;
 
-	for (i = 0; i < n && src[i]; i++)
-		dst[i] = (src[i] >= 'a' && src[i] <= 'z') ||
-				 (src[i] >= 'A' && src[i] <= 'Z') ||
-				 (src[i] >= '0' && src[i] <= '9') ||
-				 src[i] == '-' || src[i] == '_'
-			 ? src[i]
-			 : '_';
-	dst[i] = '\0';
-	if (!i)
+	if (src[0] >= '0' && src[0] <= '9')
+		dst[o++] = '_';
+	for (i = 0; i < n && src[i] && o < n; i++)
+		dst[o++] = (src[i] >= 'a' && src[i] <= 'z') ||
+				   (src[i] >= 'A' && src[i] <= 'Z') ||
+				   (src[i] >= '0' && src[i] <= '9') ||
+				   src[i] == '-' || src[i] == '_'
+			   ? src[i]
+			   : '_';
+	dst[o] = '\0';
+	if (!o)
 		memcpy(dst, "client", sizeof("client"));
 }
 
@@ -1552,17 +1558,36 @@ static void handle_hello(struct conn *cn, const struct cowmmd_hello *h,
 /* ------------------------------------------------------------------------ */
 /* CTL: cowmmctl */
 
-static struct client *find_client(const char *arg)
+/*
+ * CLIENT: all digits is an id, anything else a name, which must be
+ * unique.  NULL with *err set (-ENOENT, -ENOTUNIQ) if none fits.
+ */
+static struct client *find_client(const char *arg, int *err)
 {
-	struct client *c;
-	char *end;
-	unsigned long id = strtoul(arg, &end, 10);
+	struct client *c, *found = NULL;
+	bool id = *arg && strspn(arg, "0123456789") == strlen(arg);
+	unsigned long n = id ? strtoul(arg, NULL, 10) : 0;
 
-	for (c = D.clients; c; c = c->next)
-		if (!c->gone && ((*arg && !*end && c->id == id) ||
-				 !strcmp(c->name, arg)))
-			return c;
-	return NULL;
+	*err = -ENOENT;
+	for (c = D.clients; c; c = c->next) {
+		if (c->gone || (id ? c->id != n : strcmp(c->name, arg)))
+			continue;
+		if (found) {
+			*err = -ENOTUNIQ;
+			return NULL;
+		}
+		found = c;
+	}
+	return found;
+}
+
+static void no_client(struct conn *cn, const char *arg, int err)
+{
+	if (err == -ENOTUNIQ)
+		reply_error(cn, err, "more than one client is named %s: "
+			    "use its id (cowmmctl list)", arg);
+	else
+		reply_error(cn, err, "no client %s", arg);
 }
 
 static void out_client(struct out *o, const struct client *c, bool first)
@@ -1738,9 +1763,9 @@ static void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m,
 	} else if (!strcmp(argv[0], "stats") && argc == 1) {
 		ctl_stats(cn, &o);
 	} else if (!strcmp(argv[0], "snapshot") && argc == 2) {
-		c = find_client(argv[1]);
+		c = find_client(argv[1], &ret);
 		if (!c) {
-			reply_error(cn, -ENOENT, "no client %s", argv[1]);
+			no_client(cn, argv[1], ret);
 			return;
 		}
 		ret = start_snapshot(c, cn);
@@ -1748,9 +1773,9 @@ static void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m,
 			reply_snapshot_error(cn, c, ret);
 	} else if (!strcmp(argv[0], "schedule") &&
 		   (argc == 3 || argc == 4)) {
-		c = find_client(argv[1]);
+		c = find_client(argv[1], &ret);
 		if (!c) {
-			reply_error(cn, -ENOENT, "no client %s", argv[1]);
+			no_client(cn, argv[1], ret);
 			return;
 		}
 		keep = c->keep;

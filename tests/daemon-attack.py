@@ -470,6 +470,11 @@ def case_names():
     ok(rc == 0 and f'"name": "{aid}"' not in out,
        "no client is listed with a name that reads as an id",
        lambda: out)
+    c1, _ = good_client(d, "twin")
+    c2, _ = good_client(d, "twin")
+    rc, out, err = ctl(d["sock"], "snapshot", "twin")
+    ok(rc not in (0, None) and "more than one" in err,
+       "a name two clients share is refused", lambda: out + err)
     stop_daemon(d)
 
 
@@ -576,6 +581,7 @@ CASES = {
     "ptrace-eperm": case_ptrace_eperm,
     "zombie": case_zombie,
     "limits": case_limits,
+    "names": case_names,
 }
 
 failed = []
