@@ -94,6 +94,7 @@ static struct {
 	uv_poll_t listen_poll;
 	uv_signal_t sigint, sigterm;
 	uv_timer_t idle_timer, backoff_timer;
+	int dirfd; /* the snapshot directory, held open */
 	uint64_t idle_ns;
 	int listen_fd;
 	char sock[108];
@@ -928,44 +929,56 @@ static void free_dsnap(struct dsnap *s)
 }
 
 /*
- * DIR/NAME-PID-RUN.ID-SEQ: RUN (the daemon's start, in seconds) and the
+ * NAME-PID-RUN.ID-SEQ, in the snapshot directory: RUN (the daemon's start, in seconds) and the
  * client id keep names unique across attaches and daemon restarts.
  */
 static void snapshot_name(char *buf, size_t n, const char *pre,
 			  const struct client *c, uint64_t seq,
 			  const char *suf)
 {
-	snprintf(buf, n, "%s/%s%s-%d-%llu.%u-%llu%s", D.dir, pre, c->name,
+	snprintf(buf, n, "%s%s-%d-%llu.%u-%llu%s", pre, c->name,
 		 (int)c->pid, (unsigned long long)D.run, c->id,
 		 (unsigned long long)seq, suf);
 }
 
+/* Everything relative to the directory held open; nothing followed. */
 static int make_files(struct client *c, struct dsnap *s)
 {
-	char path[PATH_MAX + 32];
+	char file[32];
 	unsigned i;
+	int fd, err = 0;
 
+	s->dirfd = D.dirfd;
 	snapshot_name(s->finaldir, sizeof(s->finaldir), "", c, s->seq, "");
 	snapshot_name(s->tmpdir, sizeof(s->tmpdir), ".", c, s->seq, ".tmp");
-	if (mkdir(s->tmpdir, 0700) < 0)
+	if (mkdirat(D.dirfd, s->tmpdir, 0700) < 0)
 		return -errno;
-	for (i = 0; i < s->nregions; i++) {
+	fd = openat(D.dirfd, s->tmpdir,
+		    O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		err = -errno;
+	for (i = 0; !err && i < s->nregions; i++) {
 		if (s->r[i].gone)
 			continue;
-		snprintf(path, sizeof(path), "%s/r%u.cowmm", s->tmpdir, i);
-		s->fds[i] = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
-				 0600);
-		if (s->fds[i] < 0) {
-			int err = -errno;
-
-			while (i--)
-				if (s->fds[i] >= 0)
-					close(s->fds[i]);
-			remove_snapshot_dir(s->tmpdir, s->nregions);
-			return err;
-		}
+		snprintf(file, sizeof(file), "r%u.cowmm", i);
+		s->fds[i] = openat(fd, file,
+				   O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+					   O_CLOEXEC,
+				   0600);
+		if (s->fds[i] < 0)
+			err = -errno;
 	}
-	return 0;
+	if (fd >= 0)
+		close(fd);
+	if (err) {
+		for (i = 0; i < s->nregions; i++)
+			if (s->fds[i] >= 0) {
+				close(s->fds[i]);
+				s->fds[i] = -1;
+			}
+		remove_snapshot_dir(D.dirfd, s->tmpdir, s->nregions);
+	}
+	return err;
 }
 
 static void set_err(struct dsnap *s, int err)
@@ -1108,7 +1121,7 @@ static void arm_done(struct helper *h)
 			close(s->fds[i]);
 			s->fds[i] = -1;
 		}
-	remove_snapshot_dir(s->tmpdir, s->nregions);
+	remove_snapshot_dir(s->dirfd, s->tmpdir, s->nregions);
 	s->result = ret;
 	s->t_end = now_ns();
 	snapshot_finish(s);
@@ -1192,7 +1205,7 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 		for (i = 0; i < c->nregions; i++)
 			if (s->fds[i] >= 0)
 				close(s->fds[i]);
-		remove_snapshot_dir(s->tmpdir, s->nregions);
+		remove_snapshot_dir(s->dirfd, s->tmpdir, s->nregions);
 		free_dsnap(s);
 		return ret;
 	}
@@ -1205,11 +1218,11 @@ static int start_snapshot(struct client *c, struct conn *waiter)
 
 static void prune(struct client *c)
 {
-	char dir[PATH_MAX];
+	char dir[NAME_MAX + 1];
 
 	while (c->nkept > c->keep) {
 		snapshot_name(dir, sizeof(dir), "", c, c->kept[0], "");
-		remove_snapshot_dir(dir, c->nregions);
+		remove_snapshot_dir(D.dirfd, dir, c->nregions);
 		memmove(c->kept, c->kept + 1, --c->nkept * sizeof(c->kept[0]));
 	}
 }
@@ -1218,22 +1231,29 @@ static void out_snapshot(struct out *o, const struct dsnap *s)
 {
 	double secs = (double)(s->t_end - s->t_start) / 1e9;
 
-	if (o->json)
+	char dir[PATH_MAX];
+
+	snprintf(dir, sizeof(dir), "%s/%s", D.dir, s->finaldir);
+	if (o->json) {
+		outf(o, "{\"seq\": %llu, \"dir\": ",
+		     (unsigned long long)s->seq);
+		out_jstr(o, dir);
 		outf(o,
-		     "{\"seq\": %llu, \"dir\": \"%s\", \"regions\": %u, "
+		     ", \"regions\": %u, "
 		     "\"bytes\": %llu, \"pause_us\": %llu, \"seconds\": %.3f, "
 		     "\"copies\": %llu}\n",
-		     (unsigned long long)s->seq, s->finaldir, s->nregions,
+		     s->nregions,
 		     (unsigned long long)s->total,
 		     (unsigned long long)(s->pause_ns / 1000), secs,
 		     (unsigned long long)atomic_load(&s->copies));
-	else
+	} else {
 		outf(o,
 		     "%s\n  %u region file(s), %.1f MiB in %.3f s; client "
 		     "stopped %.3f ms; %llu pages copied on write\n",
-		     s->finaldir, s->nregions, (double)s->total / (1 << 20),
+		     dir, s->nregions, (double)s->total / (1 << 20),
 		     secs, (double)s->pause_ns / 1e6,
 		     (unsigned long long)atomic_load(&s->copies));
+	}
 }
 
 /* The stream returned: let the copier drain its queue and exit. */
@@ -1280,7 +1300,7 @@ static void snapshot_finish(struct dsnap *s)
 		c->last_err = 0;
 		c->last_pause_us = s->pause_ns / 1000;
 		c->last_ms = (s->t_end - s->t_start) / 1000000;
-		snprintf(c->last, sizeof(c->last), "%s", s->finaldir);
+		snprintf(c->last, sizeof(c->last), "%s/%s", D.dir, s->finaldir);
 		c->kept[c->nkept++] = s->seq; /* prune() keeps it < KEEP_MAX */
 		prune(c);
 		say("client %u: snapshot %llu: %.1f MiB in %.3f s, stopped "
@@ -2090,63 +2110,134 @@ static int listen_on(const char *path)
 	return fd;
 }
 
-static int make_dir(const char *dir)
+/*
+ * Open the snapshot directory for good, walking from / one component at a
+ * time without following symlinks, creating what is missing (0700).
+ * Root writes there: every component must belong to root or to us, and
+ * be writable by nobody else unless sticky (/tmp); the last must be ours
+ * and writable by us alone.  Snapshots are then written relative to the
+ * descriptor, so a directory swapped for a symlink later changes nothing.
+ */
+static int open_dir(const char *dir)
 {
-	char tmp[PATH_MAX];
+	char tmp[PATH_MAX], *comp, *next, *save = NULL;
+	uid_t me = geteuid();
 	struct stat st;
-	char *p;
+	int fd, sub;
 
-	snprintf(tmp, sizeof(tmp), "%s", dir);
-	for (p = tmp + 1; *p; p++)
-		if (*p == '/') {
-			*p = '\0';
-			if (mkdir(tmp, 0700) < 0 && errno != EEXIST)
-				return -errno;
-			*p = '/';
-		}
-	if (mkdir(tmp, 0700) < 0 && errno != EEXIST)
-		return -errno;
-	/* Root writes there: nobody else may swap things in under it. */
-	if (lstat(dir, &st) < 0)
-		return -errno;
-	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() ||
-	    (st.st_mode & 022)) {
-		say("%s must be a directory owned by uid %u and writable by "
-		    "it alone",
-		    dir, (unsigned)geteuid());
-		return -EPERM;
+	if (dir[0] != '/') {
+		say("%s: the snapshot directory must be an absolute path", dir);
+		return -EINVAL;
 	}
-	return access(dir, W_OK | X_OK) < 0 ? -errno : 0;
+	snprintf(tmp, sizeof(tmp), "%s", dir);
+	fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	for (comp = strtok_r(tmp, "/", &save); comp; comp = next) {
+		next = strtok_r(NULL, "/", &save);
+		if (!strcmp(comp, ".") || !strcmp(comp, "..")) {
+			say("%s: no . or .. in the snapshot directory", dir);
+			close(fd);
+			return -EINVAL;
+		}
+		sub = openat(fd, comp,
+			     O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (sub < 0 && errno == ENOENT &&
+		    (mkdirat(fd, comp, 0700) == 0 || errno == EEXIST))
+			sub = openat(fd, comp, O_RDONLY | O_DIRECTORY |
+						       O_NOFOLLOW | O_CLOEXEC);
+		if (sub < 0) {
+			int err = -errno;
+
+			say("%s: %s: %s%s", dir, comp, strerror(-err),
+			    err == -ELOOP || err == -ENOTDIR
+				    ? " (a symlink? give the real path)"
+				    : "");
+			close(fd);
+			return err;
+		}
+		close(fd);
+		fd = sub;
+		if (fstat(fd, &st) < 0) {
+			close(fd);
+			return -errno;
+		}
+		if ((st.st_uid != 0 && st.st_uid != me) ||
+		    (next && (st.st_mode & 022) && !(st.st_mode & S_ISVTX)) ||
+		    (!next && (st.st_uid != me || (st.st_mode & 022)))) {
+			say("%s: %s is owned by uid %u, mode %04o: the "
+			    "snapshot directory must be owned by uid %u and "
+			    "writable by it alone, and each directory above "
+			    "it owned by root or uid %u and writable by no "
+			    "one else unless sticky",
+			    dir, comp, (unsigned)st.st_uid,
+			    (unsigned)(st.st_mode & 07777), (unsigned)me,
+			    (unsigned)me);
+			close(fd);
+			return -EPERM;
+		}
+	}
+	if (faccessat(fd, ".", W_OK | X_OK, AT_EACCESS) < 0) {
+		int err = -errno;
+
+		close(fd);
+		return err;
+	}
+	return fd;
 }
 
 /* Hidden .tmp directories left by a daemon that died mid-snapshot. */
-static void remove_stale(const char *dir)
+static void remove_stale(void)
 {
-	char path[PATH_MAX];
 	struct dirent *e;
-	DIR *d = opendir(dir);
+	int fd = dup(D.dirfd);
+	DIR *d = fd < 0 ? NULL : fdopendir(fd);
 	unsigned n = 0;
 
-	if (!d)
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
 		return;
+	}
 	while ((e = readdir(d))) {
 		size_t len = strlen(e->d_name);
 
 		if (e->d_name[0] != '.' || len < 6 ||
 		    strcmp(e->d_name + len - 4, ".tmp") != 0)
 			continue;
-		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-		remove_snapshot_dir(path, COWMMD_MAX_RANGES);
+		remove_snapshot_dir(D.dirfd, e->d_name, COWMMD_MAX_RANGES);
 		n++;
 	}
 	closedir(d);
 	if (n)
-		say("removed %u unfinished snapshot(s) left in %s", n, dir);
+		say("removed %u unfinished snapshot(s) left in %s", n, D.dir);
+}
+
+/*
+ * Where snapshots go unless told: systemd's StateDirectory=, else
+ * /var/lib/cowmmd for root, else $XDG_STATE_HOME/cowmmd or
+ * ~/.local/state/cowmmd: places no other user can create first.
+ */
+static const char *default_dir(char *buf, size_t n)
+{
+	const char *state = getenv("STATE_DIRECTORY");
+	const char *xdg = getenv("XDG_STATE_HOME");
+	const char *home = getenv("HOME");
+
+	if (state && *state)
+		snprintf(buf, n, "%.*s", (int)strcspn(state, ":"), state);
+	else if (geteuid() == 0)
+		snprintf(buf, n, "/var/lib/cowmmd");
+	else if (xdg && *xdg)
+		snprintf(buf, n, "%s/cowmmd", xdg);
+	else
+		snprintf(buf, n, "%s/.local/state/cowmmd", home ? home : "");
+	return buf;
 }
 
 static void usage(FILE *f)
 {
-	char def[108];
+	char def[108], dir[PATH_MAX / 2];
 
 	fprintf(f,
 		"usage: cowmmd [--socket PATH] [--dir DIR] [--keep N] [--rate MIB]\n"
@@ -2156,8 +2247,7 @@ static void usage(FILE *f)
 		"cowmm_attach_daemon(), on cowmmctl's command or on a schedule.\n"
 		"\n"
 		"  -s, --socket PATH  listen here (default %s)\n"
-		"  -d, --dir DIR      write snapshots here (default "
-		"/var/tmp/cowmmd)\n"
+		"  -d, --dir DIR      write snapshots here (default %s)\n"
 		"  -k, --keep N       snapshots kept per client (default 3)\n"
 		"  -r, --rate MIB     write snapshots at most MIB MiB/s "
 		"(default 0:\n"
@@ -2172,7 +2262,8 @@ static void usage(FILE *f)
 		"\n"
 		"SIGTERM or SIGINT: finish the snapshots in flight, then exit;\n"
 		"a second one abandons them (their files are removed).\n",
-		cowmmd_default_socket(def, sizeof(def)), IDLE_TIMEOUT_S);
+		cowmmd_default_socket(def, sizeof(def)),
+		default_dir(dir, sizeof(dir)), IDLE_TIMEOUT_S);
 }
 
 int main(int argc, char **argv)
@@ -2188,10 +2279,10 @@ int main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	unsigned long keep, rate, idle;
-	int opt, ret;
+	int opt;
 
 	cowmmd_default_socket(D.sock, sizeof(D.sock));
-	snprintf(D.dir, sizeof(D.dir), "/var/tmp/cowmmd");
+	default_dir(D.dir, sizeof(D.dir));
 	while ((opt = getopt_long(argc, argv, "s:d:k:r:i:hV", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
@@ -2239,17 +2330,23 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	/* Names are kept short (NAME_MAX) but the path must fit too. */
+	if (strlen(D.dir) >= sizeof(D.dir) - 1) {
+		fprintf(stderr, "cowmmd: --dir too long\n");
+		return 2;
+	}
 	signal(SIGPIPE, SIG_IGN);
 	cowmm_set_log(log_lib, NULL);
 	/* This thread resolves faults: an ioctl held back by a pending event
 	 * must come back to it rather than spin (see loop_wp()). */
 	cowmm__in_worker = true;
-	ret = make_dir(D.dir);
-	if (ret) {
-		say("cannot use %s for snapshots: %s", D.dir, strerror(-ret));
+	D.dirfd = open_dir(D.dir);
+	if (D.dirfd < 0) {
+		say("cannot use %s for snapshots: %s", D.dir,
+		    strerror(-D.dirfd));
 		return 1;
 	}
-	remove_stale(D.dir);
+	remove_stale();
 	D.listen_fd = listen_on(D.sock);
 	if (D.listen_fd < 0)
 		return 1;

@@ -75,7 +75,9 @@ struct dsnap {
 	atomic_uint nremoved;
 	atomic_uint_fast64_t *ev_started, *ev_done;
 	int fds[COWMMD_MAX_RANGES];
-	char tmpdir[PATH_MAX], finaldir[PATH_MAX];
+	/* Names in the snapshot directory, which dirfd holds open. */
+	int dirfd;
+	char tmpdir[NAME_MAX + 1], finaldir[NAME_MAX + 1];
 	uint64_t t_start, pause_ns, t_stream, t_end;
 	int result;
 	/*
@@ -100,7 +102,7 @@ struct dsnap {
 void stream_snapshot(uv_work_t *w);
 int check_discards(struct dsnap *s, uint64_t addr, size_t len,
 		   const bool *live);
-void remove_snapshot_dir(const char *dir, unsigned nregions);
+void remove_snapshot_dir(int dirfd, const char *name, unsigned nregions);
 uint64_t now_ns(void);
 
 #endif

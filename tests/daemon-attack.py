@@ -582,6 +582,7 @@ CASES = {
     "zombie": case_zombie,
     "limits": case_limits,
     "names": case_names,
+    "dir": case_dir,
 }
 
 failed = []
