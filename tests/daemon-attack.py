@@ -583,6 +583,7 @@ CASES = {
     "limits": case_limits,
     "names": case_names,
     "dir": case_dir,
+    "ctl-squat": case_ctl_squat,
 }
 
 failed = []
