@@ -12,6 +12,7 @@
  * unprotecting each run of pages once it is in the file (stream.c).
  */
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -95,6 +96,7 @@ static struct {
 	uv_signal_t sigint, sigterm;
 	uv_timer_t idle_timer, backoff_timer;
 	int dirfd; /* the snapshot directory, held open */
+	bool activated; /* the socket came from systemd */
 	uint64_t idle_ns;
 	int listen_fd;
 	char sock[108];
@@ -2056,7 +2058,8 @@ static void on_signal(uv_signal_t *h, int signum)
 	uv_timer_stop(&D.backoff_timer);
 	uv_close((uv_handle_t *)&D.listen_poll, NULL);
 	close(D.listen_fd);
-	unlink(D.sock);
+	if (!D.activated) /* systemd's socket stays for the next start */
+		unlink(D.sock);
 	for (c = D.clients; c; c = next) {
 		next = c->next;
 		if (!c->snap)
@@ -2068,6 +2071,44 @@ static void on_signal(uv_signal_t *h, int signum)
 			conn_close(cn);
 	}
 	maybe_exit();
+}
+
+/*
+ * Socket activation (systemd's cowmmd.socket): one listening AF_UNIX
+ * SOCK_SEQPACKET socket passed as descriptor 3 ($LISTEN_PID, $LISTEN_FDS,
+ * as sd_listen_fds() reads them).  -ENOENT when not activated.
+ */
+static int listen_activated(void)
+{
+	const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
+	struct sockaddr_un sa;
+	socklen_t len = sizeof(sa);
+	int type = 0, listening = 0, fd = 3;
+	socklen_t ilen = sizeof(int);
+
+	if (!pid || !fds || strtol(pid, NULL, 10) != getpid())
+		return -ENOENT;
+	unsetenv("LISTEN_PID");
+	unsetenv("LISTEN_FDS");
+	unsetenv("LISTEN_FDNAMES");
+	if (strtol(fds, NULL, 10) != 1 ||
+	    getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &ilen) < 0 ||
+	    type != SOCK_SEQPACKET ||
+	    getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &ilen) < 0 ||
+	    !listening || getsockname(fd, (struct sockaddr *)&sa, &len) < 0 ||
+	    sa.sun_family != AF_UNIX) {
+		say("socket activation: expected one listening AF_UNIX "
+		    "SOCK_SEQPACKET socket (ListenSequentialPacket=)");
+		return -EINVAL;
+	}
+	fcntl(fd, F_SETFD, FD_CLOEXEC);
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	if (len > offsetof(struct sockaddr_un, sun_path) && sa.sun_path[0])
+		snprintf(D.sock, sizeof(D.sock), "%.*s",
+			 (int)(len - offsetof(struct sockaddr_un, sun_path)),
+			 sa.sun_path);
+	D.activated = true;
+	return fd;
 }
 
 static int listen_on(const char *path)
@@ -2347,7 +2388,9 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	remove_stale();
-	D.listen_fd = listen_on(D.sock);
+	D.listen_fd = listen_activated();
+	if (D.listen_fd == -ENOENT)
+		D.listen_fd = listen_on(D.sock);
 	if (D.listen_fd < 0)
 		return 1;
 	D.loop = uv_default_loop();

@@ -574,6 +574,34 @@ def case_ctl_squat():
        "cowmmctl escapes what it prints", lambda: repr(out + err))
 
 
+def case_socket_activation():
+    """Deployment: cowmmd takes its socket from systemd (cowmmd.socket);
+    systemd-socket-activate plays systemd here."""
+    sa = shutil.which("systemd-socket-activate")
+    if not sa:
+        print("# SKIP socket-activation: no systemd-socket-activate")
+        return
+    sock = os.path.join(tmp, "act.sock")
+    logpath = os.path.join(tmp, "act.log")
+    with open(logpath, "w") as log:
+        p = subprocess.Popen([sa, "--seqpacket", "-l", sock, COWMMD,
+                              "--dir", os.path.join(tmp, "act-snaps")],
+                             stderr=log)
+    procs.append(p)
+    ok(wait_until(lambda: os.path.exists(sock)), "the socket is there")
+    rc, out, err = ctl(sock, "stats", js=True)
+    ok(rc == 0 and f'"socket": "{sock}"' in out,
+       "the first connection starts cowmmd on the passed socket",
+       lambda: out + err + open(logpath).read())
+    g, gid = good_client({"sock": sock}, "act")
+    ok(snapshot_ok({"sock": sock}, gid)[0], "a snapshot through it")
+    g.send_signal(signal.SIGTERM)
+    g.wait(timeout=20)
+    p.send_signal(signal.SIGTERM)
+    ok(p.wait(timeout=20) == 0, "cowmmd exits on SIGTERM")
+    ok(os.path.exists(sock), "and leaves systemd's socket in place")
+
+
 CASES = {
     "missing-hello": case_missing_hello,
     "missing-late": case_missing_late,
@@ -584,6 +612,7 @@ CASES = {
     "names": case_names,
     "dir": case_dir,
     "ctl-squat": case_ctl_squat,
+    "socket-activation": case_socket_activation,
 }
 
 failed = []
