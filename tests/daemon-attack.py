@@ -169,6 +169,11 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_list_max(pid):
+    """The highest descriptor open: RLIMIT_NOFILE bounds numbers."""
+    return max(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+
+
 def hdr(type_, length):
     return struct.pack("=IHHII", MAGIC, VERSION, type_, length, 0)
 
@@ -406,8 +411,11 @@ def case_limits():
        lambda: f"{fd_count(dpid)} vs {base}")
 
     # Out of descriptors: back off, do not spin.
+    # Room for 4 more descriptors: fewer than the 8 connections one process
+    # may hold, so accept() runs out first.
     soft, hard = resource.prlimit(dpid, resource.RLIMIT_NOFILE)
-    resource.prlimit(dpid, resource.RLIMIT_NOFILE, (base + 8, hard))
+    resource.prlimit(dpid, resource.RLIMIT_NOFILE,
+                     (max(fd_list_max(dpid) + 1, fd_count(dpid)) + 4, hard))
     socks = []
     for _ in range(64):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
