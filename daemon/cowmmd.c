@@ -2126,8 +2126,20 @@ static int listen_on(const char *path)
 	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (probe >= 0 &&
 	    connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+		struct ucred cred = { 0, (uid_t)-1, 0 };
+		socklen_t clen = sizeof(cred);
+
+		(void)getsockopt(probe, SOL_SOCKET, SO_PEERCRED, &cred, &clen);
 		close(probe);
-		say("another cowmmd is already listening on %s", path);
+		if (cred.uid != 0 && cred.uid != geteuid())
+			say("%s is held by uid %u (pid %d), not by a cowmmd "
+			    "of ours: refusing to start; use --socket "
+			    "elsewhere (a directory only we can write)",
+			    path, (unsigned)cred.uid, (int)cred.pid);
+		else
+			say("another cowmmd (pid %d) is already listening on "
+			    "%s",
+			    (int)cred.pid, path);
 		return -EADDRINUSE;
 	}
 	if (probe >= 0)

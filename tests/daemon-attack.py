@@ -581,6 +581,16 @@ def case_ctl_squat():
     ok("\x1b" not in out + err and "\x07" not in out + err,
        "cowmmctl escapes what it prints", lambda: repr(out + err))
 
+    path = os.path.join(pub, "daemon.sock")
+    pid = impostor(path, 65534)
+    p = subprocess.run([COWMMD, "--socket", path, "--dir",
+                        os.path.join(tmp, "squat-snaps")],
+                       capture_output=True, text=True, timeout=15)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    ok(p.returncode != 0 and "held by uid 65534" in p.stderr,
+       "cowmmd names the uid squatting its socket", lambda: p.stderr)
+
 
 def case_socket_activation():
     """Deployment: cowmmd takes its socket from systemd (cowmmd.socket);
