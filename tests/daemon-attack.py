@@ -581,6 +581,16 @@ def case_ctl_squat():
     ok("\x1b" not in out + err and "\x07" not in out + err,
        "cowmmctl escapes what it prints", lambda: repr(out + err))
 
+    path = os.path.join(pub, "attach.sock")
+    pid = impostor(path, 65534)
+    p = subprocess.run([CLIENT, "run", path, "8", "x"], capture_output=True,
+                       text=True, timeout=15)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    ok(p.returncode != 0 and "userfaultfd" not in p.stderr,
+       "cowmm_attach_daemon's refusal of another uid does not blame "
+       "userfaultfd permissions", lambda: p.stderr)
+
     path = os.path.join(pub, "daemon.sock")
     pid = impostor(path, 65534)
     p = subprocess.run([COWMMD, "--socket", path, "--dir",
