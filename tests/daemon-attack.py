@@ -447,6 +447,13 @@ def case_limits():
                        (empty, me))
     s.close()
     ok(st is not None and st < 0, f"an empty userfaultfd is refused ({st})")
+    other = uffd_of(addrs[0], 1 << 16, 2)  # the range, with another uffd
+    s, st = send_hello(d["sock"], hello_msg([(addrs[0], 1 << 16)]),
+                       (empty, me))
+    s.close()
+    os.close(other)
+    ok(st == -16, f"a userfaultfd whose range belongs to another "
+       f"userfaultfd is refused ({st})")
     held, statuses = [], []
     for a in addrs[1:]:
         fd = uffd_of(a, 1 << 16, 2)  # UFFDIO_REGISTER_MODE_WP
