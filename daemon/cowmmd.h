@@ -15,6 +15,7 @@
 #include <sys/types.h>
 #include <uv.h>
 
+#include "cowmm.h"
 #include "cowmmd_proto.h"
 
 #define PAGE 4096UL
@@ -104,5 +105,151 @@ int check_discards(struct dsnap *s, uint64_t addr, size_t len,
 		   const bool *live);
 void remove_snapshot_dir(int dirfd, const char *name, unsigned nregions);
 uint64_t now_ns(void);
+
+struct client {
+	struct conn *conn; /* NULL once its connection is gone */
+	unsigned id;
+	char name[COWMMD_NAME_MAX + 1];
+	pid_t pid;
+	uid_t uid;
+	int uffd, pidfd;
+	uv_poll_t uffd_poll, pidfd_poll;
+	uv_timer_t timer, retry_timer;
+	unsigned handles; /* libuv handles not yet closed */
+	unsigned nregions;
+	struct dregion r[COWMMD_MAX_RANGES];
+	size_t npages;
+	struct dsnap *snap; /* in flight */
+	uint64_t seq;
+	uint64_t period_ms;
+	unsigned keep;
+	uint64_t kept[KEEP_MAX]; /* sequence numbers on disk, oldest first */
+	unsigned nkept;
+	uint64_t retry[RETRY_MAX]; /* pages to unprotect after EAGAIN */
+	unsigned nretry;
+	bool gone, closing, bye;
+	/* numbers for cowmmctl */
+	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
+	atomic_uint_fast64_t ev_started, ev_done; /* event batches */
+	uint64_t last_pause_us, last_ms;
+	int last_err;
+	char last[PATH_MAX];
+	struct client *next;
+};
+
+enum conn_kind { CONN_NEW, CONN_CLIENT, CONN_CTL };
+
+struct conn {
+	uv_poll_t poll;
+	int fd;
+	uid_t uid;
+	pid_t pid;
+	enum conn_kind kind;
+	struct client *client;
+	struct dsnap *waiting; /* a ctl waiting for this snapshot */
+	uint64_t last_ns;      /* its last message: for the idle timeout */
+	unsigned flags;
+	bool closing;
+	struct conn *next;
+};
+
+/* The daemon: one, defined in client.c. */
+struct cowmmd_state {
+	uv_loop_t *loop;
+	uv_poll_t listen_poll;
+	uv_signal_t sigint, sigterm;
+	uv_timer_t idle_timer, backoff_timer;
+	int dirfd; /* the snapshot directory, held open */
+	bool activated; /* the socket came from systemd */
+	uint64_t idle_ns;
+	int listen_fd;
+	char sock[108];
+	char dir[PATH_MAX / 2];
+	unsigned keep;
+	uint64_t rate;
+	unsigned next_id;
+	unsigned signals;
+	bool stopping;
+	struct client *clients;
+	struct conn *conns;
+	uint64_t started;
+	uint64_t run; /* start time, seconds since the epoch: in file names */
+	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
+	uint64_t refused;
+};
+extern struct cowmmd_state D;
+
+/* reply.c: the log, and replies to cowmmctl (text or JSON) */
+struct out {
+	char *buf;
+	size_t len, cap;
+	bool json;
+};
+void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void log_lib(enum cowmm_log_level level, const char *msg, void *data);
+void outf(struct out *o, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+void out_jstr(struct out *o, const char *s);
+void send_reply(struct conn *cn, int status, const struct out *o);
+void reply_error(struct conn *cn, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* client.c: lifetimes */
+void conn_close(struct conn *cn);
+void client_finish(struct client *c);
+void client_close(struct client *c, int why);
+void maybe_exit(void);
+
+/* fault.c: the client's userfaultfd, on the loop */
+bool page_of(const struct dsnap *s, uint64_t addr, size_t *pg);
+void abandon(struct client *c, int err, const char *why);
+void on_uffd(uv_poll_t *h, int status, int events);
+void on_pidfd(uv_poll_t *h, int status, int events);
+int loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on);
+
+/*
+ * freeze.c: a thread for work that may block on a client (ptrace, reading
+ * its memory); the loop learns of its exit from a PIDFD_THREAD pidfd.
+ */
+struct helper {
+	pthread_t th;
+	int pidfd, err;
+	uv_poll_t poll;
+	uv_sem_t started;
+	void (*run)(struct helper *h);	/* on the thread */
+	void (*done)(struct helper *h); /* on the loop, once it exited */
+	void *data;
+	int result;
+};
+int helper_start(struct helper *h);
+int check_registration(pid_t pid, const struct dregion *r, unsigned n);
+int wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
+	     uint64_t deadline);
+void arm_thread(struct helper *h);
+
+/* snapshot.c: snapshots, and the snapshot directory */
+void reply_snapshot_error(struct conn *cn, struct client *c, int ret);
+int start_snapshot(struct client *c, struct conn *waiter);
+void prune(struct client *c);
+void on_timer(uv_timer_t *t);
+int open_dir(const char *dir);
+void remove_stale(void);
+
+/* hello.c */
+void welcome(struct conn *cn, int status, unsigned id);
+void handle_hello(struct conn *cn, const struct cowmmd_hello *h, size_t len,
+		  int *fds, unsigned nfds);
+
+/* ctl.c */
+bool parse_uint(const char *s, unsigned long max, unsigned long *v);
+void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len);
+
+/* socket.c */
+void on_conn(uv_poll_t *h, int status, int events);
+void on_listen(uv_poll_t *h, int status, int events);
+void on_idle_timer(uv_timer_t *t);
+void on_signal(uv_signal_t *h, int signum);
+int listen_activated(void);
+int listen_on(const char *path);
 
 #endif

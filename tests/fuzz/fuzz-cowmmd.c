@@ -11,17 +11,28 @@
  * pairs their kinds: a pipe, a userfaultfd (with the features cowmmd
  * asks for, nothing registered), a pidfd of this process, /dev/null.
  *
- * The daemon's own file is included so that its static handlers are
- * reachable; its main() is renamed away.  Built as a library for the
- * corpus replay (any compiler, meson test fuzz-cowmmd-corpus) and with
- * -Dfuzz as a libFuzzer binary.
+ * Linked with every file of the daemon but main.c.  Built as a library
+ * for the corpus replay (any compiler, meson test fuzz-cowmmd-corpus) and
+ * with -Dfuzz as a libFuzzer binary.
  */
-#define main cowmmd_main
-#include "../../daemon/cowmmd.c"
-#undef main
-
-#include <linux/userfaultfd.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cowmm_i.h"
+#include "cowmmd.h"
+#include "uffd.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
 
 #ifndef SYS_userfaultfd
 #define SYS_userfaultfd 323
