@@ -10,6 +10,7 @@ wait is bounded: a condition polled until a deadline, or a subprocess
 timeout; a daemon that hangs fails the case instead of the run.
 """
 import ctypes
+import importlib.util
 import mmap
 import os
 import resource
@@ -637,6 +638,55 @@ def case_socket_activation():
     ok(os.path.exists(sock), "and leaves systemd's socket in place")
 
 
+def case_crafted_files():
+    """Finding 9: a snapshot file crafted to lie (here, an npages that
+    wraps when multiplied by the page size, with a chunk past the region)
+    is refused when loaded, not written outside the region.  The fix is
+    the library's (libcowmm/format.c, the correctness issue): this case is
+    not in the default run until it is merged; name it to run it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "make_corpus", os.path.join(here, "fuzz", "make-corpus.py"))
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+
+    def crafted(npages, region_pages, first, page):
+        h = b"COWMMSNP" + struct.pack("<IIQQII", 1, 4096,
+                                      region_pages * 4096, npages, 512, 0)
+        h += bytes(20)
+        h += struct.pack("<I", mc.crc32c(h))
+        bitmap = bytearray(64)
+        bitmap[0] = 1
+        crc = mc.crc32c(page, mc.crc32c(bytes(bitmap)))
+        out = h + struct.pack("<IIQII", 0x4B4E4843, 0, first, 1, crc)
+        out += bytes(bitmap) + page
+        t = b"COWMMEND" + struct.pack("<QQI", 1, 1,
+                                      mc.crc32c(struct.pack("<I", crc)))
+        return out + t + struct.pack("<I", mc.crc32c(t))
+
+    # daemon-client verify 8 DIR loads two regions of 4 MiB, 1024 pages.
+    good = crafted(1024, 1024, 0, bytes(4096))
+    files = {}
+    for name in ("truncated", "bad-chunk-crc", "version-2", "header-only",
+                 "no-trailer", "other-size"):
+        with open(os.path.join(here, "fuzz", "corpus", name), "rb") as f:
+            files[name] = f.read()
+    files["npages-wrap"] = crafted((1 << 52) + 1024, 1024, 1536,
+                                   b"\xaa" * 4096)
+    for name, data in files.items():
+        d = os.path.join(tmp, "crafted-" + name)
+        os.mkdir(d)
+        with open(os.path.join(d, "r0.cowmm"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(d, "r1.cowmm"), "wb") as f:
+            f.write(good)
+        p = subprocess.run([CLIENT, "verify", "8", d], capture_output=True,
+                           text=True, timeout=60)
+        ok(p.returncode == 1 and "load" in p.stderr,
+           f"a crafted snapshot file ({name}) is refused when loaded",
+           lambda: f"status {p.returncode}: {p.stdout} {p.stderr}")
+
+
 CASES = {
     "missing-hello": case_missing_hello,
     "missing-late": case_missing_late,
@@ -649,14 +699,16 @@ CASES = {
     "ctl-squat": case_ctl_squat,
     "socket-activation": case_socket_activation,
 }
+# Run only when named (see its docstring).
+LATER = {"crafted-files": case_crafted_files}
 
 failed = []
 try:
     if os.geteuid() != 0:
         print("SKIP: needs root (ptrace, another uid, prlimit)")
         sys.exit(77)
-    for name, fn in CASES.items():
-        if ONLY and name not in ONLY:
+    for name, fn in list(CASES.items()) + list(LATER.items()):
+        if (ONLY and name not in ONLY) or (not ONLY and name in LATER):
             continue
         print(f"# {name}", flush=True)
         try:
