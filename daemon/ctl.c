@@ -130,11 +130,12 @@ static void out_client(struct out *o, const struct client *c, bool first)
 			      : 0.0);
 }
 
-static void ctl_list(struct conn *cn, struct out *o)
+static void ctl_list(struct conn *cn, struct out *o, const char **argv)
 {
 	struct client *c;
 	bool first = true;
 
+	(void)argv;
 	if (o->json)
 		outf(o, "{\"clients\": [");
 	else
@@ -152,12 +153,13 @@ static void ctl_list(struct conn *cn, struct out *o)
 	send_reply(cn, 0, o);
 }
 
-static void ctl_stats(struct conn *cn, struct out *o)
+static void ctl_stats(struct conn *cn, struct out *o, const char **argv)
 {
 	struct client *c;
 	unsigned n = 0;
 	double up = (double)(now_ns() - D.started) / 1e9;
 
+	(void)argv;
 	for (c = D.clients; c; c = c->next)
 		n += !c->gone;
 	if (o->json)
@@ -197,17 +199,93 @@ bool parse_uint(const char *s, unsigned long max, unsigned long *v)
 	return !errno && !*end && *v <= max;
 }
 
-void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m,
-		       size_t len)
+static void ctl_ping(struct conn *cn, struct out *o, const char **argv)
 {
-	const char *argv[COWMMD_CTL_ARGS];
+	(void)argv;
+	outf(o, o->json ? "{\"pong\": true}\n" : "pong\n");
+	send_reply(cn, 0, o);
+}
+
+static void ctl_snapshot(struct conn *cn, struct out *o, const char **argv)
+{
+	struct client *c;
+	int ret;
+
+	(void)o;
+	c = find_client(argv[1], &ret);
+	if (!c) {
+		no_client(cn, argv[1], ret);
+		return;
+	}
+	ret = start_snapshot(c, cn);
+	if (ret)
+		reply_snapshot_error(cn, c, ret);
+}
+
+static void ctl_schedule(struct conn *cn, struct out *o, const char **argv)
+{
+	unsigned long v, keep;
+	struct client *c;
+	int ret;
+
+	c = find_client(argv[1], &ret);
+	if (!c) {
+		no_client(cn, argv[1], ret);
+		return;
+	}
+	keep = c->keep;
+	if (!parse_uint(argv[2], 86400 * 365, &v) ||
+	    (argv[3] && (!parse_uint(argv[3], KEEP_MAX - 1, &keep) || !keep))) {
+		reply_error(cn, -EINVAL,
+			    "usage: schedule CLIENT SECONDS [KEEP]; "
+			    "SECONDS 0 stops it, KEEP 1 to %d",
+			    KEEP_MAX - 1);
+		return;
+	}
+	c->period_ms = v * 1000;
+	c->keep = (unsigned)keep;
+	if (v)
+		uv_timer_start(&c->timer, on_timer, c->period_ms,
+			       c->period_ms);
+	else
+		uv_timer_stop(&c->timer);
+	prune(c);
+	if (o->json)
+		outf(o, "{\"id\": %u, \"schedule_s\": %lu, \"keep\": %u}\n",
+		     c->id, v, c->keep);
+	else if (v)
+		outf(o, "client %u: a snapshot every %lu s, keeping the last "
+			"%u\n",
+		     c->id, v, c->keep);
+	else
+		outf(o, "client %u: no schedule, keeping the last %u\n",
+		     c->id, c->keep);
+	send_reply(cn, 0, o);
+}
+
+/*
+ * cowmmctl's requests: NAME and from min to max arguments after it; argv
+ * is NULL-terminated, so an optional one reads as NULL when absent.
+ */
+static const struct {
+	const char *name;
+	unsigned min, max;
+	void (*run)(struct conn *cn, struct out *o, const char **argv);
+} commands[] = {
+	{ "ping", 0, 0, ctl_ping },
+	{ "list", 0, 0, ctl_list },
+	{ "stats", 0, 0, ctl_stats },
+	{ "snapshot", 1, 1, ctl_snapshot },
+	{ "schedule", 2, 3, ctl_schedule },
+};
+
+void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
+{
+	const char *argv[COWMMD_CTL_ARGS + 1] = { NULL };
 	char text[COWMMD_REPLY_MAX - 64];
 	struct out o = { text, 0, sizeof(text), false };
 	size_t off = 0, alen;
-	unsigned argc = 0;
-	struct client *c;
-	unsigned long v, keep;
-	int ret;
+	unsigned argc = 0, i;
 
 	cn->kind = CONN_CTL;
 	cn->flags = m->flags & COWMMD_CTL_JSON;
@@ -234,65 +312,14 @@ void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m,
 		reply_error(cn, -EBUSY, "a request is already waiting");
 		return;
 	}
-	if (!strcmp(argv[0], "ping") && argc == 1) {
-		outf(&o, o.json ? "{\"pong\": true}\n" : "pong\n");
-		send_reply(cn, 0, &o);
-	} else if (!strcmp(argv[0], "list") && argc == 1) {
-		ctl_list(cn, &o);
-	} else if (!strcmp(argv[0], "stats") && argc == 1) {
-		ctl_stats(cn, &o);
-	} else if (!strcmp(argv[0], "snapshot") && argc == 2) {
-		c = find_client(argv[1], &ret);
-		if (!c) {
-			no_client(cn, argv[1], ret);
+	for (i = 0; i < ARRAY_SIZE(commands); i++)
+		if (!strcmp(argv[0], commands[i].name) &&
+		    argc - 1 >= commands[i].min && argc - 1 <= commands[i].max) {
+			commands[i].run(cn, &o, argv);
 			return;
 		}
-		ret = start_snapshot(c, cn);
-		if (ret)
-			reply_snapshot_error(cn, c, ret);
-	} else if (!strcmp(argv[0], "schedule") &&
-		   (argc == 3 || argc == 4)) {
-		c = find_client(argv[1], &ret);
-		if (!c) {
-			no_client(cn, argv[1], ret);
-			return;
-		}
-		keep = c->keep;
-		if (!parse_uint(argv[2], 86400 * 365, &v) ||
-		    (argc == 4 &&
-		     (!parse_uint(argv[3], KEEP_MAX - 1, &keep) || !keep))) {
-			reply_error(cn, -EINVAL,
-				    "usage: schedule CLIENT SECONDS [KEEP]; "
-				    "SECONDS 0 stops it, KEEP 1 to %d",
-				    KEEP_MAX - 1);
-			return;
-		}
-		c->period_ms = v * 1000;
-		c->keep = (unsigned)keep;
-		if (v)
-			uv_timer_start(&c->timer, on_timer, c->period_ms,
-				       c->period_ms);
-		else
-			uv_timer_stop(&c->timer);
-		prune(c);
-		if (o.json)
-			outf(&o, "{\"id\": %u, \"schedule_s\": %lu, "
-				 "\"keep\": %u}\n",
-			     c->id, v, c->keep);
-		else if (v)
-			outf(&o, "client %u: a snapshot every %lu s, keeping "
-				 "the last %u\n",
-			     c->id, v, c->keep);
-		else
-			outf(&o, "client %u: no schedule, keeping the last "
-				 "%u\n",
-			     c->id, c->keep);
-		send_reply(cn, 0, &o);
-	} else {
-		reply_error(cn, -EINVAL,
-			    "unknown request '%s' (ping, list, stats, snapshot "
-			    "CLIENT, schedule CLIENT SECONDS [KEEP])",
-			    argv[0]);
-	}
+	reply_error(cn, -EINVAL,
+		    "unknown request '%s' (ping, list, stats, snapshot CLIENT, "
+		    "schedule CLIENT SECONDS [KEEP])",
+		    argv[0]);
 }
-
