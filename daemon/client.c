@@ -55,10 +55,10 @@ static void conn_closed(uv_handle_t *h)
 		}
 	close(cn->fd);
 	free(cn);
-	maybe_exit();
+	cowmmd_maybe_exit();
 }
 
-void conn_close(struct conn *cn)
+void cowmmd_conn_close(struct conn *cn)
 {
 	struct dsnap *s = cn->waiting;
 	unsigned i;
@@ -72,7 +72,7 @@ void conn_close(struct conn *cn)
 				s->waiters[i] = NULL;
 	if (cn->client) {
 		cn->client->conn = NULL;
-		client_close(cn->client, -ECONNRESET);
+		cowmmd_client_close(cn->client, -ECONNRESET);
 	}
 	uv_close((uv_handle_t *)&cn->poll, conn_closed);
 }
@@ -89,14 +89,14 @@ static void client_handle_closed(uv_handle_t *h)
 			break;
 		}
 	free(c);
-	maybe_exit();
+	cowmmd_maybe_exit();
 }
 
 /*
  * The end of a client: once no snapshot of it is in flight, close the
  * userfaultfd, which unregisters its ranges and wakes any waiting writer.
  */
-void client_finish(struct client *c)
+void cowmmd_client_finish(struct client *c)
 {
 	struct cowmmd_hdr bye = { COWMMD_MAGIC, COWMMD_VERSION, COWMMD_BYE,
 				  sizeof(bye), 0 };
@@ -112,7 +112,7 @@ void client_finish(struct client *c)
 			   MSG_NOSIGNAL | MSG_DONTWAIT);
 	if (c->conn) {
 		c->conn->client = NULL;
-		conn_close(c->conn);
+		cowmmd_conn_close(c->conn);
 		c->conn = NULL;
 	}
 	uv_close((uv_handle_t *)&c->uffd_poll, client_handle_closed);
@@ -121,27 +121,27 @@ void client_finish(struct client *c)
 	uv_close((uv_handle_t *)&c->retry_timer, client_handle_closed);
 }
 
-void client_close(struct client *c, int why)
+void cowmmd_client_close(struct client *c, int why)
 {
 	if (c->gone)
 		return;
 	c->gone = true;
 	if (why != -ECANCELED)
-		say("client %u (%s, pid %d): gone (%s)", c->id, c->name,
-		    c->pid, strerror(-why));
+		cowmmd_say("client %u (%s, pid %d): gone (%s)", c->id, c->name,
+			   c->pid, strerror(-why));
 	else
-		say("client %u (%s, pid %d): detached", c->id, c->name,
-		    c->pid);
+		cowmmd_say("client %u (%s, pid %d): detached", c->id, c->name,
+			   c->pid);
 	if (c->snap) { /* finish when the stream returns */
 		int zero = 0;
 
 		atomic_compare_exchange_strong(&c->snap->err, &zero, why);
 		return;
 	}
-	client_finish(c);
+	cowmmd_client_finish(c);
 }
 
-void maybe_exit(void)
+void cowmmd_maybe_exit(void)
 {
 	if (!D.stopping || D.clients || D.conns)
 		return;

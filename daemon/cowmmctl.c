@@ -174,8 +174,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "cowmmctl: malformed answer from cowmmd\n");
 		return 1;
 	}
-	put_escaped(r->status ? stderr : stdout, r->text, (size_t)n - sizeof(*r),
-		    flags & COWMMD_CTL_JSON);
+	put_escaped(r->status ? stderr : stdout, r->text,
+		    (size_t)n - sizeof(*r), flags & COWMMD_CTL_JSON);
 	if (r->status && !(flags & COWMMD_CTL_JSON))
 		fprintf(stderr, "cowmmctl: %s\n", strerror(-r->status));
 	i = r->status ? 1 : 0;

@@ -185,27 +185,27 @@ struct out {
 	size_t len, cap;
 	bool json;
 };
-void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-void log_lib(enum cowmm_log_level level, const char *msg, void *data);
-void outf(struct out *o, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-void out_jstr(struct out *o, const char *s);
-void send_reply(struct conn *cn, int status, const struct out *o);
-void reply_error(struct conn *cn, int err, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+void cowmmd_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void cowmmd_log_lib(enum cowmm_log_level level, const char *msg, void *data);
+void cowmmd_outf(struct out *o, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void cowmmd_out_jstr(struct out *o, const char *s);
+void cowmmd_send_reply(struct conn *cn, int status, const struct out *o);
+void cowmmd_reply_error(struct conn *cn, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* client.c: lifetimes */
-void conn_close(struct conn *cn);
-void client_finish(struct client *c);
-void client_close(struct client *c, int why);
-void maybe_exit(void);
+void cowmmd_conn_close(struct conn *cn);
+void cowmmd_client_finish(struct client *c);
+void cowmmd_client_close(struct client *c, int why);
+void cowmmd_maybe_exit(void);
 
 /* fault.c: the client's userfaultfd, on the loop */
-bool page_of(const struct dsnap *s, uint64_t addr, size_t *pg);
-void abandon(struct client *c, int err, const char *why);
-void on_uffd(uv_poll_t *h, int status, int events);
-void on_pidfd(uv_poll_t *h, int status, int events);
-int loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on);
+bool cowmmd_page_of(const struct dsnap *s, uint64_t addr, size_t *pg);
+void cowmmd_abandon(struct client *c, int err, const char *why);
+void cowmmd_on_uffd(uv_poll_t *h, int status, int events);
+void cowmmd_on_pidfd(uv_poll_t *h, int status, int events);
+int cowmmd_loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on);
 
 /*
  * freeze.c: a thread for work that may block on a client (ptrace, reading
@@ -221,35 +221,35 @@ struct helper {
 	void *data;
 	int result;
 };
-int helper_start(struct helper *h);
-int check_registration(pid_t pid, const struct dregion *r, unsigned n);
-int wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
-	     uint64_t deadline);
-void arm_thread(struct helper *h);
+int cowmmd_helper_start(struct helper *h);
+int cowmmd_check_registration(pid_t pid, const struct dregion *r, unsigned n);
+int cowmmd_wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
+		    uint64_t deadline);
+void cowmmd_arm_thread(struct helper *h);
 
 /* snapshot.c: snapshots, and the snapshot directory */
-void reply_snapshot_error(struct conn *cn, struct client *c, int ret);
-int start_snapshot(struct client *c, struct conn *waiter);
-void prune(struct client *c);
-void on_timer(uv_timer_t *t);
-int open_dir(const char *dir);
-void remove_stale(void);
+void cowmmd_reply_snapshot_error(struct conn *cn, struct client *c, int ret);
+int cowmmd_start_snapshot(struct client *c, struct conn *waiter);
+void cowmmd_prune(struct client *c);
+void cowmmd_on_timer(uv_timer_t *t);
+int cowmmd_open_dir(const char *dir);
+void cowmmd_remove_stale(void);
 
 /* hello.c */
-void welcome(struct conn *cn, int status, unsigned id);
-void handle_hello(struct conn *cn, const struct cowmmd_hello *h, size_t len,
-		  int *fds, unsigned nfds);
+void cowmmd_welcome(struct conn *cn, int status, unsigned id);
+void cowmmd_handle_hello(struct conn *cn, const struct cowmmd_hello *h,
+			 size_t len, int *fds, unsigned nfds);
 
 /* ctl.c */
-bool parse_uint(const char *s, unsigned long max, unsigned long *v);
-void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len);
+bool cowmmd_parse_uint(const char *s, unsigned long max, unsigned long *v);
+void cowmmd_handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len);
 
 /* socket.c */
-void on_conn(uv_poll_t *h, int status, int events);
-void on_listen(uv_poll_t *h, int status, int events);
-void on_idle_timer(uv_timer_t *t);
-void on_signal(uv_signal_t *h, int signum);
-int listen_activated(void);
-int listen_on(const char *path);
+void cowmmd_on_conn(uv_poll_t *h, int status, int events);
+void cowmmd_on_listen(uv_poll_t *h, int status, int events);
+void cowmmd_on_idle_timer(uv_timer_t *t);
+void cowmmd_on_signal(uv_signal_t *h, int signum);
+int cowmmd_listen_activated(void);
+int cowmmd_listen_on(const char *path);
 
 #endif

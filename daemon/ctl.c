@@ -63,10 +63,12 @@ static struct client *find_client(const char *arg, int *err)
 static void no_client(struct conn *cn, const char *arg, int err)
 {
 	if (err == -ENOTUNIQ)
-		reply_error(cn, err, "more than one client is named %s: "
-			    "use its id (cowmmctl list)", arg);
+		cowmmd_reply_error(cn, err,
+				   "more than one client is named %s: "
+				   "use its id (cowmmctl list)",
+				   arg);
 	else
-		reply_error(cn, err, "no client %s", arg);
+		cowmmd_reply_error(cn, err, "no client %s", arg);
 }
 
 static void out_client(struct out *o, const struct client *c, bool first)
@@ -76,39 +78,43 @@ static void out_client(struct out *o, const struct client *c, bool first)
 	unsigned i;
 
 	if (o->json) {
-		outf(o,
-		     "%s{\"id\": %u, \"name\": \"%s\", \"pid\": %d, "
-		     "\"uid\": %u, \"regions\": [",
-		     first ? "" : ", ", c->id, c->name, (int)c->pid,
-		     (unsigned)c->uid);
+		cowmmd_outf(o,
+			    "%s{\"id\": %u, \"name\": \"%s\", \"pid\": %d, "
+			    "\"uid\": %u, \"regions\": [",
+			    first ? "" : ", ", c->id, c->name, (int)c->pid,
+			    (unsigned)c->uid);
 		for (i = 0; i < c->nregions; i++)
-			outf(o, "%s{\"addr\": \"0x%llx\", \"len\": %llu%s}",
-			     i ? ", " : "", (unsigned long long)c->r[i].addr,
-			     (unsigned long long)c->r[i].len,
-			     c->r[i].gone ? ", \"gone\": true" : "");
-		outf(o,
-		     "], \"schedule_s\": %.3f, \"keep\": %u, \"snapshots\": "
-		     "%llu, \"failed\": %llu, \"faults\": %llu, \"copies\": "
-		     "%llu, \"bytes\": %llu, \"last\": ",
-		     (double)c->period_ms / 1000, c->keep,
-		     (unsigned long long)c->snaps_ok,
-		     (unsigned long long)c->snaps_failed,
-		     (unsigned long long)c->faults,
-		     (unsigned long long)c->copies,
-		     (unsigned long long)c->bytes);
-		out_jstr(o, c->last);
-		outf(o,
-		     ", \"last_pause_us\": %llu, \"last_ms\": %llu, "
-		     "\"last_error\": %d",
-		     (unsigned long long)c->last_pause_us,
-		     (unsigned long long)c->last_ms, -c->last_err);
+			cowmmd_outf(
+			    o, "%s{\"addr\": \"0x%llx\", \"len\": %llu%s}",
+			    i ? ", " : "", (unsigned long long)c->r[i].addr,
+			    (unsigned long long)c->r[i].len,
+			    c->r[i].gone ? ", \"gone\": true" : "");
+		cowmmd_outf(
+		    o,
+		    "], \"schedule_s\": %.3f, \"keep\": %u, \"snapshots\": "
+		    "%llu, \"failed\": %llu, \"faults\": %llu, \"copies\": "
+		    "%llu, \"bytes\": %llu, \"last\": ",
+		    (double)c->period_ms / 1000, c->keep,
+		    (unsigned long long)c->snaps_ok,
+		    (unsigned long long)c->snaps_failed,
+		    (unsigned long long)c->faults,
+		    (unsigned long long)c->copies,
+		    (unsigned long long)c->bytes);
+		cowmmd_out_jstr(o, c->last);
+		cowmmd_outf(o,
+			    ", \"last_pause_us\": %llu, \"last_ms\": %llu, "
+			    "\"last_error\": %d",
+			    (unsigned long long)c->last_pause_us,
+			    (unsigned long long)c->last_ms, -c->last_err);
 		if (s)
-			outf(o, ", \"writing\": {\"seq\": %llu, \"done\": %llu, "
-				"\"total\": %llu}",
-			     (unsigned long long)s->seq,
-			     (unsigned long long)atomic_load(&s->done),
-			     (unsigned long long)s->total);
-		outf(o, "}");
+			cowmmd_outf(
+			    o,
+			    ", \"writing\": {\"seq\": %llu, \"done\": %llu, "
+			    "\"total\": %llu}",
+			    (unsigned long long)s->seq,
+			    (unsigned long long)atomic_load(&s->done),
+			    (unsigned long long)s->total);
+		cowmmd_outf(o, "}");
 		return;
 	}
 	if (c->period_ms)
@@ -116,18 +122,18 @@ static void out_client(struct out *o, const struct client *c, bool first)
 			 (double)c->period_ms / 1000, c->keep);
 	else
 		snprintf(sched, sizeof(sched), "-/%u", c->keep);
-	outf(o, "%-4u %-16s %-8d %3u  %10.1f  %-9s %5llu %6llu  %s\n", c->id,
-	     c->name, (int)c->pid, c->nregions,
-	     (double)c->npages * PAGE / (1 << 20), sched,
-	     (unsigned long long)c->snaps_ok,
-	     (unsigned long long)c->snaps_failed,
-	     c->last[0] ? c->last : "-");
+	cowmmd_outf(o, "%-4u %-16s %-8d %3u  %10.1f  %-9s %5llu %6llu  %s\n",
+		    c->id, c->name, (int)c->pid, c->nregions,
+		    (double)c->npages * PAGE / (1 << 20), sched,
+		    (unsigned long long)c->snaps_ok,
+		    (unsigned long long)c->snaps_failed,
+		    c->last[0] ? c->last : "-");
 	if (s)
-		outf(o, "     writing snapshot %llu: %.0f%%\n",
-		     (unsigned long long)s->seq,
-		     s->total ? 100.0 * (double)atomic_load(&s->done) /
-					(double)s->total
-			      : 0.0);
+		cowmmd_outf(o, "     writing snapshot %llu: %.0f%%\n",
+			    (unsigned long long)s->seq,
+			    s->total ? 100.0 * (double)atomic_load(&s->done) /
+					   (double)s->total
+				     : 0.0);
 }
 
 static void ctl_list(struct conn *cn, struct out *o, const char **argv)
@@ -137,11 +143,11 @@ static void ctl_list(struct conn *cn, struct out *o, const char **argv)
 
 	(void)argv;
 	if (o->json)
-		outf(o, "{\"clients\": [");
+		cowmmd_outf(o, "{\"clients\": [");
 	else
-		outf(o, "%-4s %-16s %-8s %3s  %10s  %-9s %5s %6s  %s\n", "ID",
-		     "NAME", "PID", "RGN", "MIB", "EVERY/KEEP", "SNAPS",
-		     "FAILED", "LAST");
+		cowmmd_outf(o, "%-4s %-16s %-8s %3s  %10s  %-9s %5s %6s  %s\n",
+			    "ID", "NAME", "PID", "RGN", "MIB", "EVERY/KEEP",
+			    "SNAPS", "FAILED", "LAST");
 	for (c = D.clients; c; c = c->next) {
 		if (c->gone)
 			continue;
@@ -149,8 +155,8 @@ static void ctl_list(struct conn *cn, struct out *o, const char **argv)
 		first = false;
 	}
 	if (o->json)
-		outf(o, "]}\n");
-	send_reply(cn, 0, o);
+		cowmmd_outf(o, "]}\n");
+	cowmmd_send_reply(cn, 0, o);
 }
 
 static void ctl_stats(struct conn *cn, struct out *o, const char **argv)
@@ -163,32 +169,35 @@ static void ctl_stats(struct conn *cn, struct out *o, const char **argv)
 	for (c = D.clients; c; c = c->next)
 		n += !c->gone;
 	if (o->json)
-		outf(o,
-		     "{\"pid\": %d, \"uptime_s\": %.1f, \"socket\": \"%s\", "
-		     "\"dir\": ",
-		     (int)getpid(), up, D.sock);
+		cowmmd_outf(
+		    o,
+		    "{\"pid\": %d, \"uptime_s\": %.1f, \"socket\": \"%s\", "
+		    "\"dir\": ",
+		    (int)getpid(), up, D.sock);
 	else
-		outf(o, "cowmmd pid %d, up %.1f s, socket %s, snapshots in ",
-		     (int)getpid(), up, D.sock);
+		cowmmd_outf(
+		    o, "cowmmd pid %d, up %.1f s, socket %s, snapshots in ",
+		    (int)getpid(), up, D.sock);
 	if (o->json)
-		out_jstr(o, D.dir);
+		cowmmd_out_jstr(o, D.dir);
 	else
-		outf(o, "%s\n", D.dir);
-	outf(o,
-	     o->json ? ", \"clients\": %u, \"snapshots\": %llu, \"failed\": "
-		       "%llu, \"bytes\": %llu, \"faults\": %llu, "
-		       "\"copies\": %llu, \"refused\": %llu}\n"
-		     : "clients %u\nsnapshots %llu\nfailed %llu\nbytes "
-		       "written %llu\nwrite faults %llu\npages copied "
-		       "%llu\nrefused connections %llu\n",
-	     n, (unsigned long long)D.snaps_ok,
-	     (unsigned long long)D.snaps_failed, (unsigned long long)D.bytes,
-	     (unsigned long long)D.faults, (unsigned long long)D.copies,
-	     (unsigned long long)D.refused);
-	send_reply(cn, 0, o);
+		cowmmd_outf(o, "%s\n", D.dir);
+	cowmmd_outf(
+	    o,
+	    o->json ? ", \"clients\": %u, \"snapshots\": %llu, \"failed\": "
+		      "%llu, \"bytes\": %llu, \"faults\": %llu, "
+		      "\"copies\": %llu, \"refused\": %llu}\n"
+		    : "clients %u\nsnapshots %llu\nfailed %llu\nbytes "
+		      "written %llu\nwrite faults %llu\npages copied "
+		      "%llu\nrefused connections %llu\n",
+	    n, (unsigned long long)D.snaps_ok,
+	    (unsigned long long)D.snaps_failed, (unsigned long long)D.bytes,
+	    (unsigned long long)D.faults, (unsigned long long)D.copies,
+	    (unsigned long long)D.refused);
+	cowmmd_send_reply(cn, 0, o);
 }
 
-bool parse_uint(const char *s, unsigned long max, unsigned long *v)
+bool cowmmd_parse_uint(const char *s, unsigned long max, unsigned long *v)
 {
 	char *end;
 
@@ -202,8 +211,8 @@ bool parse_uint(const char *s, unsigned long max, unsigned long *v)
 static void ctl_ping(struct conn *cn, struct out *o, const char **argv)
 {
 	(void)argv;
-	outf(o, o->json ? "{\"pong\": true}\n" : "pong\n");
-	send_reply(cn, 0, o);
+	cowmmd_outf(o, o->json ? "{\"pong\": true}\n" : "pong\n");
+	cowmmd_send_reply(cn, 0, o);
 }
 
 static void ctl_snapshot(struct conn *cn, struct out *o, const char **argv)
@@ -217,9 +226,9 @@ static void ctl_snapshot(struct conn *cn, struct out *o, const char **argv)
 		no_client(cn, argv[1], ret);
 		return;
 	}
-	ret = start_snapshot(c, cn);
+	ret = cowmmd_start_snapshot(c, cn);
 	if (ret)
-		reply_snapshot_error(cn, c, ret);
+		cowmmd_reply_snapshot_error(cn, c, ret);
 }
 
 static void ctl_schedule(struct conn *cn, struct out *o, const char **argv)
@@ -234,33 +243,37 @@ static void ctl_schedule(struct conn *cn, struct out *o, const char **argv)
 		return;
 	}
 	keep = c->keep;
-	if (!parse_uint(argv[2], 86400 * 365, &v) ||
-	    (argv[3] && (!parse_uint(argv[3], KEEP_MAX - 1, &keep) || !keep))) {
-		reply_error(cn, -EINVAL,
-			    "usage: schedule CLIENT SECONDS [KEEP]; "
-			    "SECONDS 0 stops it, KEEP 1 to %d",
-			    KEEP_MAX - 1);
+	if (!cowmmd_parse_uint(argv[2], 86400 * 365, &v) ||
+	    (argv[3] &&
+	     (!cowmmd_parse_uint(argv[3], KEEP_MAX - 1, &keep) || !keep))) {
+		cowmmd_reply_error(cn, -EINVAL,
+				   "usage: schedule CLIENT SECONDS [KEEP]; "
+				   "SECONDS 0 stops it, KEEP 1 to %d",
+				   KEEP_MAX - 1);
 		return;
 	}
 	c->period_ms = v * 1000;
 	c->keep = (unsigned)keep;
 	if (v)
-		uv_timer_start(&c->timer, on_timer, c->period_ms,
+		uv_timer_start(&c->timer, cowmmd_on_timer, c->period_ms,
 			       c->period_ms);
 	else
 		uv_timer_stop(&c->timer);
-	prune(c);
+	cowmmd_prune(c);
 	if (o->json)
-		outf(o, "{\"id\": %u, \"schedule_s\": %lu, \"keep\": %u}\n",
-		     c->id, v, c->keep);
+		cowmmd_outf(o,
+			    "{\"id\": %u, \"schedule_s\": %lu, \"keep\": %u}\n",
+			    c->id, v, c->keep);
 	else if (v)
-		outf(o, "client %u: a snapshot every %lu s, keeping the last "
-			"%u\n",
-		     c->id, v, c->keep);
+		cowmmd_outf(
+		    o,
+		    "client %u: a snapshot every %lu s, keeping the last "
+		    "%u\n",
+		    c->id, v, c->keep);
 	else
-		outf(o, "client %u: no schedule, keeping the last %u\n",
-		     c->id, c->keep);
-	send_reply(cn, 0, o);
+		cowmmd_outf(o, "client %u: no schedule, keeping the last %u\n",
+			    c->id, c->keep);
+	cowmmd_send_reply(cn, 0, o);
 }
 
 /*
@@ -279,7 +292,7 @@ static const struct {
 	{ "schedule", 2, 3, ctl_schedule },
 };
 
-void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
+void cowmmd_handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
 {
 	const char *argv[COWMMD_CTL_ARGS + 1] = { NULL };
 	char text[COWMMD_REPLY_MAX - 64];
@@ -297,29 +310,31 @@ void handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
 		const char *nul = memchr(a, '\0', alen - off);
 
 		if (!nul || argc == COWMMD_CTL_ARGS) {
-			reply_error(cn, -EPROTO, "malformed request");
-			conn_close(cn);
+			cowmmd_reply_error(cn, -EPROTO, "malformed request");
+			cowmmd_conn_close(cn);
 			return;
 		}
 		argv[argc++] = a;
 		off += (size_t)(nul - a) + 1;
 	}
 	if (!argc) {
-		reply_error(cn, -EINVAL, "empty request");
+		cowmmd_reply_error(cn, -EINVAL, "empty request");
 		return;
 	}
 	if (cn->waiting) {
-		reply_error(cn, -EBUSY, "a request is already waiting");
+		cowmmd_reply_error(cn, -EBUSY, "a request is already waiting");
 		return;
 	}
 	for (i = 0; i < ARRAY_SIZE(commands); i++)
 		if (!strcmp(argv[0], commands[i].name) &&
-		    argc - 1 >= commands[i].min && argc - 1 <= commands[i].max) {
+		    argc - 1 >= commands[i].min &&
+		    argc - 1 <= commands[i].max) {
 			commands[i].run(cn, &o, argv);
 			return;
 		}
-	reply_error(cn, -EINVAL,
-		    "unknown request '%s' (ping, list, stats, snapshot CLIENT, "
-		    "schedule CLIENT SECONDS [KEEP])",
-		    argv[0]);
+	cowmmd_reply_error(
+	    cn, -EINVAL,
+	    "unknown request '%s' (ping, list, stats, snapshot CLIENT, "
+	    "schedule CLIENT SECONDS [KEEP])",
+	    argv[0]);
 }

@@ -43,7 +43,7 @@ static void process_events(struct client *c);
 static void on_retry(uv_timer_t *t);
 
 /* The page of a snapshot in flight at @addr, by the snapshot's own list. */
-bool page_of(const struct dsnap *s, uint64_t addr, size_t *pg)
+bool cowmmd_page_of(const struct dsnap *s, uint64_t addr, size_t *pg)
 {
 	unsigned i;
 
@@ -55,14 +55,14 @@ bool page_of(const struct dsnap *s, uint64_t addr, size_t *pg)
 	return false;
 }
 
-void abandon(struct client *c, int err, const char *why)
+void cowmmd_abandon(struct client *c, int err, const char *why)
 {
 	int zero = 0;
 
 	if (c->snap && atomic_compare_exchange_strong(&c->snap->err, &zero,
 						      err))
-		say("client %u: snapshot %llu abandoned: %s", c->id,
-		    (unsigned long long)c->snap->seq, why);
+		cowmmd_say("client %u: snapshot %llu abandoned: %s", c->id,
+			   (unsigned long long)c->snap->seq, why);
 }
 
 /*
@@ -95,7 +95,7 @@ static void resolve(struct client *c, uint64_t addr)
 	size_t pg;
 	int ret;
 
-	if (s && page_of(s, addr, &pg) &&
+	if (s && cowmmd_page_of(s, addr, &pg) &&
 	    atomic_load(&s->state[pg]) == PG_NONE) {
 		queue_copy(s, pg, addr);
 		return;
@@ -104,8 +104,8 @@ static void resolve(struct client *c, uint64_t addr)
 	if (ret != -EAGAIN)
 		return;
 	if (c->nretry == RETRY_MAX) { /* never drop one: it would hang */
-		abandon(c, -EAGAIN, "too many faults held back");
-		(void)loop_wp(c, addr, PAGE, false);
+		cowmmd_abandon(c, -EAGAIN, "too many faults held back");
+		(void)cowmmd_loop_wp(c, addr, PAGE, false);
 		return;
 	}
 	c->retry[c->nretry++] = addr;
@@ -153,11 +153,13 @@ static void missing_fault(struct client *c, uint64_t addr)
 		(void)cowmm__uffd_wake(c->uffd, addr, PAGE);
 	}
 	if (!c->gone) {
-		say("client %u: a missing or minor fault at 0x%llx: its ranges "
+		cowmmd_say(
+		    "client %u: a missing or minor fault at 0x%llx: its ranges "
 		    "are registered for more than write-protect faults",
 		    c->id, (unsigned long long)addr);
-		abandon(c, -EPROTO, "the client registered missing faults");
-		client_close(c, -EPROTO);
+		cowmmd_abandon(c, -EPROTO,
+			       "the client registered missing faults");
+		cowmmd_client_close(c, -EPROTO);
 	}
 }
 
@@ -192,8 +194,9 @@ static void handle_gone(struct client *c, uint64_t start, uint64_t end,
 	if (s) {
 		k = atomic_load(&s->nremoved);
 		if (k == MAX_REMOVED) {
-			abandon(c, -EBUSY, "too many discards during the "
-					   "snapshot");
+			cowmmd_abandon(c, -EBUSY,
+				       "too many discards during the "
+				       "snapshot");
 		} else {
 			s->removed[k][0] = start;
 			s->removed[k][1] = end;
@@ -211,22 +214,24 @@ static void handle_gone(struct client *c, uint64_t start, uint64_t end,
 		/* A region unmapped in part: the rest can no longer be read
 		 * whole, so the snapshot cannot finish either. */
 		if (s && unmapped && (lo != r->addr || hi != r->addr + r->len))
-			abandon(c, -EBUSY, "the client unmapped part of a "
-					   "region during the snapshot");
+			cowmmd_abandon(c, -EBUSY,
+				       "the client unmapped part of a "
+				       "region during the snapshot");
 		for (a = lo & ~(PAGE - 1); s && a < hi; a += PAGE) {
 			size_t pg = r->first + (a - r->addr) / PAGE;
 
 			if (atomic_load(&s->state[pg]) == PG_NONE) {
-				abandon(c, -EBUSY,
-					"the client discarded memory the "
-					"snapshot still needed");
+				cowmmd_abandon(
+				    c, -EBUSY,
+				    "the client discarded memory the "
+				    "snapshot still needed");
 				break;
 			}
 		}
 		if (unmapped) {
-			say("client %u: region %u unmapped; left out of "
-			    "later snapshots",
-			    c->id, i);
+			cowmmd_say("client %u: region %u unmapped; left out of "
+				   "later snapshots",
+				   c->id, i);
 			r->gone = true;
 		}
 	}
@@ -251,7 +256,7 @@ static void process_events(struct client *c)
 
 			atomic_fetch_add(&c->ev_done, 1);
 			if (err != EAGAIN)
-				client_close(c, -err);
+				cowmmd_client_close(c, -err);
 			return;
 		}
 		for (i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
@@ -282,26 +287,26 @@ static void process_events(struct client *c)
 	}
 }
 
-void on_uffd(uv_poll_t *h, int status, int events)
+void cowmmd_on_uffd(uv_poll_t *h, int status, int events)
 {
 	(void)status;
 	(void)events;
 	process_events(h->data);
 }
 
-void on_pidfd(uv_poll_t *h, int status, int events)
+void cowmmd_on_pidfd(uv_poll_t *h, int status, int events)
 {
 	struct client *c = h->data;
 
 	(void)status;
 	(void)events;
 	uv_poll_stop(h);
-	client_close(c, -ESRCH); /* the process exited */
+	cowmmd_client_close(c, -ESRCH); /* the process exited */
 }
 
 /* Write-protect or unprotect a range from the loop, reading events the
  * kernel holds the ioctl back for. */
-int loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on)
+int cowmmd_loop_wp(struct client *c, uint64_t addr, uint64_t len, bool on)
 {
 	int ret, tries;
 

@@ -90,7 +90,7 @@ static void on_helper_exit(uv_poll_t *p, int status, int events)
 }
 
 /* Start @h->run on a thread; @h->done follows on the loop.  -errno. */
-int helper_start(struct helper *h)
+int cowmmd_helper_start(struct helper *h)
 {
 	int ret;
 
@@ -122,7 +122,7 @@ int helper_start(struct helper *h)
  * wait for a fault nobody here resolves.  Returns 0, -EPROTO (missing or
  * minor), -EINVAL (a range not registered) or -ESRCH.
  */
-int check_registration(pid_t pid, const struct dregion *r, unsigned n)
+int cowmmd_check_registration(pid_t pid, const struct dregion *r, unsigned n)
 {
 	char path[64], *line = NULL;
 	unsigned long lo = 0, hi = 0;
@@ -277,7 +277,7 @@ static int freeze(pid_t pid, struct frozen *f)
 
 /* Write-protect or unprotect from a helper thread while the loop reads
  * the events the kernel holds the ioctl back for. */
-int wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
+int cowmmd_wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
 		    uint64_t deadline)
 {
 	int ret;
@@ -293,7 +293,7 @@ int wp_retry(int uffd, uint64_t addr, uint64_t len, bool on,
 }
 
 /* The helper thread that arms a snapshot: stop, check, protect, resume. */
-void arm_thread(struct helper *h)
+void cowmmd_arm_thread(struct helper *h)
 {
 	struct dsnap *s = h->data;
 	struct frozen *f = calloc(1, sizeof(*f));
@@ -307,11 +307,12 @@ void arm_thread(struct helper *h)
 	ret = freeze(s->pid, f);
 	/* Stopped: the registration cannot change under us any more. */
 	if (!ret)
-		ret = check_registration(s->pid, s->r, s->nregions);
+		ret = cowmmd_check_registration(s->pid, s->r, s->nregions);
 	for (i = 0; !ret && i < s->nregions; i++)
 		if (!s->r[i].gone)
-			ret = wp_retry(s->uffd, s->r[i].addr, s->r[i].len,
-				       true, now_ns() + 2000000000ull);
+			ret =
+			    cowmmd_wp_retry(s->uffd, s->r[i].addr, s->r[i].len,
+					    true, now_ns() + 2000000000ull);
 	thaw(f);
 	s->pause_ns = now_ns() - s->t_start;
 	free(f);

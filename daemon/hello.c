@@ -89,7 +89,7 @@ static pid_t pidfd_pid(int fd)
 	return pid;
 }
 
-void welcome(struct conn *cn, int status, unsigned id)
+void cowmmd_welcome(struct conn *cn, int status, unsigned id)
 {
 	struct cowmmd_welcome w = {
 		{ COWMMD_MAGIC, COWMMD_VERSION, COWMMD_WELCOME, sizeof(w), 0 },
@@ -143,7 +143,7 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 			       "client";
 		dr[i] = (struct dregion){ r->addr, r->len, 0, false };
 	}
-	*err = check_registration(cn->pid, dr, h->nranges);
+	*err = cowmmd_check_registration(cn->pid, dr, h->nranges);
 	if (*err == -EPROTO)
 		return "ranges registered for missing or minor faults";
 	if (*err)
@@ -196,7 +196,7 @@ static void sanitize_name(char *dst, const char *src, size_t n)
 		memcpy(dst, "client", sizeof("client"));
 }
 
-void handle_hello(struct conn *cn, const struct cowmmd_hello *h,
+void cowmmd_handle_hello(struct conn *cn, const struct cowmmd_hello *h,
 			 size_t len, int *fds, unsigned nfds)
 {
 	struct client *c;
@@ -207,15 +207,15 @@ void handle_hello(struct conn *cn, const struct cowmmd_hello *h,
 
 	why = check_hello(cn, h, len, fds, nfds, &err);
 	if (why) {
-		say("connection from pid %d refused: %s", cn->pid, why);
-		welcome(cn, err, 0);
-		conn_close(cn);
+		cowmmd_say("connection from pid %d refused: %s", cn->pid, why);
+		cowmmd_welcome(cn, err, 0);
+		cowmmd_conn_close(cn);
 		return;
 	}
 	c = calloc(1, sizeof(*c));
 	if (!c) {
-		welcome(cn, -ENOMEM, 0);
-		conn_close(cn);
+		cowmmd_welcome(cn, -ENOMEM, 0);
+		cowmmd_conn_close(cn);
 		return;
 	}
 	c->id = D.next_id++;
@@ -241,16 +241,16 @@ void handle_hello(struct conn *cn, const struct cowmmd_hello *h,
 	c->uffd_poll.data = c->pidfd_poll.data = c;
 	c->timer.data = c->retry_timer.data = c;
 	c->handles = 4;
-	uv_poll_start(&c->uffd_poll, UV_READABLE, on_uffd);
-	uv_poll_start(&c->pidfd_poll, UV_READABLE, on_pidfd);
+	uv_poll_start(&c->uffd_poll, UV_READABLE, cowmmd_on_uffd);
+	uv_poll_start(&c->pidfd_poll, UV_READABLE, cowmmd_on_pidfd);
 	c->next = D.clients;
 	D.clients = c;
 	c->conn = cn;
 	cn->client = c;
 	cn->kind = CONN_CLIENT;
-	say("client %u (%s, pid %d): attached, %u region(s), %.1f MiB",
-	    c->id, c->name, c->pid, c->nregions,
-	    (double)c->npages * PAGE / (1 << 20));
-	welcome(cn, 0, c->id);
+	cowmmd_say("client %u (%s, pid %d): attached, %u region(s), %.1f MiB",
+		   c->id, c->name, c->pid, c->nregions,
+		   (double)c->npages * PAGE / (1 << 20));
+	cowmmd_welcome(cn, 0, c->id);
 }
 

@@ -128,7 +128,8 @@ int main(int argc, char **argv)
 			snprintf(D.dir, sizeof(D.dir), "%s", optarg);
 			break;
 		case 'k':
-			if (!parse_uint(optarg, KEEP_MAX - 1, &keep) || !keep) {
+			if (!cowmmd_parse_uint(optarg, KEEP_MAX - 1, &keep) ||
+			    !keep) {
 				fprintf(stderr, "cowmmd: --keep takes 1 to %d\n",
 					KEEP_MAX - 1);
 				return 2;
@@ -136,7 +137,7 @@ int main(int argc, char **argv)
 			D.keep = (unsigned)keep;
 			break;
 		case 'r':
-			if (!parse_uint(optarg, 1ul << 20, &rate)) {
+			if (!cowmmd_parse_uint(optarg, 1ul << 20, &rate)) {
 				fprintf(stderr, "cowmmd: --rate takes MiB/s, "
 						"0 for no limit\n");
 				return 2;
@@ -144,7 +145,7 @@ int main(int argc, char **argv)
 			D.rate = (uint64_t)rate << 20;
 			break;
 		case 'i':
-			if (!parse_uint(optarg, 86400, &idle) || !idle) {
+			if (!cowmmd_parse_uint(optarg, 86400, &idle) || !idle) {
 				fprintf(stderr, "cowmmd: --idle-timeout takes "
 						"1 to 86400 seconds\n");
 				return 2;
@@ -172,42 +173,42 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
-	cowmm_set_log(log_lib, NULL);
+	cowmm_set_log(cowmmd_log_lib, NULL);
 	/* This thread resolves faults: an ioctl held back by a pending event
-	 * must come back to it rather than spin (see loop_wp()). */
+	 * must come back to it rather than spin (see cowmmd_loop_wp()). */
 	cowmm__in_worker = true;
-	D.dirfd = open_dir(D.dir);
+	D.dirfd = cowmmd_open_dir(D.dir);
 	if (D.dirfd < 0) {
-		say("cannot use %s for snapshots: %s", D.dir,
-		    strerror(-D.dirfd));
+		cowmmd_say("cannot use %s for snapshots: %s", D.dir,
+			   strerror(-D.dirfd));
 		return 1;
 	}
-	remove_stale();
-	D.listen_fd = listen_activated();
+	cowmmd_remove_stale();
+	D.listen_fd = cowmmd_listen_activated();
 	if (D.listen_fd == -ENOENT)
-		D.listen_fd = listen_on(D.sock);
+		D.listen_fd = cowmmd_listen_on(D.sock);
 	if (D.listen_fd < 0)
 		return 1;
 	D.loop = uv_default_loop();
 	D.started = now_ns();
 	D.run = (uint64_t)time(NULL);
 	uv_poll_init(D.loop, &D.listen_poll, D.listen_fd);
-	uv_poll_start(&D.listen_poll, UV_READABLE, on_listen);
+	uv_poll_start(&D.listen_poll, UV_READABLE, cowmmd_on_listen);
 	uv_timer_init(D.loop, &D.backoff_timer);
 	uv_timer_init(D.loop, &D.idle_timer);
-	uv_timer_start(&D.idle_timer, on_idle_timer, D.idle_ns / 4000000 + 1,
-		       D.idle_ns / 4000000 + 1);
+	uv_timer_start(&D.idle_timer, cowmmd_on_idle_timer,
+		       D.idle_ns / 4000000 + 1, D.idle_ns / 4000000 + 1);
 	uv_signal_init(D.loop, &D.sigint);
 	uv_signal_init(D.loop, &D.sigterm);
-	uv_signal_start(&D.sigint, on_signal, SIGINT);
-	uv_signal_start(&D.sigterm, on_signal, SIGTERM);
-	say("listening on %s, snapshots in %s, keeping %u per client",
-	    D.sock, D.dir, D.keep);
+	uv_signal_start(&D.sigint, cowmmd_on_signal, SIGINT);
+	uv_signal_start(&D.sigterm, cowmmd_on_signal, SIGTERM);
+	cowmmd_say("listening on %s, snapshots in %s, keeping %u per client",
+		   D.sock, D.dir, D.keep);
 	uv_run(D.loop, UV_RUN_DEFAULT);
 	uv_loop_close(D.loop);
-	say("exited cleanly: %llu snapshot(s) written, %llu failed",
-	    (unsigned long long)D.snaps_ok,
-	    (unsigned long long)D.snaps_failed);
+	cowmmd_say("exited cleanly: %llu snapshot(s) written, %llu failed",
+		   (unsigned long long)D.snaps_ok,
+		   (unsigned long long)D.snaps_failed);
 	return 0;
 }
 

@@ -34,7 +34,7 @@
 #define PTRACE_EVENT_STOP 128
 #endif
 
-void say(const char *fmt, ...)
+void cowmmd_say(const char *fmt, ...)
 {
 	struct timespec ts;
 	struct tm tm;
@@ -51,20 +51,19 @@ void say(const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
-void log_lib(enum cowmm_log_level level, const char *msg, void *data)
+void cowmmd_log_lib(enum cowmm_log_level level, const char *msg, void *data)
 {
 	(void)data;
 	if (level <= COWMM_LOG_WARNING)
-		say("libcowmm: %s", msg);
+		cowmmd_say("libcowmm: %s", msg);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Text and JSON replies */
 
-
-void outf(struct out *o, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-void outf(struct out *o, const char *fmt, ...)
+void cowmmd_outf(struct out *o, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void cowmmd_outf(struct out *o, const char *fmt, ...)
 {
 	va_list ap;
 	int n;
@@ -80,21 +79,21 @@ void outf(struct out *o, const char *fmt, ...)
 }
 
 /* A JSON string (names are sanitised; paths come from the operator). */
-void out_jstr(struct out *o, const char *s)
+void cowmmd_out_jstr(struct out *o, const char *s)
 {
-	outf(o, "\"");
+	cowmmd_outf(o, "\"");
 	for (; *s; s++) {
 		if (*s == '"' || *s == '\\')
-			outf(o, "\\%c", *s);
+			cowmmd_outf(o, "\\%c", *s);
 		else if ((unsigned char)*s < 0x20)
-			outf(o, "\\u%04x", *s);
+			cowmmd_outf(o, "\\u%04x", *s);
 		else
-			outf(o, "%c", *s);
+			cowmmd_outf(o, "%c", *s);
 	}
-	outf(o, "\"");
+	cowmmd_outf(o, "\"");
 }
 
-void send_reply(struct conn *cn, int status, const struct out *o)
+void cowmmd_send_reply(struct conn *cn, int status, const struct out *o)
 {
 	size_t len = sizeof(struct cowmmd_reply) + (o ? o->len : 0);
 	struct cowmmd_reply *r = malloc(len);
@@ -107,13 +106,13 @@ void send_reply(struct conn *cn, int status, const struct out *o)
 	if (o)
 		memcpy(r->text, o->buf, o->len);
 	if (send(cn->fd, r, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
-		say("ctl %d: reply lost: %s", cn->pid, strerror(errno));
+		cowmmd_say("ctl %d: reply lost: %s", cn->pid, strerror(errno));
 	free(r);
 }
 
-void reply_error(struct conn *cn, int err, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-void reply_error(struct conn *cn, int err, const char *fmt, ...)
+void cowmmd_reply_error(struct conn *cn, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void cowmmd_reply_error(struct conn *cn, int err, const char *fmt, ...)
 {
 	char text[512];
 	struct out o = { text, 0, sizeof(text), false };
@@ -124,12 +123,12 @@ void reply_error(struct conn *cn, int err, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	if (cn->flags & COWMMD_CTL_JSON) {
-		outf(&o, "{\"error\": ");
-		out_jstr(&o, msg);
-		outf(&o, ", \"errno\": %d}\n", -err);
+		cowmmd_outf(&o, "{\"error\": ");
+		cowmmd_out_jstr(&o, msg);
+		cowmmd_outf(&o, ", \"errno\": %d}\n", -err);
 	} else {
-		outf(&o, "%s\n", msg);
+		cowmmd_outf(&o, "%s\n", msg);
 	}
-	send_reply(cn, err, &o);
+	cowmmd_send_reply(cn, err, &o);
 }
 

@@ -58,8 +58,9 @@ static void free_dsnap(struct dsnap *s)
 }
 
 /*
- * NAME-PID-RUN.ID-SEQ, in the snapshot directory: RUN (the daemon's start, in seconds) and the
- * client id keep names unique across attaches and daemon restarts.
+ * NAME-PID-RUN.ID-SEQ, in the snapshot directory: RUN (the daemon's
+ * start, in seconds) and the client id keep names unique across attaches
+ * and daemon restarts.
  */
 static void snapshot_name(char *buf, size_t n, const char *pre,
 			  const struct client *c, uint64_t seq,
@@ -149,7 +150,8 @@ static void copy_thread(struct helper *h)
 		for (k = 0; k < n; k++) {
 			size_t p;
 
-			if (atomic_load(&s->err) || !page_of(s, addr[k], &p) ||
+			if (atomic_load(&s->err) ||
+			    !cowmmd_page_of(s, addr[k], &p) ||
 			    atomic_load(&s->state[p]) != PG_NONE)
 				continue;
 			local[m].iov_base = malloc(PAGE);
@@ -191,8 +193,8 @@ static void copy_thread(struct helper *h)
 		}
 		/* Failing here, the loop unprotects everything at the end. */
 		for (k = 0; k < n; k++)
-			(void)wp_retry(s->uffd, addr[k], PAGE, false,
-				       now_ns() + 1000000000ull);
+			(void)cowmmd_wp_retry(s->uffd, addr[k], PAGE, false,
+					      now_ns() + 1000000000ull);
 	}
 }
 
@@ -205,15 +207,16 @@ static void copier_done(struct helper *h)
 	snapshot_finish(s);
 }
 
-void reply_snapshot_error(struct conn *cn, struct client *c, int ret)
+void cowmmd_reply_snapshot_error(struct conn *cn, struct client *c, int ret)
 {
-	reply_error(cn, ret, "snapshot of client %u failed: %s%s", c->id,
-		    strerror(-ret),
-		    ret == -EPERM ? " (ptrace not allowed: run cowmmd as root "
-				    "or the client's user)"
-		    : ret == -EPROTO ? " (its ranges are registered for more "
-				       "than write-protect faults)"
-				     : "");
+	cowmmd_reply_error(
+	    cn, ret, "snapshot of client %u failed: %s%s", c->id,
+	    strerror(-ret),
+	    ret == -EPERM    ? " (ptrace not allowed: run cowmmd as root "
+			       "or the client's user)"
+	    : ret == -EPROTO ? " (its ranges are registered for more "
+			       "than write-protect faults)"
+			     : "");
 }
 
 /* Armed (or not): start the copier and the stream, or give up. */
@@ -234,7 +237,7 @@ static void arm_done(struct helper *h)
 	if (!ret) {
 		*h = (struct helper){ .run = copy_thread, .done = copier_done,
 				      .data = s };
-		ret = helper_start(h);
+		ret = cowmmd_helper_start(h);
 		if (ret)
 			free(h);
 		else
@@ -258,10 +261,10 @@ static void arm_done(struct helper *h)
 
 /*
  * Start a snapshot of @c; the reply to @waiter follows when it is done.
- * The client is stopped and armed on a helper thread (arm_thread()), the
+ * The client is stopped and armed on a helper thread (cowmmd_arm_thread()), the
  * files streamed on the pool (stream.c); the loop goes on meanwhile.
  */
-int start_snapshot(struct client *c, struct conn *waiter)
+int cowmmd_start_snapshot(struct client *c, struct conn *waiter)
 {
 	struct helper *h;
 	struct dsnap *s;
@@ -323,10 +326,11 @@ int start_snapshot(struct client *c, struct conn *waiter)
 		      ? -ESRCH
 		      : 0;
 	/* Faults read while arming already belong to this snapshot. */
-	*h = (struct helper){ .run = arm_thread, .done = arm_done, .data = s };
+	*h = (struct helper){
+	    .run = cowmmd_arm_thread, .done = arm_done, .data = s};
 	if (!ret) {
 		c->snap = s;
-		ret = helper_start(h);
+		ret = cowmmd_helper_start(h);
 	}
 	if (ret) {
 		c->snap = NULL;
@@ -345,7 +349,7 @@ int start_snapshot(struct client *c, struct conn *waiter)
 	return 0;
 }
 
-void prune(struct client *c)
+void cowmmd_prune(struct client *c)
 {
 	char dir[NAME_MAX + 1];
 
@@ -364,24 +368,25 @@ static void out_snapshot(struct out *o, const struct dsnap *s)
 
 	snprintf(dir, sizeof(dir), "%s/%s", D.dir, s->finaldir);
 	if (o->json) {
-		outf(o, "{\"seq\": %llu, \"dir\": ",
-		     (unsigned long long)s->seq);
-		out_jstr(o, dir);
-		outf(o,
-		     ", \"regions\": %u, "
-		     "\"bytes\": %llu, \"pause_us\": %llu, \"seconds\": %.3f, "
-		     "\"copies\": %llu}\n",
-		     s->nregions,
-		     (unsigned long long)s->total,
-		     (unsigned long long)(s->pause_ns / 1000), secs,
-		     (unsigned long long)atomic_load(&s->copies));
+		cowmmd_outf(
+		    o, "{\"seq\": %llu, \"dir\": ", (unsigned long long)s->seq);
+		cowmmd_out_jstr(o, dir);
+		cowmmd_outf(
+		    o,
+		    ", \"regions\": %u, "
+		    "\"bytes\": %llu, \"pause_us\": %llu, \"seconds\": %.3f, "
+		    "\"copies\": %llu}\n",
+		    s->nregions, (unsigned long long)s->total,
+		    (unsigned long long)(s->pause_ns / 1000), secs,
+		    (unsigned long long)atomic_load(&s->copies));
 	} else {
-		outf(o,
-		     "%s\n  %u region file(s), %.1f MiB in %.3f s; client "
-		     "stopped %.3f ms; %llu pages copied on write\n",
-		     dir, s->nregions, (double)s->total / (1 << 20),
-		     secs, (double)s->pause_ns / 1e6,
-		     (unsigned long long)atomic_load(&s->copies));
+		cowmmd_outf(
+		    o,
+		    "%s\n  %u region file(s), %.1f MiB in %.3f s; client "
+		    "stopped %.3f ms; %llu pages copied on write\n",
+		    dir, s->nregions, (double)s->total / (1 << 20), secs,
+		    (double)s->pause_ns / 1e6,
+		    (unsigned long long)atomic_load(&s->copies));
 	}
 }
 
@@ -415,12 +420,13 @@ static void snapshot_finish(struct dsnap *s)
 		/* Pages never streamed are still protected: let them go. */
 		for (i = 0; c->uffd >= 0 && i < c->nregions; i++)
 			if (!c->r[i].gone)
-				loop_wp(c, c->r[i].addr, c->r[i].len, false);
+				cowmmd_loop_wp(c, c->r[i].addr, c->r[i].len,
+					       false);
 		c->snaps_failed++;
 		D.snaps_failed++;
 		c->last_err = s->result;
-		say("client %u: snapshot %llu failed: %s", c->id,
-		    (unsigned long long)s->seq, strerror(-s->result));
+		cowmmd_say("client %u: snapshot %llu failed: %s", c->id,
+			   (unsigned long long)s->seq, strerror(-s->result));
 	} else {
 		c->snaps_ok++;
 		D.snaps_ok++;
@@ -430,9 +436,11 @@ static void snapshot_finish(struct dsnap *s)
 		c->last_pause_us = s->pause_ns / 1000;
 		c->last_ms = (s->t_end - s->t_start) / 1000000;
 		snprintf(c->last, sizeof(c->last), "%s/%s", D.dir, s->finaldir);
-		c->kept[c->nkept++] = s->seq; /* prune() keeps it < KEEP_MAX */
-		prune(c);
-		say("client %u: snapshot %llu: %.1f MiB in %.3f s, stopped "
+		c->kept[c->nkept++] =
+		    s->seq; /* cowmmd_prune() keeps it < KEEP_MAX */
+		cowmmd_prune(c);
+		cowmmd_say(
+		    "client %u: snapshot %llu: %.1f MiB in %.3f s, stopped "
 		    "%.3f ms, %llu copies",
 		    c->id, (unsigned long long)s->seq,
 		    (double)s->total / (1 << 20),
@@ -447,41 +455,43 @@ static void snapshot_finish(struct dsnap *s)
 			continue;
 		cn->waiting = NULL;
 		if (s->result) {
-			reply_snapshot_error(cn, c, s->result);
+			cowmmd_reply_snapshot_error(cn, c, s->result);
 		} else {
 			o.json = cn->flags & COWMMD_CTL_JSON;
 			o.len = 0;
 			out_snapshot(&o, s);
-			send_reply(cn, 0, &o);
+			cowmmd_send_reply(cn, 0, &o);
 		}
 		if (D.stopping)
-			conn_close(cn);
+			cowmmd_conn_close(cn);
 	}
 	ret = s->result;
 	free_dsnap(s);
 	if (ret == -EPROTO)
-		client_close(c, -EPROTO); /* it lied about its registration */
+		cowmmd_client_close(
+		    c, -EPROTO); /* it lied about its registration */
 	if (c->gone)
-		client_finish(c);
+		cowmmd_client_finish(c);
 	else if (D.stopping)
-		client_close(c, -ECANCELED);
+		cowmmd_client_close(c, -ECANCELED);
 }
 
-void on_timer(uv_timer_t *t)
+void cowmmd_on_timer(uv_timer_t *t)
 {
 	struct client *c = t->data;
 	int ret;
 
 	if (c->snap) {
-		say("client %u: scheduled snapshot skipped: the last one is "
+		cowmmd_say(
+		    "client %u: scheduled snapshot skipped: the last one is "
 		    "still being written",
 		    c->id);
 		return;
 	}
-	ret = start_snapshot(c, NULL);
+	ret = cowmmd_start_snapshot(c, NULL);
 	if (ret)
-		say("client %u: scheduled snapshot failed: %s", c->id,
-		    strerror(-ret));
+		cowmmd_say("client %u: scheduled snapshot failed: %s", c->id,
+			   strerror(-ret));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -495,7 +505,7 @@ void on_timer(uv_timer_t *t)
  * and writable by us alone.  Snapshots are then written relative to the
  * descriptor, so a directory swapped for a symlink later changes nothing.
  */
-int open_dir(const char *dir)
+int cowmmd_open_dir(const char *dir)
 {
 	char tmp[PATH_MAX], *comp, *next, *save = NULL;
 	uid_t me = geteuid();
@@ -503,7 +513,8 @@ int open_dir(const char *dir)
 	int fd, sub;
 
 	if (dir[0] != '/') {
-		say("%s: the snapshot directory must be an absolute path", dir);
+		cowmmd_say(
+		    "%s: the snapshot directory must be an absolute path", dir);
 		return -EINVAL;
 	}
 	snprintf(tmp, sizeof(tmp), "%s", dir);
@@ -513,7 +524,8 @@ int open_dir(const char *dir)
 	for (comp = strtok_r(tmp, "/", &save); comp; comp = next) {
 		next = strtok_r(NULL, "/", &save);
 		if (!strcmp(comp, ".") || !strcmp(comp, "..")) {
-			say("%s: no . or .. in the snapshot directory", dir);
+			cowmmd_say("%s: no . or .. in the snapshot directory",
+				   dir);
 			close(fd);
 			return -EINVAL;
 		}
@@ -526,10 +538,10 @@ int open_dir(const char *dir)
 		if (sub < 0) {
 			int err = -errno;
 
-			say("%s: %s: %s%s", dir, comp, strerror(-err),
-			    err == -ELOOP || err == -ENOTDIR
-				    ? " (a symlink? give the real path)"
-				    : "");
+			cowmmd_say("%s: %s: %s%s", dir, comp, strerror(-err),
+				   err == -ELOOP || err == -ENOTDIR
+				       ? " (a symlink? give the real path)"
+				       : "");
 			close(fd);
 			return err;
 		}
@@ -542,7 +554,8 @@ int open_dir(const char *dir)
 		if ((st.st_uid != 0 && st.st_uid != me) ||
 		    (next && (st.st_mode & 022) && !(st.st_mode & S_ISVTX)) ||
 		    (!next && (st.st_uid != me || (st.st_mode & 022)))) {
-			say("%s: %s is owned by uid %u, mode %04o: the "
+			cowmmd_say(
+			    "%s: %s is owned by uid %u, mode %04o: the "
 			    "snapshot directory must be owned by uid %u and "
 			    "writable by it alone, and each directory above "
 			    "it owned by root or uid %u and writable by no "
@@ -564,7 +577,7 @@ int open_dir(const char *dir)
 }
 
 /* Hidden .tmp directories left by a daemon that died mid-snapshot. */
-void remove_stale(void)
+void cowmmd_remove_stale(void)
 {
 	struct dirent *e;
 	int fd = dup(D.dirfd);
@@ -587,6 +600,7 @@ void remove_stale(void)
 	}
 	closedir(d);
 	if (n)
-		say("removed %u unfinished snapshot(s) left in %s", n, D.dir);
+		cowmmd_say("removed %u unfinished snapshot(s) left in %s", n,
+			   D.dir);
 }
 

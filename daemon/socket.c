@@ -40,11 +40,11 @@
 
 static void protocol_error(struct conn *cn, const char *why)
 {
-	say("connection from pid %d closed: %s", cn->pid, why);
-	conn_close(cn);
+	cowmmd_say("connection from pid %d closed: %s", cn->pid, why);
+	cowmmd_conn_close(cn);
 }
 
-void on_conn(uv_poll_t *h, int status, int events)
+void cowmmd_on_conn(uv_poll_t *h, int status, int events)
 {
 	struct conn *cn = h->data;
 	union {
@@ -66,7 +66,7 @@ void on_conn(uv_poll_t *h, int status, int events)
 
 	(void)events;
 	if (status < 0) {
-		conn_close(cn);
+		cowmmd_conn_close(cn);
 		return;
 	}
 	n = recvmsg(cn->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
@@ -91,7 +91,7 @@ void on_conn(uv_poll_t *h, int status, int events)
 		}
 	}
 	if (n <= 0) {
-		conn_close(cn);
+		cowmmd_conn_close(cn);
 	} else if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
 		protocol_error(cn, "message too long");
 	} else if ((size_t)n < sizeof(m.h) || m.h.magic != COWMMD_MAGIC ||
@@ -101,28 +101,29 @@ void on_conn(uv_poll_t *h, int status, int events)
 		protocol_error(cn, "another protocol version");
 	} else if (cn->uid != 0 && cn->uid != geteuid()) {
 		D.refused++;
-		say("connection from pid %d refused: uid %u", cn->pid,
-		    (unsigned)cn->uid);
+		cowmmd_say("connection from pid %d refused: uid %u", cn->pid,
+			   (unsigned)cn->uid);
 		if (m.h.type == COWMMD_HELLO)
-			welcome(cn, -EPERM, 0);
+			cowmmd_welcome(cn, -EPERM, 0);
 		else
-			reply_error(cn, -EPERM, "permission denied: uid %u",
-				    (unsigned)cn->uid);
-		conn_close(cn);
+			cowmmd_reply_error(cn, -EPERM,
+					   "permission denied: uid %u",
+					   (unsigned)cn->uid);
+		cowmmd_conn_close(cn);
 	} else if (m.h.type == COWMMD_HELLO && cn->kind == CONN_NEW) {
-		handle_hello(cn, (void *)&m, (size_t)n, fds, nfds);
+		cowmmd_handle_hello(cn, (void *)&m, (size_t)n, fds, nfds);
 	} else if (nfds) {
 		protocol_error(cn, "unexpected descriptors");
 	} else if (m.h.type == COWMMD_CTL && cn->kind != CONN_CLIENT &&
 		   (size_t)n >= sizeof(struct cowmmd_ctl)) {
-		handle_ctl(cn, (void *)&m, (size_t)n);
+		cowmmd_handle_ctl(cn, (void *)&m, (size_t)n);
 	} else if (m.h.type == COWMMD_DETACH && cn->kind == CONN_CLIENT &&
 		   (size_t)n == sizeof(m.h)) {
 		struct client *c = cn->client;
 
 		c->bye = true;
-		abandon(c, -ECANCELED, "the client detached");
-		client_close(c, -ECANCELED);
+		cowmmd_abandon(c, -ECANCELED, "the client detached");
+		cowmmd_client_close(c, -ECANCELED);
 	} else {
 		protocol_error(cn, "unexpected message");
 	}
@@ -136,7 +137,7 @@ static void on_backoff(uv_timer_t *t)
 {
 	(void)t;
 	if (!D.stopping)
-		uv_poll_start(&D.listen_poll, UV_READABLE, on_listen);
+		uv_poll_start(&D.listen_poll, UV_READABLE, cowmmd_on_listen);
 }
 
 /* Why a new connection from @cred is not taken, or NULL. */
@@ -161,7 +162,7 @@ static const char *over_limit(const struct ucred *cred)
 	return NULL;
 }
 
-void on_listen(uv_poll_t *h, int status, int events)
+void cowmmd_on_listen(uv_poll_t *h, int status, int events)
 {
 	struct ucred cred;
 	socklen_t len = sizeof(cred);
@@ -181,8 +182,8 @@ void on_listen(uv_poll_t *h, int status, int events)
 		 */
 		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
 		    errno == ENOMEM) {
-			say("accept: %s: not accepting for 100 ms",
-			    strerror(errno));
+			cowmmd_say("accept: %s: not accepting for 100 ms",
+				   strerror(errno));
 			uv_poll_stop(&D.listen_poll);
 			uv_timer_start(&D.backoff_timer, on_backoff, 100, 0);
 		}
@@ -195,8 +196,8 @@ void on_listen(uv_poll_t *h, int status, int events)
 	why = over_limit(&cred);
 	if (why) {
 		D.refused++;
-		say("connection from pid %d (uid %u) refused: %s",
-		    (int)cred.pid, (unsigned)cred.uid, why);
+		cowmmd_say("connection from pid %d (uid %u) refused: %s",
+			   (int)cred.pid, (unsigned)cred.uid, why);
 		close(fd);
 		return;
 	}
@@ -214,11 +215,11 @@ void on_listen(uv_poll_t *h, int status, int events)
 	cn->poll.data = cn;
 	cn->next = D.conns;
 	D.conns = cn;
-	uv_poll_start(&cn->poll, UV_READABLE | UV_DISCONNECT, on_conn);
+	uv_poll_start(&cn->poll, UV_READABLE | UV_DISCONNECT, cowmmd_on_conn);
 }
 
 /* Connections with nothing in flight that said nothing for too long. */
-void on_idle_timer(uv_timer_t *t)
+void cowmmd_on_idle_timer(uv_timer_t *t)
 {
 	struct conn *cn, *next;
 	uint64_t now = now_ns();
@@ -229,26 +230,27 @@ void on_idle_timer(uv_timer_t *t)
 		if (cn->kind == CONN_CLIENT || cn->waiting || cn->closing ||
 		    now - cn->last_ns < D.idle_ns)
 			continue;
-		say("connection from pid %d closed: idle", (int)cn->pid);
-		conn_close(cn);
+		cowmmd_say("connection from pid %d closed: idle", (int)cn->pid);
+		cowmmd_conn_close(cn);
 	}
 }
 
-void on_signal(uv_signal_t *h, int signum)
+void cowmmd_on_signal(uv_signal_t *h, int signum)
 {
 	struct client *c, *next;
 	struct conn *cn, *cnext;
 
 	(void)h;
 	if (D.signals++) {
-		say("%s again: abandoning snapshots in flight",
-		    strsignal(signum));
+		cowmmd_say("%s again: abandoning snapshots in flight",
+			   strsignal(signum));
 		for (c = D.clients; c; c = c->next)
-			abandon(c, -ECANCELED, "cowmmd is shutting down");
+			cowmmd_abandon(c, -ECANCELED,
+				       "cowmmd is shutting down");
 		return;
 	}
-	say("%s: finishing snapshots in flight, then exiting",
-	    strsignal(signum));
+	cowmmd_say("%s: finishing snapshots in flight, then exiting",
+		   strsignal(signum));
 	D.stopping = true;
 	uv_timer_stop(&D.backoff_timer);
 	uv_close((uv_handle_t *)&D.listen_poll, NULL);
@@ -258,14 +260,14 @@ void on_signal(uv_signal_t *h, int signum)
 	for (c = D.clients; c; c = next) {
 		next = c->next;
 		if (!c->snap)
-			client_close(c, -ECANCELED);
+			cowmmd_client_close(c, -ECANCELED);
 	}
 	for (cn = D.conns; cn; cn = cnext) {
 		cnext = cn->next;
 		if (cn->kind != CONN_CLIENT && !cn->waiting)
-			conn_close(cn);
+			cowmmd_conn_close(cn);
 	}
-	maybe_exit();
+	cowmmd_maybe_exit();
 }
 
 /*
@@ -273,7 +275,7 @@ void on_signal(uv_signal_t *h, int signum)
  * SOCK_SEQPACKET socket passed as descriptor 3 ($LISTEN_PID, $LISTEN_FDS,
  * as sd_listen_fds() reads them).  -ENOENT when not activated.
  */
-int listen_activated(void)
+int cowmmd_listen_activated(void)
 {
 	const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
 	struct sockaddr_un sa;
@@ -292,8 +294,8 @@ int listen_activated(void)
 	    getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &ilen) < 0 ||
 	    !listening || getsockname(fd, (struct sockaddr *)&sa, &len) < 0 ||
 	    sa.sun_family != AF_UNIX) {
-		say("socket activation: expected one listening AF_UNIX "
-		    "SOCK_SEQPACKET socket (ListenSequentialPacket=)");
+		cowmmd_say("socket activation: expected one listening AF_UNIX "
+			   "SOCK_SEQPACKET socket (ListenSequentialPacket=)");
 		return -EINVAL;
 	}
 	fcntl(fd, F_SETFD, FD_CLOEXEC);
@@ -306,14 +308,14 @@ int listen_activated(void)
 	return fd;
 }
 
-int listen_on(const char *path)
+int cowmmd_listen_on(const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	mode_t old;
 	int fd, probe;
 
 	if (strlen(path) >= sizeof(sa.sun_path)) {
-		say("socket path too long: %s", path);
+		cowmmd_say("socket path too long: %s", path);
 		return -ENAMETOOLONG;
 	}
 	memcpy(sa.sun_path, path, strlen(path) + 1); /* length checked */
@@ -327,12 +329,14 @@ int listen_on(const char *path)
 		(void)getsockopt(probe, SOL_SOCKET, SO_PEERCRED, &cred, &clen);
 		close(probe);
 		if (cred.uid != 0 && cred.uid != geteuid())
-			say("%s is held by uid %u (pid %d), not by a cowmmd "
+			cowmmd_say(
+			    "%s is held by uid %u (pid %d), not by a cowmmd "
 			    "of ours: refusing to start; use --socket "
 			    "elsewhere (a directory only we can write)",
 			    path, (unsigned)cred.uid, (int)cred.pid);
 		else
-			say("another cowmmd (pid %d) is already listening on "
+			cowmmd_say(
+			    "another cowmmd (pid %d) is already listening on "
 			    "%s",
 			    (int)cred.pid, path);
 		return -EADDRINUSE;
@@ -350,7 +354,7 @@ int listen_on(const char *path)
 		int err = -errno;
 
 		umask(old);
-		say("cannot listen on %s: %s", path, strerror(-err));
+		cowmmd_say("cannot listen on %s: %s", path, strerror(-err));
 		close(fd);
 		return err;
 	}

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
  * Fuzz target for cowmmd's protocol: message bytes, with descriptors of
- * several kinds, fed straight into the daemon's receive path (on_conn():
+ * several kinds, fed straight into the daemon's receive path (cowmmd_on_conn():
  * header checks, HELLO with its descriptor and range checks, CTL parsing
  * and every command) on one connection, then the connection is closed and
  * the loop run until everything it opened is released.
@@ -53,7 +53,7 @@ static void setup(void)
 	if (!mkdtemp(tmpl))
 		abort();
 	snprintf(D.dir, sizeof(D.dir), "%s", tmpl);
-	D.dirfd = open_dir(D.dir);
+	D.dirfd = cowmmd_open_dir(D.dir);
 	if (D.dirfd < 0)
 		abort();
 	D.loop = uv_default_loop();
@@ -163,14 +163,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		send_one(sv[1], data, len, kinds);
 		data += len;
 		size -= len;
-		on_conn(&cn->poll, 0, UV_READABLE);
+		cowmmd_on_conn(&cn->poll, 0, UV_READABLE);
 		while (recv(sv[1], drain, sizeof(drain), MSG_DONTWAIT) > 0)
 			;
 	}
 	close(sv[1]);
 	/* A client accepted by a HELLO goes with its connection. */
 	if (!cn->closing)
-		conn_close(cn);
+		cowmmd_conn_close(cn);
 	while (D.conns || D.clients)
 		uv_run(D.loop, UV_RUN_NOWAIT);
 	return 0;
