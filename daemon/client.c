@@ -74,6 +74,8 @@ void cowmmd_conn_close(struct conn *cn)
 		cn->client->conn = NULL;
 		cowmmd_client_close(cn->client, -ECONNRESET);
 	}
+	if (cn->hello)
+		cowmmd_hello_forget(cn->hello);
 	uv_close((uv_handle_t *)&cn->poll, conn_closed);
 }
 

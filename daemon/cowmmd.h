@@ -35,6 +35,7 @@ enum { PG_NONE, PG_STREAMED, PG_PRESERVED };
 
 struct conn;
 struct helper;
+struct hello_job;
 
 struct dregion {
 	uint64_t addr, len;
@@ -147,6 +148,7 @@ struct conn {
 	enum conn_kind kind;
 	struct client *client;
 	struct dsnap *waiting; /* a ctl waiting for this snapshot */
+	struct hello_job *hello; /* its HELLO, being checked */
 	uint64_t last_ns;      /* its last message: for the idle timeout */
 	unsigned flags;
 	bool closing;
@@ -176,6 +178,7 @@ struct cowmmd_state {
 	uint64_t run; /* start time, seconds since the epoch: in file names */
 	uint64_t faults, copies, snaps_ok, snaps_failed, bytes;
 	uint64_t refused;
+	unsigned helpers; /* helper threads not yet exited */
 };
 extern struct cowmmd_state D;
 
@@ -236,6 +239,7 @@ int cowmmd_open_dir(const char *dir);
 void cowmmd_remove_stale(void);
 
 /* hello.c */
+void cowmmd_hello_forget(struct hello_job *job);
 void cowmmd_welcome(struct conn *cn, int status, unsigned id);
 void cowmmd_handle_hello(struct conn *cn, const struct cowmmd_hello *h,
 			 size_t len, int *fds, unsigned nfds);

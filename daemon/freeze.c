@@ -75,6 +75,7 @@ static void helper_closed(uv_handle_t *hd)
 	struct helper *h = hd->data;
 
 	close(h->pidfd);
+	D.helpers--;
 	h->done(h);
 }
 
@@ -106,6 +107,7 @@ int cowmmd_helper_start(struct helper *h)
 	uv_sem_destroy(&h->started);
 	if (ret)
 		return ret;
+	D.helpers++;
 	uv_poll_init(D.loop, &h->poll, h->pidfd);
 	h->poll.data = h;
 	uv_poll_start(&h->poll, UV_READABLE, on_helper_exit);

@@ -99,15 +99,33 @@ void cowmmd_welcome(struct conn *cn, int status, unsigned id)
 	(void)send(cn->fd, &w, sizeof(w), MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-/* Checks a HELLO; returns why it is refused, with *err set, or NULL. */
+/*
+ * A HELLO being checked on a helper thread: reading the client's maps and
+ * smaps costs time in proportion to its address space (the kernel walks
+ * its page tables for smaps), which the client chooses.
+ */
+struct hello_job {
+	struct helper h;
+	struct conn *cn; /* NULL once the connection is gone */
+	pid_t pid;
+	int fds[2];
+	size_t len;
+	union {
+		struct cowmmd_hello msg;
+		char buf[sizeof(struct cowmmd_hello) +
+			 COWMMD_MAX_RANGES * sizeof(struct cowmmd_range)];
+	} m;
+	const char *why;
+	int err;
+};
+
+/* The quick checks, on the loop: why it is refused, with *err, or NULL. */
 static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 			       size_t len, const int *fds, unsigned nfds,
 			       int *err)
 {
-	struct dregion dr[COWMMD_MAX_RANGES];
-	unsigned i, j, nclients = 0;
 	uint64_t want, have;
-	struct client *c;
+	unsigned i, j;
 
 	*err = -EPROTO;
 	if (len < sizeof(*h) || !h->nranges ||
@@ -138,34 +156,70 @@ static const char *check_hello(struct conn *cn, const struct cowmmd_hello *h,
 			if (r->addr < h->ranges[j].addr + h->ranges[j].len &&
 			    h->ranges[j].addr < r->addr + r->len)
 				return "overlapping ranges";
-		if (cowmm__check_maps(cn->pid, r->addr, r->len))
-			return "range is not private anonymous memory of the "
-			       "client";
-		dr[i] = (struct dregion){ r->addr, r->len, 0, false };
 	}
-	*err = cowmmd_check_registration(cn->pid, dr, h->nranges);
-	if (*err == -EPROTO)
-		return "ranges registered for missing or minor faults";
-	if (*err)
-		return "ranges not registered for write-protect faults";
+	*err = 0;
+	return NULL;
+}
+
+/* The slow checks, on a helper thread: the client's memory. */
+static void hello_thread(struct helper *hp)
+{
+	struct hello_job *job = hp->data;
+	const struct cowmmd_hello *h = &job->m.msg;
+	struct dregion dr[COWMMD_MAX_RANGES];
+	unsigned i;
+
+	job->err = -EINVAL;
+	for (i = 0; i < h->nranges; i++) {
+		if (cowmm__check_maps(job->pid, h->ranges[i].addr,
+				      h->ranges[i].len)) {
+			job->why = "range is not private anonymous memory of "
+				   "the client";
+			return;
+		}
+		dr[i] = (struct dregion){ h->ranges[i].addr, h->ranges[i].len,
+					  0, false };
+	}
+	job->err = cowmmd_check_registration(job->pid, dr, h->nranges);
+	if (job->err == -EPROTO) {
+		job->why = "ranges registered for missing or minor faults";
+		return;
+	}
+	if (job->err) {
+		job->why = "ranges not registered for write-protect faults";
+		return;
+	}
 	/*
 	 * Registered with this userfaultfd, not another one of the client's
 	 * (-EBUSY): registering again in the same mode changes nothing.
 	 */
 	for (i = 0; i < h->nranges; i++) {
-		*err = cowmm__uffd_register(fds[0], h->ranges[i].addr,
-					    h->ranges[i].len,
-					    UFFDIO_REGISTER_MODE_WP, NULL);
-		if (*err == -EBUSY)
-			return "ranges registered with another userfaultfd";
-		if (*err)
-			return "cannot check the registration of the ranges";
+		job->err = cowmm__uffd_register(job->fds[0], h->ranges[i].addr,
+						h->ranges[i].len,
+						UFFDIO_REGISTER_MODE_WP, NULL);
+		if (job->err == -EBUSY) {
+			job->why = "ranges registered with another userfaultfd";
+			return;
+		}
+		if (job->err) {
+			job->why = "cannot check the registration of the "
+				   "ranges";
+			return;
+		}
 	}
-	j = 0;
+}
+
+/* The limits, on the loop once the checks passed. */
+static const char *check_room(const struct conn *cn, int *err)
+{
+	unsigned nclients = 0, mine = 0;
+	struct client *c;
+
 	*err = -EUSERS;
 	for (c = D.clients; c; c = c->next) {
 		nclients++;
-		if (!c->gone && c->pid == cn->pid && ++j >= MAX_CLIENTS_PER_PID)
+		if (!c->gone && c->pid == cn->pid &&
+		    ++mine >= MAX_CLIENTS_PER_PID)
 			return "too many clients in this process";
 	}
 	if (nclients >= MAX_CLIENTS)
@@ -196,26 +250,24 @@ static void sanitize_name(char *dst, const char *src, size_t n)
 		memcpy(dst, "client", sizeof("client"));
 }
 
-void cowmmd_handle_hello(struct conn *cn, const struct cowmmd_hello *h,
-			 size_t len, int *fds, unsigned nfds)
+static void refuse(struct conn *cn, int err, const char *why)
+{
+	cowmmd_say("connection from pid %d refused: %s", cn->pid, why);
+	cowmmd_welcome(cn, err, 0);
+	cowmmd_conn_close(cn);
+}
+
+/* The client, once every check passed: it owns @fds from here on. */
+static void hello_accept(struct conn *cn, const struct cowmmd_hello *h,
+			 int *fds)
 {
 	struct client *c;
-	const char *why;
 	unsigned i;
 	size_t first = 0;
-	int err;
 
-	why = check_hello(cn, h, len, fds, nfds, &err);
-	if (why) {
-		cowmmd_say("connection from pid %d refused: %s", cn->pid, why);
-		cowmmd_welcome(cn, err, 0);
-		cowmmd_conn_close(cn);
-		return;
-	}
 	c = calloc(1, sizeof(*c));
 	if (!c) {
-		cowmmd_welcome(cn, -ENOMEM, 0);
-		cowmmd_conn_close(cn);
+		refuse(cn, -ENOMEM, "out of memory");
 		return;
 	}
 	c->id = D.next_id++;
@@ -254,3 +306,71 @@ void cowmmd_handle_hello(struct conn *cn, const struct cowmmd_hello *h,
 	cowmmd_welcome(cn, 0, c->id);
 }
 
+/* Its connection is gone: the job ends alone. */
+void cowmmd_hello_forget(struct hello_job *job)
+{
+	job->cn = NULL;
+}
+
+static void hello_done(struct helper *hp)
+{
+	struct hello_job *job = hp->data;
+	struct conn *cn = job->cn;
+	const char *why = job->why;
+	int err = job->err;
+
+	if (cn) {
+		cn->hello = NULL;
+		if (!why)
+			why = check_room(cn, &err);
+		if (why)
+			refuse(cn, err, why);
+		else
+			hello_accept(cn, &job->m.msg, job->fds);
+	}
+	if (job->fds[0] >= 0)
+		close(job->fds[0]);
+	if (job->fds[1] >= 0)
+		close(job->fds[1]);
+	free(job);
+}
+
+/*
+ * HELLO: the quick checks here; the client's maps and registration on a
+ * helper thread; hello_done() answers.  Takes @fds (set to -1) if it goes
+ * on.
+ */
+void cowmmd_handle_hello(struct conn *cn, const struct cowmmd_hello *h,
+			 size_t len, int *fds, unsigned nfds)
+{
+	struct hello_job *job;
+	const char *why;
+	int err;
+
+	why = check_hello(cn, h, len, fds, nfds, &err);
+	if (why) {
+		refuse(cn, err, why);
+		return;
+	}
+	job = calloc(1, sizeof(*job));
+	if (!job) {
+		refuse(cn, -ENOMEM, "out of memory");
+		return;
+	}
+	job->h = (struct helper){ .run = hello_thread, .done = hello_done,
+				  .data = job };
+	job->cn = cn;
+	job->pid = cn->pid;
+	job->len = len;
+	memcpy(job->m.buf, h, len); /* length checked */
+	job->fds[0] = fds[0];
+	job->fds[1] = fds[1];
+	err = cowmmd_helper_start(&job->h);
+	if (err) {
+		free(job);
+		refuse(cn, err, "cannot start a thread");
+		return;
+	}
+	fds[0] = fds[1] = -1; /* the job's now */
+	cn->hello = job;
+}

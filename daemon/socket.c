@@ -110,6 +110,8 @@ void cowmmd_on_conn(uv_poll_t *h, int status, int events)
 					   "permission denied: uid %u",
 					   (unsigned)cn->uid);
 		cowmmd_conn_close(cn);
+	} else if (cn->hello) {
+		protocol_error(cn, "a message before the answer to HELLO");
 	} else if (m.h.type == COWMMD_HELLO && cn->kind == CONN_NEW) {
 		cowmmd_handle_hello(cn, (void *)&m, (size_t)n, fds, nfds);
 	} else if (nfds) {

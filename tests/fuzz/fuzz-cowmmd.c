@@ -171,7 +171,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* A client accepted by a HELLO goes with its connection. */
 	if (!cn->closing)
 		cowmmd_conn_close(cn);
-	while (D.conns || D.clients)
+	while (D.conns || D.clients || D.helpers)
 		uv_run(D.loop, UV_RUN_NOWAIT);
 	return 0;
 }
