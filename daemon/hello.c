@@ -110,13 +110,13 @@ struct hello_job {
 	pid_t pid;
 	int fds[2];
 	size_t len;
-	union {
+	const char *why;
+	int err;
+	union { /* last: the HELLO ends in a flexible array */
 		struct cowmmd_hello msg;
 		char buf[sizeof(struct cowmmd_hello) +
 			 COWMMD_MAX_RANGES * sizeof(struct cowmmd_range)];
 	} m;
-	const char *why;
-	int err;
 };
 
 /* The quick checks, on the loop: why it is refused, with *err, or NULL. */
