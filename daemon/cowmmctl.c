@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,29 @@
 #include <unistd.h>
 
 #include "cowmmd_proto.h"
+
+/*
+ * Print what the daemon sent; it never reaches the terminal raw.  Text:
+ * anything but printable ASCII, newline and tab as \xNN.  JSON: control
+ * characters as \u00NN (the daemon escapes them itself; an impostor may
+ * not), UTF-8 as it is.
+ */
+static void put_escaped(FILE *f, const char *buf, size_t n, bool json)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)buf[i];
+
+		if (ch == '\n' || ch == '\t' || (ch >= 0x20 && ch < 0x7f) ||
+		    (json && ch >= 0x80))
+			fputc(ch, f);
+		else if (json)
+			fprintf(f, "\\u%04x", ch);
+		else
+			fprintf(f, "\\x%02x", ch);
+	}
+}
 
 static void usage(FILE *f)
 {
@@ -33,7 +57,8 @@ static void usage(FILE *f)
 		"  stats                       the daemon's numbers\n"
 		"  ping                        is the daemon there?\n"
 		"\n"
-		"CLIENT is an id from 'list' or a client's name.\n"
+		"CLIENT is an id from 'list' (all digits) or a client's name\n"
+		"(never all digits; a name shared by two clients is refused).\n"
 		"  -s, --socket PATH  the daemon's socket (default %s)\n"
 		"  -j, --json         answer in JSON\n",
 		cowmmd_default_socket(def, sizeof(def)));
@@ -51,6 +76,8 @@ int main(int argc, char **argv)
 	char req[COWMMD_CTL_MAX];
 	struct cowmmd_ctl *m = (struct cowmmd_ctl *)req;
 	struct cowmmd_reply *r;
+	struct ucred cred;
+	socklen_t clen = sizeof(cred);
 	char path[108];
 	size_t len = sizeof(*m);
 	unsigned flags = 0;
@@ -111,6 +138,19 @@ int main(int argc, char **argv)
 						: "");
 		return 1;
 	}
+	/* Only a daemon of our own user (or root) hears us and is believed:
+	 * anyone may listen on a path in /tmp first. */
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
+		fprintf(stderr, "cowmmctl: SO_PEERCRED: %s\n", strerror(errno));
+		return 1;
+	}
+	if (cred.uid != 0 && cred.uid != geteuid()) {
+		fprintf(stderr,
+			"cowmmctl: %s is served by uid %u (pid %d), neither "
+			"root nor us: refused\n",
+			path, (unsigned)cred.uid, (int)cred.pid);
+		return 1;
+	}
 	if (send(fd, req, len, MSG_NOSIGNAL) != (ssize_t)len) {
 		fprintf(stderr, "cowmmctl: send: %s\n", strerror(errno));
 		return 1;
@@ -134,7 +174,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "cowmmctl: malformed answer from cowmmd\n");
 		return 1;
 	}
-	fwrite(r->text, 1, (size_t)n - sizeof(*r), r->status ? stderr : stdout);
+	put_escaped(r->status ? stderr : stdout, r->text,
+		    (size_t)n - sizeof(*r), flags & COWMMD_CTL_JSON);
 	if (r->status && !(flags & COWMMD_CTL_JSON))
 		fprintf(stderr, "cowmmctl: %s\n", strerror(-r->status));
 	i = r->status ? 1 : 0;

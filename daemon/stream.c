@@ -60,8 +60,8 @@ static void throttle(struct dsnap *s, uint64_t done)
  * thread handles it: wait until every batch of events read by now has been
  * dispatched (recorded in s->removed), then look.
  */
-static int check_discards(struct dsnap *s, uint64_t addr, size_t len,
-			  const bool *live)
+int check_discards(struct dsnap *s, uint64_t addr, size_t len,
+		   const bool *live)
 {
 	uint64_t want = atomic_load(s->ev_started);
 	unsigned k, n;
@@ -128,46 +128,46 @@ static int remote_read(void *data, size_t off, void *buf, size_t len)
 	return 0;
 }
 
-static void region_file(char *buf, size_t n, const char *dir, unsigned i)
+/*
+ * Remove a snapshot directory this daemon wrote, with its files; @name is
+ * in @dirfd, and nothing is followed: a symlink put in its place is only
+ * unlinked.
+ */
+void remove_snapshot_dir(int dirfd, const char *name, unsigned nregions)
 {
-	snprintf(buf, n, "%s/r%u.cowmm", dir, i);
-}
-
-/* Remove a snapshot directory this daemon wrote, with its files. */
-void remove_snapshot_dir(const char *dir, unsigned nregions)
-{
-	char path[PATH_MAX + 32];
+	char file[32];
 	unsigned i;
+	int fd = openat(dirfd, name,
+			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 
-	for (i = 0; i < nregions; i++) {
-		region_file(path, sizeof(path), dir, i);
-		unlink(path);
+	if (fd < 0) {
+		unlinkat(dirfd, name, 0);
+		return;
 	}
-	rmdir(dir);
+	for (i = 0; i < nregions; i++) {
+		snprintf(file, sizeof(file), "r%u.cowmm", i);
+		unlinkat(fd, file, 0);
+	}
+	close(fd);
+	unlinkat(dirfd, name, AT_REMOVEDIR);
 }
 
-static int sync_dir(const char *dir)
+static int sync_fd(int fd)
 {
-	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), ret = 0;
+	return fsync(fd) < 0 ? -errno : 0;
+}
+
+static int sync_dir(int dirfd, const char *name)
+{
+	int fd = openat(dirfd, name,
+			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int ret;
 
 	if (fd < 0)
 		return -errno;
-	if (fsync(fd) < 0)
-		ret = -errno;
+	ret = sync_fd(fd);
 	close(fd);
 	return ret;
-}
-
-static int sync_dir_of(const char *path)
-{
-	char parent[PATH_MAX];
-	char *slash;
-
-	snprintf(parent, sizeof(parent), "%s", path);
-	slash = strrchr(parent, '/');
-	if (slash)
-		*slash = '\0';
-	return sync_dir(slash ? parent : ".");
 }
 
 void stream_snapshot(uv_work_t *w)
@@ -194,17 +194,18 @@ void stream_snapshot(uv_work_t *w)
 	if (!ret)
 		ret = atomic_load(&s->err);
 	if (!ret)
-		ret = sync_dir(s->tmpdir); /* its entries, before the rename */
+		ret = sync_dir(s->dirfd, s->tmpdir); /* before the rename */
 	if (!ret) {
-		if (rename(s->tmpdir, s->finaldir) < 0)
+		if (renameat(s->dirfd, s->tmpdir, s->dirfd, s->finaldir) < 0)
 			ret = -errno;
 		else
 			renamed = true;
 	}
 	if (!ret)
-		ret = sync_dir_of(s->finaldir);
+		ret = sync_fd(s->dirfd);
 	if (ret)
-		remove_snapshot_dir(renamed ? s->finaldir : s->tmpdir,
+		remove_snapshot_dir(s->dirfd,
+				    renamed ? s->finaldir : s->tmpdir,
 				    s->nregions);
 	s->result = ret;
 	s->t_end = now_ns();

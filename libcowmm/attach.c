@@ -225,7 +225,8 @@ int cowmm_attach_daemon(const char *path, const char *name,
 			   path, (unsigned)cred.uid);
 		close(sock);
 		free(c);
-		return -EPERM;
+		/* Not -EPERM: that one says "no permission to use userfaultfd". */
+		return -EACCES;
 	}
 	(void)prctl(PR_SET_PTRACER, (unsigned long)cred.pid, 0, 0, 0);
 

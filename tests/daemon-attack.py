@@ -1,0 +1,751 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""cowmmd against hostile clients: one client can hang, freeze or lock out
+nothing but itself (issue 16).
+
+usage: daemon-attack.py COWMMD COWMMCTL DAEMON_CLIENT DAEMON_ATTACK [CASE...]
+
+Each case starts its own daemon and names the finding it covers.  Every
+wait is bounded: a condition polled until a deadline, or a subprocess
+timeout; a daemon that hangs fails the case instead of the run.
+"""
+import ctypes
+import importlib.util
+import mmap
+import os
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+COWMMD, CTL, CLIENT, ATTACK = sys.argv[1:5]
+ONLY = sys.argv[5:]
+STRICT = os.environ.get("COWMM_TEST_STRICT") == "1"
+MAGIC, VERSION = 0x444D5743, 1
+HELLO, WELCOME, DETACH, BYE, CTLMSG, REPLY = 1, 2, 3, 4, 5, 6
+
+tmp = tempfile.mkdtemp(prefix="cowmmd-attack-")
+os.chmod(tmp, 0o755)
+checks = 0
+daemons = []
+procs = []
+
+
+class Fail(Exception):
+    pass
+
+
+def ok(cond, msg, detail=None):
+    global checks
+    if not cond:
+        raise Fail(f"{msg}: {detail()}" if detail else msg)
+    checks += 1
+    print(f"ok {checks} - {msg}", flush=True)
+
+
+def wait_until(cond, seconds=10, step=0.02):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def ctl(sock, *args, timeout=20, js=False):
+    cmd = [CTL, "--socket", sock] + (["--json"] if js else []) + list(args)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "", "timed out"
+    return p.returncode, p.stdout, p.stderr
+
+
+def ping_time(sock, timeout=5):
+    t = time.monotonic()
+    rc = ctl(sock, "ping", timeout=timeout)[0]
+    return (time.monotonic() - t) if rc == 0 else None
+
+
+def start_daemon(name, *extra, dir_=None):
+    sock = os.path.join(tmp, name + ".sock")
+    snaps = dir_ or os.path.join(tmp, name + "-snaps")
+    logpath = os.path.join(tmp, name + ".log")
+    log = open(logpath, "w")
+    proc = subprocess.Popen([COWMMD, "--socket", sock, "--dir", snaps,
+                             *extra], stderr=log)
+    d = {"proc": proc, "sock": sock, "dir": snaps, "logpath": logpath}
+    daemons.append(d)
+    ok(wait_until(lambda: ctl(sock, "ping", timeout=5)[0] == 0 or
+                  proc.poll() is not None) and proc.poll() is None,
+       f"cowmmd {name} answers ping")
+    return d
+
+
+def stop_daemon(d):
+    """SIGTERM: a daemon that is not hung exits promptly."""
+    d["proc"].send_signal(signal.SIGTERM)
+    try:
+        rc = d["proc"].wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        rc = None
+    ok(rc == 0, f"cowmmd exits on SIGTERM (status {rc})")
+
+
+def attacker(d, mode, name, mib=8):
+    p = subprocess.Popen([ATTACK, d["sock"], mode, name, str(mib)],
+                         stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    line = p.stdout.readline().split()
+    return p, line
+
+
+def act(p):
+    p.send_signal(signal.SIGUSR1)
+    return p.stdout.readline().strip() == "acted"
+
+
+def good_client(d, name, mib=8):
+    p = subprocess.Popen([CLIENT, "run", d["sock"], str(mib), name],
+                         stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    line = p.stdout.readline().split()
+    ok(len(line) == 2 and line[0] == "ready",
+       f"a well-behaved client {name} attaches", lambda: line)
+    return p, line[1]
+
+
+def snapshot_ok(d, who, timeout=60):
+    rc, out, err = ctl(d["sock"], "snapshot", who, timeout=timeout,
+                       js=True)
+    return rc == 0, (out + err).strip()
+
+
+def task_status(pid):
+    """{tid: (state, tracerpid)} of every thread of @pid."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                st = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        out[int(t)] = (st["State"].split()[0], int(st["TracerPid"]))
+    return out
+
+
+def tgid_of(tid):
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+
+
+def traced_by(pid, daemon):
+    """Threads of @pid traced by any thread of @daemon (TracerPid names
+    the tracing thread; one that has exited counts too)."""
+    return {t: s for t, s in task_status(pid).items()
+            if s[1] and tgid_of(s[1]) in (daemon, None)}
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_list_max(pid):
+    """The highest descriptor open: RLIMIT_NOFILE bounds numbers."""
+    return max(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+
+
+def hdr(type_, length):
+    return struct.pack("=IHHII", MAGIC, VERSION, type_, length, 0)
+
+
+def hello_msg(ranges, name=b"evil"):
+    body = name.ljust(32, b"\0") + struct.pack("=II", len(ranges), 0)
+    body += b"".join(struct.pack("=QQ", a, n) for a, n in ranges)
+    return hdr(HELLO, 16 + len(body)) + body
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+UFFDIO_API, UFFDIO_REGISTER = 0xC018AA3F, 0xC020AA00
+FEATURES = 8269  # WP, REMAP, REMOVE, UNMAP, WP_UNPOPULATED
+
+
+def uffd_of(addr=None, length=0, mode=0):
+    fd = libc.syscall(323, 0o2000000)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "userfaultfd")
+    import fcntl
+    fcntl.ioctl(fd, UFFDIO_API, struct.pack("=QQQ", 0xAA, FEATURES, 0))
+    if mode:
+        fcntl.ioctl(fd, UFFDIO_REGISTER,
+                    struct.pack("=QQQQ", addr, length, mode, 0))
+    return fd
+
+
+def send_hello(sock, msg, fds):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(sock)
+    socket.send_fds(s, [msg], list(fds))
+    try:
+        ans = s.recv(64)
+    except (ConnectionResetError, socket.timeout):
+        ans = b""
+    status = struct.unpack_from("=i", ans, 16)[0] if len(ans) >= 24 \
+        else None
+    return s, status
+
+
+# ---------------------------------------------------------------------------
+def case_missing_hello():
+    """Finding 1: a userfaultfd registered for missing faults is refused at
+    HELLO; the daemon never hangs on it."""
+    d = start_daemon("missing")
+    g, gid = good_client(d, "good")
+    p, line = attacker(d, "missing", "evil")
+    if line and line[0] == "ready":
+        # The old daemon accepted it; show what that costs.
+        snap = subprocess.Popen([CTL, "--socket", d["sock"], "snapshot",
+                                 "evil"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        procs.append(snap)
+        ok(False, "a missing-mode userfaultfd is refused at HELLO",
+           lambda: f"accepted; ping after its snapshot: "
+           f"{ping_time(d['sock'])}")
+    ok(line[:1] == ["refused"] and int(line[1]) < 0,
+       f"a missing-mode userfaultfd is refused at HELLO ({line})")
+    ok(snapshot_ok(d, gid)[0], "the other client's snapshot works")
+    stop_daemon(d)
+
+
+def case_missing_late():
+    """Finding 1: missing mode registered after HELLO, before a snapshot and
+    while one is being written: the daemon refuses or drops the client and
+    keeps serving everyone else; it exits on SIGTERM."""
+    d = start_daemon("late", "--rate", "4")
+    g, gid = good_client(d, "good")
+    p, line = attacker(d, "late", "evil1", mib=32)
+    ok(line[:1] == ["ready"], f"a wp client attaches ({line})")
+    ok(act(p), "it registers missing mode behind the daemon's back")
+    t = time.monotonic()
+    rc, out, err = ctl(d["sock"], "snapshot", "evil1", timeout=15)
+    ok(rc is not None and rc != 0,
+       f"its snapshot fails, in {time.monotonic() - t:.1f} s: "
+       f"{err.strip()}")
+    ok(ping_time(d["sock"]) is not None, "the daemon still answers")
+
+    p2, line = attacker(d, "late", "evil2", mib=32)
+    ok(line[:1] == ["ready"], f"another wp client attaches ({line})")
+    snap = subprocess.Popen([CTL, "--socket", d["sock"], "snapshot",
+                             "evil2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    procs.append(snap)
+    ok(wait_until(lambda: any(e.endswith(".tmp")
+                              for e in os.listdir(d["dir"]))),
+       "its snapshot is being written (4 MiB/s)")
+    ok(act(p2), "it registers missing mode mid-snapshot")
+    lat = [ping_time(d["sock"]) for _ in range(5)]
+    ok(all(x is not None and x < 2 for x in lat),
+       f"the daemon keeps answering: ping {lat}")
+    try:
+        _, err = snap.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        err = None
+    ok(err is not None and snap.returncode != 0,
+       f"that snapshot fails instead of hanging: {err and err.strip()}")
+    t = time.monotonic()
+    good, msg = snapshot_ok(d, gid)
+    ok(good, f"the good client's snapshot works "
+       f"({time.monotonic() - t:.1f} s): {msg[:80]}")
+    for x in (p, p2):
+        x.kill()
+        x.wait()
+    stop_daemon(d)
+
+
+def case_freeze_loop():
+    """Finding 4: while one client's freeze waits (a thread in vfork), the
+    loop answers everyone else.  Finding 2: when that snapshot call returns,
+    none of the client's threads is traced by cowmmd, and they stay free."""
+    d = start_daemon("freeze")
+    dpid = d["proc"].pid
+    p, line = attacker(d, "vfork", "forker")
+    ok(line[:1] == ["ready"], f"a client with a thread in vfork ({line})")
+    snap = subprocess.Popen([CTL, "--socket", d["sock"], "snapshot",
+                             "forker"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    procs.append(snap)
+    ok(wait_until(lambda: traced_by(p.pid, dpid), 5, 0.001),
+       "the freeze has begun")
+    lat = []
+    while snap.poll() is None and len(lat) < 20:
+        lat.append(ping_time(d["sock"]))
+    ok(lat and all(x is not None and x < 0.5 for x in lat),
+       f"ping answers during the freeze: {lat}")
+    try:
+        _, err = snap.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        err = None
+    ok(err is not None and snap.returncode != 0,
+       f"the snapshot fails: {err and err.strip()}")
+    ok(not traced_by(p.pid, dpid),
+       "when it returns, no thread is traced by cowmmd",
+       lambda: task_status(p.pid))
+    ok(act(p), "the vfork ends")
+    # A thread still seized would stop in its trap now: give it the time
+    # a stop takes, then look (polling: any stop fails at once).
+    stopped = wait_until(lambda: traced_by(p.pid, dpid) or
+                         any(s[0] == "t" for s in
+                             task_status(p.pid).values()), 0.5)
+    ok(not stopped, "and no thread stops later",
+       lambda: task_status(p.pid))
+    p.kill()
+    p.wait()
+    stop_daemon(d)
+
+
+def case_ptrace_eperm():
+    """Finding 2: a snapshot refused because another tracer holds one
+    thread leaves every other thread running and untraced."""
+    d = start_daemon("eperm")
+    dpid = d["proc"].pid
+    p, line = attacker(d, "traced", "traced")
+    ok(line[:1] == ["ready"], f"a client with a thread traced by another "
+       f"process ({line})")
+    rc, out, err = ctl(d["sock"], "snapshot", "traced")
+    ok(rc not in (0, None), f"its snapshot is refused: {err.strip()}")
+    ok(not traced_by(p.pid, dpid),
+       "no thread is left traced by cowmmd", lambda: task_status(p.pid))
+    ok(task_status(p.pid)[p.pid][0] != "t", "the main thread runs",
+       lambda: task_status(p.pid))
+    p.kill()
+    p.wait()
+    stop_daemon(d)
+
+
+def case_zombie():
+    """Finding 3: a client SIGKILLed during the freeze is reaped by its
+    parent; cowmmd does not hold it as a traced zombie."""
+    d = start_daemon("zombie")
+    dpid = d["proc"].pid
+    p, line = attacker(d, "vfork", "victim")
+    ok(line[:1] == ["ready"], f"a client with a thread in vfork ({line})")
+    snap = subprocess.Popen([CTL, "--socket", d["sock"], "snapshot",
+                             "victim"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    procs.append(snap)
+    # Killed once its main thread is stopped and the freeze waits for the
+    # thread in vfork: nobody will wait for the main thread again.
+    ok(wait_until(lambda: traced_by(p.pid, dpid) and
+                  task_status(p.pid).get(p.pid, ("",))[0] == "t", 5, 0.001),
+       "the freeze has stopped the main thread")
+    p.kill()
+    try:
+        p.wait(timeout=10)
+        reaped = True
+    except subprocess.TimeoutExpired:
+        reaped = False
+    ok(reaped, "the killed client is reaped by its parent",
+       lambda: task_status(p.pid))
+    snap.wait(timeout=20)
+    ok(ping_time(d["sock"]) is not None, "the daemon answers")
+    stop_daemon(d)
+
+
+def case_limits():
+    """Finding 5: idle connections are limited and time out; at EMFILE the
+    daemon backs off instead of spinning; an empty userfaultfd is refused;
+    one process cannot take every client slot."""
+    d = start_daemon("limits", "--idle-timeout", "2")
+    dpid = d["proc"].pid
+    base = fd_count(dpid)
+    socks = []
+    for _ in range(600):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.setblocking(False)
+        try:
+            s.connect(d["sock"])
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    t = ping_time(d["sock"])
+    ok(t is not None and t < 2, f"ping with 600 idle connections open: {t}")
+    ok(fd_count(dpid) < base + 200,
+       f"the daemon holds {fd_count(dpid) - base} of them, not all")
+
+    def closed(s):
+        try:
+            return s.recv(16) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+    ok(wait_until(lambda: all(closed(s) for s in socks), 10),
+       "idle connections are closed after the idle timeout")
+    for s in socks:
+        s.close()
+    ok(wait_until(lambda: fd_count(dpid) <= base + 2),
+       "and their descriptors released",
+       lambda: f"{fd_count(dpid)} vs {base}")
+
+    # Out of descriptors: back off, do not spin.
+    # Room for 4 more descriptors: fewer than the 8 connections one process
+    # may hold, so accept() runs out first.
+    soft, hard = resource.prlimit(dpid, resource.RLIMIT_NOFILE)
+    resource.prlimit(dpid, resource.RLIMIT_NOFILE,
+                     (max(fd_list_max(dpid) + 1, fd_count(dpid)) + 4, hard))
+    socks = []
+    for _ in range(64):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.setblocking(False)
+        try:
+            s.connect(d["sock"])
+        except (BlockingIOError, OSError):
+            pass
+        socks.append(s)
+    c0, t0 = cpu_seconds(dpid), time.monotonic()
+    time.sleep(1)  # measuring CPU time over an interval: a sleep is right
+    used = (cpu_seconds(dpid) - c0) / (time.monotonic() - t0)
+    ok(used < 0.3, f"at EMFILE the daemon uses {used:.0%} of a CPU")
+    for s in socks:
+        s.close()
+    with open(d["logpath"]) as f:
+        ok("Too many open files" in f.read(), "the daemon did hit EMFILE")
+    resource.prlimit(dpid, resource.RLIMIT_NOFILE, (soft, hard))
+    ok(wait_until(lambda: ping_time(d["sock"], 2) is not None, 15),
+       "and answers again once descriptors are free")
+
+    # An empty userfaultfd, and one process asking for every slot.
+    bufs = [mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            for _ in range(71)]
+    addrs = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in bufs]
+    empty = uffd_of()
+    me = os.pidfd_open(os.getpid())
+    s, st = send_hello(d["sock"], hello_msg([(addrs[0], 1 << 16)]),
+                       (empty, me))
+    s.close()
+    ok(st is not None and st < 0, f"an empty userfaultfd is refused ({st})")
+    other = uffd_of(addrs[0], 1 << 16, 2)  # the range, with another uffd
+    s, st = send_hello(d["sock"], hello_msg([(addrs[0], 1 << 16)]),
+                       (empty, me))
+    s.close()
+    os.close(other)
+    ok(st == -16, f"a userfaultfd whose range belongs to another "
+       f"userfaultfd is refused ({st})")
+    held, statuses = [], []
+    for a in addrs[1:]:
+        fd = uffd_of(a, 1 << 16, 2)  # UFFDIO_REGISTER_MODE_WP
+        s, st = send_hello(d["sock"], hello_msg([(a, 1 << 16)]), (fd, me))
+        os.close(fd)
+        statuses.append(st)
+        held.append(s)
+    accepted = statuses.count(0)
+    ok(accepted <= 8, f"one process got {accepted} client slots of 70 "
+       f"asked")
+    g, gid = good_client(d, "good")
+    for s in held:
+        s.close()
+    os.close(empty)
+    os.close(me)
+    stop_daemon(d)
+
+
+def case_names():
+    """Finding 6: a client named like another client's id does not receive
+    that client's requests."""
+    d = start_daemon("names")
+    a, aid = good_client(d, "real")
+    b, bid = good_client(d, aid)
+    rc, out, err = ctl(d["sock"], "snapshot", aid, js=True)
+    ok(rc == 0 and "real-" in out,
+       f"'snapshot {aid}' reaches client {aid}", lambda: out + err)
+    rc, out, err = ctl(d["sock"], "list", js=True)
+    ok(rc == 0 and f'"name": "{aid}"' not in out,
+       "no client is listed with a name that reads as an id",
+       lambda: out)
+    c1, _ = good_client(d, "twin")
+    c2, _ = good_client(d, "twin")
+    rc, out, err = ctl(d["sock"], "snapshot", "twin")
+    ok(rc not in (0, None) and "more than one" in err,
+       "a name two clients share is refused", lambda: out + err)
+    stop_daemon(d)
+
+
+def case_dir():
+    """Finding 7: a parent of --dir owned by another user is refused; a
+    directory swapped for a symlink after start gets nothing."""
+    base = os.path.join(tmp, "theirs")
+    os.mkdir(base)
+    os.chown(base, 65534, 65534)
+    bad = os.path.join(base, "snaps")
+    logpath = os.path.join(tmp, "dir-bad.log")
+    with open(logpath, "w") as log:
+        p = subprocess.Popen([COWMMD, "--socket",
+                              os.path.join(tmp, "bad.sock"), "--dir", bad],
+                             stderr=log)
+        procs.append(p)
+        try:
+            rc = p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            rc = None
+            p.kill()
+            p.wait()
+    ok(rc not in (0, None), "a --dir under another user's directory is "
+       "refused", lambda: open(logpath).read())
+
+    mine = os.path.join(tmp, "mine")
+    os.mkdir(mine, 0o755)
+    snaps = os.path.join(mine, "snaps")
+    d = start_daemon("dir", dir_=snaps)
+    a, aid = good_client(d, "swap")
+    ok(snapshot_ok(d, aid)[0], "a snapshot into --dir")
+    # The swap: the directory moved away, a symlink in its place.
+    target = os.path.join(tmp, "elsewhere")
+    os.mkdir(target)
+    os.rename(snaps, snaps + ".moved")
+    os.symlink(target, snaps)
+    good, msg = snapshot_ok(d, aid)
+    ok(os.listdir(target) == [],
+       "nothing is written through the symlink", lambda: os.listdir(target))
+    ok(good and len(os.listdir(snaps + ".moved")) == 2,
+       "the snapshots stay in the directory the daemon opened",
+       lambda: f"{msg} {os.listdir(snaps + '.moved')}")
+    stop_daemon(d)
+
+
+def case_ctl_squat():
+    """Finding 8: cowmmctl refuses a socket served by another uid and
+    prints nothing the daemon sent unescaped."""
+    pub = os.path.join(tmp, "pub")
+    os.mkdir(pub)
+    os.chmod(pub, 0o777)
+    forged = b"pong \x1b]0;owned\x07\x1b[2J\n"
+
+    def impostor(path, uid):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                if uid:
+                    os.setgid(uid)
+                    os.setuid(uid)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.bind(path)
+                os.chmod(path, 0o666)
+                s.listen(4)
+                os.write(w, b"x")
+                s.settimeout(10)
+                c, _ = s.accept()
+                c.recv(4096)
+                body = struct.pack("=i", 0) + forged
+                c.send(hdr(REPLY, 16 + len(body)) + body)
+                c.close()
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.read(r, 1)
+        os.close(r)
+        return pid
+
+    path = os.path.join(pub, "other.sock")
+    pid = impostor(path, 65534)
+    rc, out, err = ctl(path, "ping", timeout=15)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    ok(rc not in (0, None) and "\x1b" not in out + err and
+       "uid 65534" in err,
+       "cowmmctl refuses a socket served by another uid",
+       lambda: f"rc {rc}, out {out!r}, err {err!r}")
+
+    path = os.path.join(pub, "same.sock")
+    pid = impostor(path, 0)
+    rc, out, err = ctl(path, "ping", timeout=15)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    ok("\x1b" not in out + err and "\x07" not in out + err,
+       "cowmmctl escapes what it prints", lambda: repr(out + err))
+
+    path = os.path.join(pub, "attach.sock")
+    pid = impostor(path, 65534)
+    p = subprocess.run([CLIENT, "run", path, "8", "x"], capture_output=True,
+                       text=True, timeout=15)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    ok(p.returncode != 0 and "userfaultfd" not in p.stderr,
+       "cowmm_attach_daemon's refusal of another uid does not blame "
+       "userfaultfd permissions", lambda: p.stderr)
+
+    path = os.path.join(pub, "daemon.sock")
+    pid = impostor(path, 65534)
+    p = subprocess.run([COWMMD, "--socket", path, "--dir",
+                        os.path.join(tmp, "squat-snaps")],
+                       capture_output=True, text=True, timeout=15)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    ok(p.returncode != 0 and "held by uid 65534" in p.stderr,
+       "cowmmd names the uid squatting its socket", lambda: p.stderr)
+
+
+def case_socket_activation():
+    """Deployment: cowmmd takes its socket from systemd (cowmmd.socket);
+    systemd-socket-activate plays systemd here."""
+    sa = shutil.which("systemd-socket-activate")
+    if not sa:
+        # COWMM_TEST_STRICT (CI): no skip goes unnoticed.
+        ok(not STRICT, "systemd-socket-activate is installed (package "
+           "systemd)")
+        print("# SKIP socket-activation: no systemd-socket-activate")
+        return
+    sock = os.path.join(tmp, "act.sock")
+    logpath = os.path.join(tmp, "act.log")
+    with open(logpath, "w") as log:
+        p = subprocess.Popen([sa, "--seqpacket", "-l", sock, COWMMD,
+                              "--dir", os.path.join(tmp, "act-snaps")],
+                             stderr=log)
+    procs.append(p)
+    ok(wait_until(lambda: os.path.exists(sock)), "the socket is there")
+    rc, out, err = ctl(sock, "stats", js=True)
+    ok(rc == 0 and f'"socket": "{sock}"' in out,
+       "the first connection starts cowmmd on the passed socket",
+       lambda: out + err + open(logpath).read())
+    g, gid = good_client({"sock": sock}, "act")
+    ok(snapshot_ok({"sock": sock}, gid)[0], "a snapshot through it")
+    g.send_signal(signal.SIGTERM)
+    g.wait(timeout=20)
+    p.send_signal(signal.SIGTERM)
+    ok(p.wait(timeout=20) == 0, "cowmmd exits on SIGTERM")
+    ok(os.path.exists(sock), "and leaves systemd's socket in place")
+
+
+def case_crafted_files():
+    """Finding 9: a snapshot file crafted to lie (here, an npages that
+    wraps when multiplied by the page size, with a chunk past the region)
+    is refused when loaded, not written outside the region.  The fix is
+    the library's (libcowmm/format.c, the correctness issue): this case is
+    not in the default run until it is merged; name it to run it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "make_corpus", os.path.join(here, "fuzz", "make-corpus.py"))
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+
+    def crafted(npages, region_pages, first, page):
+        h = b"COWMMSNP" + struct.pack("<IIQQII", 1, 4096,
+                                      region_pages * 4096, npages, 512, 0)
+        h += bytes(20)
+        h += struct.pack("<I", mc.crc32c(h))
+        bitmap = bytearray(64)
+        bitmap[0] = 1
+        crc = mc.crc32c(page, mc.crc32c(bytes(bitmap)))
+        out = h + struct.pack("<IIQII", 0x4B4E4843, 0, first, 1, crc)
+        out += bytes(bitmap) + page
+        t = b"COWMMEND" + struct.pack("<QQI", 1, 1,
+                                      mc.crc32c(struct.pack("<I", crc)))
+        return out + t + struct.pack("<I", mc.crc32c(t))
+
+    # daemon-client verify 8 DIR loads two regions of 4 MiB, 1024 pages.
+    good = crafted(1024, 1024, 0, bytes(4096))
+    files = {}
+    for name in ("truncated", "bad-chunk-crc", "version-2", "header-only",
+                 "no-trailer", "other-size"):
+        with open(os.path.join(here, "fuzz", "corpus", name), "rb") as f:
+            files[name] = f.read()
+    files["npages-wrap"] = crafted((1 << 52) + 1024, 1024, 1536,
+                                   b"\xaa" * 4096)
+    for name, data in files.items():
+        d = os.path.join(tmp, "crafted-" + name)
+        os.mkdir(d)
+        with open(os.path.join(d, "r0.cowmm"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(d, "r1.cowmm"), "wb") as f:
+            f.write(good)
+        p = subprocess.run([CLIENT, "verify", "8", d], capture_output=True,
+                           text=True, timeout=60)
+        ok(p.returncode == 1 and "load" in p.stderr,
+           f"a crafted snapshot file ({name}) is refused when loaded",
+           lambda: f"status {p.returncode}: {p.stdout} {p.stderr}")
+
+
+CASES = {
+    "missing-hello": case_missing_hello,
+    "missing-late": case_missing_late,
+    "freeze-loop": case_freeze_loop,
+    "ptrace-eperm": case_ptrace_eperm,
+    "zombie": case_zombie,
+    "limits": case_limits,
+    "names": case_names,
+    "dir": case_dir,
+    "ctl-squat": case_ctl_squat,
+    "socket-activation": case_socket_activation,
+}
+# Run only when named (see its docstring).
+LATER = {"crafted-files": case_crafted_files}
+
+failed = []
+try:
+    if os.geteuid() != 0:
+        print("SKIP: needs root (ptrace, another uid, prlimit)")
+        sys.exit(1 if STRICT else 77)
+    for name, fn in list(CASES.items()) + list(LATER.items()):
+        if (ONLY and name not in ONLY) or (not ONLY and name in LATER):
+            continue
+        print(f"# {name}", flush=True)
+        try:
+            fn()
+        except Fail as e:
+            print(f"FAIL {name}: {e}", flush=True)
+            failed.append(name)
+        except Exception as e:  # a broken case must not hide the others
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+            failed.append(name)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        procs.clear()
+        for d in daemons:
+            if d["proc"].poll() is None:
+                d["proc"].kill()
+                try:
+                    d["proc"].wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    print(f"# cowmmd {d['sock']} cannot even be killed")
+            if name in failed:
+                with open(d["logpath"]) as f:
+                    print(f"--- cowmmd log {d['sock']} ---\n"
+                          f"{f.read()[-3000:]}")
+        daemons.clear()
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+if failed:
+    print(f"FAILED: {' '.join(failed)} ({checks} checks passed)")
+    sys.exit(1)
+print(f"all {checks} checks passed")
