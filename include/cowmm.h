@@ -686,7 +686,9 @@ COWMM_EXPORT void cowmm_snap_release(cowmm_snap_t *s);
  *         already registered with a userfaultfd), -ENOENT or -ECONNREFUSED
  *         (no daemon at @p path), -EOPNOTSUPP (kernel older than 6.4),
  *         -EPERM (no userfaultfd permission, or refused by the daemon:
- *         another user), -ETIMEDOUT, -EPROTO, or the daemon's error
+ *         another user), -EACCES (the socket's listener is neither root
+ *         nor this user: not a daemon to trust), -ETIMEDOUT, -EPROTO, or
+ *         the daemon's error
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_attach_daemon(const char *path, const char *name,
