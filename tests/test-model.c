@@ -13,6 +13,7 @@
  *   COWMM_MODEL_OPS=k       only the first k operations of each seed
  *   COWMM_MODEL_PICK=i,j,.. only these operations (a shrunk list)
  *   COWMM_MODEL_SHRINK=1    on failure, shrink the list (delta debugging)
+ *   COWMM_MODEL_SHRINK_RUNS=n  at most n runs per shrink (300)
  *   COWMM_MODEL_SKIP=a,b    operation kinds that do nothing (by name:
  *                           alloc write write_mt pread pipe snapshot
  *                           snap_release clone release restore map
@@ -2022,6 +2023,13 @@ static size_t count_picked(void)
 	return n;
 }
 
+static long env_long(const char *name, long def)
+{
+	const char *v = getenv(name);
+
+	return v && *v ? strtol(v, NULL, 0) : def;
+}
+
 /*
  * Delta debugging (ddmin over the picked ops): drop chunks while the
  * failure (of the same kind) remains, halving the chunk size.
@@ -2030,6 +2038,8 @@ static void shrink(int want, double deadline)
 {
 	unsigned char *save = malloc(nops);
 	size_t chunk = count_picked() / 2, i, tries = 0;
+	/* A failure that depends on timing shrinks slowly: bound it. */
+	size_t max_tries = (size_t)env_long("COWMM_MODEL_SHRINK_RUNS", 300);
 	bool progress;
 	char m[128];
 
@@ -2054,7 +2064,7 @@ static void shrink(int want, double deadline)
 				memcpy(pick, save, nops);
 				i = j;
 			}
-			if (now_ns() / 1e9 > deadline)
+			if (now_ns() / 1e9 > deadline || tries >= max_tries)
 				goto out;
 		}
 		if (!progress)
@@ -2079,12 +2089,6 @@ out:
 	free(save);
 }
 
-static long env_long(const char *name, long def)
-{
-	const char *v = getenv(name);
-
-	return v && *v ? strtol(v, NULL, 0) : def;
-}
 
 static void parse_skip(void)
 {
