@@ -230,10 +230,20 @@ static void report_head(const char *what)
 	dump_ops(atomic_load(&cur_op));
 }
 
+/*
+ * What failed, for the shrinker to keep the same failure: the format of
+ * the message, or the kind of object and bytes, written by the child into
+ * memory shared with its parent.
+ */
+static volatile uintptr_t *sigbox;
+
 static __attribute__((noreturn, format(printf, 2, 3))) void
 die(int code, const char *fmt, ...)
 {
 	va_list ap;
+
+	if (sigbox && !*sigbox)
+		*sigbox = (uintptr_t)fmt;
 
 	if (!quiet) {
 		report_head(result_name[code]);
@@ -257,6 +267,8 @@ static void on_signal(int sig, siginfo_t *si, void *uc)
 	(void)uc;
 	if (guard)
 		siglongjmp(*guard, sig);
+	if (sigbox)
+		*sigbox = (uintptr_t)sig;
 	if (!quiet) {
 		report_head("crash");
 		printf("  signal %d at address %p\n", sig, si->si_addr);
@@ -408,6 +420,9 @@ diverge(const char *obj, size_t pg, const unsigned char *want,
 	size_t off = 0, i;
 	char e[64] = "", g[64] = "";
 
+	if (sigbox)
+		*sigbox = (uintptr_t)obj[0] | (uintptr_t)is_zero(got, PG) << 8 |
+			  (uintptr_t)is_zero(want, PG) << 9;
 	if (quiet)
 		_exit(M_BYTES);
 	while (off < PG && want[off] == got[off])
@@ -789,6 +804,8 @@ static void check_all(int opi, bool final)
 
 static void expect_ret(const char *call, int ret, int want)
 {
+	if (ret != want && sigbox)
+		*sigbox = (uintptr_t)call; /* which call, for the shrinker */
 	if (ret != want)
 		die(M_ERROR, "%s returned %d (%s), expected %d (%s)", call,
 		     ret, cowmm_strerror(ret), want, cowmm_strerror(want));
@@ -1994,6 +2011,14 @@ static int run_child(void)
 	pid_t pid;
 	int status;
 
+	if (!sigbox) {
+		void *p = mmap(NULL, PG, PROT_READ | PROT_WRITE,
+			       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+		sigbox = p == MAP_FAILED ? NULL : p;
+	}
+	if (sigbox)
+		*sigbox = 0;
 	fflush(stdout);
 	pid = fork();
 	if (pid < 0)
@@ -2034,8 +2059,14 @@ static long env_long(const char *name, long def)
  * Delta debugging (ddmin over the picked ops): drop chunks while the
  * failure (of the same kind) remains, halving the chunk size.
  */
+static uintptr_t last_sig(void)
+{
+	return sigbox ? *sigbox : 0;
+}
+
 static void shrink(int want, double deadline)
 {
+	uintptr_t want_sig = last_sig();
 	unsigned char *save = malloc(nops);
 	size_t chunk = count_picked() / 2, i, tries = 0;
 	/* A failure that depends on timing shrinks slowly: bound it. */
@@ -2058,7 +2089,7 @@ static void shrink(int want, double deadline)
 			if (!dropped)
 				break;
 			tries++;
-			if (run_child() == want) {
+			if (run_child() == want && last_sig() == want_sig) {
 				progress = true; /* keep the smaller list */
 			} else {
 				memcpy(pick, save, nops);
