@@ -164,10 +164,10 @@ static bool skip_kind[NKINDS];
 /* Behaviours that can be left out while their bug is being fixed. */
 static bool skip_untouched;	/* discard_untouched: no discard or unmap of
 				   a clone's or lazy load's untouched page */
-static bool skip_origin;
-static bool skip_wp_sum;	/* wp_sum: the end-of-seed check of
-				   wp_faults == copies + reuses */	/* discard_origin: none of a page that an
+static bool skip_origin;	/* discard_origin: none of a page that an
 				   untouched clone page still reads from */
+static bool skip_wp_sum;	/* wp_sum: the end-of-seed check of
+				   wp_faults == copies + reuses */
 static double hang_seconds = 20;
 
 static cowmm_t *mm;
