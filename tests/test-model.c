@@ -15,6 +15,7 @@
  *   COWMM_MODEL_OPS=k       only the first k operations of each seed
  *   COWMM_MODEL_PICK=i,j,.. only these operations (a shrunk list)
  *   COWMM_MODEL_SHRINK=1    on failure, shrink the list (delta debugging)
+ *   COWMM_MODEL_SHRINK_RUNS=n  at most n runs per shrink (300)
  *   COWMM_MODEL_SKIP=a,b    operation kinds that do nothing (by name:
  *                           alloc write write_mt pread pipe snapshot
  *                           snap_release clone release restore map
@@ -165,10 +166,10 @@ static bool skip_kind[NKINDS];
 /* Behaviours that can be left out while their bug is being fixed. */
 static bool skip_untouched;	/* discard_untouched: no discard or unmap of
 				   a clone's or lazy load's untouched page */
-static bool skip_origin;
-static bool skip_wp_sum;	/* wp_sum: the end-of-seed check of
-				   wp_faults == copies + reuses */	/* discard_origin: none of a page that an
+static bool skip_origin;	/* discard_origin: none of a page that an
 				   untouched clone page still reads from */
+static bool skip_wp_sum;	/* wp_sum: the end-of-seed check of
+				   wp_faults == copies + reuses */
 static double hang_seconds = 20;
 
 static cowmm_t *mm;
@@ -231,10 +232,20 @@ static void report_head(const char *what)
 	dump_ops(atomic_load(&cur_op));
 }
 
+/*
+ * What failed, for the shrinker to keep the same failure: the format of
+ * the message, or the kind of object and bytes, written by the child into
+ * memory shared with its parent.
+ */
+static volatile uintptr_t *sigbox;
+
 static __attribute__((noreturn, format(printf, 2, 3))) void
 die(int code, const char *fmt, ...)
 {
 	va_list ap;
+
+	if (sigbox && !*sigbox)
+		*sigbox = (uintptr_t)fmt;
 
 	if (!quiet) {
 		report_head(result_name[code]);
@@ -258,6 +269,8 @@ static void on_signal(int sig, siginfo_t *si, void *uc)
 	(void)uc;
 	if (guard)
 		siglongjmp(*guard, sig);
+	if (sigbox)
+		*sigbox = (uintptr_t)sig;
 	if (!quiet) {
 		report_head("crash");
 		printf("  signal %d at address %p\n", sig, si->si_addr);
@@ -409,6 +422,9 @@ diverge(const char *obj, size_t pg, const unsigned char *want,
 	size_t off = 0, i;
 	char e[64] = "", g[64] = "";
 
+	if (sigbox)
+		*sigbox = (uintptr_t)obj[0] | (uintptr_t)is_zero(got, PG) << 8 |
+			  (uintptr_t)is_zero(want, PG) << 9;
 	if (quiet)
 		_exit(M_BYTES);
 	while (off < PG && want[off] == got[off])
@@ -790,6 +806,8 @@ static void check_all(int opi, bool final)
 
 static void expect_ret(const char *call, int ret, int want)
 {
+	if (ret != want && sigbox)
+		*sigbox = (uintptr_t)call; /* which call, for the shrinker */
 	if (ret != want)
 		die(M_ERROR, "%s returned %d (%s), expected %d (%s)", call,
 		     ret, cowmm_strerror(ret), want, cowmm_strerror(want));
@@ -1995,6 +2013,14 @@ static int run_child(void)
 	pid_t pid;
 	int status;
 
+	if (!sigbox) {
+		void *p = mmap(NULL, PG, PROT_READ | PROT_WRITE,
+			       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+		sigbox = p == MAP_FAILED ? NULL : p;
+	}
+	if (sigbox)
+		*sigbox = 0;
 	fflush(stdout);
 	pid = fork();
 	if (pid < 0)
@@ -2024,14 +2050,29 @@ static size_t count_picked(void)
 	return n;
 }
 
+static long env_long(const char *name, long def)
+{
+	const char *v = getenv(name);
+
+	return v && *v ? strtol(v, NULL, 0) : def;
+}
+
 /*
  * Delta debugging (ddmin over the picked ops): drop chunks while the
  * failure (of the same kind) remains, halving the chunk size.
  */
+static uintptr_t last_sig(void)
+{
+	return sigbox ? *sigbox : 0;
+}
+
 static void shrink(int want, double deadline)
 {
+	uintptr_t want_sig = last_sig();
 	unsigned char *save = malloc(nops);
 	size_t chunk = count_picked() / 2, i, tries = 0;
+	/* A failure that depends on timing shrinks slowly: bound it. */
+	size_t max_tries = (size_t)env_long("COWMM_MODEL_SHRINK_RUNS", 300);
 	bool progress;
 	char m[128];
 
@@ -2050,13 +2091,13 @@ static void shrink(int want, double deadline)
 			if (!dropped)
 				break;
 			tries++;
-			if (run_child() == want) {
+			if (run_child() == want && last_sig() == want_sig) {
 				progress = true; /* keep the smaller list */
 			} else {
 				memcpy(pick, save, nops);
 				i = j;
 			}
-			if (now_ns() / 1e9 > deadline)
+			if (now_ns() / 1e9 > deadline || tries >= max_tries)
 				goto out;
 		}
 		if (!progress)
@@ -2081,12 +2122,6 @@ out:
 	free(save);
 }
 
-static long env_long(const char *name, long def)
-{
-	const char *v = getenv(name);
-
-	return v && *v ? strtol(v, NULL, 0) : def;
-}
 
 static void parse_skip(void)
 {
