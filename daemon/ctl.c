@@ -49,7 +49,7 @@ static struct client *find_client(const char *arg, int *err)
 
 	*err = -ENOENT;
 	for (c = D.clients; c; c = c->next) {
-		if (c->gone || (id ? c->id != n : strcmp(c->name, arg)))
+		if (c->gone || (id ? c->id != n : strcmp(c->name, arg) != 0))
 			continue;
 		if (found) {
 			*err = -ENOTUNIQ;

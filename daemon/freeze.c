@@ -149,7 +149,7 @@ int cowmmd_check_registration(pid_t pid, const struct dregion *r, unsigned n)
 					in = true;
 			continue;
 		}
-		if (!in || strncmp(line, "VmFlags:", 8))
+		if (!in || strncmp(line, "VmFlags:", 8) != 0)
 			continue;
 		if (strstr(line, " um") || strstr(line, " ui"))
 			ret = -EPROTO;

@@ -280,7 +280,7 @@ void cowmmd_on_signal(uv_signal_t *h, int signum)
 int cowmmd_listen_activated(void)
 {
 	const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
-	struct sockaddr_un sa;
+	struct sockaddr_un sa = { 0 };
 	socklen_t len = sizeof(sa);
 	int type = 0, listening = 0, fd = 3;
 	socklen_t ilen = sizeof(int);
