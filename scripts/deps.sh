@@ -11,6 +11,7 @@ pkgs=(
 	meson ninja-build pkg-config gcc clang python3
 	liburcu-dev libuv1-dev check liburing-dev
 	libclang-rt-14-dev cppcheck clang-tidy
+	systemd # systemd-socket-activate, for the daemon's socket activation test
 )
 # The database benchmark also runs Debian's Redis and its redis-benchmark.
 if [ "${1:-}" = "--bench" ]; then
