@@ -209,6 +209,12 @@ int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len, unsigned flags,
 	ret = cowmm__check_maps(0, (uintptr_t)addr, len);
 	if (ret)
 		return ret;
+	/*
+	 * An unmap or move read but not handled yet may concern memory that
+	 * was here before: handled after, it would take this region's pages
+	 * for the old ones.
+	 */
+	cowmm__wait_events(mm);
 	pthread_mutex_lock(&mm->lock);
 	ret = region_take_locked(mm, (uintptr_t)addr, len, flags, true,
 				 UFFDIO_REGISTER_MODE_WP, true, false, out);
@@ -275,6 +281,7 @@ int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
 		return ret;
 	if (!out || !range_ok(0, len) || !region_flags_ok(flags))
 		return -EINVAL;
+	cowmm__wait_events(mm); /* as in cowmm_region_adopt() */
 	pthread_mutex_lock(&mm->lock);
 	ret = cowmm__region_map(mm, len, flags, PROT_READ | PROT_WRITE,
 				UFFDIO_REGISTER_MODE_WP, out);
