@@ -63,6 +63,39 @@ out:
 }
 
 /*
+ * Enter an RCU read section and lock the region origin @o was taken of,
+ * into @src (NULL once @o is detached from it).  Returns 0, or -EAGAIN in
+ * a worker when that lock is busy (nothing held then).  origin_unlock()
+ * undoes it.
+ */
+static int origin_lock(cowmm_snap_t *o, cowmm_region_t **src)
+{
+	cowmm_region_t *r;
+
+	urcu_bp_read_lock();
+	r = __atomic_load_n(&o->region, __ATOMIC_ACQUIRE);
+	if (r) {
+		if (cowmm__lock(&r->lock)) {
+			urcu_bp_read_unlock();
+			return -EAGAIN;
+		}
+		if (__atomic_load_n(&o->region, __ATOMIC_ACQUIRE) != r) {
+			pthread_mutex_unlock(&r->lock); /* detached meanwhile */
+			r = NULL;
+		}
+	}
+	*src = r;
+	return 0;
+}
+
+static void origin_unlock(cowmm_region_t *src)
+{
+	if (src)
+		pthread_mutex_unlock(&src->lock);
+	urcu_bp_read_unlock();
+}
+
+/*
  * Clone @c no longer reads page @pg from its origin (it discarded the page
  * before its first touch, or the page moved away): the origin lets go of
  * it, so that the source neither copies it on a write nor breaks the
@@ -75,26 +108,14 @@ int cowmm__clone_forget(cowmm_region_t *c, size_t pg)
 	struct cowmm_frame *f;
 	cowmm_region_t *src;
 
-	urcu_bp_read_lock();
-	src = __atomic_load_n(&o->region, __ATOMIC_ACQUIRE);
-	if (src) {
-		if (cowmm__lock(&src->lock)) {
-			urcu_bp_read_unlock();
-			return -EAGAIN;
-		}
-		if (__atomic_load_n(&o->region, __ATOMIC_ACQUIRE) != src) {
-			pthread_mutex_unlock(&src->lock);
-			src = NULL;
-		}
-	}
+	if (origin_lock(o, &src))
+		return -EAGAIN;
 	f = cowmm__fmap_get(&o->frames, pg);
 	if (f != &cowmm__gone_frame &&
 	    cowmm__fmap_set(&o->frames, pg, &cowmm__gone_frame) == 0 &&
 	    cowmm__frame_real(f))
 		cowmm__frame_put(f);
-	if (src)
-		pthread_mutex_unlock(&src->lock);
-	urcu_bp_read_unlock();
+	origin_unlock(src);
 	return 0;
 }
 
@@ -117,18 +138,8 @@ int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 	cowmm_region_t *src;
 	int ret;
 
-	urcu_bp_read_lock();
-	src = __atomic_load_n(&o->region, __ATOMIC_ACQUIRE);
-	if (src) {
-		if (cowmm__lock(&src->lock)) {
-			urcu_bp_read_unlock();
-			return -EAGAIN;
-		}
-		if (__atomic_load_n(&o->region, __ATOMIC_ACQUIRE) != src) {
-			pthread_mutex_unlock(&src->lock);
-			src = NULL;
-		}
-	}
+	if (origin_lock(o, &src))
+		return -EAGAIN;
 	f = cowmm__fmap_get(&o->frames, pg);
 
 	/* Held by the origin alone: hand the frame's page over. */
@@ -197,8 +208,6 @@ served:
 	if (cowmm__fmap_set(&o->frames, pg, &cowmm__gone_frame) == 0)
 		cowmm__frame_put(f);
 out:
-	if (src)
-		pthread_mutex_unlock(&src->lock);
-	urcu_bp_read_unlock();
+	origin_unlock(src);
 	return ret;
 }
