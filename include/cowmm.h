@@ -675,7 +675,7 @@ COWMM_EXPORT void cowmm_snap_release(cowmm_snap_t *s);
  *
  * @param path     the daemon's socket, or NULL for the default
  *                 ($COWMMD_SOCKET, /run/cowmmd.sock for root, else
- *                 $XDG_RUNTIME_DIR/cowmmd.sock)
+ *                 $XDG_RUNTIME_DIR/cowmmd.sock, else $HOME/.cowmmd.sock)
  * @param name     a name for cowmmctl and snapshot files, or NULL
  * @param ranges   page-aligned, non-overlapping ranges
  * @param nranges  1 to 16

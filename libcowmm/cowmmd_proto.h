@@ -90,12 +90,16 @@ struct cowmmd_reply {
 
 /*
  * The socket path: $COWMMD_SOCKET, else /run/cowmmd.sock for root, else
- * $XDG_RUNTIME_DIR/cowmmd.sock, else /tmp/cowmmd-<uid>.sock.
+ * $XDG_RUNTIME_DIR/cowmmd.sock, else $HOME/.cowmmd.sock: never a directory
+ * another user may write, where it could take the path first (/tmp was).
+ * Without $HOME either, /tmp/cowmmd-<uid>.sock, whose listener cowmmctl
+ * and cowmm_attach_daemon() check before they trust it.
  */
 static inline const char *cowmmd_default_socket(char *buf, size_t n)
 {
 	const char *env = getenv(COWMMD_SOCKET_ENV);
 	const char *run = getenv("XDG_RUNTIME_DIR");
+	const char *home = getenv("HOME");
 
 	if (env && *env)
 		snprintf(buf, n, "%s", env);
@@ -103,6 +107,8 @@ static inline const char *cowmmd_default_socket(char *buf, size_t n)
 		snprintf(buf, n, "%s", COWMMD_SOCKET_ROOT);
 	else if (run && *run)
 		snprintf(buf, n, "%s/%s", run, COWMMD_SOCKET_USER);
+	else if (home && *home == '/')
+		snprintf(buf, n, "%s/.%s", home, COWMMD_SOCKET_USER);
 	else
 		snprintf(buf, n, "/tmp/cowmmd-%u.sock", (unsigned)geteuid());
 	return buf;

@@ -13,6 +13,7 @@ import ctypes
 import importlib.util
 import mmap
 import os
+import re
 import resource
 import shutil
 import signal
@@ -690,6 +691,30 @@ def case_crafted_files():
            lambda: f"status {p.returncode}: {p.stdout} {p.stderr}")
 
 
+def case_default_socket():
+    """Finding 8: without XDG_RUNTIME_DIR a user's default socket is not in
+    a directory another user may write (it was /tmp/cowmmd-UID.sock)."""
+    home = os.path.join(tmp, "home-65534")
+    os.mkdir(home)
+    os.chown(home, 65534, 65534)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_RUNTIME_DIR", "COWMMD_SOCKET")}
+    env["HOME"] = home
+
+    def as_nobody():
+        os.setgid(65534)
+        os.setuid(65534)
+
+    p = subprocess.run([CTL, "--help"], capture_output=True, text=True,
+                       timeout=15, env=env, preexec_fn=as_nobody)
+    out = p.stdout + p.stderr
+    m = re.search(r"default (\S+)\)", out)
+    where = m.group(1) if m else ""
+    ok(where.startswith(home + "/"),
+       "a user's default socket without XDG_RUNTIME_DIR is under $HOME",
+       lambda: f"default {where!r} in {out!r}")
+
+
 CASES = {
     "missing-hello": case_missing_hello,
     "missing-late": case_missing_late,
@@ -702,6 +727,7 @@ CASES = {
     "ctl-squat": case_ctl_squat,
     "socket-activation": case_socket_activation,
     "crafted-files": case_crafted_files,
+    "default-socket": case_default_socket,
 }
 # Cases run only when named.
 LATER = {}
