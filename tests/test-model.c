@@ -1798,9 +1798,13 @@ static void op_stream(int opi, struct op *o, char *d)
 	for (pg = 0; pg < npages; pg++) {
 		/* A page that keeps its bytes may be left alone (and stay
 		 * shared with the region's snapshots); any other is
-		 * written through the normal write path. */
-		if (memcmp(page_of(R[ri].model, pg), page_of(fmodel, pg), PG) ||
-		    R[ri].amb[pg] || famb[pg])
+		 * written through the normal write path.  Where either side
+		 * is "old bytes or zero" (MADV_FREE), the loader may find
+		 * the page equal and leave it too: whether it stays shared
+		 * is not known, so it is kept shared (which only allows
+		 * more: a break, a clone's SIGBUS after a discard). */
+		if (!R[ri].amb[pg] && !famb[pg] &&
+		    memcmp(page_of(R[ri].model, pg), page_of(fmodel, pg), PG))
 			page_written(ri, pg);
 		memcpy(page_of(R[ri].model, pg), page_of(fmodel, pg), PG);
 		R[ri].amb[pg] = famb[pg];
