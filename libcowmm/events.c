@@ -56,7 +56,12 @@ static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 		s = start > t->e[i].base ? start : t->e[i].base;
 		e = end < t->e[i].base + t->e[i].len ? end
 						     : t->e[i].base + t->e[i].len;
-		if (!r->dying && s < e &&
+		/*
+		 * A region being released still takes its discards and
+		 * unmaps: its release waits for them (cow.c) and must see
+		 * its snapshots broken, not the zapped page.
+		 */
+		if (s < e &&
 		    fn(r, (s - r->base) >> COWMM_PAGE_SHIFT,
 		       (e - s) >> COWMM_PAGE_SHIFT) == -EAGAIN)
 			ret = -EAGAIN;

@@ -791,7 +791,7 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 	if ((!ret || ret == -EEXIST) && r->present)
 		cowmm__set_bit(r->present, pg);
 	if (ret == -EHWPOISON)
-		ret = 0; /* resolved with SIGBUS to come; still the origin's */
+		ret = 0; /* resolved with SIGBUS to come; not materialised */
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN)
 		return ret;

@@ -584,8 +584,18 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
 
 	if (ret == -EAGAIN)
 		return ret;
+	if (ret && (v->mm->features & UFFD_FEATURE_POISON)) {
+		/*
+		 * The snapshot lost this page (it is broken): a touch raises
+		 * SIGBUS, as a clone's lost page does, never zeros.
+		 */
+		ret = cowmm__uffd_poison(v->mm->uffd,
+					 v->base + (pg << COWMM_PAGE_SHIFT),
+					 COWMM_PAGE_SIZE, wake);
+		return ret ? ret : -EHWPOISON;
+	}
 	if (ret)
-		memset(page, 0, sizeof(page)); /* broken: reads say -EIO */
+		memset(page, 0, sizeof(page)); /* no poison: reads say -EIO */
 	return cowmm__uffd_copy(v->mm->uffd,
 				v->base + (pg << COWMM_PAGE_SHIFT), page,
 				COWMM_PAGE_SIZE, false, wake);
@@ -608,6 +618,7 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
  */
 int cowmm_snap_restore(cowmm_snap_t *s)
 {
+	unsigned long *todo = NULL;
 	struct cowmm_frame *f;
 	cowmm_region_t *r;
 	cowmm_t *mm;
@@ -627,10 +638,21 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 		ret = -EIO;
 		goto out_mm;
 	}
+	todo = calloc(1, cowmm__bitmap_bytes(r->npages));
+	if (!todo) {
+		ret = -ENOMEM;
+		goto out_mm;
+	}
 	pthread_mutex_lock(&r->lock);
 	ret = cowmm__region_wp(r, true);
 	if (ret)
 		goto out;
+	/* Protecting again may have found it had lost a page (region.c). */
+	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+		ret = -EIO;
+		goto out;
+	}
+	/* The pages to write back: newer snapshots get them first. */
 	for (pg = 0; pg < r->npages; pg++) {
 		uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
 		unsigned char vec = 1;
@@ -638,7 +660,7 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 		f = cowmm__fmap_get(&s->frames, pg);
 		if (!f || (r->holes && cowmm__test_bit(r->holes, pg)))
 			continue; /* unchanged, or it left the region */
-		/* Newer snapshots first; the lock may be dropped meanwhile. */
+		/* The lock may be dropped meanwhile (a discard pending). */
 		cowmm__cow_claim(r, pg, COWMM_COW_READ,
 				 &mm->cnt.detach_copies);
 		if (r->present && mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
@@ -649,22 +671,46 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 					       cowmm__frame_data(f),
 					       COWMM_PAGE_SIZE, false, false);
 			if (ret && ret != -EEXIST)
-				break;
+				goto wake;
 			cowmm__set_bit(r->present, pg);
 			if (!ret)
 				continue;
 		}
-		ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false,
-				     false);
-		if (ret)
-			break; /* never write into a page still protected */
-		memcpy((void *)addr, cowmm__frame_data(f), COWMM_PAGE_SIZE);
+		cowmm__set_bit(todo, pg);
 	}
+	/*
+	 * Unprotect each run of them in one ioctl, then copy into them in
+	 * place.  One ioctl a run, not a page: each must find a moment when
+	 * no discard is in flight, and a thread that discards without pause
+	 * leaves few (the review's restore under discards never returned).
+	 */
+	ret = 0;
+	for (pg = 0; pg < r->npages && !ret;) {
+		size_t n = 0, i;
+
+		while (pg + n < r->npages && cowmm__test_bit(todo, pg + n))
+			n++;
+		if (!n) {
+			pg++;
+			continue;
+		}
+		ret = cowmm__uffd_wp(mm->uffd, r->base + (pg << COWMM_PAGE_SHIFT),
+				     n << COWMM_PAGE_SHIFT, false, false);
+		/* never write into a page still protected */
+		for (i = 0; !ret && i < n; i++)
+			memcpy((void *)(r->base + ((pg + i) << COWMM_PAGE_SHIFT)),
+			       cowmm__frame_data(cowmm__fmap_get(&s->frames,
+								  pg + i)),
+			       COWMM_PAGE_SIZE);
+		pg += n;
+	}
+wake:
 	/* Writers that faulted meanwhile find their pages resolved. */
 	cowmm__uffd_wake(mm->uffd, r->base, r->len);
 out:
 	pthread_mutex_unlock(&r->lock);
 out_mm:
 	pthread_mutex_unlock(&mm->lock);
+	free(todo);
 	return ret;
 }

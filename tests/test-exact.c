@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -488,6 +489,220 @@ START_TEST(test_clone_snapshots_untouched)
 }
 END_TEST
 
+/*
+ * A mapped view of a snapshot that a discard broke afterwards: its pages
+ * not filled yet raise SIGBUS (or hold the instant), never zeros.
+ */
+START_TEST(test_view_broken)
+{
+	pid_t pid = fork();
+	int st;
+
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		struct cowmm_config cfg = COWMM_CONFIG_INIT;
+		const unsigned char *v;
+		cowmm_region_t *r;
+		cowmm_snap_t *s;
+		cowmm_t *mm;
+		unsigned char *p;
+
+		cfg.workers = 1;
+		if (cowmm_open(&cfg, &mm) ||
+		    cowmm_region_alloc(mm, 16 * T_PAGE, 0, &r))
+			_exit(2);
+		p = cowmm_region_base(r);
+		memset(p, 0xab, 16 * T_PAGE);
+		if (cowmm_snapshot(r, &s) ||
+		    cowmm_snap_map(s, (const void **)&v))
+			_exit(3);
+		if (madvise(p, T_PAGE, MADV_DONTNEED))
+			_exit(4);
+		cowmm__quiesce(mm);
+		signal(SIGBUS, exit_on_sigbus);
+		if (*(volatile const unsigned char *)v == 0xab)
+			_exit(0);
+		_exit(*(volatile const unsigned char *)v ? 11 : 10);
+	}
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFEXITED(st) &&
+			      (WEXITSTATUS(st) == 99 || WEXITSTATUS(st) == 0),
+		      "child status %#x: the view read %s", st,
+		      WIFEXITED(st) && WEXITSTATUS(st) == 10 ? "zeros"
+							    : "other bytes");
+}
+END_TEST
+
+struct discarder {
+	unsigned char *p;
+	size_t npages;
+	atomic_bool stop;
+};
+
+static void *discarder_main(void *arg)
+{
+	struct discarder *d = arg;
+	unsigned seed = 7;
+
+	while (!atomic_load(&d->stop))
+		madvise(d->p + (rand_r(&seed) % d->npages) * T_PAGE, T_PAGE,
+			MADV_DONTNEED);
+	return NULL;
+}
+
+static sigjmp_buf bus_jump;
+
+static void on_bus_jump(int sig)
+{
+	(void)sig;
+	siglongjmp(bus_jump, 1);
+}
+
+/* The byte at @p, or -1 where reading it raises SIGBUS. */
+static int probe_byte(const unsigned char *p)
+{
+	if (sigsetjmp(bus_jump, 1))
+		return -1;
+	return *(volatile const unsigned char *)p;
+}
+
+/*
+ * A clone never touched, its source released while another thread
+ * discards source pages: each clone page reads the instant or raises
+ * SIGBUS, never zeros (the release used to skip a dying region's
+ * discards and took the zapped pages for dropped ones).
+ */
+START_TEST(test_release_discard_race)
+{
+	pid_t pid = fork();
+	int st;
+
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		struct cowmm_config cfg = COWMM_CONFIG_INIT;
+		int round, zeros = 0;
+
+		cfg.workers = 2;
+		signal(SIGBUS, on_bus_jump);
+		for (round = 0; round < 10; round++) {
+			struct discarder d = { .npages = 256 };
+			cowmm_region_t *r, *c;
+			cowmm_t *mm;
+			pthread_t th;
+			size_t i;
+
+			if (cowmm_open(&cfg, &mm))
+				_exit(2);
+			d.p = mmap(NULL, d.npages * T_PAGE,
+				   PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			memset(d.p, 0xab, d.npages * T_PAGE);
+			if (cowmm_region_adopt(mm, d.p, d.npages * T_PAGE, 0,
+					       &r) ||
+			    cowmm_clone(r, 0, &c))
+				_exit(3);
+			pthread_create(&th, NULL, discarder_main, &d);
+			usleep(500);
+			if (cowmm_region_release(r))
+				_exit(4);
+			atomic_store(&d.stop, true);
+			pthread_join(th, NULL);
+			for (i = 0; i < d.npages; i++)
+				zeros += probe_byte((unsigned char *)
+							    cowmm_region_base(c) +
+						    i * T_PAGE) == 0;
+			cowmm_close(mm);
+			munmap(d.p, d.npages * T_PAGE);
+		}
+		_exit(zeros ? 10 : 0);
+	}
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+		      "child status %#x: %s", st,
+		      WIFEXITED(st) && WEXITSTATUS(st) == 10
+			      ? "clone pages read zeros" : "failed");
+}
+END_TEST
+
+struct churn {
+	unsigned char *p;
+	size_t npages;
+	atomic_bool stop;
+	bool discard;
+	unsigned seed;
+};
+
+static void *churn_main(void *arg)
+{
+	struct churn *c = arg;
+
+	while (!atomic_load(&c->stop)) {
+		size_t i = rand_r(&c->seed) % c->npages;
+
+		if (c->discard)
+			madvise(c->p + i * T_PAGE, T_PAGE,
+				rand_r(&c->seed) & 1 ? MADV_FREE
+						     : MADV_DONTNEED);
+		else
+			memset(c->p + i * T_PAGE, 0x11, T_PAGE);
+	}
+	return NULL;
+}
+
+/*
+ * Restore while other threads write and discard pages without pause: it
+ * returns, and the pages nobody touched are the snapshot's (it never
+ * returned: one unprotect a page, each refused while a discard was in
+ * flight).
+ */
+START_TEST(test_restore_discard_storm)
+{
+	const size_t npages = 1024, half = npages / 2;
+	cowmm_t *mm = t_open_fa(2, 1);
+	struct churn ch[3] = {
+		{ .npages = half, .seed = 1 },
+		{ .npages = half, .seed = 2 },
+		{ .npages = half, .seed = 3, .discard = true },
+	};
+	cowmm_region_t *r;
+	cowmm_snap_t *s, *s2;
+	pthread_t th[3];
+	unsigned char *p;
+	size_t i;
+	int round, k;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE, 0, &r), 0);
+	p = cowmm_region_base(r);
+	for (round = 0; round < 12; round++) {
+		memset(p, 0xa0 + round, npages * T_PAGE);
+		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+		memset(p, 0xbb, npages * T_PAGE); /* @s holds every page */
+		for (i = half; i < npages; i += 3)
+			madvise(p + i * T_PAGE, T_PAGE, MADV_DONTNEED);
+		ck_assert_int_eq(cowmm_snapshot(r, &s2), 0);
+		for (k = 0; k < 3; k++) {
+			ch[k].p = p;
+			atomic_store(&ch[k].stop, false);
+			ck_assert_int_eq(pthread_create(&th[k], NULL,
+							churn_main, &ch[k]),
+					 0);
+		}
+		usleep(300);
+		ck_assert_int_eq(cowmm_snap_restore(s), 0);
+		ck_assert_int_eq(cowmm_snap_restore(s), 0);
+		for (k = 0; k < 3; k++) {
+			atomic_store(&ch[k].stop, true);
+			pthread_join(th[k], NULL);
+		}
+		for (i = half; i < npages; i++)
+			ck_assert_int_eq(p[i * T_PAGE], 0xa0 + round);
+		cowmm_snap_release(s2);
+		cowmm_snap_release(s);
+	}
+	cowmm_close(mm);
+}
+END_TEST
+
 /* Reserve @len bytes of address space nothing else will take. */
 static unsigned char *reserve(size_t len)
 {
@@ -804,6 +1019,12 @@ int main(void)
 		  180 },
 		{ "clone-snapshots-untouched", test_clone_snapshots_untouched,
 		  T_WP_UNPOPULATED },
+		{ "view-broken", test_view_broken,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "release-discard-race", test_release_discard_race,
+		  T_WP_UNPOPULATED | T_POISON, 0, 120 },
+		{ "restore-discard-storm", test_restore_discard_storm,
+		  T_WP_UNPOPULATED, 0, 120 },
 		{ "clone-mremap-part", test_clone_mremap_part,
 		  T_WP_UNPOPULATED },
 		{ "region-mremap-part", test_region_mremap_part,
