@@ -626,6 +626,50 @@ static void page_written(int ri, size_t pg)
 }
 
 /*
+ * An eager load writes page pg of region ri with @file (@famb: the file's
+ * bytes may be zero instead).  Where either side is "old bytes or zero"
+ * (MADV_FREE), the loader may find the page equal and leave it alone, so
+ * whether the page stays shared is not known: its snapshots read the same
+ * bytes either way (they would share exactly the file's), but a later
+ * discard may break them, and a clone that still read it from its origin
+ * may lose it (SIGBUS).  Those are allowed; the rest is as a write.
+ */
+static void load_written(int ri, size_t pg, const unsigned char *file,
+			 bool famb)
+{
+	struct mregion *m = &R[ri];
+	const unsigned char *live = page_of(m->model, pg);
+	bool equal = !memcmp(live, file, PG), unsure;
+	unsigned char keep[MAXR];
+	int i;
+
+	if (m->amb[pg] && famb)
+		unsure = true;
+	else if (m->amb[pg]) /* live: old or zero; the file's is sure */
+		unsure = equal || is_zero(file, PG);
+	else if (famb) /* the file's: its bytes or zero */
+		unsure = equal || is_zero(live, PG);
+	else
+		unsure = equal;
+	if (!unsure) {
+		page_written(ri, pg);
+		return;
+	}
+	for (i = 0; i < MAXS; i++)
+		if (S[i].live && S[i].region == ri && S[i].shared[pg]) {
+			S[i].may_break = true;
+			ever_broken_allowed = true;
+		}
+	for (i = 0; i < MAXR; i++)
+		keep[i] = R[i].live && R[i].origin == ri && pg < R[i].npages &&
+			  R[i].cshared[pg];
+	page_written(ri, pg);
+	for (i = 0; i < MAXR; i++)
+		if (keep[i])
+			R[i].cshared[pg] = 1;
+}
+
+/*
  * Page pg of region ri is discarded or unmapped by the application.  The
  * rule of -EIO (DESIGN.md, "The application's own mm calls": "Where the
  * kernel makes preservation impossible, the affected snapshot is marked
@@ -1798,14 +1842,10 @@ static void op_stream(int opi, struct op *o, char *d)
 	for (pg = 0; pg < npages; pg++) {
 		/* A page that keeps its bytes may be left alone (and stay
 		 * shared with the region's snapshots); any other is
-		 * written through the normal write path.  Where either side
-		 * is "old bytes or zero" (MADV_FREE), the loader may find
-		 * the page equal and leave it too: whether it stays shared
-		 * is not known, so it is kept shared (which only allows
-		 * more: a break, a clone's SIGBUS after a discard). */
-		if (!R[ri].amb[pg] && !famb[pg] &&
-		    memcmp(page_of(R[ri].model, pg), page_of(fmodel, pg), PG))
-			page_written(ri, pg);
+		 * written through the normal write path. */
+		if (memcmp(page_of(R[ri].model, pg), page_of(fmodel, pg), PG) ||
+		    R[ri].amb[pg] || famb[pg])
+			load_written(ri, pg, page_of(fmodel, pg), famb[pg]);
 		memcpy(page_of(R[ri].model, pg), page_of(fmodel, pg), PG);
 		R[ri].amb[pg] = famb[pg];
 		R[ri].lazy[pg] = l == 1;
