@@ -608,9 +608,10 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
  * Make the region's content @s's again, page by page where it differs: a
  * page differs exactly when @s holds a frame for it.  The region is
  * write-protected first, so that writers wait while their pages change.
- * Each restored page is first preserved for newer snapshots that still
- * share it, then unprotected and copied into, in place: the physical page
- * stays the same, pinned or not.  @s keeps its frames and stays valid.
+ * Each page to restore is first preserved for newer snapshots that still
+ * share it; then each run of them is unprotected in one ioctl and copied
+ * into, in place: the physical page stays the same, pinned or not.  @s
+ * keeps its frames and stays valid.
  *
  * Frames are not moved back with UFFDIO_MOVE: the kernel installs a moved
  * page writable, with no way to protect it in the same step, so a snapshot
