@@ -969,7 +969,17 @@ static int prot_runs_add(struct prot_runs *p, uintptr_t start, uintptr_t end)
 	return 0;
 }
 
-static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
+/*
+ * One read-only PAGEMAP_SCAN walk of [@start, @start + @len): @fn gets
+ * each batch of runs whose categories match @mask (0: all), with the
+ * categories @want.  Returns 1 when the kernel cannot scan (older than
+ * 6.7), @fn's first non-zero answer, or 0 once the walk is done.
+ */
+static int pagemap_walk(cowmm_region_t *r, uintptr_t start, size_t len,
+			uint64_t mask, uint64_t want,
+			int (*fn)(cowmm_region_t *r, const struct page_region *v,
+				  size_t n, void *arg),
+			void *arg)
 {
 	struct page_region v[PROTECT_VEC];
 	struct pm_scan_arg a = {
@@ -978,13 +988,62 @@ static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
 		.end = start + len,
 		.vec = (uintptr_t)v,
 		.vec_len = PROTECT_VEC,
-		.return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT |
-			       PAGE_IS_SWAPPED,
+		.category_mask = mask,
+		.return_mask = want,
 	};
-	struct prot_runs p = { 0 };
-	size_t i, most = len / COWMM_PAGE_SIZE / 256 + 1;
-	size_t unprot = 0, kept = 0; /* bytes */
-	int ret = 0;
+	int ret;
+
+	for (;;) {
+		long n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
+
+		if (n < 0)
+			return 1;
+		ret = fn(r, v, (size_t)n, arg);
+		if (ret)
+			return ret;
+		/* A short answer means the walk is done (MACHINE.md). */
+		if ((size_t)n < PROTECT_VEC)
+			return 0;
+		a.start = v[n - 1].end;
+	}
+}
+
+struct unprot_scan {
+	struct prot_runs p;
+	size_t most;
+	size_t unprot, kept; /* bytes */
+};
+
+static int add_unprotected(cowmm_region_t *r, const struct page_region *v,
+			   size_t n, void *arg)
+{
+	struct unprot_scan *u = arg;
+	size_t i;
+
+	(void)r;
+	for (i = 0; i < n; i++) {
+		uint64_t c = v[i].categories;
+
+		if (!(c & PAGE_IS_WRITTEN) &&
+		    (c & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED))) {
+			if (c & PAGE_IS_PRESENT)
+				u->kept += v[i].end - v[i].start;
+			continue; /* protected already */
+		}
+		u->unprot += v[i].end - v[i].start;
+		if (prot_runs_add(&u->p, v[i].start, v[i].end) ||
+		    u->p.n > u->most)
+			return 1; /* too many runs: the whole range */
+	}
+	return 0;
+}
+
+static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
+{
+	struct unprot_scan u = { .most = len / COWMM_PAGE_SIZE / 256 + 1 };
+	struct prot_runs *p = &u.p;
+	size_t i, unprot, kept;
+	int ret;
 
 	if (!r->epoch)
 		return 1; /* never protected: all of it */
@@ -992,44 +1051,24 @@ static int protect_unprotected(cowmm_region_t *r, uintptr_t start, size_t len)
 		r->scan_skip--;
 		return 1;
 	}
-	for (;;) {
-		long n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
-
-		if (n < 0) {
-			ret = 1; /* an older kernel: the whole range */
-			goto out;
-		}
-		for (i = 0; i < (size_t)n; i++) {
-			uint64_t c = v[i].categories;
-
-			if (!(c & PAGE_IS_WRITTEN) &&
-			    (c & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED))) {
-				if (c & PAGE_IS_PRESENT)
-					kept += v[i].end - v[i].start;
-				continue; /* protected already */
-			}
-			unprot += v[i].end - v[i].start;
-			if (prot_runs_add(&p, v[i].start, v[i].end) ||
-			    p.n > most) {
-				ret = 1;
-				goto out;
-			}
-		}
-		/* A short answer means the walk is done (MACHINE.md). */
-		if ((size_t)n < PROTECT_VEC)
-			break;
-		a.start = v[n - 1].end;
-	}
+	/* 1: an older kernel, or too many runs: the whole range. */
+	ret = pagemap_walk(r, start, len, 0,
+			   PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+			   add_unprotected, &u);
+	if (ret)
+		goto out;
+	unprot = u.unprot;
+	kept = u.kept;
 	/* Present pages left alone: those outside every run. */
-	kept -= p.bytes - unprot < kept ? p.bytes - unprot : kept;
+	kept -= p->bytes - unprot < kept ? p->bytes - unprot : kept;
 	if (kept / COWMM_PAGE_SIZE * REWRITE_NS <
 	    2 * (len / COWMM_PAGE_SIZE) * SCAN_NS)
 		r->scan_skip = PROTECT_SKIP;
-	for (i = 0; i < p.n && !ret; i++)
-		ret = cowmm__uffd_wp(r->mm->uffd, p.run[i][0],
-				     p.run[i][1] - p.run[i][0], true, false);
+	for (i = 0; i < p->n && !ret; i++)
+		ret = cowmm__uffd_wp(r->mm->uffd, p->run[i][0],
+				     p->run[i][1] - p->run[i][0], true, false);
 out:
-	free(p.run);
+	free(p->run);
 	return ret;
 }
 
@@ -1042,61 +1081,55 @@ out:
  * the kernel left it, zero (protected again, it would read the new bytes
  * silently).  One read-only PAGEMAP_SCAN of the run.
  */
+static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
+			size_t n, void *arg)
+{
+	uint32_t before = *(uint32_t *)arg;
+	uintptr_t addr;
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		for (addr = v[i].start; addr < v[i].end;
+		     addr += COWMM_PAGE_SIZE) {
+			size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+
+			/* A clone's page not materialised: empty, its
+			 * bytes are its origin's. */
+			if (r->present && !cowmm__test_bit(r->present, pg))
+				continue;
+			/* No discard read since the walk began: the
+			 * kernel dropped it. */
+			if (cowmm__removes_quiet(r->mm, before))
+				cowmm__cow_claim_locked(
+					r, pg, COWMM_COW_ZERO,
+					&r->mm->cnt.detach_copies);
+			else if (cowmm__shared_locked(r, pg))
+				cowmm__cow_claim_lost_locked(
+					r, pg, "page discarded while a "
+					       "snapshot was taken");
+		}
+	return 0;
+}
+
 static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
 {
-	struct page_region v[PROTECT_VEC];
-	struct pm_scan_arg a = {
-		.size = sizeof(a),
-		.start = start,
-		.end = start + len,
-		.vec = (uintptr_t)v,
-		.vec_len = PROTECT_VEC,
-		.category_mask = PAGE_IS_WRITTEN,
-		.return_mask = PAGE_IS_WRITTEN,
-	};
-	uintptr_t addr;
 	uint32_t before;
-	long n, i;
 
 	if (!r->snaps)
 		return;
 	before = cowmm__removes_stamp(r->mm);
-	for (;;) {
-		n = ioctl(r->mm->pagemap, PAGEMAP_SCAN, &a);
-		if (n < 0)
-			return; /* an older kernel: reads still fail loudly */
-		for (i = 0; i < n; i++)
-			for (addr = v[i].start; addr < v[i].end;
-			     addr += COWMM_PAGE_SIZE) {
-				size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
-
-				/* A clone's page not materialised: empty,
-				 * its bytes are its origin's. */
-				if (r->present &&
-				    !cowmm__test_bit(r->present, pg))
-					continue;
-				if (cowmm__removes_quiet(r->mm, before))
-					cowmm__cow_claim_locked(
-						r, pg, COWMM_COW_ZERO,
-						&r->mm->cnt.detach_copies);
-				else if (cowmm__shared_locked(r, pg))
-					cowmm__cow_claim_lost_locked(
-						r, pg, "page discarded while a "
-						       "snapshot was taken");
-			}
-		if (n < PROTECT_VEC) /* a short answer: done (MACHINE.md) */
-			return;
-		a.start = v[n - 1].end;
-	}
+	/* An older kernel cannot scan: reads still fail loudly. */
+	pagemap_walk(r, start, len, PAGE_IS_WRITTEN, PAGE_IS_WRITTEN,
+		     claim_unseen, &before);
 }
 
 static int run_wp(cowmm_region_t *r, uintptr_t start, size_t len, bool wp)
 {
-	if (wp)
-		break_unseen(r, start, len);
 	if (wp) {
-		int ret = protect_unprotected(r, start, len);
+		int ret;
 
+		break_unseen(r, start, len);
+		ret = protect_unprotected(r, start, len);
 		if (ret <= 0)
 			return ret;
 	}
