@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -438,17 +439,26 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
 }
 
 /*
- * No discard read since @stamp, none pending: a page that lost its
- * protection meanwhile was not zapped by one (the kernel zaps only once
- * its event is read), so the kernel dropped it on its own (MADV_FREE).
+ * Page @addr lost its protection since @stamp (cowmm__removes_stamp()),
+ * with no event to say why: was it the kernel dropping a page MADV_FREE
+ * left?  Not if a discard was read since or is pending (the kernel zaps
+ * only once its event is read), nor if an unmap was: munmap() takes the
+ * page first and sends UNMAP after, so an unmap not read yet is one whose
+ * range is no longer mapped (mincore() fails), and one read is numbered
+ * as a discard is (count_event()) and counted until handled.
  */
-bool cowmm__removes_quiet(cowmm_t *mm, uint32_t stamp)
+bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 {
+	unsigned char vec;
 	bool quiet;
 
+	if (mincore((void *)(addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1)),
+		    COWMM_PAGE_SIZE, &vec))
+		return false;
 	pthread_mutex_lock(&mm->read_lock);
 	pthread_mutex_lock(&mm->removes_lock);
-	quiet = mm->removes_read == stamp && !mm->removes_n;
+	quiet = mm->removes_read == stamp && !mm->removes_n &&
+		!atomic_load(&mm->unmaps_pending);
 	pthread_mutex_unlock(&mm->removes_lock);
 	pthread_mutex_unlock(&mm->read_lock);
 	return quiet;
@@ -599,8 +609,10 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 		atomic_fetch_add(&mm->removes_pending, 1);
 		return;
 	case UFFD_EVENT_UNMAP:
+		/* Numbered, not queued: cowmm__dropped_quietly(). */
+		m->reserved3 = ++mm->removes_read;
 		atomic_fetch_add(&mm->unmaps_pending, 1);
-		break;
+		return;
 	default:
 		break;
 	}

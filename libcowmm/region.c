@@ -389,9 +389,9 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
 	if (!(e1 & PM_UFFD_WP)) {
 		/*
-		 * Shared, yet not protected.  Zapped by a discard read since
-		 * (the snapshots that shared it break when it is handled):
-		 * try again then.  A REMOVE handler cannot tell its own zap
+		 * Shared, yet not protected.  Zapped by a discard read since,
+		 * or unmapped (the snapshots that shared it break when its
+		 * event is handled): try again then.  A REMOVE handler cannot tell its own zap
 		 * from another's: -EIO.  Otherwise no event came, and the
 		 * kernel dropped a page MADV_FREE left: it reads as the zero
 		 * the application allowed (what was written since did not
@@ -399,7 +399,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		 */
 		if (cowmm__in_remove)
 			return -EIO;
-		if (!cowmm__removes_quiet(r->mm, before))
+		if (!cowmm__dropped_quietly(r->mm, addr, before))
 			return -EAGAIN;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
@@ -1097,9 +1097,9 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 			 * bytes are its origin's. */
 			if (r->present && !cowmm__test_bit(r->present, pg))
 				continue;
-			/* No discard read since the walk began: the
-			 * kernel dropped it. */
-			if (cowmm__removes_quiet(r->mm, before))
+			/* No discard or unmap read since the walk
+			 * began: the kernel dropped it. */
+			if (cowmm__dropped_quietly(r->mm, addr, before))
 				cowmm__cow_claim_locked(
 					r, pg, COWMM_COW_ZERO,
 					&r->mm->cnt.detach_copies);

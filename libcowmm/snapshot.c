@@ -268,12 +268,13 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 			memset(dst, 0, n);
 		} else if (!(e & PM_UFFD_WP)) {
 			/*
-			 * Lost its protection: a discard whose event is being
-			 * handled (wait for it), or a page MADV_FREE left that
-			 * the kernel dropped, with no event: zero, as it was
-			 * allowed to read (region.c, read_verified()).
+			 * Lost its protection: a discard or an unmap whose
+			 * event is being handled (wait for it), or a page
+			 * MADV_FREE left that the kernel dropped, with no
+			 * event: zero, as it was allowed to read (region.c,
+			 * read_verified()).
 			 */
-			if (cowmm__removes_quiet(s->mm, before)) {
+			if (cowmm__dropped_quietly(s->mm, addr, before)) {
 				f = cowmm__fmap_get(&s->frames, pg);
 				if (!f) {
 					memset(dst, 0, n);

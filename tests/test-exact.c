@@ -765,6 +765,35 @@ START_TEST(test_region_mremap_part)
 END_TEST
 
 /*
+ * munmap() returns once a worker has read its UNMAP event, perhaps before
+ * it is handled: a snapshot read then finds the page gone with no
+ * protection, as a page MADV_FREE let the kernel drop would be, but it
+ * must not read the zero such a page may; it reads -EIO once the
+ * snapshot is broken.  A helper holding the manager's lock keeps the
+ * event pending.
+ */
+START_TEST(test_unmap_pending_read)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p, buf[T_PAGE];
+	struct hold h = { .lock = &mm->lock, .ms = 300 };
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
+	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
+	sem_wait(&h.locked);
+	ck_assert_int_eq(munmap(p, 2 * T_PAGE), 0);
+	ck_assert_int_eq(cowmm_snap_read(s, 0, buf, T_PAGE), -EIO);
+	hold_end(&h);
+	ck_assert_int_eq(cowmm_snap_read(s, 0, buf, T_PAGE), -EIO);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * Memory mapped where part of a region was unmapped can be taken over,
  * and releasing the old region leaves the new one registered and exact.
  */
@@ -1031,6 +1060,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "view-discard", test_view_discard, T_WP_UNPOPULATED },
 		{ "region-in-hole", test_region_in_hole, T_WP_UNPOPULATED },
+		{ "unmap-pending-read", test_unmap_pending_read,
+		  T_WP_UNPOPULATED },
 		{ "fault-around-zero", test_fault_around_zero,
 		  T_WP_UNPOPULATED },
 		{ "fault-error-wakes", test_fault_error_wakes,
