@@ -151,6 +151,7 @@ struct msnap {
 	size_t npages;
 	unsigned char *model, *amb;
 	unsigned char *shared;	/* page not changed in the region since */
+	unsigned char *loose;	/* written since, maybe without a fault */
 	bool may_break;		/* -EIO allowed from now on */
 	const unsigned char *view;
 	unsigned char *vtouched;
@@ -564,6 +565,7 @@ static void snap_free(struct msnap *s)
 	free(s->model);
 	free(s->amb);
 	free(s->shared);
+	free(s->loose);
 	free(s->vtouched);
 	memset(s, 0, sizeof(*s));
 }
@@ -607,17 +609,25 @@ static void lose(int ri, size_t pg)
 	}
 }
 
-/* Page pg of region ri changes by a write (CPU, system call, restore,
- * eager load): snapshots and clones that shared it get their copy. */
+/*
+ * Page pg of region ri changes by a write (CPU, system call, restore,
+ * eager load): snapshots and clones that shared it get their copy.  Not
+ * always for a page MADV_FREE left: if the kernel dropped it, the write
+ * found no protection and did not fault, and the library learns of it only
+ * later (they read the zero the page became, or break at the next discard,
+ * which cannot tell that page from one it zapped): they keep sharing it.
+ */
 static void page_written(int ri, size_t pg)
 {
 	struct mregion *m = &R[ri];
 	int i;
 
 	for (i = 0; i < MAXS; i++)
-		if (S[i].live && S[i].region == ri)
+		if (S[i].live && S[i].region == ri && m->amb[pg])
+			S[i].loose[pg] |= S[i].shared[pg];
+		else if (S[i].live && S[i].region == ri)
 			S[i].shared[pg] = 0;
-	for (i = 0; i < MAXR; i++)
+	for (i = 0; i < MAXR && !m->amb[pg]; i++)
 		if (R[i].live && R[i].origin == ri && pg < R[i].npages)
 			R[i].cshared[pg] = 0;
 	m->amb[pg] = 0;
@@ -1182,6 +1192,7 @@ static void op_snapshot(int opi, struct op *o, char *d)
 	s->model = calloc(m->npages, PG);
 	s->amb = calloc(m->npages, 1);
 	s->shared = calloc(m->npages, 1);
+	s->loose = calloc(m->npages, 1);
 	s->vtouched = calloc(m->npages, 1);
 	for (pg = 0; pg < m->npages; pg++) {
 		if (!m->addr[pg])
@@ -1356,7 +1367,7 @@ static void op_restore(struct op *o, char *d)
 	expect_ret("cowmm_snap_restore", ret, 0);
 	m = &R[ri];
 	for (pg = 0; pg < s->npages; pg++) {
-		if (!m->addr[pg] || s->shared[pg])
+		if (!m->addr[pg] || (s->shared[pg] && !s->loose[pg]))
 			continue;
 		page_written(ri, pg);
 		memcpy(page_of(m->model, pg), page_of(s->model, pg), PG);
