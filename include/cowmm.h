@@ -186,9 +186,9 @@ struct cowmm_stats {
 	uint64_t regions_live;   /**< regions not yet released */
 	uint64_t detach_copies;  /**< pages preserved outside a write fault
 				      while a snapshot needed them: their
-				      region released or restored, moved in
-				      part by mremap, or (a clone's page
-				      never touched) discarded */
+				      region released or restored, or (a
+				      clone's page never touched)
+				      discarded */
 	uint64_t broken;         /**< snapshots marked broken (reads: -EIO) */
 	uint64_t throttled;      /**< write faults put back because preserved
 				      memory was at cowmm_config.max_preserved
@@ -305,7 +305,11 @@ COWMM_EXPORT int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len,
 				    unsigned flags, cowmm_region_t **out);
 
 /**
- * Start address of a region.
+ * Start address of a region: where its first page is now.  A region
+ * follows its pages when the application moves them with mremap(), whole
+ * or in part; after a move of part of it, its pages are no longer all in
+ * one range, and each keeps its offset in the region, its snapshots and
+ * its clones.
  * Context: any thread.
  *
  * @param r  a region
@@ -629,8 +633,9 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
  * @param r      a region of exactly the file's region size
  * @param fd     a regular file open for reading (read with pread())
  * @param flags  0 or #COWMM_LOAD_LAZY
- * @return 0; -EINVAL (NULL, flags, file for a smaller region, a clone or
- *         view with #COWMM_LOAD_LAZY), -EFBIG (file for a larger region),
+ * @return 0; -EINVAL (NULL, flags, file for a smaller region; lazily: a
+ *         clone or view, or a region part of which was unmapped or moved
+ *         away by mremap), -EFBIG (file for a larger region),
  *         -EBADMSG (not a snapshot file, corrupted or truncated),
  *         -EPROTONOSUPPORT (another format version), -ESPIPE (not a
  *         regular file), -EBADF (bad @p fd or released region), -EBUSY

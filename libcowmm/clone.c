@@ -129,7 +129,7 @@ int cowmm__clone_fill(cowmm_region_t *c, size_t pg, bool wake)
 {
 	unsigned char page[COWMM_PAGE_SIZE]
 		__attribute__((aligned(COWMM_PAGE_SIZE)));
-	uintptr_t addr = c->base + (pg << COWMM_PAGE_SHIFT);
+	uintptr_t addr = cowmm__page_addr(c, pg);
 	cowmm_snap_t *o = c->origin;
 	cowmm_t *mm = c->mm;
 	bool wp = cowmm__shared_locked(c, pg);

@@ -108,6 +108,7 @@ struct cowmm_rtable {
 		uintptr_t base; /* a copy: the region may move (mremap) */
 		size_t len;
 		struct cowmm_region *r;
+		size_t pg; /* the region's page at base */
 	} e[];
 };
 
@@ -126,6 +127,12 @@ struct cowmm {
 
 	pthread_mutex_t lock; /* regions, graveyard, handle lifetimes */
 	struct cowmm_rtable *rtable; /* RCU */
+	/*
+	 * Serialises the rtable's writers; taken last, never held across a
+	 * wait.  Event handlers change the table without mm->lock, which an
+	 * application thread may hold while it waits for them.
+	 */
+	pthread_mutex_t table_lock;
 	struct cowmm_region *regions; /* list, newest first */
 	struct cowmm_snap *snaps;     /* every live snapshot, attached or not */
 	struct cowmm_frame_pool pool;
@@ -155,6 +162,13 @@ struct cowmm {
 	uint32_t *removes_q;
 	size_t removes_n, removes_cap;
 	atomic_uint unmaps_pending;  /* UNMAP events read, not yet handled */
+	/*
+	 * REMAP and UNMAP events are handled in the order they were read,
+	 * and a REMOVE after those read before it (manager.c): numbered as
+	 * read (maps_read, under read_lock), counted as handled.
+	 */
+	uint16_t maps_read;
+	atomic_uint maps_done;
 	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
 
@@ -223,12 +237,28 @@ size_t cowmm__pins_next_write(const struct cowmm_pins *p, size_t pg);
 /* ------------------------------------------------------------------------ */
 /* region.c */
 
+/*
+ * Where a region's pages are: pieces in page order (layout.c).  Replaced
+ * whole under the region's lock, freed after an RCU grace period.
+ */
+struct cowmm_piece {
+	size_t pg, n;   /* pages [pg, pg + n) of the region */
+	uintptr_t addr; /* where page pg is */
+};
+
+struct cowmm_layout {
+	struct rcu_head rcu;
+	size_t n;
+	struct cowmm_piece p[];
+};
+
 struct cowmm_region {
 	uint32_t magic;
 	bool adopted;
 	bool dying; /* being released: faults are left to the unregister */
 	cowmm_t *mm;
-	uintptr_t base;
+	uintptr_t base; /* where page 0 is (cowmm_region_base()) */
+	struct cowmm_layout *layout; /* RCU: where every page is */
 	size_t len, npages;
 	unsigned flags;
 
@@ -259,6 +289,46 @@ struct cowmm_region {
 	struct cowmm_lazy *lazy; /* loading from a snapshot file on demand */
 	unsigned long *holes;   /* pages the application unmapped */
 };
+
+/* layout.c */
+struct cowmm_layout *cowmm__layout_one(uintptr_t base, size_t npages);
+const struct cowmm_piece *cowmm__piece_of(const struct cowmm_layout *l,
+					  size_t pg);
+/* Follow [@from, @from + @len) moved to @to: 1 if pages of @r were there,
+ * 0 if none, -ENOMEM.  Call with r->lock held. */
+int cowmm__layout_move(cowmm_region_t *r, uintptr_t from, uintptr_t to,
+		       size_t len);
+/* Of the @n pages from @pg, how many lie one after another in memory. */
+size_t cowmm__page_span(const cowmm_region_t *r, size_t pg, size_t n);
+/* The page of @r at @addr: 0, or -ENOENT (not one, or it left @r). */
+int cowmm__page_at(const cowmm_region_t *r, uintptr_t addr, size_t *pg);
+/*
+ * The next run from *@pg: pages that have not left @r (holes) and lie one
+ * after another in memory.  Sets *@pg to its first page and *@addr to its
+ * address, returns its length in pages; 0 when none is left.
+ */
+size_t cowmm__next_run(const cowmm_region_t *r, size_t *pg, uintptr_t *addr);
+
+static inline const struct cowmm_layout *
+cowmm__layout(const cowmm_region_t *r)
+{
+	return __atomic_load_n(&r->layout, __ATOMIC_ACQUIRE);
+}
+
+/* Has part of @r been moved away from the rest? */
+static inline bool cowmm__in_pieces(const cowmm_region_t *r)
+{
+	return cowmm__layout(r)->n > 1;
+}
+
+/* Where page @pg of @r is now. */
+static inline uintptr_t cowmm__page_addr(const cowmm_region_t *r, size_t pg)
+{
+	const struct cowmm_layout *l = cowmm__layout(r);
+	const struct cowmm_piece *p = l->n == 1 ? l->p : cowmm__piece_of(l, pg);
+
+	return p->addr + ((pg - p->pg) << COWMM_PAGE_SHIFT);
+}
 
 /* Bytes of a bitmap of one bit per page, in whole unsigned longs. */
 static inline size_t cowmm__bitmap_bytes(size_t npages)
@@ -306,6 +376,14 @@ void cowmm__lazy_free(cowmm_region_t *r);
 int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake);
 int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake);
 int cowmm__region_wp(cowmm_region_t *r, bool protect);
+/*
+ * @fn on each run of @r (cowmm__next_run()): @pg, its first page, is at
+ * @start.  Returns @fn's first error; every run is visited.
+ */
+typedef int cowmm_run_fn(cowmm_region_t *r, size_t pg, uintptr_t start,
+			 size_t len, void *arg);
+int cowmm__for_runs(cowmm_region_t *r, cowmm_run_fn *fn, void *arg);
+void cowmm__region_wake(cowmm_region_t *r);
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe);
 int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,

@@ -326,6 +326,14 @@ static unsigned popcount_bitmap(const uint8_t *b)
 	return n;
 }
 
+/* Page @pg of @r, where it is now; NULL if it left the region (unmapped). */
+static unsigned char *load_page(cowmm_region_t *r, size_t pg)
+{
+	if (r->holes && cowmm__test_bit(r->holes, pg))
+		return NULL;
+	return (unsigned char *)cowmm__page_addr(r, pg);
+}
+
 /*
  * Make page @pg of @r read as zero, writing only where it does not already:
  * a page never populated stays so, and the write of a non-zero page goes
@@ -333,10 +341,11 @@ static unsigned popcount_bitmap(const uint8_t *b)
  */
 static void load_zero(cowmm_region_t *r, size_t pg)
 {
-	unsigned char *p = (unsigned char *)r->base + pg * COWMM_PAGE_SIZE;
+	unsigned char *p = load_page(r, pg);
 	unsigned char vec;
 
-	if (!r->origin && !cowmm__resident((uintptr_t)p, 1, &vec) && !vec)
+	if (!p ||
+	    (!r->origin && !cowmm__resident((uintptr_t)p, 1, &vec) && !vec))
 		return;
 	if (!cowmm__page_is_zero(p))
 		memset(p, 0, COWMM_PAGE_SIZE);
@@ -436,16 +445,16 @@ static int load_pass(int fd, cowmm_region_t *r, uint64_t npages,
 			/* Zero what lies between the stored chunks. */
 			for (pg = next_first; pg < first; pg++)
 				load_zero(r, pg);
-			for (i = 0; i < CHUNK_PAGES && first + i < npages; i++)
-				if (c.bitmap[i / 8] >> (i % 8) & 1)
-					memcpy((char *)r->base +
-						       (first + i) *
-							       COWMM_PAGE_SIZE,
-					       buf + (size_t)k++ *
-							     COWMM_PAGE_SIZE,
-					       COWMM_PAGE_SIZE);
-				else
+			for (i = 0; i < CHUNK_PAGES && first + i < npages; i++) {
+				unsigned char *p = load_page(r, first + i);
+
+				if (!(c.bitmap[i / 8] >> (i % 8) & 1))
 					load_zero(r, first + i);
+				else if (p)
+					memcpy(p, buf + (size_t)k * COWMM_PAGE_SIZE,
+					       COWMM_PAGE_SIZE);
+				k += c.bitmap[i / 8] >> (i % 8) & 1;
+			}
 		}
 		next_first = first + CHUNK_PAGES;
 		off += sizeof(c) + (off_t)n * COWMM_PAGE_SIZE;

@@ -63,7 +63,7 @@ static int lazy_fill_locked(cowmm_region_t *r, size_t pg, bool wake)
 	unsigned char page[COWMM_PAGE_SIZE]
 		__attribute__((aligned(COWMM_PAGE_SIZE)));
 	struct cowmm_lazy *l = r->lazy;
-	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	uintptr_t addr = cowmm__page_addr(r, pg);
 	int ret;
 
 	if (!l->off[pg]) { /* not stored: the shared zero page, no memory */
@@ -90,6 +90,19 @@ static int lazy_fill_locked(cowmm_region_t *r, size_t pg, bool wake)
 	return ret;
 }
 
+/* Register a run of a loaded region for write-protect faults only. */
+static int run_wp_only(cowmm_region_t *r, size_t pg, uintptr_t start,
+		       size_t len, void *arg)
+{
+	int ret = cowmm__uffd_unregister(r->mm->uffd, start, len);
+
+	(void)pg;
+	(void)arg;
+	return ret ? ret
+		   : cowmm__uffd_register(r->mm->uffd, start, len,
+					  UFFDIO_REGISTER_MODE_WP, NULL);
+}
+
 /*
  * A missing fault on a region being loaded: its page from the file, or,
  * for a page loaded and then discarded (MADV_DONTNEED), zeros.
@@ -97,7 +110,7 @@ static int lazy_fill_locked(cowmm_region_t *r, size_t pg, bool wake)
  */
 int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
 {
-	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	uintptr_t addr = cowmm__page_addr(r, pg);
 
 	if (!cowmm__test_bit(r->lazy->loaded, pg))
 		return lazy_fill_locked(r, pg, wake);
@@ -145,10 +158,7 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 	 * registration.  A region registered for missing faults could make a
 	 * worker that copies a discarded page fault into itself.
 	 */
-	ret = cowmm__uffd_unregister(r->mm->uffd, r->base, r->len);
-	if (!ret)
-		ret = cowmm__uffd_register(r->mm->uffd, r->base, r->len,
-					   UFFDIO_REGISTER_MODE_WP, NULL);
+	ret = cowmm__for_runs(r, run_wp_only, NULL);
 	if (ret)
 		return ret;
 	lazy_free(l);
@@ -210,7 +220,8 @@ int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
 	}
 	ret = r->magic != COWMM_MAGIC_REGION ? -EBADF
 	      : r->lazy ? -EBUSY
-	      : r->holes ? -EINVAL /* partly unmapped: cannot be emptied */
+	      /* partly unmapped (cannot be emptied) or moved */
+	      : r->holes || cowmm__in_pieces(r) ? -EINVAL
 	      : r->snaps || r->pins.nrec ? -EBUSY
 	      : r->origin || r->view_of ? -EINVAL
 	      : r->mm->flags & COWMM_OPEN_IN_THREAD ? -EOPNOTSUPP

@@ -188,48 +188,44 @@ static int rtable_cmp(const void *a, const void *b)
 }
 
 /*
- * Append an entry for each run of @r's pages that has not left it (holes:
- * unmapped or moved away), at most @cap; returns how many there are.
- * Something else may be mapped in a hole now, a region too.
+ * Append an entry for each run of @r's pages (cowmm__next_run(): not in a
+ * hole, where something else may be mapped now, a region too; one piece
+ * of a region part of which moved), at most @cap; returns how many there
+ * are.
  */
 static size_t rtable_runs(struct cowmm_region *r, struct cowmm_rtable_ent *e,
 			  size_t cap)
 {
 	size_t pg = 0, run, n = 0;
+	uintptr_t start;
 
-	if (!r->holes) {
-		if (cap)
-			e[0] = (struct cowmm_rtable_ent){ r->base, r->len, r };
-		return 1;
-	}
-	while (pg < r->npages) {
-		for (run = 0; pg + run < r->npages &&
-			      !cowmm__test_bit(r->holes, pg + run);
-		     run++)
-			;
-		if (run) {
-			if (n < cap)
-				e[n] = (struct cowmm_rtable_ent){
-					r->base + (pg << COWMM_PAGE_SHIFT),
-					run << COWMM_PAGE_SHIFT, r
-				};
-			n++;
-		}
-		pg += run + 1;
-	}
+	for (; (run = cowmm__next_run(r, &pg, &start)); pg += run, n++)
+		if (n < cap)
+			e[n] = (struct cowmm_rtable_ent){
+				start, run << COWMM_PAGE_SHIFT, r, pg
+			};
 	return n;
 }
 
+/*
+ * Call with @add's lock held, or mm->lock while no one else can reach it:
+ * its layout and holes stay as they are.
+ */
 static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 			  struct cowmm_region *del)
 {
-	struct cowmm_rtable *old = mm->rtable, *t;
-	size_t n = old ? old->n : 0, nadd = add ? rtable_runs(add, NULL, 0) : 0;
+	struct cowmm_rtable *old, *t;
+	size_t n, nadd = add ? rtable_runs(add, NULL, 0) : 0;
 	size_t i, j = 0;
 
+	pthread_mutex_lock(&mm->table_lock);
+	old = mm->rtable;
+	n = old ? old->n : 0;
 	t = malloc(sizeof(*t) + (n + nadd) * sizeof(t->e[0]));
-	if (!t)
+	if (!t) {
+		pthread_mutex_unlock(&mm->table_lock);
 		return -ENOMEM;
+	}
 	for (i = 0; i < n; i++)
 		if (old->e[i].r != del)
 			t->e[j++] = old->e[i];
@@ -238,6 +234,7 @@ static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 	qsort(t->e, j, sizeof(t->e[0]), rtable_cmp);
 	t->n = j;
 	__atomic_store_n(&mm->rtable, t, __ATOMIC_RELEASE); /* publish */
+	pthread_mutex_unlock(&mm->table_lock);
 	if (old)
 		urcu_bp_call_rcu(&old->rcu, rtable_free_rcu);
 	return 0;
@@ -249,19 +246,22 @@ static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
  */
 bool cowmm__rtable_overlaps(cowmm_t *mm, uintptr_t start, size_t len)
 {
-	struct cowmm_rtable *t = mm->rtable;
+	struct cowmm_rtable *t;
+	bool ret = false;
 	size_t i;
 
-	for (i = 0; t && i < t->n; i++)
-		if (start < t->e[i].base + t->e[i].len &&
-		    t->e[i].base < start + len)
-			return true;
-	return false;
+	urcu_bp_read_lock(); /* a moving region's REMAP may replace it */
+	t = __atomic_load_n(&mm->rtable, __ATOMIC_ACQUIRE);
+	for (i = 0; t && i < t->n && !ret; i++)
+		ret = start < t->e[i].base + t->e[i].len &&
+		      t->e[i].base < start + len;
+	urcu_bp_read_unlock();
+	return ret;
 }
 
 /*
- * @r moved (mremap), or pages of it left it: index it anew.  Serialised
- * with the other table changes by mm->lock, which a worker holds here.
+ * @r moved (mremap), or pages of it left it: index it anew.  Call with
+ * r->lock held, @r not dying (its release takes it out of the table).
  */
 int cowmm__rtable_move(cowmm_t *mm, struct cowmm_region *r)
 {
@@ -475,6 +475,14 @@ uint32_t cowmm__removes_stamp(cowmm_t *mm)
 	return stamp;
 }
 
+/* Have the REMAP and UNMAP events up to number @seq been handled? */
+static bool maps_done_upto(cowmm_t *mm, uint16_t seq)
+{
+	uint16_t done = (uint16_t)atomic_load(&mm->maps_done);
+
+	return (int16_t)(done - seq) >= 0;
+}
+
 /* Resolve one message; -EAGAIN: try again later. */
 static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 {
@@ -494,6 +502,9 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 	case UFFD_EVENT_REMOVE: {
 		int ret;
 
+		/* A move read before it first: it finds the pages there. */
+		if (!maps_done_upto(mm, m->reserved2))
+			return -EAGAIN;
 		cowmm__in_remove = true;
 		ret = cowmm__event_remove(mm, m->arg.remove.start,
 					  m->arg.remove.end);
@@ -508,24 +519,32 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 
 		/*
 		 * mremap() sends REMAP, then UNMAP of the old range: the
-		 * move is to be followed before its old range is taken for
-		 * unmapped (the REMAP may be deferred: the kernel refuses
-		 * ioctls until the mremap() has returned).
+		 * move is followed first, and a range moved away and back is
+		 * not taken for unmapped.
 		 */
-		if (atomic_load(&mm->remaps_pending))
+		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)))
 			return -EAGAIN;
 		ret = cowmm__event_unmap(mm, m->arg.remove.start,
 					 m->arg.remove.end);
-		if (ret != -EAGAIN)
+		if (ret != -EAGAIN) {
+			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->unmaps_pending, 1);
+		}
 		return ret;
 	}
 	case UFFD_EVENT_REMAP: {
-		int ret = cowmm__event_remap(mm, m->arg.remap.from,
-					     m->arg.remap.to, m->arg.remap.len);
+		int ret;
 
-		if (ret != -EAGAIN)
+		/* After the moves and unmaps, and the discards, before it. */
+		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
+		    cowmm__removes_before(mm, m->reserved3))
+			return -EAGAIN;
+		ret = cowmm__event_remap(mm, m->arg.remap.from,
+					 m->arg.remap.to, m->arg.remap.len);
+		if (ret != -EAGAIN) {
+			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->remaps_pending, 1);
+		}
 		return ret;
 	}
 	default:
@@ -601,14 +620,17 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 {
 	switch (m->event) {
 	case UFFD_EVENT_REMAP:
+		m->reserved2 = ++mm->maps_read;
 		atomic_fetch_add(&mm->remaps_pending, 1);
 		break;
 	case UFFD_EVENT_REMOVE:
+		m->reserved2 = mm->maps_read;
 		m->reserved3 = ++mm->removes_read;
 		removes_add(mm, m->reserved3);
 		atomic_fetch_add(&mm->removes_pending, 1);
 		return;
 	case UFFD_EVENT_UNMAP:
+		m->reserved2 = ++mm->maps_read;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;
 		atomic_fetch_add(&mm->unmaps_pending, 1);
@@ -951,6 +973,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		goto err_close;
 	}
 	pthread_mutex_init(&mm->read_lock, NULL);
+	pthread_mutex_init(&mm->table_lock, NULL);
 	pthread_mutex_init(&mm->removes_lock, NULL);
 	pthread_mutex_init(&mm->workers_lock, NULL);
 	ret = cowmm__frame_pool_init(&mm->pool, &mm->cnt.frames_live);
@@ -975,6 +998,7 @@ err_pool:
 err_mutex:
 	pthread_mutex_destroy(&mm->lock);
 	pthread_mutex_destroy(&mm->read_lock);
+	pthread_mutex_destroy(&mm->table_lock);
 	pthread_mutex_destroy(&mm->removes_lock);
 	free(mm->removes_q);
 	pthread_mutex_destroy(&mm->workers_lock);
@@ -1013,6 +1037,7 @@ void cowmm_close(cowmm_t *mm)
 		free(mm->graveyard[i]);
 	pthread_mutex_destroy(&mm->lock);
 	pthread_mutex_destroy(&mm->read_lock);
+	pthread_mutex_destroy(&mm->table_lock);
 	pthread_mutex_destroy(&mm->removes_lock);
 	free(mm->removes_q);
 	pthread_mutex_destroy(&mm->workers_lock);

@@ -124,12 +124,17 @@ static int pin_range(cowmm_region_t *r, void *addr, size_t len, size_t *pg,
 
 	if (ret)
 		return ret;
-	if (!len || (a | len) & (COWMM_PAGE_SIZE - 1) || a < r->base ||
-	    a - r->base >= r->len || len > r->len - (a - r->base))
+	if (!len || (a | len) & (COWMM_PAGE_SIZE - 1))
 		return -EINVAL;
-	*pg = (a - r->base) >> COWMM_PAGE_SHIFT;
 	*n = len >> COWMM_PAGE_SHIFT;
-	return 0;
+	/* Where the pages are now: part of @r may have moved (layout.c). */
+	urcu_bp_read_lock();
+	ret = cowmm__page_at(r, a, pg) ||
+			      cowmm__page_span(r, *pg, r->npages - *pg) < *n
+		      ? -EINVAL
+		      : 0;
+	urcu_bp_read_unlock();
+	return ret;
 }
 
 /*

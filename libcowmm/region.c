@@ -137,11 +137,12 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 	r->npages = len >> COWMM_PAGE_SHIFT;
 	r->flags = flags;
 	r->adopted = adopted;
+	r->layout = cowmm__layout_one(base, r->npages);
 	/* Untouched parts of the page state cost no memory. */
 	wlen = r->npages * sizeof(*r->wgen);
 	r->wgen = mmap(NULL, wlen, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (r->wgen == MAP_FAILED) {
+	if (!r->layout || r->wgen == MAP_FAILED) {
 		ret = -ENOMEM;
 		goto err_free;
 	}
@@ -190,8 +191,10 @@ err_pins:
 err_unmap:
 	if (r->present)
 		munmap(r->present, cowmm__bitmap_bytes(r->npages));
-	munmap(r->wgen, wlen);
 err_free:
+	if (r->wgen != MAP_FAILED)
+		munmap(r->wgen, wlen);
+	free(r->layout);
 	free(r);
 	return ret;
 }
@@ -440,7 +443,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe)
 {
-	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	uintptr_t addr = cowmm__page_addr(r, pg);
 	unsigned char vec;
 
 	if (r->holes && cowmm__test_bit(r->holes, pg)) {
@@ -499,8 +502,9 @@ static size_t ahead_window(cowmm_region_t *r, size_t pg)
 {
 	size_t max = r->mm->fault_around;
 
-	if (max <= 1 || r->present || r->lazy)
-		return 1; /* clones, views, lazy loads: one page at a time */
+	/* Clones, views, lazy loads, regions in pieces: one page at a time. */
+	if (max <= 1 || r->present || r->lazy || cowmm__in_pieces(r))
+		return 1;
 	if (pg != r->fa_next || !r->fa_win)
 		return 1;
 	return r->fa_win * 2 < max ? r->fa_win * 2 : max;
@@ -521,7 +525,7 @@ static void ahead_drop(struct cowmm_frame **f, size_t from, size_t n)
  */
 static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 {
-	uintptr_t base = r->base + (first << COWMM_PAGE_SHIFT);
+	uintptr_t base = cowmm__page_addr(r, first);
 	struct cowmm_frame *f[AHEAD_BATCH];
 	struct iovec lv[AHEAD_BATCH], rv[AHEAD_BATCH];
 	uint64_t e1[AHEAD_BATCH], e2[AHEAD_BATCH];
@@ -533,6 +537,7 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		n = AHEAD_BATCH;
 	if (n > r->npages - first)
 		n = r->npages - first;
+	n = cowmm__page_span(r, first, n); /* one piece: ahead_window() */
 	if (!n || discard_pending(mm) ||
 	    cowmm__pagemap_read(mm->pagemap, base, n, e1))
 		return 0;
@@ -637,7 +642,8 @@ static size_t huge_block(cowmm_region_t *r, size_t pg)
 	size_t first, i;
 
 	if (!(r->flags & COWMM_REGION_HUGE_COW) || r->present || r->lazy ||
-	    start < r->base || start + COWMM_HPAGE_SIZE > r->base + r->len)
+	    cowmm__in_pieces(r) || start < r->base ||
+	    start + COWMM_HPAGE_SIZE > r->base + r->len)
 		return SIZE_MAX;
 	first = (start - r->base) >> COWMM_PAGE_SHIFT;
 	if (cowmm__pagemap_huge(r->mm->pagemap, start) != COWMM_HUGE_PROTECTED)
@@ -669,12 +675,11 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 		pthread_mutex_unlock(&r->lock);
 		return -ENOENT;
 	}
-	if (addr - r->base >= r->len) {
+	if (cowmm__page_at(r, addr, &pg)) {
 		/* Found at its old address: the region moved meanwhile. */
 		pthread_mutex_unlock(&r->lock);
 		return 1;
 	}
-	pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 	if (r->wgen[pg] == r->epoch) {
 		/*
 		 * Nothing to preserve: another thread's fault on this page
@@ -718,7 +723,7 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	r->fa_next = end;
 	r->fa_win = win;
-	ret = cowmm__uffd_wp(mm->uffd, r->base + (first << COWMM_PAGE_SHIFT),
+	ret = cowmm__uffd_wp(mm->uffd, cowmm__page_addr(r, first),
 			     (end - first) << COWMM_PAGE_SHIFT, false, wake);
 	if (ret && ret != -EAGAIN && end - first > 1) {
 		/*
@@ -760,11 +765,10 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 		pthread_mutex_unlock(&r->lock);
 		return -ENOENT;
 	}
-	if (addr - r->base >= r->len) {
+	if (cowmm__page_at(r, addr, &pg)) {
 		pthread_mutex_unlock(&r->lock);
 		return 1; /* the region moved meanwhile */
 	}
-	pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
 	cowmm__count(r->mm, missing_faults, 1);
 	if (r->origin && r->present && !cowmm__test_bit(r->present, pg) &&
 	    discard_pending(r->mm)) {
@@ -813,7 +817,7 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
  */
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
 {
-	uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+	uintptr_t addr = cowmm__page_addr(r, pg);
 	struct cowmm_frame *f = cowmm__fmap_get(&r->snaps->frames, pg);
 
 	if (!f || madvise((void *)addr, COWMM_PAGE_SIZE, MADV_DONTNEED))
@@ -839,8 +843,8 @@ static int detach_snapshots(cowmm_region_t *r)
 	for (pg = 0; pg < r->npages; pg += n) {
 		n = r->npages - pg < RESIDENT_BATCH ? r->npages - pg
 						    : RESIDENT_BATCH;
-		err = cowmm__resident(r->base + (pg << COWMM_PAGE_SHIFT), n,
-				      vec);
+		n = cowmm__page_span(r, pg, n);
+		err = cowmm__resident(cowmm__page_addr(r, pg), n, vec);
 		if (err)
 			memset(vec, 1, n);
 		for (i = 0; i < n; i++) {
@@ -873,46 +877,48 @@ static int detach_snapshots(cowmm_region_t *r)
 
 /*
  * Call @fn on each run of the region's pages that the application has not
- * unmapped (something else may live in a hole now).  Returns the first
+ * unmapped (something else may live in a hole now), one piece at a time
+ * (layout.c): @pg, the run's first page, is at @start.  Returns the first
  * error.
  */
-static int for_runs(cowmm_region_t *r, int (*fn)(cowmm_region_t *, uintptr_t,
-						 size_t, bool),
-		    bool arg)
+int cowmm__for_runs(cowmm_region_t *r, cowmm_run_fn *fn, void *arg)
 {
 	size_t pg = 0, run;
+	uintptr_t start;
 	int ret = 0, err;
 
-	if (!r->holes)
-		return fn(r, r->base, r->len, arg);
-	while (pg < r->npages) {
-		for (run = 0; pg + run < r->npages &&
-			      !cowmm__test_bit(r->holes, pg + run);
-		     run++)
-			;
-		if (run) {
-			err = fn(r, r->base + (pg << COWMM_PAGE_SHIFT),
-				 run << COWMM_PAGE_SHIFT, arg);
-			if (err && !ret)
-				ret = err;
-		}
-		pg += run + 1;
+	for (; (run = cowmm__next_run(r, &pg, &start)); pg += run) {
+		err = fn(r, pg, start, run << COWMM_PAGE_SHIFT, arg);
+		if (err && !ret)
+			ret = err;
 	}
 	return ret;
 }
 
-static int run_unmap(cowmm_region_t *r, uintptr_t start, size_t len, bool a)
+static int run_unmap(cowmm_region_t *r, size_t pg, uintptr_t start,
+		     size_t len, void *a)
 {
 	(void)r;
+	(void)pg;
 	(void)a;
 	return munmap((void *)start, len) ? -errno : 0;
 }
 
-static int run_unregister(cowmm_region_t *r, uintptr_t start, size_t len,
-			  bool a)
+static int run_unregister(cowmm_region_t *r, size_t pg, uintptr_t start,
+			  size_t len, void *a)
 {
+	(void)pg;
 	(void)a;
 	return cowmm__uffd_unregister(r->mm->uffd, start, len);
+}
+
+static int run_wake(cowmm_region_t *r, size_t pg, uintptr_t start,
+		    size_t len, void *a)
+{
+	(void)pg;
+	(void)a;
+	cowmm__uffd_wake(r->mm->uffd, start, len);
+	return 0;
 }
 
 /*
@@ -1081,17 +1087,24 @@ out:
  * the kernel left it, zero (protected again, it would read the new bytes
  * silently).  One read-only PAGEMAP_SCAN of the run.
  */
+struct unseen {
+	uint32_t before; /* the last discard read when the walk began */
+	size_t pg;       /* the run's first page, */
+	uintptr_t start; /* at this address */
+};
+
 static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 			size_t n, void *arg)
 {
-	uint32_t before = *(uint32_t *)arg;
+	const struct unseen *u = arg;
 	uintptr_t addr;
 	size_t i;
 
 	for (i = 0; i < n; i++)
 		for (addr = v[i].start; addr < v[i].end;
 		     addr += COWMM_PAGE_SIZE) {
-			size_t pg = (addr - r->base) >> COWMM_PAGE_SHIFT;
+			size_t pg = u->pg +
+				    ((addr - u->start) >> COWMM_PAGE_SHIFT);
 
 			/* A clone's page not materialised: empty, its
 			 * bytes are its origin's. */
@@ -1099,7 +1112,7 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 				continue;
 			/* No discard or unmap read since the walk
 			 * began: the kernel dropped it. */
-			if (cowmm__dropped_quietly(r->mm, addr, before))
+			if (cowmm__dropped_quietly(r->mm, addr, u->before))
 				cowmm__cow_claim_locked(
 					r, pg, COWMM_COW_ZERO,
 					&r->mm->cnt.detach_copies);
@@ -1111,24 +1124,28 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 	return 0;
 }
 
-static void break_unseen(cowmm_region_t *r, uintptr_t start, size_t len)
+static void break_unseen(cowmm_region_t *r, size_t pg, uintptr_t start,
+			 size_t len)
 {
-	uint32_t before;
+	struct unseen u = { 0, pg, start };
 
 	if (!r->snaps)
 		return;
-	before = cowmm__removes_stamp(r->mm);
+	u.before = cowmm__removes_stamp(r->mm);
 	/* An older kernel cannot scan: reads still fail loudly. */
 	pagemap_walk(r, start, len, PAGE_IS_WRITTEN, PAGE_IS_WRITTEN,
-		     claim_unseen, &before);
+		     claim_unseen, &u);
 }
 
-static int run_wp(cowmm_region_t *r, uintptr_t start, size_t len, bool wp)
+static int run_wp(cowmm_region_t *r, size_t pg, uintptr_t start, size_t len,
+		  void *arg)
 {
+	bool wp = *(bool *)arg;
+
 	if (wp) {
 		int ret;
 
-		break_unseen(r, start, len);
+		break_unseen(r, pg, start, len);
 		ret = protect_unprotected(r, start, len);
 		if (ret <= 0)
 			return ret;
@@ -1139,13 +1156,19 @@ static int run_wp(cowmm_region_t *r, uintptr_t start, size_t len, bool wp)
 /* Protect (or unprotect) every page of @r that is still mapped. */
 int cowmm__region_wp(cowmm_region_t *r, bool protect)
 {
-	return for_runs(r, run_wp, protect);
+	return cowmm__for_runs(r, run_wp, &protect);
+}
+
+/* Wake whoever waits on a page of @r (not in the holes). */
+void cowmm__region_wake(cowmm_region_t *r)
+{
+	cowmm__for_runs(r, run_wake, NULL);
 }
 
 /* Unmap memory the library mapped, but not the application's holes. */
 static void unmap_own(cowmm_region_t *r)
 {
-	for_runs(r, run_unmap, false);
+	cowmm__for_runs(r, run_unmap, NULL);
 }
 
 /* The region's own memory: page state, bitmap, pins, lock. */
@@ -1155,6 +1178,7 @@ static void region_free(cowmm_region_t *r)
 	if (r->present)
 		munmap(r->present, cowmm__bitmap_bytes(r->npages));
 	free(r->holes);
+	free(r->layout); /* after the grace period: no reader is left */
 	cowmm__lazy_free(r);
 	cowmm__pins_fini(&r->pins);
 	pthread_mutex_destroy(&r->lock);
@@ -1193,8 +1217,8 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 	 * the holes, where another region may live now.
 	 */
 	cowmm__region_wp(r, false);
-	for_runs(r, run_unregister, false);
-	cowmm__uffd_wake(mm->uffd, r->base, r->len);
+	cowmm__for_runs(r, run_unregister, NULL);
+	cowmm__region_wake(r);
 	atomic_fetch_sub(&cowmm__releasing, 1);
 	if (!r->adopted)
 		unmap_own(r);
@@ -1219,9 +1243,9 @@ void cowmm__region_unmap(cowmm_region_t *r)
 	pthread_mutex_unlock(&r->lock);
 	cowmm__rtable_remove(mm, r);
 	urcu_bp_synchronize_rcu();
-	cowmm__uffd_unregister(mm->uffd, r->base, r->len);
-	cowmm__uffd_wake(mm->uffd, r->base, r->len);
-	munmap((void *)r->base, r->len);
+	cowmm__for_runs(r, run_unregister, NULL);
+	cowmm__region_wake(r);
+	unmap_own(r);
 	region_free(r);
 	free(r);
 }

@@ -258,8 +258,7 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 		return ret;
 	}
 	if (!f && r) {
-		uintptr_t addr = __atomic_load_n(&s->base, __ATOMIC_ACQUIRE) +
-				 (pg << COWMM_PAGE_SHIFT);
+		uintptr_t addr = cowmm__page_addr(r, pg);
 		uint64_t e2;
 
 		if ((r->holes && cowmm__test_bit(r->holes, pg)) ||
@@ -280,6 +279,9 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 					memset(dst, 0, n);
 					return 0;
 				}
+			} else if (atomic_load(&s->mm->remaps_pending)) {
+				/* Moved: @e was read where it no longer is. */
+				return -EAGAIN;
 			} else {
 				f = wait_event(s, pg);
 				if (!f)
@@ -320,9 +322,23 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 	return 0;
 }
 
+/* A REMAP event read, not handled yet: wait until the region follows. */
+static bool wait_moves(cowmm_t *mm)
+{
+	int i;
+
+	for (i = 0; i < 20000; i++) { /* 2 s: the event is already read */
+		if (!atomic_load(&mm->remaps_pending))
+			return true;
+		usleep(100);
+	}
+	return false;
+}
+
 ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
+	cowmm_region_t *r;
 	size_t done = 0;
 	uint32_t before;
 	bool swap, stamped;
@@ -354,12 +370,12 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		if (np > READ_BATCH)
 			np = READ_BATCH;
 		before = cowmm__removes_stamp(s->mm); /* before pagemap */
-		if (!__atomic_load_n(&s->region, __ATOMIC_ACQUIRE) ||
-		    cowmm__pagemap_read(s->mm->pagemap,
-					__atomic_load_n(&s->base,
-							__ATOMIC_ACQUIRE) +
-						(pg0 << COWMM_PAGE_SHIFT),
-					np, entry))
+		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
+		if (r)
+			np = cowmm__page_span(r, pg0, np); /* one piece */
+		if (!r || cowmm__pagemap_read(s->mm->pagemap,
+					      cowmm__page_addr(r, pg0), np,
+					      entry))
 			for (i = 0; i < np; i++)
 				entry[i] = PM_PRESENT | PM_UFFD_WP;
 		for (i = 0; i < np && done < len && !ret; i++) {
@@ -370,7 +386,14 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 				n = len - done;
 			ret = read_page(s, pg0 + i, in, n, entry[i], before,
 					swap, (char *)buf + done);
-			done += n;
+			if (ret != -EAGAIN)
+				done += n;
+		}
+		if (ret == -EAGAIN) {
+			/* Pages of the region moved: read them there. */
+			urcu_bp_read_unlock();
+			ret = wait_moves(s->mm) ? 0 : -EIO;
+			urcu_bp_read_lock();
 		}
 	}
 	urcu_bp_read_unlock();
@@ -403,22 +426,22 @@ static void drain_run(cowmm_region_t *r, size_t pg, size_t n,
 	while (n && !(e[n - 1] & PM_PRESENT))
 		n--;
 	if (n)
-		(void)cowmm__uffd_wp(r->mm->uffd,
-				     r->base + (pg << COWMM_PAGE_SHIFT),
+		(void)cowmm__uffd_wp(r->mm->uffd, cowmm__page_addr(r, pg),
 				     n << COWMM_PAGE_SHIFT, false, false);
 }
 
 /*
- * Runs of [@first, @first + @n) that no snapshot needs become writable in
- * the current epoch and are unprotected.  Call with r->lock held.
+ * Runs of [@first, @first + @n), pages of one piece of @r, that no
+ * snapshot needs become writable in the current epoch and are unprotected.
+ * Call with r->lock held.
  */
-static void drain_batch(cowmm_region_t *r, size_t first, size_t n)
+static void drain_piece(cowmm_region_t *r, size_t first, size_t n)
 {
 	uint64_t e[DRAIN_BATCH];
 	size_t i, run = 0;
 
-	if (cowmm__pagemap_read(r->mm->pagemap,
-				r->base + (first << COWMM_PAGE_SHIFT), n, e))
+	if (cowmm__pagemap_read(r->mm->pagemap, cowmm__page_addr(r, first), n,
+				e))
 		for (i = 0; i < n; i++)
 			e[i] = PM_PRESENT; /* unknown: clear them all */
 	for (i = 0; i <= n; i++) {
@@ -432,6 +455,17 @@ static void drain_batch(cowmm_region_t *r, size_t first, size_t n)
 		if (run)
 			drain_run(r, pg - run, run, e + i - run);
 		run = 0;
+	}
+}
+
+static void drain_batch(cowmm_region_t *r, size_t first, size_t n)
+{
+	while (n) {
+		size_t k = cowmm__page_span(r, first, n);
+
+		drain_piece(r, first, k);
+		first += k;
+		n -= k;
 	}
 }
 
@@ -591,14 +625,14 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
 		 * SIGBUS, as a clone's lost page does, never zeros.
 		 */
 		ret = cowmm__uffd_poison(v->mm->uffd,
-					 v->base + (pg << COWMM_PAGE_SHIFT),
+					 cowmm__page_addr(v, pg),
 					 COWMM_PAGE_SIZE, wake);
 		return ret ? ret : -EHWPOISON;
 	}
 	if (ret)
 		memset(page, 0, sizeof(page)); /* no poison: reads say -EIO */
 	return cowmm__uffd_copy(v->mm->uffd,
-				v->base + (pg << COWMM_PAGE_SHIFT), page,
+				cowmm__page_addr(v, pg), page,
 				COWMM_PAGE_SIZE, false, wake);
 }
 
@@ -656,7 +690,7 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 	}
 	/* The pages to write back: newer snapshots get them first. */
 	for (pg = 0; pg < r->npages; pg++) {
-		uintptr_t addr = r->base + (pg << COWMM_PAGE_SHIFT);
+		uintptr_t addr = cowmm__page_addr(r, pg);
 		unsigned char vec = 1;
 
 		f = cowmm__fmap_get(&s->frames, pg);
@@ -696,11 +730,12 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 			pg++;
 			continue;
 		}
-		ret = cowmm__uffd_wp(mm->uffd, r->base + (pg << COWMM_PAGE_SHIFT),
+		n = cowmm__page_span(r, pg, n);
+		ret = cowmm__uffd_wp(mm->uffd, cowmm__page_addr(r, pg),
 				     n << COWMM_PAGE_SHIFT, false, false);
 		/* never write into a page still protected */
 		for (i = 0; !ret && i < n; i++)
-			memcpy((void *)(r->base + ((pg + i) << COWMM_PAGE_SHIFT)),
+			memcpy((void *)cowmm__page_addr(r, pg + i),
 			       cowmm__frame_data(cowmm__fmap_get(&s->frames,
 								  pg + i)),
 			       COWMM_PAGE_SIZE);
@@ -708,7 +743,7 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 	}
 wake:
 	/* Writers that faulted meanwhile find their pages resolved. */
-	cowmm__uffd_wake(mm->uffd, r->base, r->len);
+	cowmm__region_wake(r);
 out:
 	pthread_mutex_unlock(&r->lock);
 out_mm:

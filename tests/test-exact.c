@@ -765,6 +765,98 @@ START_TEST(test_region_mremap_part)
 END_TEST
 
 /*
+ * DESIGN.md: "a moved range is followed to its new address".  After part
+ * of a region moved, the region still has every page: a snapshot taken
+ * then holds the moved pages, a write there copies for it, a clone reads
+ * them, a pin takes the new address; moved back (the test holds the old
+ * range meanwhile), the region is whole again; moved piece by piece next
+ * to each other, it is one piece again; released, it unmaps every piece
+ * (the library's own memory).
+ */
+START_TEST(test_region_mremap_follow)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r, *c;
+	cowmm_snap_t *s, *s2;
+	unsigned char *p, *to = reserve(8 * T_PAGE), *moved, *q;
+	unsigned char *all = reserve(NPAGES * T_PAGE);
+	struct cowmm_stats st0, st;
+	unsigned char buf[T_PAGE], vec;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	moved = mremap(p + 8 * T_PAGE, 8 * T_PAGE, 8 * T_PAGE,
+		       MREMAP_MAYMOVE | MREMAP_FIXED, to);
+	ck_assert_ptr_eq(moved, to);
+	/* Hold the old range, so that the move back lands on nothing else. */
+	ck_assert_ptr_eq(mmap(p + 8 * T_PAGE, 8 * T_PAGE, PROT_NONE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 p + 8 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	st0 = t_stats(mm);
+	moved[0] ^= 0xff;
+	p[0] ^= 0xff;
+	st = t_stats(mm);
+	ck_assert_uint_eq(st.copies - st0.copies, 2);
+	t_assert_snap_filled(s, NPAGES); /* the moved pages too */
+
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	ck_assert(!page_is(q + 8 * T_PAGE, 9) && page_is(q + 9 * T_PAGE, 10));
+	ck_assert_int_eq(cowmm_region_release(c), 0);
+
+	ck_assert_int_eq(cowmm_pin(r, moved + T_PAGE, T_PAGE, COWMM_PIN_WRITE),
+			 0);
+	ck_assert_int_eq(cowmm_unpin(r, moved + T_PAGE, T_PAGE), 0);
+	/* Contiguous in the region, not in memory. */
+	ck_assert_int_eq(cowmm_pin(r, p + 7 * T_PAGE, 2 * T_PAGE,
+				   COWMM_PIN_READ),
+			 -EINVAL);
+
+	ck_assert_ptr_eq(mremap(moved, 8 * T_PAGE, 8 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, p + 8 * T_PAGE),
+			 p + 8 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0);
+	ck_assert_int_eq(cowmm_snap_read(s2, 8 * T_PAGE, buf, T_PAGE), T_PAGE);
+	buf[0] ^= 0xff;
+	ck_assert(page_is(buf, 9));
+	p[9 * T_PAGE] ^= 1; /* at home again: copies for both */
+	t_assert_snap_filled(s, NPAGES);
+	ck_assert_int_eq(cowmm_snap_read(s2, 9 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 10));
+	cowmm_snap_release(s);
+	cowmm_snap_release(s2);
+
+	/* Piece by piece into @all: one piece again, at @all. */
+	ck_assert_ptr_eq(mremap(p + 8 * T_PAGE, 8 * T_PAGE, 8 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED,
+				all + 8 * T_PAGE),
+			 all + 8 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_ptr_eq(mremap(p, 8 * T_PAGE, 8 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, all),
+			 all);
+	ck_assert_ptr_eq(mremap(p + 16 * T_PAGE, (NPAGES - 16) * T_PAGE,
+				(NPAGES - 16) * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED,
+				all + 16 * T_PAGE),
+			 all + 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0); /* after the moves */
+	ck_assert_ptr_eq(cowmm_region_base(r), all);
+	ck_assert(!cowmm__in_pieces(r));
+	all[20 * T_PAGE] ^= 1;
+	ck_assert_int_eq(cowmm_snap_read(s, 20 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 21));
+	cowmm_snap_release(s);
+	cowmm_snap_release(s2);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	ck_assert_int_eq(mincore(all + 8 * T_PAGE, T_PAGE, &vec), -1);
+	ck_assert_int_eq(errno, ENOMEM);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * munmap() returns once a worker has read its UNMAP event, perhaps before
  * it is handled: a snapshot read then finds the page gone with no
  * protection, as a page MADV_FREE let the kernel drop would be, but it
@@ -1061,6 +1153,8 @@ int main(void)
 		{ "view-discard", test_view_discard, T_WP_UNPOPULATED },
 		{ "region-in-hole", test_region_in_hole, T_WP_UNPOPULATED },
 		{ "unmap-pending-read", test_unmap_pending_read,
+		  T_WP_UNPOPULATED },
+		{ "region-mremap-follow", test_region_mremap_follow,
 		  T_WP_UNPOPULATED },
 		{ "fault-around-zero", test_fault_around_zero,
 		  T_WP_UNPOPULATED },
