@@ -536,6 +536,13 @@ COWMM_EXPORT int cowmm_snap_write(cowmm_snap_t *s, int fd);
 /**
  * cowmm_snap_write() with a progress callback, called after each 2 MiB of
  * the region with the bytes done so far.
+ * Context: any thread; @p progress runs on the calling thread.
+ *
+ * @param s         a snapshot
+ * @param fd        a file descriptor open for writing
+ * @param progress  called after each 2 MiB, or NULL
+ * @param data      passed to @p progress
+ * @return as cowmm_snap_write()
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
@@ -758,6 +765,8 @@ COWMM_EXPORT void cowmm_set_log(cowmm_log_fn fn, void *data);
  * COWMM_VERSION_MAJOR * 10000 + COWMM_VERSION_MINOR * 100 +
  * COWMM_VERSION_PATCH.
  * Context: any thread.
+ *
+ * @return the version: 100 for 0.1.0
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_version(void);

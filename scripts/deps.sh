@@ -12,6 +12,8 @@ pkgs=(
 	liburcu-dev libuv1-dev check liburing-dev
 	libclang-rt-14-dev cppcheck clang-tidy
 	systemd # systemd-socket-activate, for the daemon's socket activation test
+	scdoc   # the man pages (man/), 47 KiB where pandoc is 168 MiB
+	groff-base man-db # the man test renders every page (groff -ww, man -l)
 )
 # The database benchmark also runs Debian's Redis and its redis-benchmark.
 if [ "${1:-}" = "--bench" ]; then

@@ -8,7 +8,8 @@
 #       meson install --destdir into a temporary directory; cowmm.pc,
 #       cowmm.h and libcowmm.so must come from there, not from anywhere
 #       else on the machine (checked: pkg-config's pcfiledir, the
-#       compiler's dependency list, the linker's trace, ldd).
+#       compiler's dependency list, the linker's trace, ldd), and the man
+#       page of a function must be found under its prefix.
 #   check-install.sh BUILDDIR README.md uninstalled
 #       The same against BUILDDIR/meson-uninstalled/cowmm-uninstalled.pc,
 #       without installing: header from the source tree, library from the
@@ -42,8 +43,10 @@ print(next(o["value"] for o in json.load(sys.stdin) if o["name"] == sys.argv[1])
 prefix=$(opt prefix)
 libdir=$(opt libdir)
 includedir=$(opt includedir)
+mandir=$(opt mandir)
 case $libdir in /*) ;; *) libdir=$prefix/$libdir ;; esac
 case $includedir in /*) ;; *) includedir=$prefix/$includedir ;; esac
+case $mandir in /*) ;; *) mandir=$prefix/$mandir ;; esac
 
 unset PKG_CONFIG_LIBDIR PKG_CONFIG_SYSROOT_DIR LD_LIBRARY_PATH
 if [ "$mode" = install ]; then
@@ -88,6 +91,12 @@ case $(realpath "$r" 2>/dev/null) in
 "$(realpath "$want_lib")"/*) ;;
 *) fail "libcowmm.so.0 resolves to ${r:-nothing}, not one in $want_lib" ;;
 esac
+
+if [ "$mode" = install ]; then
+	page=$(man -M "$dest$mandir" -w cowmm_snap_read) ||
+		fail "man cowmm_snap_read: no page under $dest$mandir"
+	echo "man cowmm_snap_read: $page"
+fi
 
 if ! out=$("$tmp/snap" 2>&1); then
 	echo "$out"
