@@ -8,8 +8,9 @@
 #       meson install --destdir into a temporary directory; cowmm.pc,
 #       cowmm.h and libcowmm.so must come from there, not from anywhere
 #       else on the machine (checked: pkg-config's pcfiledir, the
-#       compiler's dependency list, the linker's trace, ldd), and the man
-#       page of a function must be found under its prefix.
+#       compiler's dependency list, the linker's trace, ldd), the man
+#       page of a function must be found under its prefix, and LICENSE,
+#       NEWS.md and README.md in its share/doc/libcowmm.
 #   check-install.sh BUILDDIR README.md uninstalled
 #       The same against BUILDDIR/meson-uninstalled/cowmm-uninstalled.pc,
 #       without installing: header from the source tree, library from the
@@ -96,6 +97,12 @@ if [ "$mode" = install ]; then
 	page=$(man -M "$dest$mandir" -w cowmm_snap_read) ||
 		fail "man cowmm_snap_read: no page under $dest$mandir"
 	echo "man cowmm_snap_read: $page"
+	datadir=$(opt datadir)
+	case $datadir in /*) ;; *) datadir=$prefix/$datadir ;; esac
+	for f in LICENSE NEWS.md README.md; do
+		[ -s "$dest$datadir/doc/libcowmm/$f" ] ||
+			fail "$f is not installed in $datadir/doc/libcowmm"
+	done
 fi
 
 if ! out=$("$tmp/snap" 2>&1); then
