@@ -76,9 +76,15 @@ got=$(pkg-config --variable=pcfiledir cowmm) || fail "pkg-config finds no cowmm"
 flags=$(pkg-config --cflags --libs cowmm)
 echo "pkg-config --cflags --libs cowmm: $flags"
 
+# A library built with sanitizers (meson test --setup asan or tsan) needs
+# a program built with them: their runtime must be loaded first.
+san=$(opt b_sanitize)
+sanflags=()
+[ "$san" = none ] || sanflags=(-fsanitize="$san")
 # shellcheck disable=SC2086 # the flags are words
-cc -Wall -Wextra -Werror -MD -MF "$tmp/snap.d" -o "$tmp/snap" "$tmp/snap.c" \
-	$flags -Wl,--trace >"$tmp/cc.log" 2>&1 || { cat "$tmp/cc.log"; fail "cc"; }
+${CC:-cc} -Wall -Wextra -Werror "${sanflags[@]}" -MD -MF "$tmp/snap.d" \
+	-o "$tmp/snap" "$tmp/snap.c" $flags -Wl,--trace >"$tmp/cc.log" 2>&1 ||
+	{ cat "$tmp/cc.log"; fail "cc"; }
 h=$(tr ' \\' '\n\n' <"$tmp/snap.d" | grep '/cowmm\.h$' | head -1)
 [ "$(realpath "$h")" = "$(realpath "$want_h")" ] ||
 	fail "cowmm.h came from ${h:-nowhere}, not $want_h"
