@@ -4,12 +4,13 @@
 # The README's "Installing", followed: its example program (the C block
 # after '<!-- example: snap.c -->') built with pkg-config and run.
 #
-#   check-install.sh BUILDDIR README.md install
+#   check-install.sh BUILDDIR README.md install [man|no-man]
 #       meson install --destdir into a temporary directory; cowmm.pc,
 #       cowmm.h and libcowmm.so must come from there, not from anywhere
 #       else on the machine (checked: pkg-config's pcfiledir, the
 #       compiler's dependency list, the linker's trace, ldd), the man
-#       page of a function must be found under its prefix, and LICENSE,
+#       page of a function must be found under its prefix (unless
+#       no-man: built without scdoc), and LICENSE,
 #       NEWS.md and README.md in its share/doc/libcowmm.
 #   check-install.sh BUILDDIR README.md uninstalled
 #       The same against BUILDDIR/meson-uninstalled/cowmm-uninstalled.pc,
@@ -22,6 +23,7 @@ set -euo pipefail
 build=$(cd "$1" && pwd)
 readme=$2
 mode=$3
+with_man=${4:-man}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -100,9 +102,11 @@ case $(realpath "$r" 2>/dev/null) in
 esac
 
 if [ "$mode" = install ]; then
-	page=$(man -M "$dest$mandir" -w cowmm_snap_read) ||
-		fail "man cowmm_snap_read: no page under $dest$mandir"
-	echo "man cowmm_snap_read: $page"
+	if [ "$with_man" = man ]; then
+		page=$(man -M "$dest$mandir" -w cowmm_snap_read) ||
+			fail "man cowmm_snap_read: no page under $dest$mandir"
+		echo "man cowmm_snap_read: $page"
+	fi
 	datadir=$(opt datadir)
 	case $datadir in /*) ;; *) datadir=$prefix/$datadir ;; esac
 	for f in LICENSE NEWS.md README.md; do
