@@ -116,7 +116,7 @@ enum {
 	 * resolved by the writing thread itself, in a SIGBUS handler the
 	 * library installs (UFFD_FEATURE_SIGBUS), instead of by a worker.
 	 * No hand-off between threads: the first write after a snapshot costs
-	 * about what the kernel's own COW fault costs (README, Performance).
+	 * about what the kernel's own COW fault costs (bench/README.md).
 	 * Limits: a system call that writes into such a page (read(2) into
 	 * it, say) fails with EFAULT instead of waiting; clones, snapshot
 	 * views and lazy loads need missing faults and return -EOPNOTSUPP;
@@ -131,7 +131,7 @@ enum {
 	 * One worker per CPU the process may run on, each bound to its
 	 * CPU (at least cowmm_config.workers in all): a faulting thread
 	 * leaves its CPU idle, and the worker bound there can resolve the
-	 * fault without a cross-CPU wake-up (README, Performance, for what
+	 * fault without a cross-CPU wake-up (bench/README.md, for what
 	 * it measured).
 	 */
 	COWMM_OPEN_PER_CPU = 1u << 1,
@@ -157,7 +157,7 @@ enum {
 	 * writes to the block do not fault, and the next snapshot protects
 	 * it as one entry again.  Costs up to 2 MiB of preserved memory for
 	 * one 4 KiB write: for dense writers of huge-page memory (a
-	 * database's heap), not sparse ones (README, Performance).  Blocks
+	 * database's heap), not sparse ones (bench/README.md).  Blocks
 	 * not mapped by a huge page are handled 4 KiB at a time.
 	 */
 	COWMM_REGION_HUGE_COW = 1u << 2,
@@ -520,8 +520,8 @@ COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);
 typedef void (*cowmm_progress_fn)(uint64_t done, uint64_t total, void *data);
 
 /**
- * Stream a snapshot to @p fd in the snapshot file format (README, "The
- * snapshot file format"): versioned, CRC32C-checksummed per chunk of 512
+ * Stream a snapshot to @p fd in the snapshot file format (docs/format.md,
+ * cowmm-snapshot(5)): versioned, CRC32C-checksummed per chunk of 512
  * pages, sparse (pages that read as zero are not stored), written in large
  * sequential writev() calls.  The application may keep writing the region
  * meanwhile.  On failure the file holds a prefix without a valid trailer,
@@ -540,6 +540,13 @@ COWMM_EXPORT int cowmm_snap_write(cowmm_snap_t *s, int fd);
 /**
  * cowmm_snap_write() with a progress callback, called after each 2 MiB of
  * the region with the bytes done so far.
+ * Context: any thread; @p progress runs on the calling thread.
+ *
+ * @param s         a snapshot
+ * @param fd        a file descriptor open for writing
+ * @param progress  called after each 2 MiB, or NULL
+ * @param data      passed to @p progress
+ * @return as cowmm_snap_write()
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snap_write_progress(cowmm_snap_t *s, int fd,
@@ -763,6 +770,8 @@ COWMM_EXPORT void cowmm_set_log(cowmm_log_fn fn, void *data);
  * COWMM_VERSION_MAJOR * 10000 + COWMM_VERSION_MINOR * 100 +
  * COWMM_VERSION_PATCH.
  * Context: any thread.
+ *
+ * @return the version: 100 for 0.1.0
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_version(void);

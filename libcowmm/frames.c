@@ -126,7 +126,7 @@ static struct cowmm_frame_chunk *chunk_new(struct cowmm_frame_pool *pool)
 	/*
 	 * 2 MiB of anonymous memory is huge-page aligned since Linux 6.7: with
 	 * THP "always" the first populate would allocate a whole huge page
-	 * in the fault path (milliseconds here; README, levers).  Best
+	 * in the fault path (milliseconds here; bench/README.md, levers).  Best
 	 * effort: without THP the call fails and nothing changes.
 	 */
 	madvise(c->data, CHUNK_FRAMES * COWMM_PAGE_SIZE, MADV_NOHUGEPAGE);

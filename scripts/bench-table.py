@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
-"""Turn bench-cow/bench-pin CSV into the Markdown tables the README quotes."""
+"""Turn bench-cow/bench-pin CSV into the Markdown tables bench/README.md quotes."""
 import csv
 import sys
 

@@ -3,7 +3,7 @@
 #
 # Run the benchmarks in a release build of their own (build-bench/) and
 # write the results: bench/results/<name>.csv (one row per figure) and a
-# Markdown summary, bench/results/<name>.md, that the README quotes; then
+# Markdown summary, bench/results/<name>.md, that bench/README.md quotes; then
 # the database case (kvstore and Debian's redis-server under
 # redis-benchmark while they BGSAVE): bench/results/<name>-kv.{csv,md}.
 #

@@ -2,7 +2,9 @@
 # SPDX-License-Identifier: MIT
 #
 # Install the Debian packages libcowmm needs to build and test it; with
-# --bench, also those the benchmarks compare against (Redis).  Idempotent:
+# --bench, also those the benchmarks compare against (Redis); with --deb,
+# those that build and check its Debian packages (scripts/deb.sh).
+# Idempotent:
 # packages already installed are left alone, and apt is only asked when
 # something is missing.
 set -euo pipefail
@@ -12,11 +14,18 @@ pkgs=(
 	liburcu-dev libuv1-dev check liburing-dev
 	libclang-rt-14-dev cppcheck clang-tidy
 	systemd # systemd-socket-activate, for the daemon's socket activation test
+	scdoc   # the man pages (man/), 47 KiB where pandoc is 168 MiB
+	groff-base man-db # the man test renders every page (groff -ww, man -l)
 )
-# The database benchmark also runs Debian's Redis and its redis-benchmark.
-if [ "${1:-}" = "--bench" ]; then
-	pkgs+=(redis-server redis-tools gnuplot-nox)
-fi
+for opt in "$@"; do
+	case "$opt" in
+	# The database benchmark also runs Debian's Redis and its redis-benchmark.
+	--bench) pkgs+=(redis-server redis-tools gnuplot-nox) ;;
+	# dpkg-buildpackage -b with debhelper (debian/), then lintian.
+	--deb) pkgs+=(dpkg-dev debhelper fakeroot lintian) ;;
+	*) echo "usage: $0 [--bench] [--deb]" >&2; exit 2 ;;
+	esac
+done
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -886,7 +886,7 @@ START_TEST(test_lazy_discard_then_snapshot)
 	if (cowmm_snap_read(s2, 10 * T_PAGE, page, T_PAGE) == T_PAGE)
 		ck_assert_mem_eq(page, zero, T_PAGE);
 	/* s1 shared the discarded page: it keeps its bytes or reads -EIO
-	 * (README: a discard usually wins the race with the copy). */
+	 * (docs/design.md: a discard usually wins the race with the copy). */
 	if (cowmm_snap_read(s1, 10 * T_PAGE, page, T_PAGE) == T_PAGE)
 		ck_assert_uint_eq(t_page_sum(page), lazy_want(10));
 	cowmm_snap_release(s2);
