@@ -1,10 +1,20 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
-"""End to end: kvstore serves, BGSAVEs while writes go on, and a restart
-loads every key back: saving with stream-and-release (the default), kept
-armed, with 2 MiB copies on huge pages, in-thread, and with --fork.
-Usage: kvstore-e2e.py KVSTORE"""
+"""End to end: kvstore as a user meets it.
+
+- modes: it serves, BGSAVEs while writes go on, and a restart loads every
+  key of the save's instant back: saving with stream-and-release (the
+  default), kept armed, with 2 MiB copies on huge pages, in-thread, and
+  with --fork.
+- help, bad-args: --help documents every option with its default; a bad
+  value names its option and the value.
+- heap-size: a dump saved from another --heap says both sizes.
+- save-errors: a save into a directory that does not exist says which file
+  and why.
+
+Usage: kvstore-e2e.py KVSTORE [TEST...]   (default: every test)"""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,23 +31,29 @@ def resp(*args):
 
 
 class Conn:
-    def __init__(self, port):
-        for _ in range(100):
+    def __init__(self, port, proc=None):
+        for _ in range(200):
             try:
                 self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
                 break
             except OSError:
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError("kvstore exited with %d: %s" %
+                                       (proc.returncode, err_of(proc)))
                 time.sleep(0.05)
         else:
             raise RuntimeError("kvstore did not start listening")
         self.buf = b""
 
+    def fill(self):
+        data = self.s.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed")
+        self.buf += data
+
     def line(self):
         while b"\r\n" not in self.buf:
-            data = self.s.recv(65536)
-            if not data:
-                raise RuntimeError("connection closed")
-            self.buf += data
+            self.fill()
         l, self.buf = self.buf.split(b"\r\n", 1)
         return l
 
@@ -48,9 +64,11 @@ class Conn:
             if n < 0:
                 return None
             while len(self.buf) < n + 2:
-                self.buf += self.s.recv(65536)
+                self.fill()
             v, self.buf = self.buf[:n], self.buf[n + 2:]
             return v
+        if l[:1] == b"*":
+            return [self.reply() for _ in range(int(l[1:]))]
         if l[:1] == b":":
             return int(l[1:])
         if l[:1] == b"-":
@@ -61,59 +79,224 @@ class Conn:
         self.s.sendall(resp(*args))
         return self.reply()
 
+    def error(self, *args):
+        """The error reply to @args (it must be one)."""
+        try:
+            got = self.cmd(*args)
+        except RuntimeError as e:
+            return str(e)
+        raise AssertionError("%s answered %r, not an error" % (args, got))
+
+    def closed(self):
+        """True once the server closed the connection, sending nothing."""
+        try:
+            self.s.settimeout(30)
+            return self.s.recv(1) == b"" and not self.buf
+        except ConnectionResetError:
+            return True
+
     def pipeline(self, cmds):
         self.s.sendall(b"".join(resp(*c) for c in cmds))
         return [self.reply() for _ in cmds]
 
 
-def run(kvstore, mode, port, dump):
-    args = [kvstore, "--port", str(port), "--heap", "64", "--dump", dump] + mode
-    p = subprocess.Popen(args, stderr=subprocess.PIPE)
+def err_of(p):
+    return p.stderr.read().decode(errors="replace") if p.stderr else ""
+
+
+class Server:
+    """One kvstore process; its stderr goes to a file to read after."""
+
+    def __init__(self, kvstore, port, dump, *extra, heap=64):
+        self.port = port
+        self.log = tempfile.TemporaryFile()
+        self.p = subprocess.Popen(
+            [kvstore, "--port", str(port), "--heap", str(heap), "--dump",
+             dump] + list(extra), stderr=self.log)
+        self.c = Conn(port, self.p)
+
+    def stderr(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait(self, timeout=60):
+        return self.p.wait(timeout=timeout)
+
+    def signal(self):
+        self.p.terminate()
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def wait_saved(c):
+    for _ in range(600):
+        info = c.cmd("INFO", "persistence").decode()
+        if "rdb_bgsave_in_progress:0" in info:
+            return info
+        time.sleep(0.05)
+    raise AssertionError("BGSAVE did not end: " + info)
+
+
+def value(i):
+    return "value:%d:" % i + "x" * (i % 300)
+
+
+def mode_run(kvstore, mode, port, dump):
+    s = Server(kvstore, port, dump, *mode)
     try:
-        c = Conn(port)
+        c = s.c
         assert c.cmd("PING") == "PONG"
         n = 20000
-        c.pipeline([("SET", "key:%d" % i, "value:%d:" % i + "x" * (i % 300))
-                    for i in range(n)])
+        c.pipeline([("SET", "key:%d" % i, value(i)) for i in range(n)])
         assert c.cmd("DBSIZE") == n
         assert c.cmd("BGSAVE") == "Background saving started"
         # Writes go on while the save runs; they are after its instant.
-        c.pipeline([("SET", "key:%d" % i, "changed") for i in range(0, n, 7)])
+        # (Each reply whole: BGSAVE's once ended in a stray NUL.)
+        got = c.pipeline([("SET", "key:%d" % i, "changed")
+                          for i in range(0, n, 7)])
+        assert got == ["OK"] * len(got), set(got)
         c.pipeline([("DEL", "key:%d" % i) for i in range(1, n, 11)])
-        for _ in range(200):
-            info = c.cmd("INFO", "persistence").decode()
-            if "rdb_bgsave_in_progress:0" in info:
-                break
-            time.sleep(0.05)
+        info = wait_saved(c)
         assert "rdb_last_bgsave_status:ok" in info, info
         assert c.cmd("GET", "key:7") == b"changed"
+        s.signal()
+        s.wait()
     finally:
-        p.terminate()
-        p.wait(timeout=30)
+        s.kill()
     # Restart: the dump holds the instant of BGSAVE, every key of it.
-    p = subprocess.Popen(args, stderr=subprocess.PIPE)
+    s = Server(kvstore, port, dump, *mode)
     try:
-        c = Conn(port)
+        c = s.c
         assert c.cmd("DBSIZE") == n, c.cmd("DBSIZE")
         got = c.pipeline([("GET", "key:%d" % i) for i in range(n)])
         for i, v in enumerate(got):
-            want = ("value:%d:" % i + "x" * (i % 300)).encode()
-            assert v == want, (i, v[:40] if v else v)
+            assert v == value(i).encode(), (i, v[:40] if v else v)
+        s.signal()
+        s.wait()
     finally:
-        p.terminate()
-        p.wait(timeout=30)
+        s.kill()
     print("ok: %s: %d keys saved under writes and loaded back" %
           (mode[0] if mode else "cowmm", n))
 
 
+def test_modes(kvstore, port, d):
+    modes = [[], ["--keep-armed"], ["--huge-cow"], ["--in-thread"],
+             ["--fork"]]
+    for i, mode in enumerate(modes):
+        mode_run(kvstore, mode, port + i, os.path.join(d, "%d.dump" % i))
+
+
+def test_help(kvstore, port, d):
+    p = subprocess.run([kvstore, "--help"], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    out = p.stdout
+    # Every option, each with its default, in the order of this list.
+    opts = [("--port", "default 7379"), ("--heap", "default 1024"),
+            ("--dump", "default kvstore.dump"),
+            ("--fork", "default"), ("--thp", "default"),
+            ("--huge-cow", "default"), ("--in-thread", "default"),
+            ("--keep-armed", "default"), ("--save-nice", "default 0"),
+            ("--help", "")]
+    def where(opt):  # its line: "  -p, --port N ..." or "      --no-save"
+        m = re.search(r"^ +(-\w, )?%s\b" % opt, out, re.M)
+        assert m, "--help does not document %s:\n%s" % (opt, out)
+        return m.start()
+    for i, (opt, default) in enumerate(opts):
+        at = where(opt)
+        end = where(opts[i + 1][0]) if i + 1 < len(opts) else None
+        assert default in out[at:end], \
+            "--help: %s without %r:\n%s" % (opt, default, out[at:end])
+    # An unknown option points at --help, on stderr, status 2.
+    p = subprocess.run([kvstore, "--frobnicate"], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 2 and "--help" in p.stderr, p.stderr
+    print("ok: --help documents every option and its default")
+
+
+def test_bad_args(kvstore, port, d):
+    for args in (["--port", "70000"], ["--port", "http"], ["--port", "0"],
+                 ["--heap", "0"], ["--heap", "64k"], ["--heap", "-5"],
+                 ["--save-nice", "99"]):
+        p = subprocess.run([kvstore] + args, capture_output=True, text=True,
+                           timeout=30)
+        want = "%s '%s'" % tuple(args)
+        assert p.returncode == 2 and want in p.stderr, \
+            (args, p.returncode, p.stderr)
+    print("ok: a bad option value says which option and which value")
+
+
+def test_heap_size(kvstore, port, d):
+    for i, mode in enumerate([[], ["--fork"]]):
+        dump = os.path.join(d, "heap%d.dump" % i)
+        s = Server(kvstore, port + i, dump, *mode, heap=16)
+        try:
+            s.c.cmd("SET", "a", "1")
+            assert s.c.cmd("BGSAVE") == "Background saving started"
+            assert "rdb_last_bgsave_status:ok" in wait_saved(s.c)
+            s.signal()
+            s.wait()
+        finally:
+            s.kill()
+        p = subprocess.run([kvstore, "--port", str(port + i), "--heap", "32",
+                            "--dump", dump], capture_output=True, text=True,
+                           timeout=60)
+        err = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 1 and "16 MiB" in err and "32 MiB" in err \
+            and dump in err, (p.returncode, p.stderr)
+        print("ok: %s dump of another heap size: %s" %
+              (mode[0] if mode else "snapshot", err))
+
+
+def test_save_errors(kvstore, port, d):
+    dump = os.path.join(d, "missing", "x.dump")
+    tmp = dump + ".tmp"
+    s = Server(kvstore, port, dump)
+    try:
+        c = s.c
+        c.cmd("SET", "a", "1")
+        e = c.error("SAVE")
+        assert tmp in e and "No such file or directory" in e, e
+        assert "unmapped" not in e, e
+        assert c.cmd("BGSAVE") == "Background saving started"
+        assert "rdb_last_bgsave_status:err" in wait_saved(c)
+        s.signal()
+        s.wait()
+        log = s.stderr()
+        assert "background save to %s failed: open %s: No such file" % (
+            dump, tmp) in log, log
+    finally:
+        s.kill()
+    print("ok: a failed save names the file and why")
+
+
+TESTS = {
+    "help": test_help,
+    "bad-args": test_bad_args,
+    "heap-size": test_heap_size,
+    "save-errors": test_save_errors,
+    "modes": test_modes,
+}
+
+
 def main():
     kvstore = sys.argv[1]
+    names = sys.argv[2:] or list(TESTS)
+    failed = []
     with tempfile.TemporaryDirectory() as d:
         base = 20000 + os.getpid() % 20000
-        modes = [[], ["--keep-armed"], ["--huge-cow"], ["--in-thread"],
-                 ["--fork"]]
-        for i, mode in enumerate(modes):
-            run(kvstore, mode, base + i, os.path.join(d, "%d.dump" % i))
+        for i, name in enumerate(names):
+            try:
+                TESTS[name](kvstore, base + 10 * i, d)
+            except Exception as e:  # report each, run the rest
+                print("FAIL: %s: %s: %s" % (name, type(e).__name__, e))
+                failed.append(name)
+    if failed:
+        print("failed: " + " ".join(failed))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
