@@ -6,7 +6,8 @@
  * region, addressed by offsets so that a dump loads at any address.  It
  * speaks enough of the Redis protocol (RESP) for redis-cli and
  * redis-benchmark: PING, SET, GET, DEL, EXISTS, DBSIZE, FLUSHALL, SAVE,
- * BGSAVE, LASTSAVE, INFO [persistence], CONFIG GET, COMMAND, QUIT.
+ * BGSAVE, LASTSAVE, INFO [persistence], CONFIG GET, COMMAND,
+ * SHUTDOWN [SAVE|NOSAVE], QUIT.
  *
  * BGSAVE takes a libcowmm snapshot (the server pauses for the length of
  * cowmm_snapshot()) and a background thread streams it to the dump file
@@ -18,14 +19,16 @@
  * the save still faults once).  With --fork, BGSAVE forks a child that
  * writes the heap, the way Redis does.
  * On start the dump is loaded if it exists; a save goes to a temporary
- * file renamed over the dump only once complete.
+ * file renamed over the dump only once complete.  SHUTDOWN, SIGTERM and
+ * SIGINT save before exiting (not with --no-save; SHUTDOWN NOSAVE never,
+ * SHUTDOWN SAVE always), as Redis does when persistence is configured.
  *
  * Build out of tree:
  *   cc -O2 kvstore.c $(pkg-config --cflags --libs cowmm) -lpthread
  *
- * Usage: kvstore [--port N] [--heap MiB] [--dump FILE] [--fork] [--thp]
- *                [--huge-cow] [--in-thread] [--keep-armed] [--save-nice N];
- *                kvstore --help says what each does.
+ * Usage: kvstore [--port N] [--heap MiB] [--dump FILE] [--no-save] [--fork]
+ *                [--thp] [--huge-cow] [--in-thread] [--keep-armed]
+ *                [--save-nice N]; kvstore --help says what each does.
  */
 #include <arpa/inet.h>
 #include <err.h>
@@ -248,6 +251,7 @@ static bool set(const void *k, size_t kn, const void *v, size_t vn)
 
 static const char *dump_path = "kvstore.dump";
 static bool use_fork, keep_armed;
+static bool save_on_exit = true; /* --no-save clears it */
 static int save_nice; /* --save-nice: the saver's nice value */
 
 /* Why a save or a load failed: the step, its file and the reason. */
@@ -502,6 +506,21 @@ static int save_now(char *why)
 	return ret;
 }
 
+/* The save before exiting (SHUTDOWN, SIGTERM): after any in flight. */
+static int save_at_exit(char *why)
+{
+	long long t0 = now_ns();
+	int ret;
+
+	bgsave_wait();
+	ret = save_now(why);
+	if (!ret)
+		fprintf(stderr, "kvstore: saved %" PRIu64 " keys to %s in %lld "
+				"ms\n",
+			H->count, dump_path, (now_ns() - t0) / 1000000);
+	return ret;
+}
+
 /* "16 MiB", or bytes when not whole MiB. */
 static const char *size_str(char *buf, size_t n, uint64_t v)
 {
@@ -670,7 +689,39 @@ static bool eq(const char *a, size_t n, const char *word)
 
 static cowmm_t *mm;
 static size_t heap_size;
+/* SHUTDOWN: exit the loop, with this status; -1 until then. */
+static int exit_status = -1;
 
+/*
+ * SHUTDOWN [SAVE|NOSAVE], as Redis: save first if persistence is on (no
+ * --no-save) or SAVE says so, never with NOSAVE.  A failed save keeps the
+ * server up and says why; otherwise the connection closes unanswered.
+ */
+static void shutdown_cmd(struct client *c, char **a, size_t *l, int argc)
+{
+	bool save_it = save_on_exit;
+	char why[WHY_MAX];
+
+	if (argc > 2 || (argc == 2 && !eq(a[1], l[1], "SAVE") &&
+			 !eq(a[1], l[1], "NOSAVE"))) {
+		out_error(c, "ERR syntax error: SHUTDOWN [SAVE|NOSAVE]");
+		return;
+	}
+	if (argc == 2)
+		save_it = eq(a[1], l[1], "SAVE");
+	if (save_it && save_at_exit(why)) {
+		fprintf(stderr, "kvstore: SHUTDOWN: save to %s failed: %s; not "
+				"shutting down\n",
+			dump_path, why);
+		out_error(c, "ERR Errors trying to SHUTDOWN: save to %s failed: "
+			     "%s",
+			  dump_path, why);
+		return;
+	}
+	fprintf(stderr, "kvstore: SHUTDOWN%s\n",
+		save_it ? "" : ": exiting without saving");
+	exit_status = 0;
+}
 
 static void info(struct client *c)
 {
@@ -760,6 +811,8 @@ static void command(struct client *c, char **a, size_t *l, int argc)
 		info(c);
 	} else if (eq(a[0], l[0], "CONFIG") || eq(a[0], l[0], "COMMAND")) {
 		out_add(c, "*0\r\n", 4); /* no configuration to report */
+	} else if (eq(a[0], l[0], "SHUTDOWN")) {
+		shutdown_cmd(c, a, l, argc);
 	} else if (eq(a[0], l[0], "QUIT")) {
 		out_add(c, "+OK\r\n", 5);
 		c->close_after = true;
@@ -774,7 +827,7 @@ static bool parse(struct client *c)
 {
 	size_t pos = 0;
 
-	while (pos < c->in_len) {
+	while (pos < c->in_len && exit_status < 0) {
 		char *a[MAX_ARGS], *p = c->in + pos, *end = c->in + c->in_len;
 		size_t l[MAX_ARGS];
 		long argc, i;
@@ -840,12 +893,40 @@ partial:
 /* ------------------------------------------------------------------------ */
 /* Server */
 
-static volatile sig_atomic_t stop;
+static volatile sig_atomic_t stop; /* SIGINT or SIGTERM, not handled yet */
 
 static void on_signal(int sig)
 {
-	(void)sig;
-	stop = 1;
+	stop = sig;
+}
+
+/*
+ * SIGTERM or SIGINT: SHUTDOWN's default, save (unless --no-save), then
+ * exit.  A save that fails keeps the server up, as Redis does, and says
+ * so; the next signal exits without saving, with status 1.
+ */
+static void on_stop(int sig)
+{
+	static bool failed;
+	const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+	char why[WHY_MAX];
+
+	if (!save_on_exit) {
+		exit_status = 0;
+	} else if (failed) {
+		fprintf(stderr, "kvstore: %s again: exiting without saving\n",
+			name);
+		exit_status = 1;
+	} else if (save_at_exit(why)) {
+		fprintf(stderr,
+			"kvstore: %s: save to %s failed: %s; not exiting "
+			"(SHUTDOWN NOSAVE or another signal exits without "
+			"saving)\n",
+			name, dump_path, why);
+		failed = true;
+	} else {
+		exit_status = 0;
+	}
 }
 
 /* Parse --OPT ARG as a number from @min to @max, or exit saying why. */
@@ -879,9 +960,14 @@ static void usage(FILE *f, const char *argv0)
 		"only into a heap\n"
 		"                     of the size it was saved from\n"
 		"  -d, --dump FILE    the dump: loaded at start if it exists, "
-		"written by SAVE\n"
-		"                     and BGSAVE (default kvstore.dump, in the "
-		"current directory)\n"
+		"written by SAVE,\n"
+		"                     BGSAVE, SHUTDOWN, SIGTERM and SIGINT "
+		"(default kvstore.dump,\n"
+		"                     in the current directory)\n"
+		"      --no-save      no save on SHUTDOWN, SIGTERM or SIGINT "
+		"(Redis's save \"\");\n"
+		"                     SAVE, BGSAVE and SHUTDOWN SAVE still "
+		"save (default: save)\n"
 		"  -f, --fork         BGSAVE forks a child that writes the "
 		"heap, as Redis does\n"
 		"                     (default: a libcowmm snapshot, streamed "
@@ -904,7 +990,8 @@ static void usage(FILE *f, const char *argv0)
 		"\n"
 		"Commands: PING, SET, GET, DEL, EXISTS, DBSIZE, FLUSHALL, "
 		"FLUSHDB, SAVE,\n"
-		"BGSAVE, LASTSAVE, INFO, CONFIG GET, COMMAND, QUIT.\n",
+		"BGSAVE, LASTSAVE, INFO, CONFIG GET, COMMAND, "
+		"SHUTDOWN [SAVE|NOSAVE], QUIT.\n",
 		argv0);
 }
 
@@ -926,6 +1013,7 @@ int main(int argc, char **argv)
 		{ "in-thread", no_argument, NULL, 'T' },
 		{ "keep-armed", no_argument, NULL, 'K' },
 		{ "save-nice", required_argument, NULL, 'n' },
+		{ "no-save", no_argument, NULL, 'N' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -976,6 +1064,9 @@ int main(int argc, char **argv)
 			save_nice = (int)num_arg("--save-nice", optarg, -20,
 						 19, "a nice value");
 			break;
+		case 'N':
+			save_on_exit = false;
+			break;
 		case 'h':
 			usage(stdout, argv[0]);
 			return 0;
@@ -1024,8 +1115,17 @@ int main(int argc, char **argv)
 		err(1, "listen on 127.0.0.1:%d", port);
 	fprintf(stderr, "kvstore: listening on 127.0.0.1:%d\n", port);
 
-	while (!stop) {
+	while (exit_status < 0) {
 		size_t i;
+
+		if (stop) {
+			int sig = stop;
+
+			stop = 0;
+			on_stop(sig);
+			if (exit_status >= 0)
+				break;
+		}
 
 		pfd = realloc(pfd, (ncl + 1) * sizeof(*pfd));
 		if (!pfd)
@@ -1115,5 +1215,5 @@ int main(int argc, char **argv)
 	bgsave_wait();
 	cowmm_region_release(region);
 	cowmm_close(mm);
-	return 0;
+	return exit_status;
 }

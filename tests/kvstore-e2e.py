@@ -10,11 +10,14 @@
   value names its option and the value.
 - heap-size: a dump saved from another --heap says both sizes.
 - save-errors: a save into a directory that does not exist says which file
-  and why.
+  and why; SHUTDOWN and SIGTERM do not exit when their save fails.
+- shutdown: SIGTERM and SHUTDOWN save, SHUTDOWN NOSAVE does not, --no-save
+  turns the default off and SHUTDOWN SAVE forces it.
 
 Usage: kvstore-e2e.py KVSTORE [TEST...]   (default: every test)"""
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -122,8 +125,15 @@ class Server:
     def wait(self, timeout=60):
         return self.p.wait(timeout=timeout)
 
-    def signal(self):
-        self.p.terminate()
+    def shutdown(self, *args):
+        """SHUTDOWN @args: no answer, the connection closes, exit 0."""
+        self.c.s.sendall(resp("SHUTDOWN", *args))
+        assert self.c.closed(), "SHUTDOWN answered: " + repr(self.c.buf)
+        rc = self.wait()
+        assert rc == 0, (rc, self.stderr())
+
+    def signal(self, sig=signal.SIGTERM):
+        self.p.send_signal(sig)
 
     def kill(self):
         if self.p.poll() is None:
@@ -162,8 +172,7 @@ def mode_run(kvstore, mode, port, dump):
         info = wait_saved(c)
         assert "rdb_last_bgsave_status:ok" in info, info
         assert c.cmd("GET", "key:7") == b"changed"
-        s.signal()
-        s.wait()
+        s.shutdown("NOSAVE")  # the dump keeps the instant of BGSAVE
     finally:
         s.kill()
     # Restart: the dump holds the instant of BGSAVE, every key of it.
@@ -174,8 +183,7 @@ def mode_run(kvstore, mode, port, dump):
         got = c.pipeline([("GET", "key:%d" % i) for i in range(n)])
         for i, v in enumerate(got):
             assert v == value(i).encode(), (i, v[:40] if v else v)
-        s.signal()
-        s.wait()
+        s.shutdown("NOSAVE")
     finally:
         s.kill()
     print("ok: %s: %d keys saved under writes and loaded back" %
@@ -196,7 +204,7 @@ def test_help(kvstore, port, d):
     out = p.stdout
     # Every option, each with its default, in the order of this list.
     opts = [("--port", "default 7379"), ("--heap", "default 1024"),
-            ("--dump", "default kvstore.dump"),
+            ("--dump", "default kvstore.dump"), ("--no-save", "default"),
             ("--fork", "default"), ("--thp", "default"),
             ("--huge-cow", "default"), ("--in-thread", "default"),
             ("--keep-armed", "default"), ("--save-nice", "default 0"),
@@ -210,6 +218,7 @@ def test_help(kvstore, port, d):
         end = where(opts[i + 1][0]) if i + 1 < len(opts) else None
         assert default in out[at:end], \
             "--help: %s without %r:\n%s" % (opt, default, out[at:end])
+    assert "SHUTDOWN [SAVE|NOSAVE]" in out, out
     # An unknown option points at --help, on stderr, status 2.
     p = subprocess.run([kvstore, "--frobnicate"], capture_output=True,
                        text=True, timeout=30)
@@ -237,8 +246,7 @@ def test_heap_size(kvstore, port, d):
             s.c.cmd("SET", "a", "1")
             assert s.c.cmd("BGSAVE") == "Background saving started"
             assert "rdb_last_bgsave_status:ok" in wait_saved(s.c)
-            s.signal()
-            s.wait()
+            s.shutdown("NOSAVE")
         finally:
             s.kill()
         p = subprocess.run([kvstore, "--port", str(port + i), "--heap", "32",
@@ -263,14 +271,79 @@ def test_save_errors(kvstore, port, d):
         assert "unmapped" not in e, e
         assert c.cmd("BGSAVE") == "Background saving started"
         assert "rdb_last_bgsave_status:err" in wait_saved(c)
+        # SHUTDOWN's save fails: it says why and the server stays up.
+        e = c.error("SHUTDOWN")
+        assert "SHUTDOWN" in e and tmp in e and "No such file" in e, e
+        assert c.cmd("PING") == "PONG"
+        # So does SIGTERM's; the next signal exits without saving.
         s.signal()
-        s.wait()
+        time.sleep(0.5)
+        assert s.p.poll() is None and c.cmd("PING") == "PONG", s.stderr()
+        s.signal()
+        assert s.wait() == 1, s.stderr()
         log = s.stderr()
         assert "background save to %s failed: open %s: No such file" % (
             dump, tmp) in log, log
+        assert "SIGTERM: save to %s failed" % dump in log, log
+        assert "exiting without saving" in log, log
     finally:
         s.kill()
-    print("ok: a failed save names the file and why")
+    print("ok: a failed save names the file and why; nothing exits on it")
+
+
+def test_shutdown(kvstore, port, d):
+    dump = os.path.join(d, "shutdown.dump")
+
+    def keys(*extra):
+        s = Server(kvstore, port, dump, *extra)
+        got = s.c.cmd("DBSIZE")
+        return s, got
+
+    def fill(s, tag, n=100):
+        s.c.pipeline([("SET", "%s:%d" % (tag, i), value(i))
+                      for i in range(n)])
+
+    s, n0 = keys()
+    try:
+        assert n0 == 0, n0
+        fill(s, "a")
+        s.signal(signal.SIGTERM)  # saves, then exits 0
+        assert s.wait() == 0, s.stderr()
+        s, n = keys()
+        assert n == 100, "after SIGTERM and a restart, %d keys" % n
+        assert s.c.cmd("GET", "a:99") == value(99).encode()
+        fill(s, "b")
+        s.shutdown("NOSAVE")  # loses b
+        s, n = keys()
+        assert n == 100, "after SHUTDOWN NOSAVE, %d keys" % n
+        assert "SHUTDOWN" in s.c.error("SHUTDOWN", "BOGUS")
+        fill(s, "c")
+        s.shutdown()  # saves c
+        s, n = keys()
+        assert n == 200, "after SHUTDOWN, %d keys" % n
+        fill(s, "d")
+        s.signal(signal.SIGINT)  # as SIGTERM
+        assert s.wait() == 0, s.stderr()
+        s, n = keys("--no-save")
+        assert n == 300, "after SIGINT, %d keys" % n
+        fill(s, "e")
+        s.signal(signal.SIGTERM)  # --no-save: loses e
+        assert s.wait() == 0, s.stderr()
+        s, n = keys("--no-save")
+        assert n == 300, "SIGTERM with --no-save: %d keys" % n
+        fill(s, "f")
+        s.shutdown()  # --no-save: loses f
+        s, n = keys("--no-save")
+        assert n == 300, "SHUTDOWN with --no-save: %d keys" % n
+        fill(s, "g")
+        s.shutdown("SAVE")  # saves g all the same
+        s, n = keys()
+        assert n == 400, "SHUTDOWN SAVE with --no-save: %d keys" % n
+        s.shutdown("NOSAVE")
+    finally:
+        s.kill()
+    print("ok: SIGTERM, SIGINT and SHUTDOWN save; NOSAVE and --no-save "
+          "do not; SAVE forces")
 
 
 TESTS = {
@@ -278,6 +351,7 @@ TESTS = {
     "bad-args": test_bad_args,
     "heap-size": test_heap_size,
     "save-errors": test_save_errors,
+    "shutdown": test_shutdown,
     "modes": test_modes,
 }
 
