@@ -35,6 +35,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <getopt.h>
 #include <limits.h>
 #include <inttypes.h>
@@ -662,6 +663,11 @@ static void out_bulk(struct client *c, const void *p, size_t n)
 	out_add(c, "\r\n", 2);
 }
 
+static void out_str(struct client *c, const char *s)
+{
+	out_bulk(c, s, strlen(s));
+}
+
 /* An error reply: one line, whatever the paths in it hold. */
 static void out_error(struct client *c, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
@@ -688,9 +694,68 @@ static bool eq(const char *a, size_t n, const char *word)
 }
 
 static cowmm_t *mm;
+static int port = 7379;
 static size_t heap_size;
 /* SHUTDOWN: exit the loop, with this status; -1 until then. */
 static int exit_status = -1;
+
+/* The dump's directory, absolute as Redis gives its dir. */
+static void dump_dir(char dir[PATH_MAX])
+{
+	char d[PATH_MAX], *slash;
+
+	snprintf(d, sizeof(d), "%s", dump_path);
+	slash = strrchr(d, '/');
+	if (!slash)
+		snprintf(d, sizeof(d), ".");
+	else
+		slash[slash == d] = '\0'; /* "/dump" keeps its "/" */
+	if (!realpath(d, dir))
+		snprintf(dir, PATH_MAX, "%s", d);
+}
+
+/*
+ * CONFIG GET pattern...: name and value of each parameter that a glob
+ * pattern matches, as Redis answers (redis-benchmark asks for save and
+ * appendonly).  kvstore has no timed save points: save is "" with
+ * --no-save, else "shutdown" (it saves on SHUTDOWN and SIGTERM).
+ */
+static void config_get(struct client *c, char **a, size_t *l, int argc)
+{
+	char dir[PATH_MAX], num[2][32];
+	const char *base = strrchr(dump_path, '/');
+	const char *params[][2] = {
+		{ "save", save_on_exit ? "shutdown" : "" },
+		{ "appendonly", "no" },
+		{ "dbfilename", base ? base + 1 : dump_path },
+		{ "dir", dir },
+		{ "port", num[0] },
+		{ "maxmemory", num[1] },
+	};
+	bool hit[sizeof(params) / sizeof(params[0])] = { false };
+	size_t i, n = 0;
+	int j;
+
+	dump_dir(dir);
+	snprintf(num[0], sizeof(num[0]), "%d", port);
+	snprintf(num[1], sizeof(num[1]), "%zu", heap_size);
+	for (j = 2; j < argc; j++) {
+		char pat[256];
+
+		snprintf(pat, sizeof(pat), "%.*s", (int)l[j], a[j]);
+		for (i = 0; i < sizeof(params) / sizeof(params[0]); i++)
+			if (!hit[i] && !fnmatch(pat, params[i][0], FNM_CASEFOLD)) {
+				hit[i] = true;
+				n++;
+			}
+	}
+	out_fmt(c, "*%zu\r\n", 2 * n);
+	for (i = 0; i < sizeof(params) / sizeof(params[0]); i++)
+		if (hit[i]) {
+			out_str(c, params[i][0]);
+			out_str(c, params[i][1]);
+		}
+}
 
 /*
  * SHUTDOWN [SAVE|NOSAVE], as Redis: save first if persistence is on (no
@@ -809,8 +874,13 @@ static void command(struct client *c, char **a, size_t *l, int argc)
 		out_fmt(c, ":%lld\r\n", (long long)atomic_load(&save.last_save));
 	} else if (eq(a[0], l[0], "INFO")) {
 		info(c);
-	} else if (eq(a[0], l[0], "CONFIG") || eq(a[0], l[0], "COMMAND")) {
-		out_add(c, "*0\r\n", 4); /* no configuration to report */
+	} else if (eq(a[0], l[0], "CONFIG") && argc >= 3 &&
+		   eq(a[1], l[1], "GET")) {
+		config_get(c, a, l, argc);
+	} else if (eq(a[0], l[0], "CONFIG")) {
+		out_error(c, "ERR kvstore answers CONFIG GET pattern... only");
+	} else if (eq(a[0], l[0], "COMMAND")) {
+		out_add(c, "*0\r\n", 4); /* no command table to report */
 	} else if (eq(a[0], l[0], "SHUTDOWN")) {
 		shutdown_cmd(c, a, l, argc);
 	} else if (eq(a[0], l[0], "QUIT")) {
@@ -1028,7 +1098,7 @@ int main(int argc, char **argv)
 	};
 	char why[WHY_MAX];
 	unsigned flags = 0;
-	int port = 7379, ls, one = 1, opt, ret;
+	int ls, one = 1, opt, ret;
 
 	while ((opt = getopt_long(argc, argv, "p:m:d:fHCTKn:h", opts, NULL)) !=
 	       -1) {

@@ -13,10 +13,13 @@
   and why; SHUTDOWN and SIGTERM do not exit when their save fails.
 - shutdown: SIGTERM and SHUTDOWN save, SHUTDOWN NOSAVE does not, --no-save
   turns the default off and SHUTDOWN SAVE forces it.
+- config: CONFIG GET answers name/value pairs (raw RESP); redis-benchmark,
+  where installed, does not warn "Could not fetch server CONFIG".
 
 Usage: kvstore-e2e.py KVSTORE [TEST...]   (default: every test)"""
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -346,12 +349,60 @@ def test_shutdown(kvstore, port, d):
           "do not; SAVE forces")
 
 
+def test_config(kvstore, port, d):
+    dump = os.path.join(d, "config.dump")
+    s = Server(kvstore, port, dump)
+    try:
+        c = s.c
+        # Byte for byte, as redis-benchmark's hiredis reads it.
+        c.s.sendall(resp("CONFIG", "GET", "save"))
+        raw = b""
+        while raw.count(b"\r\n") < 5:
+            raw += c.s.recv(4096)
+        assert raw == b"*2\r\n$4\r\nsave\r\n$8\r\nshutdown\r\n", raw
+        assert c.cmd("CONFIG", "GET", "appendonly") == [b"appendonly", b"no"]
+        assert c.cmd("CONFIG", "GET", "SAVE", "appendonly") == \
+            [b"save", b"shutdown", b"appendonly", b"no"]
+        got = c.cmd("CONFIG", "GET", "*")
+        conf = dict(zip(got[::2], got[1::2]))
+        assert len(got) == 2 * len(conf) and conf[b"port"] == \
+            str(port).encode() and conf[b"dbfilename"] == b"config.dump" \
+            and conf[b"dir"] == os.path.realpath(d).encode() \
+            and conf[b"maxmemory"] == str(64 << 20).encode(), conf
+        assert c.cmd("CONFIG", "GET", "nothing-like-it") == []
+        assert "CONFIG GET" in c.error("CONFIG", "SET", "save", "")
+        assert "CONFIG GET" in c.error("CONFIG", "GET")
+        bench = shutil.which("redis-benchmark")
+        if bench:
+            p = subprocess.run([bench, "-p", str(port), "-n", "200", "-c",
+                                "2", "-t", "set,get", "-q"],
+                               capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0 and \
+                "Could not fetch server CONFIG" not in p.stderr, \
+                (p.returncode, p.stderr)
+            print("ok: redis-benchmark fetched the CONFIG (no warning)")
+        else:
+            print("note: no redis-benchmark (scripts/deps.sh --bench "
+                  "installs it); CONFIG checked with raw RESP only")
+        s.shutdown("NOSAVE")
+    finally:
+        s.kill()
+    s = Server(kvstore, port, dump, "--no-save")
+    try:
+        assert s.c.cmd("CONFIG", "GET", "save") == [b"save", b""]
+        s.shutdown()
+    finally:
+        s.kill()
+    print("ok: CONFIG GET answers name/value pairs")
+
+
 TESTS = {
     "help": test_help,
     "bad-args": test_bad_args,
     "heap-size": test_heap_size,
     "save-errors": test_save_errors,
     "shutdown": test_shutdown,
+    "config": test_config,
     "modes": test_modes,
 }
 
