@@ -30,6 +30,9 @@
  *                [--thp] [--huge-cow] [--in-thread] [--keep-armed]
  *                [--save-nice N]; kvstore --help says what each does.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* accept4(), FNM_CASEFOLD */
+#endif
 #include <arpa/inet.h>
 #include <err.h>
 #include <endian.h>
