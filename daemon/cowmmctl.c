@@ -5,8 +5,15 @@
  * stdout, an error on stderr, or with --json every outcome as one JSON
  * object on stdout (an error as {"error": ..., "errno": ...}), so that
  * stdout stays machine-readable either way.
+ *
+ * A snapshot answers only once its files are written.  On a terminal
+ * (stderr a tty), cowmmctl shows how far it got meanwhile: it asks the
+ * daemon "list" on a second connection every half second and shows the
+ * client's snapshot in flight ("writing": bytes done of total), or, before
+ * the writing starts, how long it has waited.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -14,6 +21,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cowmmd_proto.h"
@@ -98,6 +106,8 @@ static void usage(FILE *f)
 		"snapshots\n"
 		"  snapshot CLIENT             take a snapshot now; waits "
 		"until written\n"
+		"                              (on a terminal, shows how far "
+		"it got)\n"
 		"  schedule CLIENT SECONDS [KEEP]\n"
 		"                              a snapshot every SECONDS (0: "
 		"none),\n"
@@ -232,9 +242,9 @@ static void parse(int argc, char **argv, struct opts *o)
 /*
  * Connect to the daemon at @path; only one of our own user (or root) is
  * believed: anyone may listen on a path in /tmp first.  The socket, or -1
- * once fail() said why.
+ * once fail() said why (unless @quiet).
  */
-static int connect_daemon(const char *path)
+static int connect_daemon(const char *path, bool quiet)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct ucred cred;
@@ -247,6 +257,8 @@ static int connect_daemon(const char *path)
 		err = errno;
 		if (fd >= 0)
 			close(fd);
+		if (quiet)
+			return -1;
 		fail(1, err, "cannot reach cowmmd at %s: %s%s", path,
 		     strerror(err),
 		     err == ENOENT || err == ECONNREFUSED
@@ -260,15 +272,17 @@ static int connect_daemon(const char *path)
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
 		err = errno;
 		close(fd);
-		fail(1, err, "SO_PEERCRED on %s: %s", path, strerror(err));
+		if (!quiet)
+			fail(1, err, "SO_PEERCRED on %s: %s", path, strerror(err));
 		return -1;
 	}
 	if (cred.uid != 0 && cred.uid != geteuid()) {
 		close(fd);
-		fail(1, EPERM,
-		     "%s is served by uid %u (pid %d), neither root nor us: "
-		     "refused",
-		     path, (unsigned)cred.uid, (int)cred.pid);
+		if (!quiet)
+			fail(1, EPERM,
+			     "%s is served by uid %u (pid %d), neither root "
+			     "nor us: refused",
+			     path, (unsigned)cred.uid, (int)cred.pid);
 		return -1;
 	}
 	return fd;
@@ -319,6 +333,131 @@ static ssize_t recv_reply(int fd, struct cowmmd_reply *r)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Progress of a snapshot, on a terminal */
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/*
+ * In the JSON of "list", the snapshot client @who (an id, or a name) is
+ * writing: true with its bytes @done of @total, false when it writes none
+ * (not yet, or no such client).  The daemon writes each client as
+ * {"id": N, "name": "NAME", ..., "writing": {"seq": S, "done": D,
+ * "total": T}}, names never holding a quote.
+ */
+static bool find_writing(const char *js, const char *who,
+			 unsigned long long *done, unsigned long long *total)
+{
+	static const char key[] = "{\"id\": ";
+	bool by_id = strspn(who, "0123456789") == strlen(who);
+	size_t wlen = strlen(who);
+	const char *c = strstr(js, key);
+
+	while (c) {
+		const char *next = strstr(c + 1, key);
+		const char *name = strstr(c, "\"name\": \"");
+		const char *w = strstr(c, "\"writing\": {");
+		bool match;
+
+		if (by_id)
+			match = strtoul(c + sizeof(key) - 1, NULL, 10) ==
+				strtoul(who, NULL, 10);
+		else
+			match = name && (!next || name < next) &&
+				!strncmp(name + 9, who, wlen) &&
+				name[9 + wlen] == '"';
+		if (match) {
+			w = w && (!next || w < next) ? strstr(w, "\"done\": ")
+						     : NULL;
+			if (!w)
+				return false;
+			*done = strtoull(w + 8, NULL, 10);
+			w = strstr(w, "\"total\": ");
+			*total = w ? strtoull(w + 9, NULL, 10) : 0;
+			return w && *total;
+		}
+		c = next;
+	}
+	return false;
+}
+
+struct progress {
+	int fd;          /* asks "list" every half second; -1 if it cannot */
+	const char *who; /* the CLIENT argument */
+	double t0;
+	bool shown;
+};
+
+/* One line on stderr, drawn over the last: how far the snapshot got. */
+static void progress_show(struct progress *p, struct cowmmd_reply *r)
+{
+	static const char *const list[] = { "list" };
+	unsigned long long done = 0, total = 0;
+	bool writing = false;
+	ssize_t n = -1;
+
+	if (p->fd >= 0 && !send_ctl(p->fd, list, 1, COWMMD_CTL_JSON)) {
+		struct pollfd pfd = { .fd = p->fd, .events = POLLIN };
+
+		if (poll(&pfd, 1, 1000) == 1)
+			n = recv_reply(p->fd, r);
+	}
+	if (n > (ssize_t)sizeof(*r) && !r->status) {
+		char *js = r->text;
+		size_t len = (size_t)n - sizeof(*r);
+
+		js[len < COWMMD_REPLY_MAX - sizeof(*r) ? len : len - 1] = '\0';
+		writing = find_writing(js, p->who, &done, &total);
+	} else if (p->fd >= 0) { /* no answer: only the time from now on */
+		close(p->fd);
+		p->fd = -1;
+	}
+	if (writing)
+		fprintf(stderr,
+			"\r\033[Kcowmmctl: snapshot of %s: %3.0f%% written "
+			"(%.1f of %.1f MiB), %.1f s",
+			p->who, 100.0 * (double)done / (double)total,
+			(double)done / (1 << 20), (double)total / (1 << 20),
+			now_s() - p->t0);
+	else
+		fprintf(stderr,
+			"\r\033[Kcowmmctl: snapshot of %s: waiting for "
+			"cowmmd, %.1f s",
+			p->who, now_s() - p->t0);
+	fflush(stderr);
+	p->shown = true;
+}
+
+/*
+ * Wait for the answer on @fd; on a terminal, show the snapshot's progress
+ * meanwhile (first after half a second: a quick one shows nothing).
+ */
+static void wait_answer(int fd, const struct opts *o, struct cowmmd_reply *r)
+{
+	struct progress p = { -1, o->args[1], now_s(), false };
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	int ret;
+
+	if (strcmp(o->args[0], "snapshot") != 0 || o->nargs != 2 ||
+	    !isatty(STDERR_FILENO))
+		return;
+	p.fd = connect_daemon(o->path, true);
+	while ((ret = poll(&pfd, 1, 500)) == 0 ||
+	       (ret < 0 && errno == EINTR))
+		if (!ret)
+			progress_show(&p, r);
+	if (p.shown)
+		fputs("\r\033[K", stderr);
+	if (p.fd >= 0)
+		close(p.fd);
+}
+
+/* ------------------------------------------------------------------------ */
 
 int main(int argc, char **argv)
 {
@@ -349,7 +488,7 @@ int main(int argc, char **argv)
 	r = malloc(COWMMD_REPLY_MAX);
 	if (!r)
 		return fail(1, ENOMEM, "out of memory");
-	fd = connect_daemon(o.path);
+	fd = connect_daemon(o.path, false);
 	if (fd < 0) {
 		free(r);
 		return 1;
@@ -364,6 +503,7 @@ int main(int argc, char **argv)
 					    what, o.path, strerror(-ret));
 	}
 	/* A snapshot answers when its files are written: no time limit. */
+	wait_answer(fd, &o, r);
 	n = recv_reply(fd, r);
 	close(fd);
 	if (n < 0) {

@@ -10,14 +10,18 @@ loaded into a fresh process and compared with the memory the writer had
 after the step the snapshot holds (see daemon-client.c).  Then: two clients
 at once, a schedule with a keep count, cowmmctl's options before and after
 the command and its errors (text: one line saying what was asked; --json:
-one object on stdout), a table of malformed and hostile messages, a client
-SIGKILLed and one detaching mid-snapshot, SIGTERM to the daemon with a
-snapshot in flight, and a daemon killed outright.
+one object on stdout), a table of malformed and hostile messages, a
+snapshot's progress on a terminal, a client SIGKILLed and one detaching
+mid-snapshot, SIGTERM to the daemon with a snapshot in flight, and a daemon
+killed outright.
 """
 import ctypes
 import fcntl
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import socket
@@ -66,6 +70,29 @@ def run_ctl(args, timeout=120):
     """cowmmctl with @args in the order given."""
     return subprocess.run([CTL] + args, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def ctl_on_tty(args, timeout=120):
+    """cowmmctl with its stderr on a terminal, stdout a pipe: (exit
+    status, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([CTL] + args, stdout=subprocess.PIPE,
+                         stderr=slave, text=True)
+    os.close(slave)
+    tty, end = b"", time.time() + timeout
+    while time.time() < end:
+        if not select.select([master], [], [], 1)[0]:
+            continue
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the last writer closed it
+            break
+        if not data:
+            break
+        tty += data
+    os.close(master)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out, tty.decode(errors="replace")
 
 
 def ctl(sock, *args, js=False, timeout=120):
@@ -425,6 +452,24 @@ try:
 
     # ---- A slow daemon: snapshots take seconds, so things can happen.
     s = start_daemon("slow", "--rate", "32")
+
+    # On a terminal, a snapshot shows how far it got (from "list" on a
+    # second connection); stdout holds only the answer.
+    z, z_id = start_client(s, 96, "zeta")
+    rc, out, tty = ctl_on_tty(["-s", s["sock"], "snapshot", "zeta"])
+    shown = re.findall(r"snapshot of zeta: +(\d+)% written "
+                       r"\(\d+\.\d of 96\.0 MiB\)", tty)
+    ok(rc == 0 and len(shown) >= 2 and
+       int(shown[0]) < int(shown[-1]), f"progress on a tty: {shown}%",
+       lambda: repr(tty[-400:]))
+    ok(out.startswith(s["dir"]) and "%" not in out and "\x1b" not in out,
+       "stdout holds the answer only", lambda: repr(out))
+    ok(verify(96, out.split()[0])[0], "that snapshot verifies")
+    rc, out, err = ctl(s["sock"], "snapshot", z_id)
+    ok(rc == 0 and err == "", "no progress when stderr is not a terminal",
+       lambda: repr(err))
+    rc, out = stop_client(z)
+    ok(rc == 0, f"zeta detaches: {out.strip()}")
 
     base = settled_fd_count(s)
     g, g_id = start_client(s, 96, "gamma")
