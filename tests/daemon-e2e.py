@@ -483,6 +483,8 @@ try:
     _, err = snapper.communicate(timeout=60)
     ok(snapper.returncode != 0 and "failed" in err,
        f"SIGKILL mid-snapshot fails it: {err.strip()}")
+    ok(f"snapshot of client {g_id} (gamma) into {s['dir']} failed" in err,
+       "the failure names the client and the snapshot directory")
     ok(wait_until(lambda: listed(s) == []), "the dead client is forgotten")
     ok(client_dirs(s, "gamma") == [] and tmp_dirs(s) == [],
        "no partial snapshot left behind")
