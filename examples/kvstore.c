@@ -1286,6 +1286,15 @@ int main(int argc, char **argv)
 	}
 	fprintf(stderr, "kvstore: shutting down\n");
 	bgsave_wait();
+	while (ncl--) {
+		close(cl[ncl]->fd);
+		free(cl[ncl]->in);
+		free(cl[ncl]->out);
+		free(cl[ncl]);
+	}
+	free(cl);
+	free(pfd);
+	close(ls);
 	cowmm_region_release(region);
 	cowmm_close(mm);
 	return exit_status;
