@@ -90,15 +90,15 @@ printf '%s\n' "$out" | sed 's/^/  | /'
 check '[ "$rc" -eq 1 ]' "a failed build and a failed test: exit 1 (got $rc)"
 check '[ "$last" = "4 passed, 2 failed, 1 skipped" ]' \
 	"the last line counts them: '$last'"
-check 'printf "%s\n" "$out" | grep -qx "=== tsan: suite unit ==="' \
+check 'grep -qx "=== tsan: suite unit ===" <<<"$out"' \
 	"the tsan build runs after the asan build failed"
-check 'printf "%s\n" "$out" | grep -qx "=== plain: suite examples ==="' \
+check 'grep -qx "=== plain: suite examples ===" <<<"$out"' \
 	"each suite is announced with its build"
-check 'printf "%s\n" "$out" | grep -qx "FAILED: asan: build"' \
+check 'grep -qx "FAILED: asan: build" <<<"$out"' \
 	"the failed build is named"
-check 'printf "%s\n" "$out" | grep -qx "FAILED: plain: unit/open (FAIL)"' \
+check 'grep -qx "FAILED: plain: unit/open (FAIL)" <<<"$out"' \
 	"the failed test is named with its build and suite"
-check '! printf "%s\n" "$out" | grep -q "should not run"' \
+check '! grep -q "should not run" <<<"$out"' \
 	"stress and model are not run"
 
 run env
@@ -108,7 +108,7 @@ check '[ "$rc" -eq 0 ] && [ "$last" = "9 passed, 0 failed, 0 skipped" ]' \
 run env FAKE_CRASH=examples
 check '[ "$rc" -eq 1 ] && [ "$last" = "6 passed, 3 failed, 0 skipped" ]' \
 	"a suite that fails without a result counts as failed: '$last'"
-check 'printf "%s\n" "$out" | grep -q "FAILED: tsan: suite examples (meson test exit 1)"' \
+check 'grep -q "FAILED: tsan: suite examples (meson test exit 1)" <<<"$out"' \
 	"and is named"
 
 if [ "$fails" -ne 0 ]; then
