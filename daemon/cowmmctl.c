@@ -197,8 +197,11 @@ static void parse(int argc, char **argv, struct opts *o)
 			if (!name) {
 				bad(o, "unknown option '%s'", a);
 			} else if (!strcmp(name, "socket")) {
-				val = eq ? eq + 1 : i + 1 < argc ? argv[++i] : NULL;
-				if (!val)
+				if (eq)
+					val = eq + 1;
+				else if (i + 1 < argc)
+					val = argv[++i];
+				else
 					bad(o, "%s needs a PATH", a);
 			} else if (eq) {
 				bad(o, "%s takes no value", a);
@@ -214,10 +217,13 @@ static void parse(int argc, char **argv, struct opts *o)
 				} else if (*a == 'h') {
 					o->help = true;
 				} else if (*a == 's') {
-					val = a[1] ? a + 1
-					      : i + 1 < argc ? argv[++i] : NULL;
-					if (!val)
-						bad(o, "%s needs a PATH", argv[i]);
+					if (a[1])
+						val = a + 1;
+					else if (i + 1 < argc)
+						val = argv[++i];
+					else
+						bad(o, "%s needs a PATH",
+						    argv[i]);
 					break;
 				} else {
 					char opt[3] = { '-', *a, '\0' };
@@ -273,7 +279,8 @@ static int connect_daemon(const char *path, bool quiet)
 		err = errno;
 		close(fd);
 		if (!quiet)
-			fail(1, err, "SO_PEERCRED on %s: %s", path, strerror(err));
+			fail(1, err, "SO_PEERCRED on %s: %s", path,
+			     strerror(err));
 		return -1;
 	}
 	if (cred.uid != 0 && cred.uid != geteuid()) {
@@ -512,8 +519,8 @@ int main(int argc, char **argv)
 			       ? fail(1, EBADMSG,
 				      "%s: malformed answer from cowmmd at %s",
 				      what, o.path)
-			       : fail(1, (int)-n, "%s: no answer from cowmmd at "
-						  "%s: %s",
+			       : fail(1, (int)-n,
+				      "%s: no answer from cowmmd at %s: %s",
 				      what, o.path,
 				      n == -ECONNRESET
 					      ? "it closed the connection"

@@ -380,8 +380,8 @@ static void *bgsave_thread(void *arg)
 		ret = fd;
 		cowmm_snap_release(save.snap);
 	} else {
-		ret = finish_file(fd, tmp, write_snapshot(save.snap, fd, tmp, why),
-				  why);
+		ret = write_snapshot(save.snap, fd, tmp, why);
+		ret = finish_file(fd, tmp, ret, why);
 	}
 	save.snap = NULL;
 	if (ret)
@@ -598,8 +598,9 @@ static int load_dump(size_t size, char *why)
 		}
 	} else {
 		ret = cowmm_region_load(region, fd, 0);
-		have = ret == -EINVAL || ret == -EFBIG ? dump_heap_size(fd, false)
-						      : 0;
+		have = ret == -EINVAL || ret == -EFBIG
+			       ? dump_heap_size(fd, false)
+			       : 0;
 		if (have && have != size)
 			ret = heap_mismatch(have, size, why);
 		else if (ret)
@@ -747,7 +748,8 @@ static void config_get(struct client *c, char **a, size_t *l, int argc)
 
 		snprintf(pat, sizeof(pat), "%.*s", (int)l[j], a[j]);
 		for (i = 0; i < sizeof(params) / sizeof(params[0]); i++)
-			if (!hit[i] && !fnmatch(pat, params[i][0], FNM_CASEFOLD)) {
+			if (!hit[i] &&
+			    !fnmatch(pat, params[i][0], FNM_CASEFOLD)) {
 				hit[i] = true;
 				n++;
 			}
@@ -781,8 +783,9 @@ static void shutdown_cmd(struct client *c, char **a, size_t *l, int argc)
 		fprintf(stderr, "kvstore: SHUTDOWN: save to %s failed: %s; not "
 				"shutting down\n",
 			dump_path, why);
-		out_error(c, "ERR Errors trying to SHUTDOWN: save to %s failed: "
-			     "%s",
+		out_error(c,
+			  "ERR Errors trying to SHUTDOWN: save to %s "
+			  "failed: %s",
 			  dump_path, why);
 		return;
 	}
@@ -859,7 +862,8 @@ static void command(struct client *c, char **a, size_t *l, int argc)
 		if (atomic_load(&save.running))
 			out_error(c, "ERR Background save already in progress");
 		else if (save_now(why))
-			out_error(c, "ERR save to %s failed: %s", dump_path, why);
+			out_error(c, "ERR save to %s failed: %s", dump_path,
+				  why);
 		else
 			out_add(c, "+OK\r\n", 5);
 	} else if (eq(a[0], l[0], "BGSAVE")) {
@@ -1035,8 +1039,9 @@ static void usage(FILE *f, const char *argv0)
 		"  -d, --dump FILE    the dump: loaded at start if it exists, "
 		"written by SAVE,\n"
 		"                     BGSAVE, SHUTDOWN, SIGTERM and SIGINT "
-		"(default kvstore.dump,\n"
-		"                     in the current directory)\n"
+		"(default\n"
+		"                     kvstore.dump, in the current "
+		"directory)\n"
 		"      --no-save      no save on SHUTDOWN, SIGTERM or SIGINT "
 		"(Redis's save \"\");\n"
 		"                     SAVE, BGSAVE and SHUTDOWN SAVE still "
@@ -1048,7 +1053,8 @@ static void usage(FILE *f, const char *argv0)
 		"  -H, --thp          the heap on transparent huge pages "
 		"(default: 4 KiB pages)\n"
 		"  -C, --huge-cow     copy whole 2 MiB pages on write; implies "
-		"--thp (default off)\n"
+		"--thp\n"
+		"                     (default off)\n"
 		"  -T, --in-thread    resolve write faults in the writing "
 		"thread\n"
 		"                     (COWMM_OPEN_IN_THREAD; default: "

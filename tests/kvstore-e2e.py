@@ -219,7 +219,8 @@ def test_help(kvstore, port, d):
     for i, (opt, default) in enumerate(opts):
         at = where(opt)
         end = where(opts[i + 1][0]) if i + 1 < len(opts) else None
-        assert default in out[at:end], \
+        text = " ".join(out[at:end].split())  # lines wrap anywhere
+        assert default in text, \
             "--help: %s without %r:\n%s" % (opt, default, out[at:end])
     assert "SHUTDOWN [SAVE|NOSAVE]" in out, out
     # An unknown option points at --help, on stderr, status 2.
