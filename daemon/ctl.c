@@ -284,12 +284,13 @@ static const struct {
 	const char *name;
 	unsigned min, max;
 	void (*run)(struct conn *cn, struct out *o, const char **argv);
+	const char *usage;
 } commands[] = {
-	{ "ping", 0, 0, ctl_ping },
-	{ "list", 0, 0, ctl_list },
-	{ "stats", 0, 0, ctl_stats },
-	{ "snapshot", 1, 1, ctl_snapshot },
-	{ "schedule", 2, 3, ctl_schedule },
+	{ "ping", 0, 0, ctl_ping, "ping" },
+	{ "list", 0, 0, ctl_list, "list" },
+	{ "stats", 0, 0, ctl_stats, "stats" },
+	{ "snapshot", 1, 1, ctl_snapshot, "snapshot CLIENT" },
+	{ "schedule", 2, 3, ctl_schedule, "schedule CLIENT SECONDS [KEEP]" },
 };
 
 void cowmmd_handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
@@ -299,6 +300,7 @@ void cowmmd_handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
 	struct out o = { text, 0, sizeof(text), false };
 	size_t off = 0, alen;
 	unsigned argc = 0, i;
+	char n[32];
 
 	cn->kind = CONN_CTL;
 	cn->flags = m->flags & COWMMD_CTL_JSON;
@@ -325,16 +327,27 @@ void cowmmd_handle_ctl(struct conn *cn, const struct cowmmd_ctl *m, size_t len)
 		cowmmd_reply_error(cn, -EBUSY, "a request is already waiting");
 		return;
 	}
-	for (i = 0; i < ARRAY_SIZE(commands); i++)
-		if (!strcmp(argv[0], commands[i].name) &&
-		    argc - 1 >= commands[i].min &&
+	for (i = 0; i < ARRAY_SIZE(commands); i++) {
+		if (strcmp(argv[0], commands[i].name) != 0)
+			continue;
+		if (argc - 1 >= commands[i].min &&
 		    argc - 1 <= commands[i].max) {
 			commands[i].run(cn, &o, argv);
 			return;
 		}
-	cowmmd_reply_error(
-	    cn, -EINVAL,
-	    "unknown request '%s' (ping, list, stats, snapshot CLIENT, "
-	    "schedule CLIENT SECONDS [KEEP])",
-	    argv[0]);
+		if (commands[i].max > commands[i].min)
+			snprintf(n, sizeof(n), "%u to %u", commands[i].min,
+				 commands[i].max);
+		else
+			snprintf(n, sizeof(n), "%u", commands[i].min);
+		cowmmd_reply_error(cn, -EINVAL,
+				   "%s takes %s argument%s, not %u (usage: %s)",
+				   argv[0], n, commands[i].max == 1 ? "" : "s",
+				   argc - 1, commands[i].usage);
+		return;
+	}
+	for (i = 0; i < ARRAY_SIZE(commands); i++)
+		cowmmd_outf(&o, "%s%s", i ? ", " : "", commands[i].usage);
+	cowmmd_reply_error(cn, -EINVAL, "unknown request '%s' (%.*s)", argv[0],
+			   (int)o.len, o.buf);
 }

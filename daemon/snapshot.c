@@ -210,8 +210,8 @@ static void copier_done(struct helper *h)
 void cowmmd_reply_snapshot_error(struct conn *cn, struct client *c, int ret)
 {
 	cowmmd_reply_error(
-	    cn, ret, "snapshot of client %u failed: %s%s", c->id,
-	    strerror(-ret),
+	    cn, ret, "snapshot of client %u (%s) into %s failed: %s%s", c->id,
+	    c->name, D.dir, strerror(-ret),
 	    ret == -EPERM    ? " (ptrace not allowed: run cowmmd as root "
 			       "or the client's user)"
 	    : ret == -EPROTO ? " (its ranges are registered for more "
@@ -425,8 +425,9 @@ static void snapshot_finish(struct dsnap *s)
 		c->snaps_failed++;
 		D.snaps_failed++;
 		c->last_err = s->result;
-		cowmmd_say("client %u: snapshot %llu failed: %s", c->id,
-			   (unsigned long long)s->seq, strerror(-s->result));
+		cowmmd_say("client %u (%s): snapshot %llu into %s failed: %s",
+			   c->id, c->name, (unsigned long long)s->seq, D.dir,
+			   strerror(-s->result));
 	} else {
 		c->snaps_ok++;
 		D.snaps_ok++;
@@ -490,8 +491,9 @@ void cowmmd_on_timer(uv_timer_t *t)
 	}
 	ret = cowmmd_start_snapshot(c, NULL);
 	if (ret)
-		cowmmd_say("client %u: scheduled snapshot failed: %s", c->id,
-			   strerror(-ret));
+		cowmmd_say("client %u (%s): scheduled snapshot into %s failed: "
+			   "%s",
+			   c->id, c->name, D.dir, strerror(-ret));
 }
 
 /* ------------------------------------------------------------------------ */

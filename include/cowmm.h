@@ -731,7 +731,14 @@ COWMM_EXPORT int cowmm_detach_daemon(cowmm_client_t *c);
 /* Errors, logging, version                                                  */
 
 /**
- * Describe a return value of this library.
+ * Describe a return value of this library.  A value that several calls
+ * return for different reasons, or that comes from a system call the
+ * library made (open(2), write(2), connect(2): -ENOENT, -EBADF, -EIO,
+ * -EFBIG, ...), is described by its general meaning followed by the
+ * library's cases, never by one call's case: the caller knows which call
+ * failed and on what (a path, a descriptor, a size) and should say so
+ * beside this text.  Values the library does not name here get strerror()'s
+ * text.
  * Context: any thread.
  *
  * @param err  a negative errno value returned by a cowmm function

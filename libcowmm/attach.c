@@ -225,7 +225,7 @@ int cowmm_attach_daemon(const char *path, const char *name,
 			   path, (unsigned)cred.uid);
 		close(sock);
 		free(c);
-		/* Not -EPERM: that one says "no permission to use userfaultfd". */
+		/* Not -EPERM: its text points at userfaultfd permission. */
 		return -EACCES;
 	}
 	(void)prctl(PR_SET_PTRACER, (unsigned long)cred.pid, 0, 0, 0);

@@ -1,5 +1,12 @@
 // SPDX-License-Identifier: MIT
-/* cowmm_strerror(): what each return value means in libcowmm's terms. */
+/*
+ * cowmm_strerror(): what each return value means in libcowmm's terms.
+ *
+ * A value that more than one call returns for different reasons (or that
+ * the library passes on from a system call) says its general meaning first,
+ * then the library's cases: the caller knows which call failed and on what,
+ * this text does not.  A value with one meaning in the library says it.
+ */
 #include <errno.h>
 #include <string.h>
 
@@ -11,42 +18,50 @@ const char *cowmm_strerror(int err)
 	case 0:
 		return "success";
 	case -EPERM:
-		return "no permission to use userfaultfd (see the log for how "
-		       "to grant it)";
+		return "operation not permitted (for userfaultfd, the log says "
+		       "how to grant it)";
 	case -EINVAL:
 		return "invalid argument";
 	case -E2BIG:
 		return "struct larger than this library knows, with non-zero "
 		       "fields it does not know";
 	case -EBADF:
-		return "handle already released";
+		return "bad file descriptor, or a handle already released";
 	case -ECHILD:
 		return "handle inherited through fork(): only the parent can "
 		       "use it";
 	case -EEXIST:
-		return "range overlaps a region of this manager";
+		return "overlapping ranges (a region of this manager, or "
+		       "another range of the same call)";
 	case -EBUSY:
 		return "range or object in use";
 	case -ENOMEM:
 		return "out of memory, or range not mapped";
 	case -EIO:
-		return "snapshot is broken: its content could not be kept";
+		return "I/O error, or a broken snapshot (its content could not "
+		       "be kept)";
 	case -EOPNOTSUPP:
-		return "not supported by the running kernel";
+		return "operation not supported (by the running kernel, or in "
+		       "this mode)";
 	case -ENOSYS:
 		return "kernel without userfaultfd";
 	case -EOVERFLOW:
-		return "too many snapshots of one region";
+		return "value too large (too many snapshots of one region, or "
+		       "pins on one page)";
 	case -EBADMSG:
 		return "not a snapshot file, or corrupted or truncated";
 	case -EPROTONOSUPPORT:
 		return "snapshot file of another format version";
 	case -EFBIG:
-		return "snapshot file for a larger region";
+		return "file too large, or a snapshot file for a larger region";
 	case -ESPIPE:
-		return "snapshot files are read from regular files only";
+		return "not a regular file (snapshot files are read from "
+		       "regular files only)";
 	case -ENOENT:
-		return "memory unmapped behind the library's back";
+		return "no such file, directory, socket, pin, region or "
+		       "mapping";
+	case -EMFILE:
+		return "too many open files (or in-thread managers)";
 	default:
 		return err < 0 ? strerror(-err) : "not an error code";
 	}

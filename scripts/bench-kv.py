@@ -91,9 +91,10 @@ def run_server(kind, build, port, tmp, heap_mib):
                "--appendonly", "no", "--dir", tmp, "--dbfilename",
                "dump.rdb", "--bind", "127.0.0.1", "--protected-mode", "no"]
     else:
+        # --no-save: no save at exit, as redis-server's --save "".
         cmd = [os.path.join(build, "examples", "kvstore"), "--port",
                str(port), "--heap", str(heap_mib), "--dump",
-               os.path.join(tmp, f"{kind}.dump")]
+               os.path.join(tmp, f"{kind}.dump"), "--no-save"]
         cmd += KVSTORE_FLAGS[kind] + EXTRA
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)

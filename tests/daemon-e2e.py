@@ -8,14 +8,20 @@ Starts cowmmd on a temporary socket; clients (tests/daemon-client.c) write
 continuously while snapshots are taken through cowmmctl; every snapshot is
 loaded into a fresh process and compared with the memory the writer had
 after the step the snapshot holds (see daemon-client.c).  Then: two clients
-at once, a schedule with a keep count, a table of malformed and hostile
-messages, a client SIGKILLed and one detaching mid-snapshot, SIGTERM to the
-daemon with a snapshot in flight, and a daemon killed outright.
+at once, a schedule with a keep count, cowmmctl's options before and after
+the command and its errors (text: one line saying what was asked; --json:
+one object on stdout), a table of malformed and hostile messages, a
+snapshot's progress on a terminal, a client SIGKILLed and one detaching
+mid-snapshot, SIGTERM to the daemon with a snapshot in flight, and a daemon
+killed outright.
 """
 import ctypes
 import fcntl
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import socket
@@ -58,6 +64,35 @@ def ok(cond, msg, detail=None):
         fail(f"{msg}: {detail()}" if detail else msg)
     checks += 1
     print(f"ok {checks} - {msg}")
+
+
+def run_ctl(args, timeout=120):
+    """cowmmctl with @args in the order given."""
+    return subprocess.run([CTL] + args, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ctl_on_tty(args, timeout=120):
+    """cowmmctl with its stderr on a terminal, stdout a pipe: (exit
+    status, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([CTL] + args, stdout=subprocess.PIPE,
+                         stderr=slave, text=True)
+    os.close(slave)
+    tty, end = b"", time.time() + timeout
+    while time.time() < end:
+        if not select.select([master], [], [], 1)[0]:
+            continue
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the last writer closed it
+            break
+        if not data:
+            break
+        tty += data
+    os.close(master)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out, tty.decode(errors="replace")
 
 
 def ctl(sock, *args, js=False, timeout=120):
@@ -284,6 +319,55 @@ try:
     ok(rc != 0 and "usage" in err, "bad schedule refused")
     rc, _, err = ctl(d["sock"], "frobnicate")
     ok(rc != 0 and "unknown request" in err, "unknown request refused")
+    rc, _, err = ctl(d["sock"], "stats", "extra")
+    ok(rc == 1 and "cowmmctl: stats extra: stats takes 0 arguments, not 1"
+       in err, "a request with too many arguments says so", lambda: err)
+    ok(err.count("\n") == 1 and "No such file" not in err,
+       "a failed request: one line, what was asked and why",
+       lambda: repr(err))
+    rc, _, err = ctl(d["sock"], "snapshot", "nobody")
+    ok(err == "cowmmctl: snapshot nobody: no client nobody\n",
+       "an unknown client: what was asked, and the daemon's reason only",
+       lambda: repr(err))
+
+    # Options after the command, the order the README shows (they gave
+    # "unknown request 'stats'"), and every other place.
+    for args in (["-s", d["sock"], "stats", "--json"],
+                 ["stats", "--socket", d["sock"], "--json"],
+                 ["stats", "--json", "-s", d["sock"]],
+                 ["--json", "stats", "--socket=" + d["sock"]],
+                 ["-js", d["sock"], "stats"],
+                 ["stats", "-j", "-s" + d["sock"]]):
+        p = run_ctl(args)
+        ok(p.returncode == 0 and json.loads(p.stdout)["snapshots"] >= 8
+           and not p.stderr, f"cowmmctl {' '.join(args)}",
+           lambda: f"{p.returncode} {p.stdout!r} {p.stderr!r}")
+    p = run_ctl(["--socket", d["sock"], "schedule", "beta", "--", "-1"])
+    ok(p.returncode == 1 and "usage: schedule" in p.stderr,
+       "after '--', '-1' is an argument", lambda: p.stderr)
+
+    # --json covers errors: one JSON object on stdout, nothing on stderr.
+    for args, status, errno_, text in (
+            (["snapshot", "nobody"], 1, 2, "no client nobody"),
+            (["frobnicate"], 1, 22, "unknown request 'frobnicate'"),
+            (["stats", "extra"], 1, 22, "stats takes 0 arguments, not 1"),
+            (["--frobnicate", "list"], 2, 22,
+             "unknown option '--frobnicate'"),
+            ([], 2, 22, "no command given")):
+        p = run_ctl(["-s", d["sock"]] + args + ["--json"])
+        try:
+            js = json.loads(p.stdout)
+        except ValueError:
+            js = {}
+        ok(p.returncode == status and js.get("errno") == errno_ and
+           text in js.get("error", "") and not p.stderr,
+           f"--json error for {args}: {js}",
+           lambda: f"{p.returncode} {p.stdout!r} {p.stderr!r}")
+    p = run_ctl(["list", "--json", "-s", os.path.join(tmp, "none.sock")])
+    js = json.loads(p.stdout or "{}")
+    ok(p.returncode == 1 and js.get("errno") == 2 and
+       "cannot reach cowmmd" in js.get("error", "") and not p.stderr,
+       f"--json error with no daemon: {js}", lambda: repr(p.stderr))
 
     # Malformed and hostile messages: each closes that connection only.
     fds0 = settled_fd_count(d)
@@ -368,6 +452,25 @@ try:
 
     # ---- A slow daemon: snapshots take seconds, so things can happen.
     s = start_daemon("slow", "--rate", "32")
+
+    # On a terminal, a snapshot shows how far it got (from "list" on a
+    # second connection); stdout holds only the answer.
+    z, z_id = start_client(s, 96, "zeta")
+    rc, out, tty = ctl_on_tty(["-s", s["sock"], "snapshot", "zeta"])
+    shown = re.findall(r"snapshot of zeta: +(\d+)% written "
+                       r"\(\d+\.\d of 96\.0 MiB\)", tty)
+    ok(rc == 0 and len(shown) >= 2 and
+       int(shown[0]) < int(shown[-1]), f"progress on a tty: {shown}%",
+       lambda: repr(tty[-400:]))
+    ok(out.startswith(s["dir"]) and "%" not in out and "\x1b" not in out,
+       "stdout holds the answer only", lambda: repr(out))
+    ok(verify(96, out.split()[0])[0], "that snapshot verifies")
+    rc, out, err = ctl(s["sock"], "snapshot", z_id)
+    ok(rc == 0 and err == "", "no progress when stderr is not a terminal",
+       lambda: repr(err))
+    rc, out = stop_client(z)
+    ok(rc == 0, f"zeta detaches: {out.strip()}")
+
     base = settled_fd_count(s)
     g, g_id = start_client(s, 96, "gamma")
     snapper = subprocess.Popen([CTL, "--socket", s["sock"], "snapshot", "gamma"],
@@ -380,6 +483,8 @@ try:
     _, err = snapper.communicate(timeout=60)
     ok(snapper.returncode != 0 and "failed" in err,
        f"SIGKILL mid-snapshot fails it: {err.strip()}")
+    ok(f"snapshot of client {g_id} (gamma) into {s['dir']} failed" in err,
+       "the failure names the client and the snapshot directory")
     ok(wait_until(lambda: listed(s) == []), "the dead client is forgotten")
     ok(client_dirs(s, "gamma") == [] and tmp_dirs(s) == [],
        "no partial snapshot left behind")

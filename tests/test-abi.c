@@ -69,7 +69,70 @@ START_TEST(test_strerror)
 		ck_assert_ptr_nonnull(s);
 		ck_assert_uint_gt(strlen(s), 0);
 	}
-	ck_assert_str_eq(cowmm_strerror(-EBADF), "handle already released");
+}
+END_TEST
+
+/*
+ * A value with several meanings says the general one: the caller knows
+ * which call failed, the text must not guess.  Each row: the value, words
+ * its text must hold, and a text it must not be (what it said before, right
+ * for one call and wrong for the others).
+ */
+START_TEST(test_strerror_general)
+{
+	static const struct {
+		int err;
+		const char *must[3];
+		const char *not;
+	} table[] = {
+		/* open(2) of a dump, no daemon at a socket, no such pin,
+		 * released region, memory unmapped */
+		{ -ENOENT, { "no such file", "socket", "pin" },
+		  "memory unmapped behind the library's back" },
+		/* a bad fd to cowmm_snap_write(), a released handle */
+		{ -EBADF, { "bad file descriptor", "released" },
+		  "handle already released" },
+		/* write(2) failing, a broken snapshot */
+		{ -EIO, { "I/O error", "broken snapshot" },
+		  "snapshot is broken: its content could not be kept" },
+		/* write(2) past RLIMIT_FSIZE, a file for a larger region */
+		{ -EFBIG, { "file too large", "larger region" },
+		  "snapshot file for a larger region" },
+		/* a region overlapping a region, attach ranges overlapping */
+		{ -EEXIST, { "overlapping ranges", "another range" },
+		  "range overlaps a region of this manager" },
+		/* too many snapshots, too many pins on a page */
+		{ -EOVERFLOW, { "snapshots", "pins" },
+		  "too many snapshots of one region" },
+		/* the kernel, or an in-thread manager */
+		{ -EOPNOTSUPP, { "not supported", "kernel", "mode" },
+		  "not supported by the running kernel" },
+		/* open(2) limits, 16 in-thread managers */
+		{ -EMFILE, { "too many open files", "in-thread" }, NULL },
+		/* uffd permission, another user's daemon, fs permissions */
+		{ -EPERM, { "not permitted", "userfaultfd" },
+		  "no permission to use userfaultfd (see the log for how to "
+		  "grant it)" },
+		/* not a regular file */
+		{ -ESPIPE, { "not a regular file" }, NULL },
+		{ -ENOSPC, { "No space left on device" }, NULL },
+	};
+	size_t i, j;
+
+	for (i = 0; i < ARRAY_SIZE(table); i++) {
+		const char *s = cowmm_strerror(table[i].err);
+
+		for (j = 0; j < ARRAY_SIZE(table[i].must) && table[i].must[j];
+		     j++)
+			ck_assert_msg(strstr(s, table[i].must[j]),
+				      "cowmm_strerror(-%s) = \"%s\": no \"%s\"",
+				      strerrorname_np(-table[i].err), s,
+				      table[i].must[j]);
+		if (table[i].not)
+			ck_assert_msg(strcmp(s, table[i].not) != 0,
+				      "cowmm_strerror(-%s) = \"%s\"",
+				      strerrorname_np(-table[i].err), s);
+	}
 }
 END_TEST
 
@@ -80,6 +143,7 @@ int main(void)
 		{ "stats-layout", test_stats_layout },
 		{ "version", test_version },
 		{ "strerror", test_strerror },
+		{ "strerror-general", test_strerror_general },
 	};
 
 	return t_run("abi", cases, ARRAY_SIZE(cases));
