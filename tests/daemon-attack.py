@@ -162,6 +162,24 @@ def traced_by(pid, daemon):
             if s[1] and tgid_of(s[1]) in (daemon, None)}
 
 
+def not_free(pid, but=()):
+    """Threads of @pid (but those in @but) that are traced by anyone or
+    stopped: every thread a snapshot call seized must be neither when it
+    returns, whatever happened."""
+    return {t: s for t, s in task_status(pid).items()
+            if t not in but and (s[1] != 0 or s[0] in ("t", "T"))}
+
+
+def ppid_of(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -305,8 +323,8 @@ def case_missing_late():
 
 def case_freeze_loop():
     """Finding 4: while one client's freeze waits (a thread in vfork), the
-    loop answers everyone else.  Finding 2: when that snapshot call returns,
-    none of the client's threads is traced by cowmmd, and they stay free."""
+    loop answers everyone else.  (What the freeze leaves behind: the case
+    vfork-untraced.)"""
     d = start_daemon("freeze")
     dpid = d["proc"].pid
     p, line = attacker(d, "vfork", "forker")
@@ -328,16 +346,30 @@ def case_freeze_loop():
         err = None
     ok(err is not None and snap.returncode != 0,
        f"the snapshot fails: {err and err.strip()}")
-    ok(not traced_by(p.pid, dpid),
-       "when it returns, no thread is traced by cowmmd",
-       lambda: task_status(p.pid))
+    p.kill()
+    p.wait()
+    stop_daemon(d)
+
+
+def case_vfork_untraced():
+    """Finding 2: every thread that was seized must be running and
+    untraced when the snapshot call returns, whatever happened.  Here one
+    thread is in vfork(): cowmmd seizes every thread but cannot stop that
+    one, and the snapshot fails after its wait.  When cowmmctl returns no
+    thread has a tracer or is stopped; once the vfork ends none stops
+    either (a PTRACE_INTERRUPT left pending would stop it then)."""
+    d = start_daemon("vfork")
+    p, line = attacker(d, "vfork", "forker")
+    ok(line[:1] == ["ready"], f"a client with a thread in vfork ({line})")
+    rc, out, err = ctl(d["sock"], "snapshot", "forker", timeout=30)
+    ok(rc not in (0, None), f"its snapshot fails: {err.strip()}")
+    bad = not_free(p.pid)
+    ok(not bad, "when cowmmctl returns, every thread has TracerPid 0 and "
+       "is not stopped", lambda: f"{bad} of {task_status(p.pid)}")
     ok(act(p), "the vfork ends")
-    # A thread still seized would stop in its trap now: give it the time
-    # a stop takes, then look (polling: any stop fails at once).
-    stopped = wait_until(lambda: traced_by(p.pid, dpid) or
-                         any(s[0] == "t" for s in
-                             task_status(p.pid).values()), 0.5)
-    ok(not stopped, "and no thread stops later",
+    # A stop left pending shows within moments: poll for half a second.
+    late = wait_until(lambda: not_free(p.pid), 0.5)
+    ok(not late, "and no thread is traced or stops later",
        lambda: task_status(p.pid))
     p.kill()
     p.wait()
@@ -345,18 +377,34 @@ def case_freeze_loop():
 
 
 def case_ptrace_eperm():
-    """Finding 2: a snapshot refused because another tracer holds one
-    thread leaves every other thread running and untraced."""
+    """Finding 2: every thread that was seized must be running and
+    untraced when the snapshot call returns, whatever happened.  Here the
+    snapshot is refused with EPERM because another tracer, a helper
+    process of the client, holds one of its 34 threads (cowmmd seizes and
+    interrupts some of the others first).  When cowmmctl returns every
+    other thread has TracerPid 0 and is not stopped; once the helper lets
+    go, no thread is traced or stops, the released one included."""
     d = start_daemon("eperm")
-    dpid = d["proc"].pid
     p, line = attacker(d, "traced", "traced")
     ok(line[:1] == ["ready"], f"a client with a thread traced by another "
        f"process ({line})")
+    held = {t: s[1] for t, s in task_status(p.pid).items() if s[1]}
+    ok(len(held) == 1 and ppid_of(next(iter(held.values()))) == p.pid,
+       "one thread is traced, by the client's helper",
+       lambda: task_status(p.pid))
     rc, out, err = ctl(d["sock"], "snapshot", "traced")
-    ok(rc not in (0, None), f"its snapshot is refused: {err.strip()}")
-    ok(not traced_by(p.pid, dpid),
-       "no thread is left traced by cowmmd", lambda: task_status(p.pid))
-    ok(task_status(p.pid)[p.pid][0] != "t", "the main thread runs",
+    ok(rc not in (0, None) and "Operation not permitted" in err,
+       f"its snapshot is refused with EPERM: {err.strip()}")
+    bad = not_free(p.pid, held)
+    ok(not bad, "when cowmmctl returns, every other thread has TracerPid 0 "
+       "and is not stopped", lambda: f"{len(bad)} of "
+       f"{len(task_status(p.pid))}: {bad}")
+    now = {t: s[1] for t, s in task_status(p.pid).items() if t in held}
+    ok(now == held, "the helper still holds its thread, and only it",
+       lambda: f"{now} vs {held}")
+    ok(act(p), "the helper lets its thread go")
+    late = wait_until(lambda: not_free(p.pid), 0.5)
+    ok(not late, "then no thread is traced or stops",
        lambda: task_status(p.pid))
     p.kill()
     p.wait()
@@ -765,6 +813,7 @@ CASES = {
     "missing-hello": case_missing_hello,
     "missing-late": case_missing_late,
     "freeze-loop": case_freeze_loop,
+    "vfork-untraced": case_vfork_untraced,
     "ptrace-eperm": case_ptrace_eperm,
     "zombie": case_zombie,
     "limits": case_limits,
