@@ -11,6 +11,7 @@ timeout; a daemon that hangs fails the case instead of the run.
 """
 import ctypes
 import importlib.util
+import json
 import mmap
 import os
 import re
@@ -632,6 +633,199 @@ def case_dir():
     stop_daemon(d)
 
 
+def private_var(varlib, vartmp, *cmd):
+    """@cmd in a mount namespace of its own whose /var/lib and /var/tmp are
+    @varlib and @vartmp: a daemon's default directory, and the one cowmmd
+    used before, without touching the machine's.  unshare, sh and setpriv
+    exec in turn: the pid is the command's."""
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh",
+            "-c", 'mount --bind "$1" /var/lib && mount --bind "$2" /var/tmp'
+            ' && shift 2 && exec "$@"', "sh", varlib, vartmp, *cmd]
+
+
+def as_nobody():
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def clean_env(**kw):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STATE_DIRECTORY", "XDG_STATE_HOME", "HOME",
+                        "COWMMD_SOCKET", "XDG_RUNTIME_DIR")}
+    env.update(kw)
+    return env
+
+
+def start_default(name, varlib, vartmp, env, user=False):
+    """cowmmd without --dir in private_var(); as uid 65534 if @user.
+    Returns the daemon, or None if it exited (its log says why)."""
+    sock = os.path.join(env["HOME"] if user else tmp, name + ".sock")
+    logpath = os.path.join(tmp, name + ".log")
+    who = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if user else []
+    with open(logpath, "w") as log:
+        proc = subprocess.Popen(private_var(varlib, vartmp, *who, COWMMD,
+                                            "--socket", sock),
+                                env=env, stderr=log)
+    d = {"proc": proc, "sock": sock, "logpath": logpath, "env": env,
+         "user": user}
+    daemons.append(d)
+    wait_until(lambda: default_ctl(d, "ping")[0] == 0 or
+               proc.poll() is not None, 10)
+    if proc.poll() is not None:
+        return None
+    return d
+
+
+def default_ctl(d, *args):
+    """cowmmctl talks to a daemon of root or of its own uid only."""
+    try:
+        p = subprocess.run([CTL, "--socket", d["sock"], "--json", *args],
+                           capture_output=True, text=True, timeout=15,
+                           env=d["env"],
+                           preexec_fn=as_nobody if d["user"] else None)
+    except subprocess.TimeoutExpired:
+        return None, "timed out"
+    return p.returncode, p.stdout + p.stderr
+
+
+def default_dir_of(d):
+    rc, out = default_ctl(d, "stats")
+    try:
+        return json.loads(out)["dir"]
+    except (ValueError, KeyError):
+        return f"(no answer: {rc} {out!r})"
+
+
+def log_of(name):
+    with open(os.path.join(tmp, name + ".log")) as f:
+        return f.read()
+
+
+def case_default_dir():
+    """Finding 7: without --dir, root's cowmmd writes to /var/lib/cowmmd,
+    which no other user can create first (it was /var/tmp/cowmmd, which
+    any user could), owned by root and closed to others.  A squatter's
+    /var/tmp/cowmmd receives nothing; a /var/lib/cowmmd that belongs to
+    uid 65534 makes cowmmd refuse to start, saying so.  In a mount
+    namespace: /var/lib and /var/tmp are directories of the test."""
+    if not shutil.which("unshare") or not shutil.which("setpriv"):
+        ok(not STRICT, "unshare and setpriv are installed (util-linux)")
+        print("# SKIP default-dir: no unshare or setpriv")
+        return
+    varlib = os.path.join(tmp, "var-lib")
+    vartmp = os.path.join(tmp, "var-tmp")
+    os.mkdir(varlib, 0o755)
+    os.mkdir(vartmp)
+    os.chmod(vartmp, 0o1777)
+    env = clean_env(HOME=os.path.join(tmp, "root-home"))
+
+    # Another user first takes what it can.
+    made = {}
+    for where in (varlib, vartmp):
+        made[where] = subprocess.run(
+            ["mkdir", "-m", "0777", os.path.join(where, "cowmmd")],
+            preexec_fn=as_nobody, capture_output=True).returncode == 0
+    ok(made[vartmp] and not made[varlib], "uid 65534 can create "
+       "/var/tmp/cowmmd first, not /var/lib/cowmmd", lambda: made)
+
+    d = start_default("defdir", varlib, vartmp, env)
+    ok(d is not None, "cowmmd starts without --dir",
+       lambda: log_of("defdir"))
+    where = default_dir_of(d)
+    ok(where == "/var/lib/cowmmd", f"root's snapshots go to {where}")
+    g, gid = good_client(d, "def")
+    good, msg = snapshot_ok(d, gid)
+    mine = os.path.join(varlib, "cowmmd")
+    ok(good and os.path.isdir(mine) and
+       any(e.startswith("def-") for e in os.listdir(mine)),
+       "a snapshot is written there", lambda: f"{msg}; {where}")
+    st = os.stat(mine)
+    ok(st.st_uid == 0 and st.st_mode & 0o077 == 0,
+       f"owned by uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}")
+    theirs = os.listdir(os.path.join(vartmp, "cowmmd"))
+    ok(theirs == [], "the squatter's /var/tmp/cowmmd receives nothing",
+       lambda: theirs)
+    g.kill()
+    g.wait()
+    stop_daemon(d)
+
+    shutil.rmtree(mine)
+    os.mkdir(mine, 0o700)
+    os.chown(mine, 65534, 65534)
+    d = start_default("defdir-theirs", varlib, vartmp, env)
+    if d:
+        d["proc"].kill()
+    log = log_of("defdir-theirs")
+    ok(d is None and "/var/lib/cowmmd" in log and "uid 65534" in log,
+       "a /var/lib/cowmmd of uid 65534 is refused, with the reason",
+       lambda: f"running: {d is not None}; log {log!r}")
+    ok(os.listdir(mine) == [], "and nothing is written into it")
+
+
+def case_default_dir_user():
+    """Finding 7, for a user's cowmmd (here uid 65534): without --dir it
+    writes to ~/.local/state/cowmmd, or $XDG_STATE_HOME/cowmmd, created
+    0700 and its own; one that another uid holds is refused, with the
+    reason.  In the same private /var as default-dir, where /var/tmp/cowmmd
+    (the old default) is taken."""
+    if not shutil.which("unshare") or not shutil.which("setpriv"):
+        ok(not STRICT, "unshare and setpriv are installed (util-linux)")
+        print("# SKIP default-dir-user: no unshare or setpriv")
+        return
+    varlib = os.path.join(tmp, "user-var-lib")
+    vartmp = os.path.join(tmp, "user-var-tmp")
+    os.mkdir(varlib, 0o755)
+    os.mkdir(vartmp)
+    os.chmod(vartmp, 0o1777)
+    old = os.path.join(vartmp, "cowmmd")  # another user took it
+    os.mkdir(old)
+    os.chmod(old, 0o777)
+    os.chown(old, 65533, 65533)
+    home = os.path.join(tmp, "home-nobody")
+    os.mkdir(home, 0o700)
+    os.chown(home, 65534, 65534)
+    env = clean_env(HOME=home)
+
+    d = start_default("userdir", varlib, vartmp, env, user=True)
+    ok(d is not None, "a user's cowmmd starts without --dir",
+       lambda: log_of("userdir"))
+    want = os.path.join(home, ".local", "state", "cowmmd")
+    where = default_dir_of(d)
+    ok(where == want, f"its snapshots go to {where}")
+    st = os.stat(want) if os.path.isdir(want) else None
+    ok(st and st.st_uid == 65534 and st.st_mode & 0o077 == 0,
+       "owned by the user, mode 0700",
+       lambda: st and f"uid {st.st_uid} mode {st.st_mode & 0o7777:04o}")
+    stop_daemon(d)
+
+    xdg = os.path.join(home, "state")
+    os.mkdir(xdg, 0o700)
+    os.chown(xdg, 65534, 65534)
+    theirs = os.path.join(xdg, "cowmmd")
+    os.mkdir(theirs, 0o777)
+    os.chown(theirs, 65533, 65533)
+    env = clean_env(HOME=home, XDG_STATE_HOME=xdg)
+    d = start_default("userdir-theirs", varlib, vartmp, env, user=True)
+    if d:
+        d["proc"].kill()
+    log = log_of("userdir-theirs")
+    ok(d is None and theirs in log and "uid 65533" in log,
+       "an $XDG_STATE_HOME/cowmmd of another uid is refused, with the "
+       "reason", lambda: f"running: {d is not None}; log {log!r}")
+    ok(os.listdir(theirs) == [], "and nothing is written into it")
+    os.rmdir(theirs)
+    d = start_default("userdir-xdg", varlib, vartmp, env, user=True)
+    ok(d is not None and default_dir_of(d) == theirs,
+       "with it gone, $XDG_STATE_HOME/cowmmd is used",
+       lambda: d and default_dir_of(d) or log_of("userdir-xdg"))
+    st = os.stat(theirs)
+    ok(st.st_uid == 65534 and st.st_mode & 0o077 == 0,
+       f"created by the user, mode {st.st_mode & 0o7777:04o}")
+    stop_daemon(d)
+
+
 def case_ctl_squat():
     """Finding 8: cowmmctl refuses a socket served by another uid and
     prints nothing the daemon sent unescaped."""
@@ -820,6 +1014,8 @@ CASES = {
     "emfile": case_emfile,
     "names": case_names,
     "dir": case_dir,
+    "default-dir": case_default_dir,
+    "default-dir-user": case_default_dir_user,
     "ctl-squat": case_ctl_squat,
     "socket-activation": case_socket_activation,
     "crafted-files": case_crafted_files,
