@@ -10,6 +10,7 @@ wait is bounded: a condition polled until a deadline, or a subprocess
 timeout; a daemon that hangs fails the case instead of the run.
 """
 import ctypes
+import errno
 import importlib.util
 import json
 import mmap
@@ -515,6 +516,182 @@ def case_limits():
     stop_daemon(d)
 
 
+def crowd(sock, uids, per_uid, body):
+    """Forks per_uid processes for each uid in @uids, each running
+    body(sock) as that uid; returns what each wrote back (a line), and a
+    function that lets them all exit."""
+    rel_r, rel_w = os.pipe()
+    kids = []
+    for uid in uids:
+        for _ in range(per_uid):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(r)
+                    os.close(rel_w)
+                    if uid:
+                        os.setgroups([])
+                        os.setgid(uid)
+                        os.setuid(uid)
+                    keep = []
+                    try:
+                        said = body(sock, keep)
+                    except Exception as e:
+                        said = f"{type(e).__name__}: {e}"
+                    os.write(w, (said + "\n").encode())
+                    os.read(rel_r, 1)  # EOF: the parent let go
+                finally:
+                    os._exit(0)
+            os.close(w)
+            kids.append((pid, r))
+    os.close(rel_r)
+    out = []
+    for pid, r in kids:
+        with os.fdopen(r) as f:
+            out.append(f.readline().strip())
+
+    def release():
+        os.close(rel_w)
+        for pid, _ in kids:
+            os.waitpid(pid, 0)
+    return out, release
+
+
+def idle_conns(sock, keep, n=8):
+    """Connects @n times and gives the daemon a second to close what it
+    refuses; how many it kept.  The backlog is 64: a connect() that finds
+    it full (EAGAIN) tries again."""
+    end = time.monotonic() + 20
+    for _ in range(n):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        c.setblocking(False)
+        while True:
+            try:
+                c.connect(sock)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.01)
+        keep.append(c)
+    time.sleep(1)
+    held = 0
+    for c in keep:
+        c.setblocking(False)
+        try:
+            held += c.recv(16, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            held += 1
+        except OSError:
+            pass
+    return str(held)
+
+
+def four_hellos(sock, keep):
+    """Four HELLOs, each with a userfaultfd of its own over its own range;
+    their statuses."""
+    me = os.pidfd_open(os.getpid())
+    out = []
+    for _ in range(4):
+        b = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE |
+                      mmap.MAP_ANONYMOUS)
+        a = ctypes.addressof(ctypes.c_char.from_buffer(b))
+        fd = uffd_of(a, 1 << 16, 2)  # UFFDIO_REGISTER_MODE_WP
+        c, st = send_hello(sock, hello_msg([(a, 1 << 16)]), (fd, me))
+        os.close(fd)
+        keep += [b, c]
+        out.append(str(st))
+    return " ".join(out)
+
+
+def case_limits_all():
+    """Finding 5, the limits that take more than one process to reach:
+    connections that are not clients, 32 per uid and 512 in all; clients,
+    64 in all.  (Per process, 8 and 4: the case limits.)  Processes are
+    forked, some under throwaway uids 61000-61016 (the socket opened to
+    them on purpose); each holds what it made until released."""
+    d = start_daemon("crowd")
+    dpid = d["proc"].pid
+    os.chmod(d["sock"], 0o666)
+    base = fd_count(dpid)
+
+    out, release = crowd(d["sock"], [0], 5, idle_conns)
+    held = sum(int(x) for x in out if x.isdigit())
+    ok(held == 32, f"5 processes of one uid asked 40 connections, "
+       f"the daemon kept {held}", lambda: out)
+    release()
+    ok(wait_until(lambda: fd_count(dpid) <= base), "and let them go")
+
+    out, release = crowd(d["sock"], range(61000, 61017), 4, idle_conns)
+    held = sum(int(x) for x in out if x.isdigit())
+    ok(held == 512 and fd_count(dpid) - base == 512,
+       f"68 processes of 17 uids asked 544 connections, the daemon kept "
+       f"{held} ({fd_count(dpid) - base} descriptors)",
+       lambda: [x for x in out if not x.isdigit()])
+    release()
+    ok(wait_until(lambda: fd_count(dpid) <= base), "and let them go")
+    ok(ping_time(d["sock"]) is not None, "ping answers")
+
+    out, release = crowd(d["sock"], [0], 17, four_hellos)
+    sts = " ".join(out).split()
+    ok(sts.count("0") == 64 and
+       all(x in ("0", str(-errno.EUSERS)) for x in sts),
+       f"17 processes asked 68 client slots, {sts.count('0')} given, the "
+       f"rest refused with EUSERS", lambda: sts)
+    release()
+    ok(wait_until(lambda: '"clients": 0,' in ctl(d["sock"], "stats",
+                                                 js=True)[1]),
+       "their clients are gone with them",
+       lambda: ctl(d["sock"], "stats")[1])
+    g, gid = good_client(d, "good")
+    ok(snapshot_ok(d, gid)[0], "then a well-behaved client gets its slot "
+       "and a snapshot")
+    stop_daemon(d)
+
+
+def case_second_uffd():
+    """What remains, bounded: a client that moves its range to a second
+    userfaultfd of its own mid-snapshot makes the daemon's read of a page
+    not yet populated wait until it exits.  That blocks its own
+    snapshot's stream (a pool thread), not the loop nor another client's
+    snapshot; once it is killed its snapshot fails and the daemon exits
+    on SIGTERM."""
+    d = start_daemon("second", "--rate", "8")
+    g, gid = good_client(d, "good")
+    p, line = attacker(d, "second", "evil", mib=32)
+    ok(line[:1] == ["ready"], f"a wp client attaches ({line})")
+    snap = subprocess.Popen([CTL, "--socket", d["sock"], "snapshot",
+                             "evil"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    procs.append(snap)
+    ok(wait_until(lambda: any(e.endswith(".tmp")
+                              for e in os.listdir(d["dir"]))),
+       "its snapshot is being written (8 MiB/s)")
+    ok(act(p), "it moves its range to a second userfaultfd")
+    # 16 MiB populated at 8 MiB/s: by 3 s the stream reads holes.
+    time.sleep(3)
+    ok(snap.poll() is None, "3 s later its snapshot still waits on the read",
+       lambda: snap.communicate())
+    lat = [ping_time(d["sock"]) for _ in range(5)]
+    ok(all(x is not None and x < 2 for x in lat),
+       f"the loop keeps answering: ping {lat}")
+    t = time.monotonic()
+    good, msg = snapshot_ok(d, gid, timeout=30)
+    ok(good, f"the other client's snapshot works "
+       f"({time.monotonic() - t:.1f} s): {msg[:80]}")
+    ok(snap.poll() is None, "the blocked snapshot is still in flight")
+    p.kill()
+    p.wait()
+    try:
+        _, err = snap.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        err = None
+    ok(err is not None and snap.returncode != 0,
+       f"once it is killed, its snapshot fails: {err and err.strip()}")
+    stop_daemon(d)
+
+
 def case_emfile():
     """Finding 5: out of descriptors (EMFILE), the loop must not spin a
     core on a listening socket that stays readable.  cowmmd's
@@ -1012,6 +1189,8 @@ CASES = {
     "zombie": case_zombie,
     "limits": case_limits,
     "emfile": case_emfile,
+    "limits-all": case_limits_all,
+    "second-uffd": case_second_uffd,
     "names": case_names,
     "dir": case_dir,
     "default-dir": case_default_dir,
