@@ -18,6 +18,9 @@
 #include "cowmm.h"
 #include "cowmmd_proto.h"
 
+#ifndef ARRAY_SIZE
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#endif
 #define PAGE 4096UL
 #define KEEP_MAX 64
 #define MAX_CLIENTS 64

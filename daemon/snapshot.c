@@ -24,9 +24,7 @@
 #include <unistd.h>
 
 #include "cowmm.h"
-#include "cowmm_i.h"
 #include "cowmmd.h"
-#include "uffd.h"
 
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424

@@ -14,6 +14,7 @@
 #include <sys/uio.h>
 
 #include "cowmm.h"
+#include "cowmm_daemon.h" /* cowmm__in_worker, cowmm__check_maps() */
 #include "rcu.h"
 
 #define COWMM_PAGE_SHIFT 12
@@ -174,14 +175,6 @@ struct cowmm {
 
 unsigned long cowmm__fork_gen(void);
 
-/*
- * Worker threads never block on a lock another thread may hold across a
- * userfaultfd ioctl: while an event is pending every such ioctl fails with
- * EAGAIN until a worker reads the event, so a blocked worker could wait
- * forever.  A worker takes locks with cowmm__lock() and, on -EAGAIN, defers
- * the message and goes on reading.  Other threads block as usual.
- */
-extern __thread bool cowmm__in_worker;
 /* This thread is resolving its own fault (inthread.c). */
 extern __thread bool cowmm__in_sigbus;
 /* This worker is handling a REMOVE event (manager.c). */
@@ -196,6 +189,14 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp);
 uint32_t cowmm__removes_stamp(cowmm_t *mm);
 bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 
+/*
+ * Worker threads never block on a lock another thread may hold across a
+ * userfaultfd ioctl: while an event is pending every such ioctl fails with
+ * EAGAIN until a worker reads the event, so a blocked worker could wait
+ * forever.  A worker takes locks with cowmm__lock() and, on -EAGAIN, defers
+ * the message and goes on reading.  Other threads block as usual.
+ * (cowmm__in_worker: cowmm_daemon.h, as cowmmd sets it too.)
+ */
 static inline int cowmm__lock(pthread_mutex_t *m)
 {
 	if (cowmm__in_worker)
@@ -395,8 +396,6 @@ int cowmm__view_fill(cowmm_region_t *r, size_t pg, bool wake);
 bool cowmm__page_is_zero(const void *p); /* cow.c */
 int cowmm__resident(uintptr_t start, size_t npages, unsigned char *vec);
 bool cowmm__swap_possible(void);
-/* [start, start + len) is private anonymous memory of @pid (0: this one). */
-int cowmm__check_maps(pid_t pid, uintptr_t start, size_t len);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
 void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */

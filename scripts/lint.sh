@@ -10,10 +10,26 @@ cd "$(dirname "$0")/.."
 ninja -C build >/dev/null
 files=(libcowmm/*.c daemon/*.c)
 
+echo "=== daemon includes ==="
+# cowmmd uses cowmm.h and include-private/ only; its include path has no
+# libcowmm/ (daemon/meson.build), and no quoted include may name a path.
+bad=$(grep -HnE '^#[[:space:]]*include[[:space:]]*"' daemon/*.[ch] \
+	tests/fuzz/fuzz-cowmmd.c | while IFS= read -r line; do
+	h=${line#*\"}; h=${h%%\"*}
+	if [[ $h == */* || -e libcowmm/$h ]]; then echo "$line"; fi
+done)
+if [ -n "$bad" ]; then
+	echo "the daemon includes the library's internals:"
+	echo "$bad"
+	exit 1
+fi
+echo "daemon includes: cowmm.h and include-private/ only"
+
 echo "=== cppcheck ==="
 cppcheck --quiet --error-exitcode=1 --inline-suppr \
 	--enable=warning,portability,performance --std=c11 \
-	-D_GNU_SOURCE -D__x86_64__ -Iinclude -Ilibcowmm -Ibuild -Ibuild/include \
+	-D_GNU_SOURCE -D__x86_64__ -Iinclude -Iinclude-private -Ilibcowmm \
+	-Ibuild -Ibuild/include \
 	--suppress=missingIncludeSystem "${files[@]}"
 echo "cppcheck: no findings in ${#files[@]} files"
 

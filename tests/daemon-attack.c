@@ -18,6 +18,9 @@
  *         vfork     wp; a thread stays in vfork() until SIGUSR1
  *         traced    wp; 32 busy threads, then one seized by a helper
  *                   process (another tracer); SIGUSR1 releases it
+ *         second    wp; SIGUSR1 moves the range to a second userfaultfd
+ *                   in missing mode that nobody reads: cowmmd's reads of
+ *                   a page not yet populated then wait until we exit
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -66,6 +69,22 @@ static void reg(unsigned long long mode)
 
 	if (ioctl(uffd, UFFDIO_REGISTER, &r) < 0)
 		die("UFFDIO_REGISTER");
+}
+
+/* Off cowmmd's userfaultfd (our copy of it), onto one of our own. */
+static void move_to_second(void)
+{
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_range range = { (unsigned long)mem, len };
+	struct uffdio_register r = { range, UFFDIO_REGISTER_MODE_MISSING, 0 };
+	int second = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+
+	if (second < 0 || ioctl(second, UFFDIO_API, &api) < 0)
+		die("second userfaultfd");
+	if (ioctl(uffd, UFFDIO_UNREGISTER, &range) < 0)
+		die("UFFDIO_UNREGISTER");
+	if (ioctl(second, UFFDIO_REGISTER, &r) < 0)
+		die("UFFDIO_REGISTER (second)");
 }
 
 /*
@@ -266,6 +285,8 @@ int main(int argc, char **argv)
 		if (!strcmp(mode, "late"))
 			reg(UFFDIO_REGISTER_MODE_MISSING |
 			    UFFDIO_REGISTER_MODE_WP);
+		if (!strcmp(mode, "second"))
+			move_to_second();
 		if (!strcmp(mode, "vfork") && write(vfork_pipe[1], "x", 1) < 0)
 			die("write");
 		if (!strcmp(mode, "traced") && tracer > 0) {

@@ -26,9 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cowmm_i.h"
+#include "cowmm_daemon.h"
 #include "cowmmd.h"
-#include "uffd.h"
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
