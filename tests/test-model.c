@@ -137,7 +137,8 @@ struct mregion {
 				   origin still holds its bytes */
 	unsigned char *maylose;	/* may raise SIGBUS (origin discarded) */
 	int origin;		/* slot cloned from, -1 */
-	bool holes;		/* pages unmapped or moved apart */
+	bool holes;		/* pages unmapped */
+	bool moved;		/* pages moved apart: in pieces */
 	struct pin pins[MAXPINS];
 	int npins;
 };
@@ -1284,8 +1285,8 @@ static void unmap_owned(struct mregion *m)
 	size_t pg;
 
 	/* Adopted memory stays mapped after release: ours to unmap.
-	 * Memory from the library (alloc, clone) it unmaps itself; pieces
-	 * moved apart by a partial mremap are left alone (leaked). */
+	 * Memory from the library (alloc, clone) it unmaps itself, pieces
+	 * moved apart by a partial mremap too (the region followed them). */
 	if (m->kind != K_ADOPT)
 		return;
 	for (pg = 0; pg < m->npages; pg++)
@@ -1647,7 +1648,7 @@ static void op_munmap(struct op *o, char *d)
 
 static bool whole(struct mregion *m)
 {
-	return !m->holes && !m->npins;
+	return !m->holes && !m->moved && !m->npins;
 }
 
 /* A fresh address, reserved: mremap(MREMAP_FIXED) replaces it. */
@@ -1722,9 +1723,10 @@ static void op_mremap_part(struct op *o, char *d)
 		   to);
 	if (q != to)
 		die(M_ERROR, "mremap part: %m");
+	/* DESIGN.md: "a moved range is followed to its new address" */
 	for (i = 0; i < n; i++)
 		m->addr[pg + i] = to + i * PG;
-	m->holes = true;
+	m->moved = true;
 	DESC("mremap_part R%d pages %zu..%zu to a new address", m->id, pg,
 	     pg + n - 1);
 }
