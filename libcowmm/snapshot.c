@@ -588,6 +588,12 @@ int cowmm_snap_map(cowmm_snap_t *s, const void **view)
 	mm = s->mm;
 	if (mm->flags & COWMM_OPEN_IN_THREAD)
 		return -EOPNOTSUPP; /* a view fills by missing faults */
+	/*
+	 * The view may be mapped where memory was just unmapped or moved
+	 * away: those events first, or their handling would take the view's
+	 * pages for the ones that left (as cowmm_region_alloc() does).
+	 */
+	cowmm__wait_events(mm);
 	pthread_mutex_lock(&mm->lock);
 	if (!s->view) {
 		ret = cowmm__region_map(mm, s->len, COWMM_REGION_NOTHP,
