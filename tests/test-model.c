@@ -1462,6 +1462,17 @@ static void op_pin(struct op *o, char *d)
 			DESC("pin R%d (skipped: lost page)", m->id);
 			return;
 		}
+	for (size_t i = 1; i < p.n; i++)
+		if (m->addr[p.pg + i] != m->addr[p.pg] + i * PG) {
+			/* NEWS: a pin lies within one piece of a region
+			 * part of which mremap moved. */
+			ret = cowmm_pin(m->r, m->addr[p.pg], p.n * PG,
+					p.flags);
+			expect_ret("cowmm_pin across pieces", ret, -EINVAL);
+			DESC("pin R%d pages %zu..%zu: -EINVAL (across pieces)",
+			     m->id, p.pg, p.pg + p.n - 1);
+			return;
+		}
 	busy_start(o, ri);
 	ret = cowmm_pin(m->r, m->addr[p.pg], p.n * PG, p.flags);
 	busy_stop();
