@@ -174,7 +174,7 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 	/* Not mm->lock: see for_overlap(). */
 	urcu_bp_read_lock();
 	t = __atomic_load_n(&mm->rtable, __ATOMIC_ACQUIRE);
-	moved = malloc((t ? t->n : 0) * sizeof(*moved) + 1);
+	moved = calloc((t ? t->n : 0) + 1, sizeof(void *)); /* region pointers */
 	if (!moved) {
 		urcu_bp_read_unlock();
 		return -EAGAIN; /* later: nothing was done */

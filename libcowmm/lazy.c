@@ -58,11 +58,11 @@ static int lazy_read(const struct cowmm_lazy *l, size_t pg, void *dst)
  * is poisoned: the thread touching it gets SIGBUS rather than wrong bytes.
  * Call with r->lock held.
  */
-static int lazy_fill_locked(cowmm_region_t *r, size_t pg, bool wake)
+static int lazy_fill_locked(cowmm_region_t *r, struct cowmm_lazy *l,
+			    size_t pg, bool wake)
 {
 	unsigned char page[COWMM_PAGE_SIZE]
 		__attribute__((aligned(COWMM_PAGE_SIZE)));
-	struct cowmm_lazy *l = r->lazy;
 	uintptr_t addr = cowmm__page_addr(r, pg);
 	int ret;
 
@@ -113,7 +113,7 @@ int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
 	uintptr_t addr = cowmm__page_addr(r, pg);
 
 	if (!cowmm__test_bit(r->lazy->loaded, pg))
-		return lazy_fill_locked(r, pg, wake);
+		return lazy_fill_locked(r, r->lazy, pg, wake);
 	/*
 	 * Loaded, then discarded: zero.  If a snapshot still shares the page
 	 * (its discard preserved it, or it was never written since), the
@@ -146,7 +146,7 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 			cowmm__lazy_discard_locked(r, pg, 1); /* unmapped */
 			continue;
 		}
-		ret = lazy_fill_locked(r, pg, true);
+		ret = lazy_fill_locked(r, l, pg, true);
 		if (ret && ret != -EEXIST)
 			return ret;
 	}
