@@ -39,6 +39,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* The snapshot directory stays empty: nothing attaches (daemon/README.md). */
+static void remove_dir(void)
+{
+	if (D.dir[0])
+		rmdir(D.dir);
+}
+
 static void setup(void)
 {
 	static bool done;
@@ -52,6 +59,7 @@ static void setup(void)
 	if (!mkdtemp(tmpl))
 		abort();
 	snprintf(D.dir, sizeof(D.dir), "%s", tmpl);
+	atexit(remove_dir);
 	D.dirfd = cowmmd_open_dir(D.dir);
 	if (D.dirfd < 0)
 		abort();
