@@ -223,8 +223,24 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
 }
 
 /*
+ * Is the page that was at @addr being moved or unmapped?  A REMAP read and
+ * not handled, or nothing mapped there any more: mremap() and munmap() take
+ * the pages first and send their event after, and the region follows (or
+ * the page leaves it) once it is handled.  Either way, reading again
+ * settles it.
+ */
+static bool moving(cowmm_t *mm, uintptr_t addr)
+{
+	unsigned char vec;
+
+	return atomic_load(&mm->remaps_pending) ||
+	       mincore((void *)addr, COWMM_PAGE_SIZE, &vec);
+}
+
+/*
  * Copy @n bytes at @in of page @pg of @s into @dst.  @e is the page's
- * pagemap entry, read before: a page the snapshot still shares is always
+ * pagemap entry, read before at @addr (where the region's layout put the
+ * page then; it may have moved since, see moving()): a page the snapshot still shares is always
  * write-protected, present or never populated (a uffd-wp marker, which
  * reads as zero without being touched).  A page without the uffd-wp bit, or
  * one that lost it while it was copied, was discarded under the snapshot
@@ -232,7 +248,8 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
  * Call inside an RCU read section.
  */
 static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
-		     uint64_t e, uint32_t before, bool swap, char *dst)
+		     uint64_t e, uintptr_t addr, uint32_t before, bool swap,
+		     char *dst)
 {
 	/*
 	 * The region first, then the frame slot: a release publishes every
@@ -258,7 +275,6 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 		return ret;
 	}
 	if (!f && r) {
-		uintptr_t addr = cowmm__page_addr(r, pg);
 		uint64_t e2;
 
 		if ((r->holes && cowmm__test_bit(r->holes, pg)) ||
@@ -279,8 +295,8 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 					memset(dst, 0, n);
 					return 0;
 				}
-			} else if (atomic_load(&s->mm->remaps_pending)) {
-				/* Moved: @e was read where it no longer is. */
+			} else if (moving(s->mm, addr)) {
+				/* @e was read where the page no longer is. */
 				return -EAGAIN;
 			} else {
 				f = wait_event(s, pg);
@@ -306,6 +322,8 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 			}
 			if (!f && (!(e2 & PM_UFFD_WP) ||
 				   (e & PM_PFN_MASK) != (e2 & PM_PFN_MASK))) {
+				if (!(e2 & PM_UFFD_WP) && moving(s->mm, addr))
+					return -EAGAIN;
 				f = wait_event(s, pg);
 				if (!f)
 					return -EIO;
@@ -322,24 +340,12 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 	return 0;
 }
 
-/* A REMAP event read, not handled yet: wait until the region follows. */
-static bool wait_moves(cowmm_t *mm)
-{
-	int i;
-
-	for (i = 0; i < 20000; i++) { /* 2 s: the event is already read */
-		if (!atomic_load(&mm->remaps_pending))
-			return true;
-		usleep(100);
-	}
-	return false;
-}
 
 ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
 	cowmm_region_t *r;
-	size_t done = 0;
+	size_t done = 0, waits = 0;
 	uint32_t before;
 	bool swap, stamped;
 	int ret = cowmm__check_snap(s);
@@ -365,17 +371,18 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 	urcu_bp_read_lock();
 	while (done < len && !ret) {
 		size_t pg0 = (off + done) >> COWMM_PAGE_SHIFT, np, i;
+		uintptr_t base = 0;
 
 		np = ((off + len - 1) >> COWMM_PAGE_SHIFT) - pg0 + 1;
 		if (np > READ_BATCH)
 			np = READ_BATCH;
 		before = cowmm__removes_stamp(s->mm); /* before pagemap */
 		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
-		if (r)
+		if (r) {
 			np = cowmm__page_span(r, pg0, np); /* one piece */
-		if (!r || cowmm__pagemap_read(s->mm->pagemap,
-					      cowmm__page_addr(r, pg0), np,
-					      entry))
+			base = cowmm__page_addr(r, pg0);
+		}
+		if (!r || cowmm__pagemap_read(s->mm->pagemap, base, np, entry))
 			for (i = 0; i < np; i++)
 				entry[i] = PM_PRESENT | PM_UFFD_WP;
 		for (i = 0; i < np && done < len && !ret; i++) {
@@ -384,15 +391,17 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 
 			if (n > len - done)
 				n = len - done;
-			ret = read_page(s, pg0 + i, in, n, entry[i], before,
+			ret = read_page(s, pg0 + i, in, n, entry[i],
+					base + (i << COWMM_PAGE_SHIFT), before,
 					swap, (char *)buf + done);
 			if (ret != -EAGAIN)
 				done += n;
 		}
 		if (ret == -EAGAIN) {
-			/* Pages of the region moved: read them there. */
+			/* Moved or unmapped under us: look again, up to 2 s. */
 			urcu_bp_read_unlock();
-			ret = wait_moves(s->mm) ? 0 : -EIO;
+			ret = ++waits > 20000 ? -EIO : 0;
+			usleep(100);
 			urcu_bp_read_lock();
 		}
 	}
