@@ -40,9 +40,7 @@ int cowmm_clone(cowmm_region_t *src, unsigned flags, cowmm_region_t **out)
 		return -EOPNOTSUPP; /* a clone fills by missing faults */
 	if (atomic_load(&mm->uffd_lost))
 		return -EIO; /* nothing could register it */
-	cowmm__wait_events(mm);
-	pthread_mutex_lock(&mm->lock);
-	ret = cowmm__snap_create_locked(src, true, &origin);
+	ret = cowmm__snap_create(src, true, &origin); /* takes mm->lock */
 	if (ret)
 		goto out;
 	ret = cowmm__region_map(mm, src->len, flags, PROT_READ | PROT_WRITE,

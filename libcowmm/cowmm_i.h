@@ -385,6 +385,7 @@ typedef int cowmm_run_fn(cowmm_region_t *r, size_t pg, uintptr_t start,
 			 size_t len, void *arg);
 int cowmm__for_runs(cowmm_region_t *r, cowmm_run_fn *fn, void *arg);
 void cowmm__region_wake(cowmm_region_t *r);
+bool cowmm__region_mapped(cowmm_region_t *r);
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe);
 int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
@@ -444,6 +445,8 @@ static inline bool cowmm__snap_needs(const struct cowmm_snap *s, size_t pg)
 int cowmm__check_snap(const cowmm_snap_t *s);
 int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 			      cowmm_snap_t **out); /* mm->lock held */
+int cowmm__snap_create(cowmm_region_t *r, bool internal,
+		       cowmm_snap_t **out); /* returns with mm->lock held */
 int cowmm__snap_page(cowmm_snap_t *s, size_t pg, void *dst);
 void cowmm__snap_break(cowmm_snap_t *s, const char *why);
 void cowmm__snap_release_locked(cowmm_snap_t *s); /* mm->lock held */

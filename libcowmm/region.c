@@ -1163,6 +1163,25 @@ int cowmm__region_wp(cowmm_region_t *r, bool protect)
 	return cowmm__for_runs(r, run_wp, &protect);
 }
 
+static int run_mapped(cowmm_region_t *r, size_t pg, uintptr_t start,
+		      size_t len, void *a)
+{
+	(void)r;
+	(void)pg;
+	(void)a;
+	/* No-op on anonymous memory, but it checks the range is mapped. */
+	return msync((void *)start, len, MS_ASYNC) ? -errno : 0;
+}
+
+/*
+ * Is every run of @r mapped where its layout says?  Not while a move or
+ * an unmap of its pages is not handled yet.  Call with r->lock held.
+ */
+bool cowmm__region_mapped(cowmm_region_t *r)
+{
+	return cowmm__for_runs(r, run_mapped, NULL) == 0;
+}
+
 /* Wake whoever waits on a page of @r (not in the holes). */
 void cowmm__region_wake(cowmm_region_t *r)
 {

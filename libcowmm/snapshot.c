@@ -111,6 +111,14 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 * r->lock meanwhile; once it is dropped, each sees this snapshot.
 	 */
 	ret = cowmm__region_wp(r, true);
+	/*
+	 * The kernel protects what is mapped in a range and skips the rest:
+	 * pages moved away (a REMAP read or not, but not handled: it waits
+	 * for r->lock) are not protected at their new address.  Then the
+	 * caller waits for the move and takes the snapshot again.
+	 */
+	if (!ret && !cowmm__region_mapped(r))
+		ret = -EAGAIN;
 	if (ret)
 		goto err_unlock;
 	s->epoch = ++r->epoch;
@@ -142,6 +150,30 @@ err_free:
 	return ret;
 }
 
+/*
+ * cowmm__snap_create_locked() once the unmaps and moves read so far are
+ * handled, and again while pages of @r move or leave it under the call.
+ * Returns with mm->lock held.
+ */
+int cowmm__snap_create(cowmm_region_t *r, bool internal, cowmm_snap_t **out)
+{
+	int ret, tries;
+
+	for (tries = 0;; tries++) {
+		cowmm__wait_events(r->mm);
+		pthread_mutex_lock(&r->mm->lock);
+		ret = cowmm__snap_create_locked(r, internal, out);
+		if (ret == -EAGAIN && tries == 100)
+			ret = -ENOENT; /* never settled: as if unmapped */
+		if ((ret != -EAGAIN && ret != -ENOENT) || tries == 100 ||
+		    (ret == -ENOENT && tries &&
+		     !atomic_load(&r->mm->remaps_pending) &&
+		     !atomic_load(&r->mm->unmaps_pending)))
+			return ret;
+		pthread_mutex_unlock(&r->mm->lock);
+	}
+}
+
 int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 {
 	int ret = cowmm__check_region(r);
@@ -150,9 +182,7 @@ int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out)
 		return ret;
 	if (!out)
 		return -EINVAL;
-	cowmm__wait_events(r->mm);
-	pthread_mutex_lock(&r->mm->lock);
-	ret = cowmm__snap_create_locked(r, false, out);
+	ret = cowmm__snap_create(r, false, out);
 	pthread_mutex_unlock(&r->mm->lock);
 	return ret;
 }

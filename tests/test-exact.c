@@ -975,6 +975,38 @@ START_TEST(test_read_during_move)
 END_TEST
 
 /*
+ * A snapshot taken while the move of part of its region is read but not
+ * handled yet (a helper holds the region's lock, so the REMAP waits): it
+ * protects the region's old layout and meets a range that is gone.  It
+ * must wait for the move and succeed, not return -ENOENT (the outside
+ * review: 3 of 10 runs with a thread moving pieces).
+ */
+START_TEST(test_snapshot_during_move)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p, *to = reserve(8 * T_PAGE);
+	struct hold h = { .ms = 300 };
+
+	p = t_filled_region(mm, NPAGES, &r);
+	h.lock = &r->lock;
+	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
+	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
+	sem_wait(&h.locked);
+	ck_assert_ptr_eq(mremap(p + 8 * T_PAGE, 8 * T_PAGE, 8 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, to),
+			 to);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	hold_end(&h);
+	to[0] ^= 1;
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * munmap() returns once a worker has read its UNMAP event, perhaps before
  * it is handled: a snapshot read then finds the page gone with no
  * protection, as a page MADV_FREE let the kernel drop would be, but it
@@ -1319,6 +1351,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "view-after-move", test_view_after_move, T_WP_UNPOPULATED },
 		{ "read-during-move", test_read_during_move, T_WP_UNPOPULATED },
+		{ "snapshot-during-move", test_snapshot_during_move,
+		  T_WP_UNPOPULATED },
 		{ "clone-refill-discard-pending",
 		  test_clone_refill_discard_pending, T_WP_UNPOPULATED },
 		{ "fault-around-zero", test_fault_around_zero,
