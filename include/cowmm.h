@@ -309,7 +309,10 @@ COWMM_EXPORT int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len,
  * follows its pages when the application moves them with mremap(), whole
  * or in part; after a move of part of it, its pages are no longer all in
  * one range, and each keeps its offset in the region, its snapshots and
- * its clones.
+ * its clones.  A move leaves the old range free, and the library (or
+ * anything else) may map memory there at once: moving pages back into it
+ * with MREMAP_FIXED replaces that memory, as any MAP_FIXED does, unless
+ * the application held the range (mapped something there) meanwhile.
  * Context: any thread.
  *
  * @param r  a region
