@@ -511,7 +511,8 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  *
  * @param s  a snapshot
  * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -ENOENT (its
- *         region was released), -EIO (broken snapshot), -ENOMEM, -ECHILD
+ *         region was released, or its pages kept being moved or unmapped
+ *         under the call), -EIO (broken snapshot), -ENOMEM, -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);

@@ -770,12 +770,14 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 		return 1; /* the region moved meanwhile */
 	}
 	cowmm__count(r->mm, missing_faults, 1);
-	if (r->origin && discard_pending(r->mm)) {
+	if ((r->origin || r->lazy) && discard_pending(r->mm)) {
 		/*
 		 * Perhaps this very page: its discard decides first.  Also
 		 * for a page filled before: the zero that refills it would
 		 * go in protected, and a snapshot that shared the old page
-		 * would read that zero until the discard breaks it.
+		 * would read that zero until the discard breaks it.  And a
+		 * lazy load's page not loaded yet reads zero once discarded,
+		 * not the file's bytes.
 		 */
 		pthread_mutex_unlock(&r->lock);
 		return -EAGAIN;

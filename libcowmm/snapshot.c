@@ -704,11 +704,14 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 	cowmm_region_t *r;
 	cowmm_t *mm;
 	size_t pg;
-	int ret = cowmm__check_snap(s);
+	int ret = cowmm__check_snap(s), tries = 0;
 
 	if (ret)
 		return ret;
 	mm = s->mm;
+again:
+	/* Unmaps and moves read so far first: it writes into the pages. */
+	cowmm__wait_events(mm);
 	pthread_mutex_lock(&mm->lock);
 	r = s->region;
 	if (!r) {
@@ -726,6 +729,16 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 	}
 	pthread_mutex_lock(&r->lock);
 	ret = cowmm__region_wp(r, true);
+	if (!ret && !cowmm__region_mapped(r)) {
+		/* Pages moved or unmapped under it, their event not handled. */
+		pthread_mutex_unlock(&r->lock);
+		pthread_mutex_unlock(&mm->lock);
+		free(todo);
+		todo = NULL;
+		if (++tries < 100)
+			goto again;
+		return -ENOENT;
+	}
 	if (ret)
 		goto out;
 	/* Protecting again may have found it had lost a page (region.c). */
