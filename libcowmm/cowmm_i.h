@@ -301,6 +301,12 @@ int cowmm__layout_move(cowmm_region_t *r, uintptr_t from, uintptr_t to,
 		       size_t len);
 /* Of the @n pages from @pg, how many lie one after another in memory. */
 size_t cowmm__page_span(const cowmm_region_t *r, size_t pg, size_t n);
+/*
+ * Where page @pg of @r is, and *@n cut to the pages from it in the same
+ * piece, from one layout: for readers outside r->lock, which a move may
+ * change under them.
+ */
+uintptr_t cowmm__page_run(const cowmm_region_t *r, size_t pg, size_t *n);
 /* The page of @r at @addr: 0, or -ENOENT (not one, or it left @r). */
 int cowmm__page_at(const cowmm_region_t *r, uintptr_t addr, size_t *pg);
 /*

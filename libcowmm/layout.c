@@ -58,6 +58,17 @@ size_t cowmm__page_span(const cowmm_region_t *r, size_t pg, size_t n)
 	return n < left ? n : left;
 }
 
+uintptr_t cowmm__page_run(const cowmm_region_t *r, size_t pg, size_t *n)
+{
+	const struct cowmm_layout *l = cowmm__layout(r); /* one load: both */
+	const struct cowmm_piece *p = l->n == 1 ? l->p : cowmm__piece_of(l, pg);
+	size_t left = p->pg + p->n - pg;
+
+	if (*n > left)
+		*n = left;
+	return p->addr + ((pg - p->pg) << COWMM_PAGE_SHIFT);
+}
+
 int cowmm__page_at(const cowmm_region_t *r, uintptr_t addr, size_t *pg)
 {
 	const struct cowmm_layout *l = cowmm__layout(r);

@@ -394,11 +394,11 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		/*
 		 * Shared, yet not protected.  Zapped by a discard read since,
 		 * or unmapped (the snapshots that shared it break when its
-		 * event is handled): try again then.  A REMOVE handler cannot tell its own zap
-		 * from another's: -EIO.  Otherwise no event came, and the
-		 * kernel dropped a page MADV_FREE left: it reads as the zero
-		 * the application allowed (what was written since did not
-		 * fault).
+		 * event is handled): try again then.  A REMOVE handler cannot
+		 * tell its own zap from another's: -EIO.  Otherwise no event
+		 * came, and the kernel dropped a page MADV_FREE left: it reads
+		 * as the zero the application allowed (what was written since
+		 * did not fault).
 		 */
 		if (cowmm__in_remove)
 			return -EIO;

@@ -270,11 +270,12 @@ static bool moving(cowmm_t *mm, uintptr_t addr)
 /*
  * Copy @n bytes at @in of page @pg of @s into @dst.  @e is the page's
  * pagemap entry, read before at @addr (where the region's layout put the
- * page then; it may have moved since, see moving()): a page the snapshot still shares is always
- * write-protected, present or never populated (a uffd-wp marker, which
- * reads as zero without being touched).  A page without the uffd-wp bit, or
- * one that lost it while it was copied, was discarded under the snapshot
- * (@before: the last discard read before @e was).
+ * page then; it may have moved since, see moving()): a page the snapshot
+ * still shares is always write-protected, present or never populated (a
+ * uffd-wp marker, which reads as zero without being touched).  A page
+ * without the uffd-wp bit, or one that lost it while it was copied, was
+ * discarded under the snapshot (@before: the last discard read before @e
+ * was).
  * Call inside an RCU read section.
  */
 static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
@@ -370,7 +371,6 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 	return 0;
 }
 
-
 ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
@@ -408,10 +408,8 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 			np = READ_BATCH;
 		before = cowmm__removes_stamp(s->mm); /* before pagemap */
 		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
-		if (r) {
-			np = cowmm__page_span(r, pg0, np); /* one piece */
-			base = cowmm__page_addr(r, pg0);
-		}
+		if (r) /* one piece, as the layout is now */
+			base = cowmm__page_run(r, pg0, &np);
 		if (!r || cowmm__pagemap_read(s->mm->pagemap, base, np, entry))
 			for (i = 0; i < np; i++)
 				entry[i] = PM_PRESENT | PM_UFFD_WP;
