@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cow.h"
 
@@ -120,21 +121,31 @@ static int pin_range(cowmm_region_t *r, void *addr, size_t len, size_t *pg,
 		     size_t *n)
 {
 	uintptr_t a = (uintptr_t)addr;
-	int ret = cowmm__check_region(r);
+	int ret = cowmm__check_region(r), tries;
 
 	if (ret)
 		return ret;
 	if (!len || (a | len) & (COWMM_PAGE_SIZE - 1))
 		return -EINVAL;
 	*n = len >> COWMM_PAGE_SHIFT;
-	/* Where the pages are now: part of @r may have moved (layout.c). */
-	urcu_bp_read_lock();
-	ret = cowmm__page_at(r, a, pg) ||
-			      cowmm__page_span(r, *pg, r->npages - *pg) < *n
-		      ? -EINVAL
-		      : 0;
-	urcu_bp_read_unlock();
-	return ret;
+	/*
+	 * Where the pages are now: part of @r may have moved (layout.c).  A
+	 * move read but not handled yet (mremap() has returned) is waited
+	 * for, up to 2 s: the address the caller has is the new one.
+	 */
+	for (tries = 0;; tries++) {
+		urcu_bp_read_lock();
+		ret = cowmm__page_at(r, a, pg) ||
+				      cowmm__page_span(r, *pg,
+						       r->npages - *pg) < *n
+			      ? -EINVAL
+			      : 0;
+		urcu_bp_read_unlock();
+		if (!ret || tries == 20000 ||
+		    !atomic_load(&r->mm->remaps_pending))
+			return ret;
+		usleep(100);
+	}
 }
 
 /*

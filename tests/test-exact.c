@@ -1017,6 +1017,34 @@ START_TEST(test_snapshot_during_move)
 END_TEST
 
 /*
+ * A pin at a moved page's new address right after mremap() returned, its
+ * REMAP read but not handled yet (a helper holds the region's lock): it
+ * waits for the move, it is not -EINVAL (the model tester's final run).
+ */
+START_TEST(test_pin_after_move)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r;
+	unsigned char *p, *to = reserve(4 * T_PAGE);
+	struct hold h = { .ms = 300 };
+
+	p = t_filled_region(mm, NPAGES, &r);
+	h.lock = &r->lock;
+	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
+	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
+	sem_wait(&h.locked);
+	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 4 * T_PAGE, 4 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, to),
+			 to);
+	ck_assert_int_eq(cowmm_pin(r, to + 2 * T_PAGE, T_PAGE, COWMM_PIN_READ),
+			 0);
+	hold_end(&h);
+	ck_assert_int_eq(cowmm_unpin(r, to + 2 * T_PAGE, T_PAGE), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * munmap() returns once a worker has read its UNMAP event, perhaps before
  * it is handled: a snapshot read then finds the page gone with no
  * protection, as a page MADV_FREE let the kernel drop would be, but it
@@ -1462,6 +1490,7 @@ int main(void)
 		{ "read-during-move", test_read_during_move, T_WP_UNPOPULATED },
 		{ "snapshot-during-move", test_snapshot_during_move,
 		  T_WP_UNPOPULATED },
+		{ "pin-after-move", test_pin_after_move, T_WP_UNPOPULATED },
 		{ "clone-refill-discard-pending",
 		  test_clone_refill_discard_pending, T_WP_UNPOPULATED },
 		{ "lazy-touch-discard-pending", test_lazy_touch_discard_pending,
