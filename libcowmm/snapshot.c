@@ -89,7 +89,7 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 		return -ENOMEM;
 	s->magic = COWMM_MAGIC_SNAP;
 	s->mm = mm;
-	s->base = r->base;
+	s->base = __atomic_load_n(&r->base, __ATOMIC_ACQUIRE); /* a REMAP */
 	s->len = r->len;
 	s->npages = r->npages;
 	s->internal = internal;
