@@ -66,6 +66,16 @@ static void *hold_main(void *arg)
 	return NULL;
 }
 
+/* A helper holds @lock for @ms from now; hold_end() joins it. */
+static void hold_start(struct hold *h, pthread_mutex_t *lock, unsigned ms)
+{
+	h->lock = lock;
+	h->ms = ms;
+	ck_assert_int_eq(sem_init(&h->locked, 0, 0), 0);
+	ck_assert_int_eq(pthread_create(&h->th, NULL, hold_main, h), 0);
+	sem_wait(&h->locked);
+}
+
 /*
  * Discard page 0 of @other while a helper holds its lock for @ms: the
  * REMOVE event is read (madvise() returns) but cannot be handled until the
@@ -74,11 +84,7 @@ static void *hold_main(void *arg)
 static void discard_pending(cowmm_t *mm, cowmm_region_t *other,
 			    struct hold *h, unsigned ms)
 {
-	h->lock = &other->lock;
-	h->ms = ms;
-	ck_assert_int_eq(sem_init(&h->locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h->th, NULL, hold_main, h), 0);
-	sem_wait(&h->locked);
+	hold_start(h, &other->lock, ms);
 	ck_assert_int_eq(madvise(cowmm_region_base(other), T_PAGE,
 				 MADV_DONTNEED), 0);
 	while (!atomic_load(&mm->removes_pending))
@@ -221,11 +227,7 @@ START_TEST(test_clone_snap_discard_pending)
 	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
 
 	/* The clone's own discard, its handler held up by the clone's lock. */
-	h.lock = &c->lock;
-	h.ms = 300;
-	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
-	sem_wait(&h.locked);
+	hold_start(&h, &c->lock, 300);
 	ck_assert_int_eq(madvise(q + 5 * T_PAGE, T_PAGE, MADV_DONTNEED), 0);
 	n = cowmm_snap_read(s, 5 * T_PAGE, buf, T_PAGE);
 	hold_end(&h);
@@ -997,13 +999,10 @@ START_TEST(test_snapshot_during_move)
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
 	unsigned char *p, *to = reserve(8 * T_PAGE);
-	struct hold h = { .ms = 300 };
+	struct hold h;
 
 	p = t_filled_region(mm, NPAGES, &r);
-	h.lock = &r->lock;
-	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
-	sem_wait(&h.locked);
+	hold_start(&h, &r->lock, 300);
 	ck_assert_ptr_eq(mremap(p + 8 * T_PAGE, 8 * T_PAGE, 8 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, to),
 			 to);
@@ -1026,13 +1025,10 @@ START_TEST(test_pin_after_move)
 	cowmm_t *mm = t_open_fa(1, 1);
 	cowmm_region_t *r;
 	unsigned char *p, *to = reserve(4 * T_PAGE);
-	struct hold h = { .ms = 300 };
+	struct hold h;
 
 	p = t_filled_region(mm, NPAGES, &r);
-	h.lock = &r->lock;
-	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
-	sem_wait(&h.locked);
+	hold_start(&h, &r->lock, 300);
 	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 4 * T_PAGE, 4 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, to),
 			 to);
@@ -1058,13 +1054,11 @@ START_TEST(test_unmap_pending_read)
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
 	unsigned char *p, buf[T_PAGE];
-	struct hold h = { .lock = &mm->lock, .ms = 300 };
+	struct hold h;
 
 	p = t_filled_region(mm, NPAGES, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
-	sem_wait(&h.locked);
+	hold_start(&h, &mm->lock, 300);
 	ck_assert_int_eq(munmap(p, 2 * T_PAGE), 0);
 	ck_assert_int_eq(cowmm_snap_read(s, 0, buf, T_PAGE), -EIO);
 	hold_end(&h);
@@ -1258,6 +1252,22 @@ static void *clone_touch_main(void *arg)
 }
 
 /*
+ * Make the next REMOVE wait: a helper holds @x's lock and part of @x is
+ * moved, so its REMAP waits for the lock and every discard read after it
+ * waits for the REMAP (events are handled in order).  hold_end() lets go.
+ */
+static void moves_pending(cowmm_region_t *x, unsigned char *xp,
+			  struct hold *h)
+{
+	unsigned char *to = reserve(4 * T_PAGE);
+
+	hold_start(h, &x->lock, 300);
+	ck_assert_ptr_eq(mremap(xp + 4 * T_PAGE, 4 * T_PAGE, 4 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, to),
+			 to);
+}
+
+/*
  * A clone's page, filled, shared with a snapshot of the clone, then
  * discarded: the discard's event stays pending (it waits behind a move of
  * another region, whose lock a helper holds).  A touch then must not refill
@@ -1269,9 +1279,9 @@ START_TEST(test_clone_refill_discard_pending)
 	cowmm_t *mm = t_open_fa(2, 1);
 	cowmm_region_t *r, *c, *x;
 	cowmm_snap_t *s;
-	unsigned char *q, *xp, *to = reserve(4 * T_PAGE), buf[T_PAGE];
+	unsigned char *q, *xp, buf[T_PAGE];
 	struct writer w = { 0 };
-	struct hold h = { .ms = 300 };
+	struct hold h;
 	pthread_t th;
 
 	t_filled_region(mm, NPAGES, &r);
@@ -1281,13 +1291,7 @@ START_TEST(test_clone_refill_discard_pending)
 	ck_assert(page_is(q, 1)); /* filled */
 	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
 
-	h.lock = &x->lock;
-	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
-	sem_wait(&h.locked);
-	ck_assert_ptr_eq(mremap(xp + 4 * T_PAGE, 4 * T_PAGE, 4 * T_PAGE,
-				MREMAP_MAYMOVE | MREMAP_FIXED, to),
-			 to);
+	moves_pending(x, xp, &h);
 	ck_assert_int_eq(madvise(q, T_PAGE, MADV_DONTNEED), 0);
 	w.p = q;
 	ck_assert_int_eq(pthread_create(&th, NULL, clone_touch_main, &w), 0);
@@ -1299,26 +1303,6 @@ START_TEST(test_clone_refill_discard_pending)
 	cowmm_close(mm);
 }
 END_TEST
-
-/*
- * Make the next REMOVE wait: a helper holds @x's lock and part of @x is
- * moved, so its REMAP waits for the lock and every discard read after it
- * waits for the REMAP (events are handled in order).  hold_end() lets go.
- */
-static void moves_pending(cowmm_region_t *x, unsigned char *xp,
-			  struct hold *h)
-{
-	unsigned char *to = reserve(4 * T_PAGE);
-
-	h->lock = &x->lock;
-	h->ms = 300;
-	ck_assert_int_eq(sem_init(&h->locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h->th, NULL, hold_main, h), 0);
-	sem_wait(&h->locked);
-	ck_assert_ptr_eq(mremap(xp + 4 * T_PAGE, 4 * T_PAGE, 4 * T_PAGE,
-				MREMAP_MAYMOVE | MREMAP_FIXED, to),
-			 to);
-}
 
 /*
  * A page of a lazy load, not loaded yet, discarded: it reads zero, also
@@ -1375,7 +1359,7 @@ START_TEST(test_restore_unmap_pending)
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
 	unsigned char *p;
-	struct hold h = { .ms = 300 };
+	struct hold h;
 	size_t pg;
 
 	ck_assert_int_eq(cowmm_region_alloc(mm, NPAGES * T_PAGE,
@@ -1385,10 +1369,7 @@ START_TEST(test_restore_unmap_pending)
 	memset(p, 0x5a, NPAGES * T_PAGE);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	memset(p, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
-	h.lock = &r->lock;
-	ck_assert_int_eq(sem_init(&h.locked, 0, 0), 0);
-	ck_assert_int_eq(pthread_create(&h.th, NULL, hold_main, &h), 0);
-	sem_wait(&h.locked);
+	hold_start(&h, &r->lock, 300);
 	ck_assert_int_eq(munmap(p + 7 * T_PAGE, 2 * T_PAGE), 0);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0);
 	hold_end(&h);
