@@ -6,7 +6,8 @@
  * the library's figures (bench-cow) can be read against the floor of each
  * way of resolving a fault.
  *
- * Methods (each on a fresh populated region of 4 KiB pages, random order):
+ * Methods (each on a fresh populated region of 4 KiB pages, random order;
+ * the writing thread is bound to one CPU except in "kernel"):
  *  kernel            fork(), then the parent writes: the kernel's COW fault;
  *  kernel-busy       the same, while another thread of the process spins
  *                    on the other CPU (a server's other threads under
@@ -15,17 +16,24 @@
  *                    handler only clears the protection (no copy): the
  *                    floor of in-thread mode;
  *  sigbus-clear-busy the same, with the spinning thread of kernel-busy;
- *  sigbus-copy       the same handler also reads the pagemap entry, copies
- *                    the page into a frame and reads the entry again, as
- *                    libcowmm's in-thread mode does;
- *  worker-clear      a worker thread reads the fault and clears the
- *                    protection with a wake-up (no copy): the floor of the
- *                    default mode, wherever the scheduler runs the worker;
- *  worker-clear-1cpu the same, writer and worker bound to one CPU: no
- *                    cross-CPU wake-up;
- *  worker-copy       the worker also copies the page with
- *                    process_vm_readv() between two pagemap reads, as
- *                    libcowmm's worker does.
+ *  sigbus-memcpy     the handler also copies the page into a frame;
+ *  sigbus-checked    the handler reads the pagemap entry, copies the page
+ *                    and reads the entry again, as libcowmm's in-thread
+ *                    mode does;
+ *  worker-<work>-<placement>
+ *                    a worker thread reads the fault, does <work> and
+ *                    clears the protection with a wake-up.  <work>: clear
+ *                    (nothing), memcpy (a plain copy into a frame),
+ *                    checked (process_vm_readv() between two pagemap
+ *                    reads, as libcowmm's worker does).  <placement>:
+ *                    unbound (wherever the scheduler runs it), same (on
+ *                    the writer's CPU), other (on another CPU, sleeping
+ *                    in poll() between faults), spin (on another CPU,
+ *                    busy-polling the userfaultfd for SPIN_US after each
+ *                    fault before it sleeps).
+ *
+ * Frames are populated before each pass, so a copy pays for the copy and
+ * not for the frame's first touch.
  *
  * Output: CSV rows as bench-cow writes them (bench,metric,size_mib,pages,
  * method,order,median,min,max,unit,n), latencies pooled over the runs.
@@ -59,32 +67,48 @@
 #include "bench.h"
 
 #define MAX_RUNS 64
+#define SPIN_US 200 /* a spinning worker's window after each fault */
 
-enum method {
-	KERNEL,
-	KERNEL_BUSY,
-	SIGBUS_CLEAR,
-	SIGBUS_CLEAR_BUSY,
-	SIGBUS_COPY,
-	WORKER_CLEAR,
-	WORKER_CLEAR_1CPU,
-	WORKER_COPY,
-	NMETHODS
+enum kind { BY_KERNEL, BY_HANDLER, BY_WORKER };
+enum work { CLEAR, MEMCPY, CHECKED };
+enum placement { UNBOUND, SAME, OTHER, SPIN };
+
+static const struct method {
+	const char *name;
+	enum kind kind;
+	enum work work;
+	enum placement place;
+	bool busy; /* another thread spins on the other CPU */
+} methods[] = { /* the first is the reference of the ratios */
+	{ "kernel", BY_KERNEL, CLEAR, UNBOUND, false },
+	{ "kernel-busy", BY_KERNEL, CLEAR, SAME, true },
+	{ "sigbus-clear", BY_HANDLER, CLEAR, SAME, false },
+	{ "sigbus-clear-busy", BY_HANDLER, CLEAR, SAME, true },
+	{ "sigbus-memcpy", BY_HANDLER, MEMCPY, SAME, false },
+	{ "sigbus-checked", BY_HANDLER, CHECKED, SAME, false },
+	{ "worker-clear-unbound", BY_WORKER, CLEAR, UNBOUND, false },
+	{ "worker-clear-same", BY_WORKER, CLEAR, SAME, false },
+	{ "worker-clear-other", BY_WORKER, CLEAR, OTHER, false },
+	{ "worker-clear-spin", BY_WORKER, CLEAR, SPIN, false },
+	{ "worker-memcpy-same", BY_WORKER, MEMCPY, SAME, false },
+	{ "worker-memcpy-spin", BY_WORKER, MEMCPY, SPIN, false },
+	{ "worker-checked-unbound", BY_WORKER, CHECKED, UNBOUND, false },
+	{ "worker-checked-same", BY_WORKER, CHECKED, SAME, false },
+	{ "worker-checked-other", BY_WORKER, CHECKED, OTHER, false },
+	{ "worker-checked-spin", BY_WORKER, CHECKED, SPIN, false },
 };
 
-static const char *const method_name[NMETHODS] = {
-	"kernel", "kernel-busy", "sigbus-clear", "sigbus-clear-busy", "sigbus-copy",
-	"worker-clear", "worker-clear-1cpu", "worker-copy",
-};
+#define NMETHODS (sizeof(methods) / sizeof(methods[0]))
 
 /* What a fault handler needs; one method runs at a time. */
 static struct {
 	int uffd, pagemap, stopfd;
-	bool copy;
+	enum work work;
+	bool spin;
 	char *frames;
 	size_t nframes;
 	_Atomic size_t next_frame;
-	_Atomic bool spin;
+	_Atomic bool spinning;
 } h;
 
 static uint64_t pagemap_entry(uintptr_t addr)
@@ -118,6 +142,32 @@ static void clear_wp(uintptr_t addr, bool wake)
 			err(1, "UFFDIO_WRITEPROTECT");
 }
 
+/* Copy the page at @addr into a frame, as h.work says. */
+static void copy_page(uintptr_t addr, bool worker)
+{
+	char *frame = next_frame();
+	uint64_t e1, e2;
+
+	if (h.work == MEMCPY) {
+		memcpy(frame, (const void *)addr, PAGE);
+		return;
+	}
+	e1 = pagemap_entry(addr);
+	if (worker) {
+		struct iovec local = { frame, PAGE };
+		struct iovec remote = { (void *)addr, PAGE };
+
+		if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) !=
+		    (ssize_t)PAGE)
+			err(1, "process_vm_readv");
+	} else {
+		memcpy(frame, (const void *)addr, PAGE);
+	}
+	e2 = pagemap_entry(addr);
+	if (e1 != e2)
+		errx(1, "the page changed under the copy");
+}
+
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
 	uintptr_t addr = (uintptr_t)si->si_addr & ~(PAGE - 1);
@@ -125,64 +175,58 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 
 	(void)sig;
 	(void)uc;
-	if (h.copy) {
-		uint64_t e1 = pagemap_entry(addr), e2;
-
-		memcpy(next_frame(), (const void *)addr, PAGE);
-		e2 = pagemap_entry(addr);
-		if (e1 != e2)
-			errx(1, "the page changed under the copy");
-	}
+	if (h.work != CLEAR)
+		copy_page(addr, false);
 	clear_wp(addr, false);
 	errno = saved;
 }
 
-static void *worker(void *arg)
+/* Read one fault; false when the stop eventfd fired. */
+static bool next_fault(struct uffd_msg *msg)
 {
 	struct pollfd pfd[2] = {
 		{ .fd = h.uffd, .events = POLLIN },
 		{ .fd = h.stopfd, .events = POLLIN },
 	};
+	double spin_until = h.spin ? now_ns() + SPIN_US * 1e3 : 0;
+
+	for (;;) {
+		/* Spinning: a non-blocking read until the window closes. */
+		if (read(h.uffd, msg, sizeof(*msg)) == sizeof(*msg))
+			return true;
+		if (errno != EAGAIN)
+			err(1, "read userfaultfd");
+		if (spin_until && now_ns() < spin_until)
+			continue;
+		spin_until = 0;
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			err(1, "poll");
+		if (pfd[1].revents)
+			return false;
+	}
+}
+
+static void *worker(void *arg)
+{
 	struct uffd_msg msg;
 
 	(void)arg;
-	for (;;) {
-		if (poll(pfd, 2, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			err(1, "poll");
-		}
-		if (pfd[1].revents)
-			return NULL;
-		if (read(h.uffd, &msg, sizeof(msg)) != sizeof(msg)) {
-			if (errno == EAGAIN)
-				continue;
-			err(1, "read userfaultfd");
-		}
+	while (next_fault(&msg)) {
 		if (msg.event != UFFD_EVENT_PAGEFAULT)
 			continue;
 		uintptr_t addr = msg.arg.pagefault.address & ~(PAGE - 1);
 
-		if (h.copy) {
-			struct iovec local = { next_frame(), PAGE };
-			struct iovec remote = { (void *)addr, PAGE };
-			uint64_t e1 = pagemap_entry(addr), e2;
-
-			if (process_vm_readv(getpid(), &local, 1, &remote, 1,
-					     0) != (ssize_t)PAGE)
-				err(1, "process_vm_readv");
-			e2 = pagemap_entry(addr);
-			if (e1 != e2)
-				errx(1, "the page changed under the copy");
-		}
+		if (h.work != CLEAR)
+			copy_page(addr, true);
 		clear_wp(addr, true);
 	}
+	return NULL;
 }
 
 static void *spinner(void *arg)
 {
 	(void)arg;
-	while (h.spin)
+	while (h.spinning)
 		;
 	return NULL;
 }
@@ -234,18 +278,27 @@ static void protect(char *p, size_t len, uint64_t features)
 }
 
 /* One pass of @m over pages @o[0..n) of a fresh region; latencies to @lat. */
-static void pass(enum method m, size_t len, const size_t *o, size_t n,
-		 double *lat)
+static void pass(const struct method *m, size_t len, const size_t *o,
+		 size_t n, double *lat)
 {
 	char *p = populated(len);
 	pthread_t t = 0, busy = 0;
 	cpu_set_t was;
 	pid_t child = -1;
-	bool worker_mode = m >= WORKER_CLEAR;
+	int cpu[2] = { -1, -1 }, found = 0;
 
-	h.copy = m == SIGBUS_COPY || m == WORKER_COPY;
+	/* The first two CPUs this thread may use. */
+	if (pthread_getaffinity_np(pthread_self(), sizeof(was), &was))
+		errx(1, "pthread_getaffinity_np");
+	for (int c = 0; c < CPU_SETSIZE && found < 2; c++)
+		if (CPU_ISSET(c, &was))
+			cpu[found++] = c;
+	if (found < 2 && (m->place == OTHER || m->place == SPIN || m->busy))
+		errx(1, "%s needs two CPUs", m->name);
+	h.work = m->work;
+	h.spin = m->place == SPIN;
 	h.next_frame = 0;
-	if (m == KERNEL || m == KERNEL_BUSY) {
+	if (m->kind == BY_KERNEL) {
 		child = fork();
 		if (child < 0)
 			err(1, "fork");
@@ -254,28 +307,21 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 			_exit(0);
 		}
 	} else {
-		protect(p, len, worker_mode ? 0 : UFFD_FEATURE_SIGBUS);
+		protect(p, len, m->kind == BY_WORKER ? 0 : UFFD_FEATURE_SIGBUS);
 	}
-	if (worker_mode) {
+	if (m->place != UNBOUND)
+		bind_to(pthread_self(), cpu[0]);
+	if (m->kind == BY_WORKER) {
 		if (pthread_create(&t, NULL, worker, NULL))
 			errx(1, "pthread_create");
-		if (m == WORKER_CLEAR_1CPU) {
-			/* both on the first CPU this thread may use */
-			int cpu = 0;
-
-			if (pthread_getaffinity_np(pthread_self(), sizeof(was),
-						   &was))
-				errx(1, "pthread_getaffinity_np");
-			while (!CPU_ISSET(cpu, &was))
-				cpu++;
-			bind_to(t, cpu);
-			bind_to(pthread_self(), cpu);
-		}
+		if (m->place != UNBOUND)
+			bind_to(t, cpu[m->place == SAME ? 0 : 1]);
 	}
-	if (m == SIGBUS_CLEAR_BUSY || m == KERNEL_BUSY) {
-		h.spin = true;
+	if (m->busy) {
+		h.spinning = true;
 		if (pthread_create(&busy, NULL, spinner, NULL))
 			errx(1, "pthread_create");
+		bind_to(busy, cpu[1]);
 	}
 	usleep(100 * 1000); /* let deferred work from the setup settle */
 	for (size_t i = 0; i < n; i++) {
@@ -286,10 +332,10 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 		lat[i] = now_ns() - t0;
 	}
 	if (busy) {
-		h.spin = false;
+		h.spinning = false;
 		pthread_join(busy, NULL);
 	}
-	if (worker_mode) {
+	if (t) {
 		uint64_t one = 1;
 
 		if (write(h.stopfd, &one, sizeof(one)) != sizeof(one))
@@ -297,10 +343,9 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 		pthread_join(t, NULL);
 		if (read(h.stopfd, &one, sizeof(one)) != sizeof(one))
 			err(1, "eventfd");
-		if (m == WORKER_CLEAR_1CPU &&
-		    pthread_setaffinity_np(pthread_self(), sizeof(was), &was))
-			warnx("cannot restore this thread's CPUs");
 	}
+	if (pthread_setaffinity_np(pthread_self(), sizeof(was), &was))
+		warnx("cannot restore this thread's CPUs");
 	if (child > 0) {
 		kill(child, SIGKILL);
 		waitpid(child, NULL, 0);
@@ -309,7 +354,7 @@ static void pass(enum method m, size_t len, const size_t *o, size_t n,
 	}
 	for (size_t i = 0; i < n; i++)
 		if (p[o[i] * PAGE + 8] != 2)
-			errx(1, "%s: a write was lost", method_name[m]);
+			errx(1, "%s: a write was lost", m->name);
 	munmap(p, len);
 }
 
@@ -369,13 +414,14 @@ int main(int argc, char **argv)
 	size_t *o = order_of(npages, sample, true);
 	double *lat[NMETHODS];
 
-	for (int m = 0; m < NMETHODS; m++)
+	for (size_t m = 0; m < NMETHODS; m++)
 		if (!(lat[m] = malloc(runs * sample * sizeof(double))))
 			err(1, "malloc");
 	/* Methods interleaved within each run, so drift hits them alike. */
 	for (size_t run = 0; run < runs; run++)
-		for (int m = 0; m < NMETHODS; m++) {
-			pass(m, len, o, sample, lat[m] + run * sample);
+		for (size_t m = 0; m < NMETHODS; m++) {
+			pass(&methods[m], len, o, sample,
+			     lat[m] + run * sample);
 			/* fresh frames next time: their first touch counts */
 			madvise(h.frames, sample * PAGE, MADV_DONTNEED);
 			madvise(h.frames, sample * PAGE, MADV_POPULATE_WRITE);
@@ -383,7 +429,7 @@ int main(int argc, char **argv)
 
 	size_t n = runs * sample;
 
-	for (int m = 0; m < NMETHODS; m++) {
+	for (size_t m = 0; m < NMETHODS; m++) {
 		static const struct { const char *name; double q; } qs[] = {
 			{ "write_p50", 50 },
 			{ "write_p99", 99 },
@@ -393,14 +439,14 @@ int main(int argc, char **argv)
 		qsort(lat[m], n, sizeof(double), cmp_double);
 		for (size_t q = 0; q < 3; q++)
 			printf("floor,%s,%zu,4k,%s,random,%.0f,,,ns,%zu\n",
-			       qs[q].name, size_mib, method_name[m],
+			       qs[q].name, size_mib, methods[m].name,
 			       pct(lat[m], n, qs[q].q), n);
 	}
-	for (int m = 1; m < NMETHODS; m++)
+	for (size_t m = 1; m < NMETHODS; m++)
 		printf("floor,p50_over_kernel,%zu,4k,%s,random,%.2f,,,x,%zu\n",
-		       size_mib, method_name[m],
-		       pct(lat[m], n, 50) / pct(lat[KERNEL], n, 50), n);
-	for (int m = 0; m < NMETHODS; m++)
+		       size_mib, methods[m].name,
+		       pct(lat[m], n, 50) / pct(lat[0], n, 50), n);
+	for (size_t m = 0; m < NMETHODS; m++)
 		free(lat[m]);
 	free(o);
 	munmap(h.frames, sample * PAGE);

@@ -117,10 +117,18 @@ FLOOR_METHODS = (
     ("kernel-busy", "kernel COW after fork(), another thread busy"),
     ("sigbus-clear", "SIGBUS handler, clear only"),
     ("sigbus-clear-busy", "SIGBUS handler, clear only, another thread busy"),
-    ("sigbus-copy", "SIGBUS handler, copy and clear"),
-    ("worker-clear", "worker, clear and wake only"),
-    ("worker-clear-1cpu", "worker, clear and wake only, one CPU"),
-    ("worker-copy", "worker, copy, clear and wake"),
+    ("sigbus-memcpy", "SIGBUS handler, memcpy and clear"),
+    ("sigbus-checked", "SIGBUS handler, pagemap + memcpy + pagemap, clear"),
+    ("worker-clear-unbound", "worker wherever the scheduler puts it, clear and wake"),
+    ("worker-clear-same", "worker on the writer's CPU, clear and wake"),
+    ("worker-clear-other", "worker on another CPU, sleeping, clear and wake"),
+    ("worker-clear-spin", "worker on another CPU, busy-polling, clear and wake"),
+    ("worker-memcpy-same", "worker on the writer's CPU, memcpy, clear and wake"),
+    ("worker-memcpy-spin", "worker on another CPU, busy-polling, memcpy, clear and wake"),
+    ("worker-checked-unbound", "worker wherever the scheduler puts it, pagemap + process_vm_readv + pagemap"),
+    ("worker-checked-same", "worker on the writer's CPU, pagemap + process_vm_readv + pagemap"),
+    ("worker-checked-other", "worker on another CPU, sleeping, pagemap + process_vm_readv + pagemap"),
+    ("worker-checked-spin", "worker on another CPU, busy-polling, pagemap + process_vm_readv + pagemap"),
 )
 
 
