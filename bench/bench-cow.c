@@ -23,9 +23,11 @@
  *
  * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
  *                  [--kinds 4k,thp,thp2m] [--quick] [--dump DIR]
- *                  [--fault-around PAGES] [--per-cpu]
+ *                  [--fault-around PAGES] [--per-cpu] [--no-follow]
  * --per-cpu: the worker-mode manager binds one worker to each CPU
  * (COWMM_OPEN_PER_CPU).
+ * --no-follow: its worker stays where the scheduler puts it
+ * (COWMM_OPEN_NO_FOLLOW; by default it follows the writer's CPU).
  * --pause-only: only the pause figures (pause_ms, pause_repeat_ms).
  * --other MiB: the process also holds that much populated memory outside
  * the region (a database's other heaps): fork() pays for it, a snapshot
@@ -90,6 +92,7 @@ struct cfg {
 	const char *dump;
 	size_t fault_around; /* struct cowmm_config's; --fault-around */
 	bool per_cpu;        /* the worker-mode manager: COWMM_OPEN_PER_CPU */
+	bool no_follow;      /* and COWMM_OPEN_NO_FOLLOW */
 	unsigned long other_mib; /* memory of the process outside the region */
 	bool pause_only;         /* --pause-only */
 };
@@ -425,6 +428,7 @@ int main(int argc, char **argv)
 		{ "dump", required_argument, NULL, 'd' },
 		{ "fault-around", required_argument, NULL, 'f' },
 		{ "per-cpu", no_argument, NULL, 'c' },
+		{ "no-follow", no_argument, NULL, 'F' },
 		{ "other", required_argument, NULL, 'o' },
 		{ "pause-only", no_argument, NULL, 'P' },
 		{ 0 },
@@ -435,7 +439,7 @@ int main(int argc, char **argv)
 	cowmm_t *mm, *mm_it;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:co:P", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:n:p:k:qd:f:cFo:P", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			snprintf(sizes, sizeof(sizes), "%s", optarg);
@@ -458,6 +462,9 @@ int main(int argc, char **argv)
 		case 'c':
 			c.per_cpu = true;
 			break;
+		case 'F':
+			c.no_follow = true;
+			break;
 		case 'o':
 			c.other_mib = strtoul(optarg, NULL, 0);
 			break;
@@ -474,7 +481,8 @@ int main(int argc, char **argv)
 					"[--sample PAGES] [--kinds 4k,thp,thp2m] "
 					"[--quick] [--dump DIR] "
 					"[--fault-around PAGES] [--per-cpu] "
-					"[--other MiB] [--pause-only]\n",
+					"[--no-follow] [--other MiB] "
+					"[--pause-only]\n",
 				argv[0]);
 			return 2;
 		}
@@ -485,7 +493,8 @@ int main(int argc, char **argv)
 		struct cowmm_config cfg = COWMM_CONFIG_INIT;
 
 		cfg.fault_around = c.fault_around;
-		cfg.flags = c.per_cpu ? COWMM_OPEN_PER_CPU : 0;
+		cfg.flags = (c.per_cpu ? COWMM_OPEN_PER_CPU : 0) |
+			    (c.no_follow ? COWMM_OPEN_NO_FOLLOW : 0);
 		ret = cowmm_open(&cfg, &mm);
 		if (ret)
 			errx(1, "cowmm_open: %s", cowmm_strerror(ret));

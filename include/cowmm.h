@@ -136,6 +136,19 @@ enum {
 	 */
 	COWMM_OPEN_PER_CPU = 1u << 1,
 #define COWMM_OPEN_PER_CPU COWMM_OPEN_PER_CPU
+	/**
+	 * Leave each worker wherever the scheduler puts it.  By default
+	 * (since 0.2) a worker binds itself to the CPU of the thread whose
+	 * write fault it resolves, looked up on the first fault after an
+	 * idle pause and every 64 faults after, and moves when that thread
+	 * moves: a worker on another CPU pays a cross-CPU wake-up of the
+	 * writer on every fault, several times the fault itself
+	 * (bench/README.md).  Ignored with #COWMM_OPEN_PER_CPU, whose
+	 * workers stay on their CPUs.  Counted in cowmm_stats.follows.
+	 * @since 0.2
+	 */
+	COWMM_OPEN_NO_FOLLOW = 1u << 2,
+#define COWMM_OPEN_NO_FOLLOW COWMM_OPEN_NO_FOLLOW
 };
 
 /** Most worker threads a manager accepts. */
@@ -193,6 +206,9 @@ struct cowmm_stats {
 	uint64_t throttled;      /**< write faults put back because preserved
 				      memory was at cowmm_config.max_preserved
 				      (once per try) */
+	uint64_t follows;        /**< times a worker moved to the CPU of the
+				      thread whose fault it resolved
+				      (#COWMM_OPEN_NO_FOLLOW); @since 0.2 */
 };
 
 /* ------------------------------------------------------------------------ */

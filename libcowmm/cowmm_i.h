@@ -95,7 +95,8 @@ int cowmm__fmap_set(struct cowmm_frame_map *m, size_t pg,
 struct cowmm_counters {
 	atomic_uint_fast64_t wp_faults, missing_faults, copies, reuses, moves,
 		pin_copies, ahead_copies, bytes_preserved, frames_live,
-		snapshots_live, regions_live, detach_copies, broken, throttled;
+		snapshots_live, regions_live, detach_copies, broken, throttled,
+		follows;
 };
 
 #define cowmm__count(mm, field, n)                                             \

@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -241,6 +242,96 @@ START_TEST(test_per_cpu)
 }
 END_TEST
 
+/* The CPUs worker 0 of @mm may run on. */
+static cpu_set_t worker_cpus(cowmm_t *mm)
+{
+	cpu_set_t w;
+
+	ck_assert_int_eq(pthread_getaffinity_np(mm->workers[0], sizeof(w), &w),
+			 0);
+	return w;
+}
+
+/* Bind the calling thread to @cpu, then write one byte of @n pages. */
+static void write_from(int cpu, unsigned char *p, size_t first, size_t n)
+{
+	cpu_set_t one;
+	size_t i;
+
+	CPU_ZERO(&one);
+	CPU_SET(cpu, &one);
+	ck_assert_int_eq(sched_setaffinity(0, sizeof(one), &one), 0);
+	for (i = first; i < first + n; i++)
+		p[i * T_PAGE] = 9;
+}
+
+/*
+ * By default the worker resolves faults on the CPU of the thread that
+ * wrote (no cross-CPU wake-up): it binds itself there, and moves when the
+ * writer moves.  COWMM_OPEN_NO_FOLLOW leaves it where the scheduler puts it.
+ */
+START_TEST(test_follow_writer)
+{
+	const size_t npages = 512;
+	cpu_set_t set, w;
+	int cpu[2], n = 0, c;
+
+	ck_assert_int_eq(sched_getaffinity(0, sizeof(set), &set), 0);
+	for (c = 0; c < CPU_SETSIZE && n < 2; c++)
+		if (CPU_ISSET(c, &set))
+			cpu[n++] = c;
+	if (n < 2) { /* nothing to follow between */
+		fprintf(stderr, "follow-writer: one CPU only, not tested\n");
+		return;
+	}
+	for (int follow = 1; follow >= 0; follow--) {
+		struct cowmm_config cfg = COWMM_CONFIG_INIT;
+		cowmm_t *mm = NULL;
+		cowmm_region_t *r;
+		cowmm_snap_t *s;
+		unsigned char *p;
+
+		cfg.flags = follow ? 0 : COWMM_OPEN_NO_FOLLOW;
+		ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+		ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE, 0, &r),
+				 0);
+		p = cowmm_region_base(r);
+		memset(p, 7, npages * T_PAGE);
+		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+		write_from(cpu[1], p, 0, 200);
+		w = worker_cpus(mm);
+		if (follow) {
+			ck_assert_int_eq(CPU_COUNT(&w), 1);
+			ck_assert(CPU_ISSET(cpu[1], &w));
+		} else {
+			ck_assert(CPU_EQUAL(&w, &set));
+		}
+		write_from(cpu[0], p, 200, 200);
+		w = worker_cpus(mm);
+		if (follow) {
+			ck_assert_int_eq(CPU_COUNT(&w), 1);
+			ck_assert(CPU_ISSET(cpu[0], &w));
+			ck_assert_uint_ge(t_stats(mm).follows, 2);
+		} else {
+			ck_assert(CPU_EQUAL(&w, &set));
+			ck_assert_uint_eq(t_stats(mm).follows, 0);
+		}
+		ck_assert_int_eq(sched_setaffinity(0, sizeof(set), &set), 0);
+		ck_assert_uint_eq(t_stats(mm).copies, 400);
+		for (size_t i = 0; i < npages; i++) {
+			unsigned char b;
+
+			ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, &b, 1),
+					 1);
+			ck_assert_uint_eq(b, 7);
+		}
+		cowmm_snap_release(s);
+		ck_assert_int_eq(cowmm_region_release(r), 0);
+		cowmm_close(mm);
+	}
+}
+END_TEST
+
 /*
  * A worker that stops on an error is replaced: writes under a snapshot
  * are still resolved with their copies, again and again, with a single
@@ -339,6 +430,7 @@ int main(void)
 		{ "fork-child", test_fork_child, T_WP_UNPOPULATED },
 		{ "workers", test_workers, T_WP_UNPOPULATED },
 		{ "per-cpu", test_per_cpu, T_WP_UNPOPULATED },
+		{ "follow-writer", test_follow_writer, T_WP_UNPOPULATED },
 		{ "worker-dies", test_worker_dies, T_WP_UNPOPULATED },
 		{ "uffd-closed", test_uffd_closed, T_WP_UNPOPULATED },
 	};
