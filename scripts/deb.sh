@@ -109,6 +109,19 @@ for f in /usr/share/doc/libcowmm0/changelog.gz \
 	/usr/share/doc/libcowmm-dev/format.md.gz; do
 	[ -e "$f" ] || fail "$f is not installed"
 done
+# The units as systemd reads them (no systemd runs as PID 1 on these
+# machines, so they are checked offline, not started): every directive
+# known, ExecStart= installed, and the sandbox's exposure score.
+if command -v systemd-analyze >/dev/null; then
+	systemd-analyze verify /lib/systemd/system/cowmmd.socket \
+		/lib/systemd/system/cowmmd.service ||
+		fail "systemd-analyze verify: the units have errors"
+	systemd-analyze security --offline=yes --threshold=30 \
+		/lib/systemd/system/cowmmd.service | tail -1 ||
+		fail "systemd-analyze security: exposure above 3.0"
+else
+	echo "systemd-analyze not installed: units not verified"
+fi
 zcat /usr/share/doc/libcowmm0/changelog.gz | grep -q 'fault_around' ||
 	fail "the changelog is not NEWS.md"
 # Every exported symbol has its page where man looks (the .so links are
