@@ -1614,10 +1614,17 @@ static void op_pageout(struct op *o, char *d)
 	}
 	/* Advice only: EINVAL on kernels without it is fine. */
 	madvise(m->addr[pg], n * PG, MADV_PAGEOUT);
-	/* How many went out (with swap; without, anonymous pages stay) */
+	/*
+	 * How many went out (with swap; without, anonymous pages stay,
+	 * but a page MADV_FREE left is dropped: its bytes are gone, and a
+	 * clone that still needed them from it may read SIGBUS).
+	 */
 	if (mincore(m->addr[pg], n * PG, vec) == 0)
-		for (i = 0; i < n; i++)
+		for (i = 0; i < n; i++) {
 			out += !(vec[i] & 1);
+			if (!(vec[i] & 1) && m->amb[pg + i])
+				lose(ri, pg + i);
+		}
 	DESC("pageout R%d pages %zu..%zu (%zu not resident after)", m->id,
 	     pg, pg + n - 1, out);
 }
