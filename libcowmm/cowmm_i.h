@@ -407,9 +407,13 @@ bool cowmm__swap_possible(void);
 void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
 void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */
+/* Tests: called by snapshot creation and restore right after protecting,
+ * with the region's lock held (a move can land there). */
+extern void (*cowmm__after_protect)(cowmm_region_t *r);
 void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
+bool cowmm__maps_pending(cowmm_t *mm);
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,

@@ -1286,6 +1286,22 @@ bool cowmm__discards_pending(cowmm_t *mm)
 	return atomic_load(&mm->removes_pending) != 0;
 }
 
+/*
+ * A move or unmap read but not handled yet.  mremap() and munmap() return
+ * once a worker's read() has their event, perhaps before it is counted:
+ * going through read_lock first sees every event read so far.  A region
+ * whose lock is held cannot have its own handled meanwhile.
+ */
+bool cowmm__maps_pending(cowmm_t *mm)
+{
+	bool ret;
+
+	pthread_mutex_lock(&mm->read_lock);
+	ret = (uint16_t)atomic_load(&mm->maps_done) != mm->maps_read;
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
+}
+
 /* Not part of the API: the next @n frame allocations fail, as when out of
  * memory. */
 void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)

@@ -31,6 +31,8 @@ int cowmm__check_snap(const cowmm_snap_t *s)
 	return 0;
 }
 
+void (*cowmm__after_protect)(cowmm_region_t *r);
+
 /* Mark @s broken: its reads fail with -EIO from now on. */
 void cowmm__snap_break(cowmm_snap_t *s, const char *why)
 {
@@ -111,13 +113,20 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 * r->lock meanwhile; once it is dropped, each sees this snapshot.
 	 */
 	ret = cowmm__region_wp(r, true);
+	if (cowmm__unlikely(cowmm__after_protect != NULL))
+		cowmm__after_protect(r);
 	/*
 	 * The kernel protects what is mapped in a range and skips the rest:
 	 * pages moved away (a REMAP read or not, but not handled: it waits
 	 * for r->lock) are not protected at their new address.  Then the
-	 * caller waits for the move and takes the snapshot again.
+	 * caller waits for the move and takes the snapshot again.  Every
+	 * piece mapped is not enough: the range pages left may be taken at
+	 * once by other memory (a program that moves pages away and back
+	 * keeps the ranges held), so a move read but not handled counts
+	 * too; checked after, since that memory comes only once mremap()
+	 * returned, when its event was read.
 	 */
-	if (!ret && !cowmm__region_mapped(r))
+	if (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm)))
 		ret = -EAGAIN;
 	if (ret)
 		goto err_unlock;
@@ -727,8 +736,11 @@ again:
 	}
 	pthread_mutex_lock(&r->lock);
 	ret = cowmm__region_wp(r, true);
-	if (!ret && !cowmm__region_mapped(r)) {
-		/* Pages moved or unmapped under it, their event not handled. */
+	if (cowmm__unlikely(cowmm__after_protect != NULL))
+		cowmm__after_protect(r);
+	if (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm))) {
+		/* Pages moved or unmapped under it, their event not handled
+		 * (cowmm__snap_create_locked()). */
 		pthread_mutex_unlock(&r->lock);
 		pthread_mutex_unlock(&mm->lock);
 		free(todo);

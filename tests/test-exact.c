@@ -1078,6 +1078,149 @@ START_TEST(test_snapshot_during_move_held)
 END_TEST
 
 /*
+ * The second outside review's mover, made deterministic (its reproducer:
+ * 25 of 300 snapshots read zeros; restores crashed).  Pages 24..39 of an
+ * armed region live at @far and were written there since the last
+ * snapshot (so they are not protected).  A snapshot waits for the
+ * region's lock; meanwhile they move home, leaving @far unmapped.  The
+ * snapshot, with the old layout, scans @far for unprotected pages and
+ * finds none (nothing is mapped there); right after it protected (the test
+ * hook), a placeholder takes @far, as the mover kept the range it left
+ * held, so the "every piece mapped" check passed on it: the pages at home
+ * stayed writable, and a write there changed the snapshot (it read zero).
+ * The move, read but not handled, must show the layout is stale.
+ */
+static unsigned char *placeholder_at;
+
+static void map_placeholder(cowmm_region_t *r)
+{
+	(void)r;
+	if (placeholder_at)
+		ck_assert_ptr_eq(mmap(placeholder_at, 16 * T_PAGE, PROT_NONE,
+				      MAP_PRIVATE | MAP_ANONYMOUS |
+					      MAP_FIXED_NOREPLACE,
+				      -1, 0),
+				 placeholder_at);
+	placeholder_at = NULL;
+}
+
+START_TEST(test_snapshot_move_back_held)
+{
+	const size_t big = 4096;
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *far = reserve(16 * T_PAGE), buf[T_PAGE];
+	struct snap_call c = { 0 };
+	cowmm_snap_t *s0;
+	pthread_t th;
+	struct hold h;
+	size_t i;
+
+	p = t_filled_region(mm, big, &c.r);
+	ck_assert_int_eq(cowmm_snapshot(c.r, &s0), 0); /* armed */
+	cowmm_snap_release(s0);
+	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, far),
+			 far);
+	ck_assert_ptr_eq(mmap(p + 24 * T_PAGE, 16 * T_PAGE, PROT_NONE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 p + 24 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(c.r, &s0), 0); /* the move handled */
+	cowmm_snap_release(s0);
+	for (i = 0; i < 16; i++)
+		far[i * T_PAGE] = 0x77; /* unprotected now */
+
+	hold_start(&h, &c.r->lock, 100);
+	ck_assert_int_eq(pthread_create(&th, NULL, snap_thread, &c), 0);
+	usleep(30 * 1000); /* it waits for the region's lock */
+	ck_assert_ptr_eq(mremap(far, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, p + 24 * T_PAGE),
+			 p + 24 * T_PAGE);
+	placeholder_at = far;
+	cowmm__after_protect = map_placeholder;
+	hold_end(&h);
+	pthread_join(th, NULL);
+	cowmm__after_protect = NULL;
+	ck_assert_int_eq(c.ret, 0);
+	for (i = 0; i < 16; i++)
+		p[(24 + i) * T_PAGE] = 0x11; /* must copy for the snapshot */
+	for (i = 0; i < 16; i++) {
+		ck_assert_int_eq(cowmm_snap_read(c.s, (24 + i) * T_PAGE, buf,
+						 T_PAGE),
+				 T_PAGE);
+		ck_assert_uint_eq(buf[0], 0x77);
+	}
+	cowmm_snap_release(c.s);
+	cowmm_close(mm);
+	munmap(far, 16 * T_PAGE);
+}
+END_TEST
+
+struct restore_call {
+	cowmm_snap_t *s;
+	int ret;
+};
+
+static void *restore_thread(void *arg)
+{
+	struct restore_call *c = arg;
+
+	c->ret = cowmm_snap_restore(c->s);
+	return NULL;
+}
+
+/*
+ * The same move back under cowmm_snap_restore(): with the old layout it
+ * unprotected and wrote the placeholder's range (-ENOENT with part of the
+ * region restored; the review's mover also crashed it in its copy).  It
+ * must wait for the move and restore every page where it is now.
+ */
+START_TEST(test_restore_move_back_held)
+{
+	const size_t big = 4096;
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *far = reserve(16 * T_PAGE);
+	struct restore_call c = { 0 };
+	cowmm_region_t *r;
+	cowmm_snap_t *s0;
+	pthread_t th;
+	struct hold h;
+	size_t i;
+
+	p = t_filled_region(mm, big, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s0), 0); /* armed */
+	cowmm_snap_release(s0);
+	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, far),
+			 far);
+	ck_assert_ptr_eq(mmap(p + 24 * T_PAGE, 16 * T_PAGE, PROT_NONE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 p + 24 * T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &c.s), 0); /* the filled bytes */
+	for (i = 0; i < 16; i++)
+		far[i * T_PAGE] ^= 0xff; /* copied for the snapshot */
+
+	hold_start(&h, &r->lock, 100);
+	ck_assert_int_eq(pthread_create(&th, NULL, restore_thread, &c), 0);
+	usleep(30 * 1000); /* it waits for the region's lock */
+	ck_assert_ptr_eq(mremap(far, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, p + 24 * T_PAGE),
+			 p + 24 * T_PAGE);
+	placeholder_at = far;
+	cowmm__after_protect = map_placeholder;
+	hold_end(&h);
+	pthread_join(th, NULL);
+	cowmm__after_protect = NULL;
+	ck_assert_int_eq(c.ret, 0);
+	t_assert_live_filled(p, 0, big, 0, 0); /* every page restored, at home */
+	cowmm_snap_release(c.s);
+	cowmm_close(mm);
+	munmap(far, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * A pin at a moved page's new address right after mremap() returned, its
  * REMAP read but not handled yet (a helper holds the region's lock): it
  * waits for the move, it is not -EINVAL (the model tester's final run).
@@ -1532,6 +1675,10 @@ int main(void)
 		{ "view-after-move", test_view_after_move, T_WP_UNPOPULATED },
 		{ "read-during-move", test_read_during_move, T_WP_UNPOPULATED },
 		{ "snapshot-during-move-held", test_snapshot_during_move_held,
+		  T_WP_UNPOPULATED },
+		{ "snapshot-move-back-held", test_snapshot_move_back_held,
+		  T_WP_UNPOPULATED },
+		{ "restore-move-back-held", test_restore_move_back_held,
 		  T_WP_UNPOPULATED },
 		{ "snapshot-during-move", test_snapshot_during_move,
 		  T_WP_UNPOPULATED },
