@@ -23,11 +23,10 @@
  *
  * Usage: bench-cow [--sizes 256,1024] [--runs N] [--sample PAGES]
  *                  [--kinds 4k,thp,thp2m] [--quick] [--dump DIR]
- *                  [--fault-around PAGES] [--per-cpu] [--no-follow]
+ *                  [--fault-around PAGES] [--per-cpu] [--follow]
  * --per-cpu: the worker-mode manager binds one worker to each CPU
  * (COWMM_OPEN_PER_CPU).
- * --no-follow: its worker stays where the scheduler puts it
- * (COWMM_OPEN_NO_FOLLOW; by default it follows the writer's CPU).
+ * --follow: its worker follows the writer's CPU (COWMM_OPEN_FOLLOW).
  * --pause-only: only the pause figures (pause_ms, pause_repeat_ms).
  * --other MiB: the process also holds that much populated memory outside
  * the region (a database's other heaps): fork() pays for it, a snapshot
@@ -92,7 +91,7 @@ struct cfg {
 	const char *dump;
 	size_t fault_around; /* struct cowmm_config's; --fault-around */
 	bool per_cpu;        /* the worker-mode manager: COWMM_OPEN_PER_CPU */
-	bool no_follow;      /* and COWMM_OPEN_NO_FOLLOW */
+	bool follow;         /* and COWMM_OPEN_FOLLOW */
 	unsigned long other_mib; /* memory of the process outside the region */
 	bool pause_only;         /* --pause-only */
 };
@@ -428,7 +427,7 @@ int main(int argc, char **argv)
 		{ "dump", required_argument, NULL, 'd' },
 		{ "fault-around", required_argument, NULL, 'f' },
 		{ "per-cpu", no_argument, NULL, 'c' },
-		{ "no-follow", no_argument, NULL, 'F' },
+		{ "follow", no_argument, NULL, 'F' },
 		{ "other", required_argument, NULL, 'o' },
 		{ "pause-only", no_argument, NULL, 'P' },
 		{ 0 },
@@ -463,7 +462,7 @@ int main(int argc, char **argv)
 			c.per_cpu = true;
 			break;
 		case 'F':
-			c.no_follow = true;
+			c.follow = true;
 			break;
 		case 'o':
 			c.other_mib = strtoul(optarg, NULL, 0);
@@ -481,7 +480,7 @@ int main(int argc, char **argv)
 					"[--sample PAGES] [--kinds 4k,thp,thp2m] "
 					"[--quick] [--dump DIR] "
 					"[--fault-around PAGES] [--per-cpu] "
-					"[--no-follow] [--other MiB] "
+					"[--follow] [--other MiB] "
 					"[--pause-only]\n",
 				argv[0]);
 			return 2;
@@ -494,7 +493,7 @@ int main(int argc, char **argv)
 
 		cfg.fault_around = c.fault_around;
 		cfg.flags = (c.per_cpu ? COWMM_OPEN_PER_CPU : 0) |
-			    (c.no_follow ? COWMM_OPEN_NO_FOLLOW : 0);
+			    (c.follow ? COWMM_OPEN_FOLLOW : 0);
 		ret = cowmm_open(&cfg, &mm);
 		if (ret)
 			errx(1, "cowmm_open: %s", cowmm_strerror(ret));

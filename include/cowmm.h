@@ -137,18 +137,26 @@ enum {
 	COWMM_OPEN_PER_CPU = 1u << 1,
 #define COWMM_OPEN_PER_CPU COWMM_OPEN_PER_CPU
 	/**
-	 * Leave each worker wherever the scheduler puts it.  By default
-	 * (since 0.2) a worker binds itself to the CPU of the thread whose
-	 * write fault it resolves, looked up on the first fault after an
-	 * idle pause and every 64 faults after, and moves when that thread
-	 * moves: a worker on another CPU pays a cross-CPU wake-up of the
-	 * writer on every fault, several times the fault itself
-	 * (bench/README.md).  Ignored with #COWMM_OPEN_PER_CPU, whose
-	 * workers stay on their CPUs.  Counted in cowmm_stats.follows.
+	 * Each worker binds itself to the CPU of the thread whose write
+	 * faults it resolves (looked up on the first fault after a pause of
+	 * 10 ms and every 64 faults), and wakes it as a SCHED_IDLE thread so
+	 * that the scheduler keeps the writer there, where that is allowed
+	 * (CAP_SYS_NICE, or an RLIMIT_NICE that lets it switch back): no
+	 * cross-CPU wake-up per fault.  On the host measured it cut the
+	 * first write under a snapshot from 24x the kernel's COW fault to 8x
+	 * (bench/README.md).  Opt-in, for a process whose writers have their
+	 * CPUs mostly to themselves: as SCHED_IDLE a worker runs again only
+	 * when nothing else wants its CPU, so where other threads keep that
+	 * CPU busy a fault can wait for seconds (after a wait over 1 ms the
+	 * worker wakes normally for 1 s, doubling up to 64 s); a process
+	 * that drops CAP_SYS_NICE after cowmm_open() (setuid to a user) may
+	 * leave a worker in SCHED_IDLE for good; a worker whose CPUs the
+	 * application sets stops following.  Ignored with
+	 * #COWMM_OPEN_PER_CPU.  Counted in cowmm_stats.follows.
 	 * @since 0.2
 	 */
-	COWMM_OPEN_NO_FOLLOW = 1u << 2,
-#define COWMM_OPEN_NO_FOLLOW COWMM_OPEN_NO_FOLLOW
+	COWMM_OPEN_FOLLOW = 1u << 2,
+#define COWMM_OPEN_FOLLOW COWMM_OPEN_FOLLOW
 };
 
 /** Most worker threads a manager accepts. */
@@ -208,7 +216,7 @@ struct cowmm_stats {
 				      (once per try) */
 	uint64_t follows;        /**< times a worker moved to the CPU of the
 				      thread whose fault it resolved
-				      (#COWMM_OPEN_NO_FOLLOW); @since 0.2 */
+				      (#COWMM_OPEN_FOLLOW); @since 0.2 */
 };
 
 /* ------------------------------------------------------------------------ */

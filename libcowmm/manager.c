@@ -600,8 +600,9 @@ struct follow {
 	int cpu;          /* the CPU this worker is bound to, or -1 */
 	unsigned faults;  /* since the last look */
 	uint64_t last_ns; /* of the last fault */
-	int policy;       /* the worker's own: SCHED_OTHER or SCHED_BATCH */
+	int policy;       /* the worker's own before it went SCHED_IDLE */
 	bool idle_wake;   /* wake writers as SCHED_IDLE */
+	bool off;         /* the application set its CPUs: follow no more */
 	uint64_t idle_off_until; /* after a stall: not before then */
 	uint64_t idle_off_ns;    /* how long the next stall turns it off */
 	uint64_t last_stall;     /* when the last one was */
@@ -639,7 +640,11 @@ static uint64_t idle_begin(struct follow *f)
 	if (!f->idle_wake)
 		return 0;
 	now = now_ns();
-	if (now < f->idle_off_until ||
+	if (now < f->idle_off_until)
+		return 0;
+	/* Asked each time: the application may have changed either. */
+	f->policy = sched_getscheduler(0);
+	if (!may_idle_wake(f->policy) ||
 	    sched_setscheduler(0, SCHED_IDLE, &sp))
 		return 0;
 	return now;
@@ -726,6 +731,23 @@ static void follow_writer(cowmm_t *mm, struct follow *f,
 	cpu = thread_cpu(tid);
 	if (cpu < 0 || cpu == f->cpu || cpu >= CPU_SETSIZE)
 		return;
+	if (f->cpu >= 0) {
+		cpu_set_t now_set;
+
+		CPU_ZERO(&one);
+		CPU_SET(f->cpu, &one);
+		if (pthread_getaffinity_np(pthread_self(), sizeof(now_set),
+					   &now_set) ||
+		    !CPU_EQUAL(&now_set, &one)) {
+			/* Someone set this worker's CPUs: theirs to say. */
+			f->off = true;
+			f->idle_wake = false;
+			cowmm__log(COWMM_LOG_INFO,
+				   "worker: its CPUs were set by the "
+				   "application: it follows writers no more");
+			return;
+		}
+	}
 	CPU_ZERO(&one);
 	CPU_SET(cpu, &one);
 	if (pthread_setaffinity_np(pthread_self(), sizeof(one), &one))
@@ -886,8 +908,8 @@ static void *worker_main(void *arg)
 	struct uffd_msg msg[MSG_BATCH];
 	struct deferred d = { 0 };
 	struct follow f = { .cpu = -1, .policy = sched_getscheduler(0) };
-	bool follow =
-		!(mm->flags & (COWMM_OPEN_PER_CPU | COWMM_OPEN_NO_FOLLOW));
+	bool follow = (mm->flags & COWMM_OPEN_FOLLOW) &&
+		      !(mm->flags & COWMM_OPEN_PER_CPU);
 	struct pollfd pfd[2] = {
 		{ .fd = mm->uffd, .events = POLLIN },
 		{ .fd = mm->stopfd, .events = POLLIN },
@@ -942,7 +964,7 @@ static void *worker_main(void *arg)
 				 n > 0 ? (size_t)n / sizeof(msg[0]) : 0);
 		atomic_fetch_sub(&mm->busy, 1);
 		/* After the batch is resolved: a move costs tens of µs. */
-		if (follow && n > 0)
+		if (follow && !f.off && n > 0)
 			follow_writer(mm, &f, msg, (size_t)n / sizeof(msg[0]));
 		if (n < 0 && (errno == EBADF || errno == EINVAL)) {
 			uffd_lost(mm); /* the number is not a userfaultfd */
@@ -1096,7 +1118,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	if (ret)
 		return ret;
 	if ((cfg.flags & ~(COWMM_OPEN_IN_THREAD | COWMM_OPEN_PER_CPU |
-			   COWMM_OPEN_NO_FOLLOW)) ||
+			   COWMM_OPEN_FOLLOW)) ||
 	    cfg.workers > COWMM_WORKERS_MAX ||
 	    cfg.fault_around > COWMM_FAULT_AROUND_MAX ||
 	    (cfg.max_preserved && cfg.max_preserved < COWMM_PAGE_SIZE))

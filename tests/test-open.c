@@ -266,9 +266,10 @@ static void write_from(int cpu, unsigned char *p, size_t first, size_t n)
 }
 
 /*
- * By default the worker resolves faults on the CPU of the thread that
- * wrote (no cross-CPU wake-up): it binds itself there, and moves when the
- * writer moves.  COWMM_OPEN_NO_FOLLOW leaves it where the scheduler puts it.
+ * With COWMM_OPEN_FOLLOW the worker resolves faults on the CPU of the
+ * thread that wrote (no cross-CPU wake-up): it binds itself there, and
+ * moves when the writer moves.  By default it stays where the scheduler
+ * puts it.
  */
 START_TEST(test_follow_writer)
 {
@@ -291,7 +292,7 @@ START_TEST(test_follow_writer)
 		cowmm_snap_t *s;
 		unsigned char *p;
 
-		cfg.flags = follow ? 0 : COWMM_OPEN_NO_FOLLOW;
+		cfg.flags = follow ? COWMM_OPEN_FOLLOW : 0;
 		ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
 		ck_assert_int_eq(cowmm_region_alloc(mm, npages * T_PAGE, 0, &r),
 				 0);
@@ -312,12 +313,21 @@ START_TEST(test_follow_writer)
 			ck_assert_int_eq(CPU_COUNT(&w), 1);
 			ck_assert(CPU_ISSET(cpu[0], &w));
 			ck_assert_uint_ge(t_stats(mm).follows, 2);
+			/* The application sets its CPUs: it stays there. */
+			ck_assert_int_eq(pthread_setaffinity_np(mm->workers[0],
+								sizeof(set),
+								&set),
+					 0);
+			usleep(20 * 1000); /* a pause: it looks again */
+			write_from(cpu[1], p, 400, 100);
+			w = worker_cpus(mm);
+			ck_assert(CPU_EQUAL(&w, &set));
 		} else {
 			ck_assert(CPU_EQUAL(&w, &set));
 			ck_assert_uint_eq(t_stats(mm).follows, 0);
 		}
 		ck_assert_int_eq(sched_setaffinity(0, sizeof(set), &set), 0);
-		ck_assert_uint_eq(t_stats(mm).copies, 400);
+		ck_assert_uint_eq(t_stats(mm).copies, follow ? 500 : 400);
 		for (size_t i = 0; i < npages; i++) {
 			unsigned char b;
 
