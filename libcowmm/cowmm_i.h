@@ -408,7 +408,8 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg);
 void cowmm__set_naive(cowmm_t *mm, bool on); /* tests and benchmarks */
 void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */
 /* Tests: called by snapshot creation and restore right after protecting,
- * with the region's lock held (a move can land there). */
+ * with the region's lock held (a move can land there).  Set it with
+ * __atomic_store_n(). */
 extern void (*cowmm__after_protect)(cowmm_region_t *r);
 void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);

@@ -33,6 +33,16 @@ int cowmm__check_snap(const cowmm_snap_t *s)
 
 void (*cowmm__after_protect)(cowmm_region_t *r);
 
+/* The test hook, set by another thread: read atomically. */
+static inline void after_protect(cowmm_region_t *r)
+{
+	void (*fn)(cowmm_region_t *) =
+		__atomic_load_n(&cowmm__after_protect, __ATOMIC_ACQUIRE);
+
+	if (cowmm__unlikely(fn != NULL))
+		fn(r);
+}
+
 /* Mark @s broken: its reads fail with -EIO from now on. */
 void cowmm__snap_break(cowmm_snap_t *s, const char *why)
 {
@@ -113,8 +123,7 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 * r->lock meanwhile; once it is dropped, each sees this snapshot.
 	 */
 	ret = cowmm__region_wp(r, true);
-	if (cowmm__unlikely(cowmm__after_protect != NULL))
-		cowmm__after_protect(r);
+	after_protect(r);
 	/*
 	 * The kernel protects what is mapped in a range and skips the rest:
 	 * pages moved away (a REMAP read or not, but not handled: it waits
@@ -736,11 +745,12 @@ again:
 	}
 	pthread_mutex_lock(&r->lock);
 	ret = cowmm__region_wp(r, true);
-	if (cowmm__unlikely(cowmm__after_protect != NULL))
-		cowmm__after_protect(r);
-	if (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm))) {
+	after_protect(r);
+	if ((ret == -ENOENT && cowmm__maps_pending(mm)) ||
+	    (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm)))) {
 		/* Pages moved or unmapped under it, their event not handled
-		 * (cowmm__snap_create_locked()). */
+		 * (cowmm__snap_create_locked()); -ENOENT: protecting met
+		 * other memory where they were. */
 		pthread_mutex_unlock(&r->lock);
 		pthread_mutex_unlock(&mm->lock);
 		free(todo);
