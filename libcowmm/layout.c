@@ -111,27 +111,9 @@ size_t cowmm__next_run(const cowmm_region_t *r, size_t *pg, uintptr_t *addr)
 	return n;
 }
 
-#ifdef __SANITIZE_THREAD__
-void __tsan_ignore_thread_begin(void);
-void __tsan_ignore_thread_end(void);
-#endif
-
 static void layout_free_rcu(struct rcu_head *head)
 {
-#ifdef __SANITIZE_THREAD__
-	/*
-	 * After a grace period (liburcu, which TSan cannot see through):
-	 * its report of this free racing with a reader's earlier access is
-	 * false, and symbolizing it crashed TSan's libbacktrace now and
-	 * then (8 of 20 runs of exact/snapshot-during-move-held).  A
-	 * suppression is matched only after symbolizing.
-	 */
-	__tsan_ignore_thread_begin();
-#endif
 	free(caa_container_of(head, struct cowmm_layout, rcu));
-#ifdef __SANITIZE_THREAD__
-	__tsan_ignore_thread_end();
-#endif
 }
 
 /* Append [pg, pg + n) at @addr to @l, merged with the last piece if they
