@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cow.h"
@@ -254,19 +255,35 @@ size_t cowmm_snap_size(const cowmm_snap_t *s)
  * Wait until it has preserved the page or broken the snapshot.  Called in
  * an RCU read section, which it leaves while it sleeps.
  */
+/*
+ * How long a read waits for an event already read to be handled: a bound
+ * of time, not of rounds (20,000 sleeps of 100 us ran out under load, a
+ * read then said -EIO while a move was still being handled: the ASan
+ * build of exact/read-during-move in a loaded test run).
+ */
+#define EVENT_WAIT_NS (10 * 1000 * 1000 * 1000ull)
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
 {
+	uint64_t start = mono_ns();
 	struct cowmm_frame *f;
-	int i;
 
-	for (i = 0; i < 20000; i++) { /* 2 s: the event is already read */
+	do { /* the event is already read */
 		f = cowmm__fmap_get(&s->frames, pg);
 		if (f || __atomic_load_n(&s->broken, __ATOMIC_ACQUIRE))
 			return f;
 		urcu_bp_read_unlock();
 		usleep(100);
 		urcu_bp_read_lock();
-	}
+	} while (mono_ns() - start < EVENT_WAIT_NS);
 	return NULL;
 }
 
@@ -393,7 +410,8 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
 	cowmm_region_t *r;
-	size_t done = 0, waits = 0;
+	size_t done = 0;
+	uint64_t waited = 0;
 	uint32_t before;
 	bool swap, stamped;
 	int ret = cowmm__check_snap(s);
@@ -444,9 +462,12 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 				done += n;
 		}
 		if (ret == -EAGAIN) {
-			/* Moved or unmapped under us: look again, up to 2 s. */
+			/* Moved or unmapped under us: look again, up to
+			 * EVENT_WAIT_NS. */
 			urcu_bp_read_unlock();
-			ret = ++waits > 20000 ? -EIO : 0;
+			if (!waited)
+				waited = mono_ns();
+			ret = mono_ns() - waited > EVENT_WAIT_NS ? -EIO : 0;
 			usleep(100);
 			urcu_bp_read_lock();
 		}
