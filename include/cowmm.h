@@ -530,13 +530,17 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  * and @p s stays valid.  Only the pages written since @p s are touched, and
  * each is copied into in place, so its physical page (pinned or not) stays
  * the same; newer snapshots that still shared a page get their copy first.
- * Writers of the region wait while it runs.
+ * Writers of the region wait while it runs.  Its pages must not be moved
+ * (mremap) or unmapped while it runs: a move that lands while it copies
+ * may crash or hang it (not handled yet); one before its copy is waited
+ * for.
  * Context: any thread; not concurrently with cowmm_snap_release() of @p s.
  *
  * @param s  a snapshot
  * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -ENOENT (its
- *         region was released, or its pages kept being moved or unmapped
- *         under the call), -EIO (broken snapshot), -ENOMEM, -ECHILD
+ *         region was released, or pages of it were moved or unmapped
+ *         under the call: the region may be partly restored; call again),
+ *         -EIO (broken snapshot), -ENOMEM, -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);
