@@ -415,6 +415,7 @@ void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
+uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,

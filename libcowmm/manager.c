@@ -588,7 +588,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 #define IDLE_OFF_MIN_NS (1000 * 1000 * 1000ull)
 #define IDLE_OFF_MAX_NS (64 * IDLE_OFF_MIN_NS)
 
-static uint64_t now_ns(void)
+uint64_t cowmm__now_ns(void)
 {
 	struct timespec ts;
 
@@ -639,7 +639,7 @@ static uint64_t idle_begin(struct follow *f)
 
 	if (!f->idle_wake)
 		return 0;
-	now = now_ns();
+	now = cowmm__now_ns();
 	if (now < f->idle_off_until)
 		return 0;
 	/* Asked each time: the application may have changed either. */
@@ -664,7 +664,7 @@ static void idle_end(struct follow *f, uint64_t began)
 		f->idle_wake = false;
 		return;
 	}
-	now = now_ns();
+	now = cowmm__now_ns();
 	if (now - began < IDLE_STALL_NS)
 		return;
 	if (!f->idle_off_ns || now - f->last_stall > 60 * IDLE_OFF_MIN_NS)
@@ -721,7 +721,7 @@ static void follow_writer(cowmm_t *mm, struct follow *f,
 			tid = (pid_t)msg[i].arg.pagefault.feat.ptid;
 	if (!tid)
 		return;
-	now = now_ns();
+	now = cowmm__now_ns();
 	if (++f->faults < FOLLOW_EVERY && now - f->last_ns < FOLLOW_IDLE_NS) {
 		f->last_ns = now;
 		return;
@@ -1330,8 +1330,8 @@ static bool wait_more(struct wait *w, const char *what)
 		return true;
 	}
 	if (!w->start)
-		w->start = now_ns();
-	else if (now_ns() - w->start > WAIT_EVENTS_NS) {
+		w->start = cowmm__now_ns();
+	else if (cowmm__now_ns() - w->start > WAIT_EVENTS_NS) {
 		cowmm__log(COWMM_LOG_WARNING,
 			   "%s read 10 s ago are still not handled: going on "
 			   "without them", what);

@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cow.h"
@@ -263,17 +262,9 @@ size_t cowmm_snap_size(const cowmm_snap_t *s)
  */
 #define EVENT_WAIT_NS (10 * 1000 * 1000 * 1000ull)
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
 {
-	uint64_t start = mono_ns();
+	uint64_t start = cowmm__now_ns();
 	struct cowmm_frame *f;
 
 	do { /* the event is already read */
@@ -283,7 +274,7 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
 		urcu_bp_read_unlock();
 		usleep(100);
 		urcu_bp_read_lock();
-	} while (mono_ns() - start < EVENT_WAIT_NS);
+	} while (cowmm__now_ns() - start < EVENT_WAIT_NS);
 	return NULL;
 }
 
@@ -466,8 +457,11 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 			 * EVENT_WAIT_NS. */
 			urcu_bp_read_unlock();
 			if (!waited)
-				waited = mono_ns();
-			ret = mono_ns() - waited > EVENT_WAIT_NS ? -EIO : 0;
+				waited = cowmm__now_ns();
+			if (cowmm__now_ns() - waited > EVENT_WAIT_NS)
+				ret = -EIO;
+			else
+				ret = 0;
 			usleep(100);
 			urcu_bp_read_lock();
 		}
