@@ -1171,34 +1171,37 @@ static void unhook(void)
 	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
 }
 
-START_TEST(test_snapshot_move_back_held)
+/*
+ * Arm region @r (at @p: one snapshot taken and released), then move its
+ * pages 24..39 to @far and hold the range they left with a placeholder.
+ */
+static void move_away_armed(cowmm_region_t *r, unsigned char *p,
+			    unsigned char *far)
 {
-	const size_t big = 4096;
-	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *p, *far = reserve(16 * T_PAGE), buf[T_PAGE];
-	struct snap_call c = { 0 };
 	cowmm_snap_t *s0;
-	pthread_t th;
-	struct hold h;
-	size_t i;
 
-	p = t_filled_region(mm, big, &c.r);
-	ck_assert_int_eq(cowmm_snapshot(c.r, &s0), 0); /* armed */
+	ck_assert_int_eq(cowmm_snapshot(r, &s0), 0); /* armed */
 	cowmm_snap_release(s0);
 	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 16 * T_PAGE, 16 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, far),
 			 far);
-	ck_assert_ptr_eq(mmap(p + 24 * T_PAGE, 16 * T_PAGE, PROT_NONE,
-			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			      -1, 0),
-			 p + 24 * T_PAGE);
-	ck_assert_int_eq(cowmm_snapshot(c.r, &s0), 0); /* the move handled */
-	cowmm_snap_release(s0);
-	for (i = 0; i < 16; i++)
-		far[i * T_PAGE] = 0x77; /* unprotected now */
+	ck_assert(place(p + 24 * T_PAGE, 16 * T_PAGE));
+}
 
-	hold_start(&h, &c.r->lock, 100);
-	ck_assert_int_eq(pthread_create(&th, NULL, snap_thread, &c), 0);
+/*
+ * Run @fn(@arg) in a thread that waits for @r's lock (a helper holds it)
+ * while the pages at @far move home to @p + 24 pages, and the test hook
+ * maps a placeholder at @far right after its protecting ioctl.
+ */
+static void move_back_during(cowmm_region_t *r, unsigned char *p,
+			     unsigned char *far, void *(*fn)(void *),
+			     void *arg)
+{
+	pthread_t th;
+	struct hold h;
+
+	hold_start(&h, &r->lock, 100);
+	ck_assert_int_eq(pthread_create(&th, NULL, fn, arg), 0);
 	usleep(30 * 1000); /* it waits for the region's lock */
 	ck_assert_ptr_eq(mremap(far, 16 * T_PAGE, 16 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, p + 24 * T_PAGE),
@@ -1207,6 +1210,25 @@ START_TEST(test_snapshot_move_back_held)
 	hold_end(&h);
 	pthread_join(th, NULL);
 	unhook();
+}
+
+START_TEST(test_snapshot_move_back_held)
+{
+	const size_t big = 4096;
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *far = reserve(16 * T_PAGE), buf[T_PAGE];
+	struct snap_call c = { 0 };
+	cowmm_snap_t *s0;
+	size_t i;
+
+	p = t_filled_region(mm, big, &c.r);
+	move_away_armed(c.r, p, far);
+	ck_assert_int_eq(cowmm_snapshot(c.r, &s0), 0); /* the move handled */
+	cowmm_snap_release(s0);
+	for (i = 0; i < 16; i++)
+		far[i * T_PAGE] = 0x77; /* unprotected now */
+
+	move_back_during(c.r, p, far, snap_thread, &c);
 	ck_assert_int_eq(c.ret, 0);
 	for (i = 0; i < 16; i++)
 		p[(24 + i) * T_PAGE] = 0x11; /* must copy for the snapshot */
@@ -1249,35 +1271,15 @@ START_TEST(test_restore_move_back_held)
 	unsigned char *p, *far = reserve(16 * T_PAGE);
 	struct restore_call c = { 0 };
 	cowmm_region_t *r;
-	cowmm_snap_t *s0;
-	pthread_t th;
-	struct hold h;
 	size_t i;
 
 	p = t_filled_region(mm, big, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s0), 0); /* armed */
-	cowmm_snap_release(s0);
-	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 16 * T_PAGE, 16 * T_PAGE,
-				MREMAP_MAYMOVE | MREMAP_FIXED, far),
-			 far);
-	ck_assert_ptr_eq(mmap(p + 24 * T_PAGE, 16 * T_PAGE, PROT_NONE,
-			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			      -1, 0),
-			 p + 24 * T_PAGE);
+	move_away_armed(r, p, far);
 	ck_assert_int_eq(cowmm_snapshot(r, &c.s), 0); /* the filled bytes */
 	for (i = 0; i < 16; i++)
 		far[i * T_PAGE] ^= 0xff; /* copied for the snapshot */
 
-	hold_start(&h, &r->lock, 100);
-	ck_assert_int_eq(pthread_create(&th, NULL, restore_thread, &c), 0);
-	usleep(30 * 1000); /* it waits for the region's lock */
-	ck_assert_ptr_eq(mremap(far, 16 * T_PAGE, 16 * T_PAGE,
-				MREMAP_MAYMOVE | MREMAP_FIXED, p + 24 * T_PAGE),
-			 p + 24 * T_PAGE);
-	hook_placeholder(far);
-	hold_end(&h);
-	pthread_join(th, NULL);
-	unhook();
+	move_back_during(r, p, far, restore_thread, &c);
 	ck_assert_int_eq(c.ret, 0);
 	t_assert_live_filled(p, 0, big, 0, 0); /* every page restored, at home */
 	cowmm_snap_release(c.s);
