@@ -530,10 +530,14 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  * and @p s stays valid.  Only the pages written since @p s are touched, and
  * each is copied into in place, so its physical page (pinned or not) stays
  * the same; newer snapshots that still shared a page get their copy first.
- * Writers of the region wait while it runs.  Its pages must not be moved
- * (mremap) or unmapped while it runs: a move that lands while it copies
- * may crash or hang it (not handled yet); one before its copy is waited
- * for.
+ * Writers of the region wait while it runs.  Pages another thread moves
+ * (mremap) or unmaps while it runs are followed: it rolls them back where
+ * they are when it returns, or returns -ENOENT.  Moving other memory over
+ * a page of the region while it runs is a race in the application, as
+ * with any store into that page: the memory moved there may receive the
+ * snapshot's bytes of the page it replaced (only when its move is not yet
+ * known to the library, a window of microseconds; otherwise it is left as
+ * it is).
  * Context: any thread; not concurrently with cowmm_snap_release() of @p s.
  *
  * @param s  a snapshot

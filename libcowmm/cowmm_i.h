@@ -411,6 +411,11 @@ void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */
  * with the region's lock held (a move can land there).  Set it with
  * __atomic_store_n(). */
 extern void (*cowmm__after_protect)(cowmm_region_t *r);
+/* Tests: called by restore with both locks held for a run of pages at
+ * @addr it is about to unprotect (@stage 0), has unprotected (1), is about
+ * to copy into (2). */
+extern void (*cowmm__restore_copying)(cowmm_region_t *r, int stage,
+				      uintptr_t addr, size_t len);
 void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
@@ -421,6 +426,7 @@ int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,
 		       size_t len);
 int cowmm__live_read(uintptr_t addr, void *dst, size_t len);
+int cowmm__live_write(uintptr_t addr, const struct iovec *src, size_t n);
 int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
 		      size_t n);
 void cowmm__region_release_all(cowmm_t *mm);

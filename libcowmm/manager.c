@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/capability.h>
 #include <poll.h>
 #include <sched.h>
@@ -78,11 +79,13 @@ int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
 /*
  * /proc/self/mem of this process, opened once per process (a child of
  * fork() opens its own: the parent's would read the parent's memory).
+ * For writing too where the system allows it (@writable: whether it does).
  */
-static int self_mem(void)
+static int self_mem_fd(bool *writable)
 {
 	static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 	static int fd = -1;
+	static bool fd_rw;
 	static pid_t fd_pid;
 	pid_t pid = own_pid();
 	int ret;
@@ -90,12 +93,64 @@ static int self_mem(void)
 	pthread_mutex_lock(&lock);
 	if (fd < 0 || fd_pid != pid) {
 		/* The parent's descriptor is not ours to close. */
-		fd = open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+		fd = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
+		fd_rw = fd >= 0;
+		if (fd < 0)
+			fd = open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
 		fd_pid = pid;
 	}
 	ret = fd < 0 ? -errno : fd;
+	if (writable)
+		*writable = fd_rw;
 	pthread_mutex_unlock(&lock);
 	return ret;
+}
+
+static int self_mem(void)
+{
+	return self_mem_fd(NULL);
+}
+
+/*
+ * Write @n pages from @src (library memory) to the live pages at @addr,
+ * as cowmm__live_read() reads them: a write never waits on a userfaultfd,
+ * nor faults in the caller.  A page still write-protected, or missing in
+ * a range registered for missing faults, fails at once; so does an
+ * address with nothing mapped.  Anything else mapped there is written:
+ * the caller checks that no move or unmap landed meanwhile.  A page is
+ * written in place, as a store to it would be: a pinned page keeps its
+ * physical frame.  Returns 0; -EFAULT when not every byte was written;
+ * -EBADF when this process may not write its own memory that way (then
+ * the caller copies with stores).
+ */
+int cowmm__live_write(uintptr_t addr, const struct iovec *src, size_t n)
+{
+	bool writable;
+	int fd = self_mem_fd(&writable);
+
+	if (fd < 0)
+		return fd;
+	if (!writable)
+		return -EBADF;
+	while (n) {
+		int cnt = n > IOV_MAX ? IOV_MAX : (int)n, i;
+		size_t want = 0;
+		ssize_t got;
+
+		for (i = 0; i < cnt; i++)
+			want += src[i].iov_len;
+		got = pwritev(fd, src, cnt, (off_t)addr);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0 && errno != EIO && errno != EFAULT)
+			return -errno;
+		if (got != (ssize_t)want)
+			return -EFAULT; /* short: a page it could not write */
+		addr += want;
+		src += cnt;
+		n -= (size_t)cnt;
+	}
+	return 0;
 }
 
 /*

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "cow.h"
@@ -41,6 +42,19 @@ static inline void after_protect(cowmm_region_t *r)
 
 	if (cowmm__unlikely(fn != NULL))
 		fn(r);
+}
+
+void (*cowmm__restore_copying)(cowmm_region_t *r, int stage, uintptr_t addr,
+			       size_t len);
+
+static inline void restore_copying(cowmm_region_t *r, int stage,
+				   uintptr_t addr, size_t len)
+{
+	void (*fn)(cowmm_region_t *, int, uintptr_t, size_t) =
+		__atomic_load_n(&cowmm__restore_copying, __ATOMIC_ACQUIRE);
+
+	if (cowmm__unlikely(fn != NULL))
+		fn(r, stage, addr, len);
 }
 
 /* Mark @s broken: its reads fail with -EIO from now on. */
@@ -728,6 +742,40 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
  * page writable, with no way to protect it in the same step, so a snapshot
  * left sharing it could be changed by a racing write.
  */
+/*
+ * Copy the snapshot's bytes of pages @pg..@pg + @n - 1 (one piece of the
+ * region, unprotected) into place.  Not with stores: a page the
+ * application moved there meanwhile, still protected, would fault to a
+ * worker that waits for the region's lock we hold (a hang), and nothing
+ * mapped there any more would crash us.  -EFAULT for those.
+ */
+static int restore_run(cowmm_snap_t *s, cowmm_region_t *r, size_t pg,
+		       size_t n)
+{
+	struct iovec iov[64];
+	size_t i, done;
+	int ret = 0;
+
+	for (done = 0; done < n && !ret; done += i) {
+		for (i = 0; i < 64 && done + i < n; i++) {
+			struct cowmm_frame *f =
+				cowmm__fmap_get(&s->frames, pg + done + i);
+
+			iov[i].iov_base = cowmm__frame_data(f);
+			iov[i].iov_len = COWMM_PAGE_SIZE;
+		}
+		ret = cowmm__live_write(cowmm__page_addr(r, pg + done), iov, i);
+	}
+	if (ret != -EBADF)
+		return ret;
+	/* This system refuses writes through /proc/self/mem: stores. */
+	for (i = 0; i < n; i++)
+		memcpy((void *)cowmm__page_addr(r, pg + i),
+		       cowmm__frame_data(cowmm__fmap_get(&s->frames, pg + i)),
+		       COWMM_PAGE_SIZE);
+	return 0;
+}
+
 int cowmm_snap_restore(cowmm_snap_t *s)
 {
 	unsigned long *todo = NULL;
@@ -815,7 +863,8 @@ again:
 	 */
 	ret = 0;
 	for (pg = 0; pg < r->npages && !ret;) {
-		size_t n = 0, i;
+		size_t n = 0, len;
+		uintptr_t addr;
 
 		while (pg + n < r->npages && cowmm__test_bit(todo, pg + n))
 			n++;
@@ -824,15 +873,48 @@ again:
 			continue;
 		}
 		n = cowmm__page_span(r, pg, n);
-		ret = cowmm__uffd_wp(mm->uffd, cowmm__page_addr(r, pg),
-				     n << COWMM_PAGE_SHIFT, false, false);
-		/* never write into a page still protected */
-		for (i = 0; !ret && i < n; i++)
-			memcpy((void *)cowmm__page_addr(r, pg + i),
-			       cowmm__frame_data(cowmm__fmap_get(&s->frames,
-								  pg + i)),
-			       COWMM_PAGE_SIZE);
+		addr = cowmm__page_addr(r, pg);
+		len = n << COWMM_PAGE_SHIFT;
+		restore_copying(r, 0, addr, len);
+		ret = cowmm__uffd_wp(mm->uffd, addr, len, false, false);
+		if (ret)
+			break;
+		restore_copying(r, 1, addr, len);
+		/*
+		 * A move landed before that: another page may be there now,
+		 * one that must stay as it is, protected.  (One landing from
+		 * here on is seen below; one whose event is not read by then
+		 * is not: see cowmm.h.)
+		 */
+		if (cowmm__maps_pending(mm)) {
+			cowmm__uffd_wp(mm->uffd, addr, len, true, false);
+			ret = -ENOENT;
+			break;
+		}
+		restore_copying(r, 2, addr, len);
+		ret = restore_run(s, r, pg, n);
 		pg += n;
+	}
+	/*
+	 * Pages moved or unmapped under the copy (the application's mremap()
+	 * or munmap() of them, racing this call): a run found nothing mapped,
+	 * or a page still protected, or a move or unmap was read meanwhile
+	 * and a page may have been written where another one is now.  Wait
+	 * for the events and do it again where the pages are now.
+	 */
+	if (ret == -ENOENT || ret == -EFAULT ||
+	    (!ret && cowmm__maps_pending(mm))) {
+		cowmm__region_wake(r);
+		pthread_mutex_unlock(&r->lock);
+		pthread_mutex_unlock(&mm->lock);
+		free(todo);
+		todo = NULL;
+		if (++tries < 100) {
+			if (!cowmm__maps_pending(mm))
+				usleep(100); /* its event is on its way */
+			goto again;
+		}
+		return -ENOENT;
 	}
 wake:
 	/* Writers that faulted meanwhile find their pages resolved. */

@@ -1290,6 +1290,159 @@ START_TEST(test_restore_move_back_held)
 END_TEST
 
 /*
+ * A move that lands while restore copies (the second review's mover
+ * crashed it there, or hung it).  The hook runs in the restoring thread,
+ * both locks held, at a run of pages to roll back: stage 0 before it is
+ * unprotected, 1 right after, 2 right before it is copied into.  Its
+ * mremap() returns once a worker has read the event, whose handling waits
+ * for the locks.
+ */
+static unsigned char *copying_from, *copying_to;
+static size_t copying_len;
+static int copying_stage;
+
+static void move_while_copying(cowmm_region_t *r, int stage, uintptr_t addr,
+			       size_t len)
+{
+	unsigned char *from;
+
+	(void)r;
+	(void)addr;
+	(void)len;
+	if (stage != copying_stage)
+		return;
+	from = __atomic_exchange_n(&copying_from, NULL, __ATOMIC_ACQ_REL);
+	if (from)
+		ck_assert_ptr_eq(mremap(from, copying_len, copying_len,
+					MREMAP_MAYMOVE | MREMAP_FIXED,
+					copying_to),
+				 copying_to);
+}
+
+/* Move @len bytes at @from to @to at restore's next run, at @stage. */
+static void hook_move_while_copying(int stage, unsigned char *from,
+				    unsigned char *to, size_t len)
+{
+	copying_stage = stage;
+	copying_len = len;
+	copying_to = to;
+	__atomic_store_n(&copying_from, from, __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__restore_copying, move_while_copying,
+			 __ATOMIC_RELEASE);
+}
+
+static void unhook_copying(void)
+{
+	__atomic_store_n(&cowmm__restore_copying, NULL, __ATOMIC_RELEASE);
+	__atomic_store_n(&copying_from, NULL, __ATOMIC_RELEASE);
+}
+
+/*
+ * The pages being restored move away before they are copied into: the
+ * copy found nothing mapped there (SIGSEGV at stages 1 and 2).  Restore
+ * must follow them and roll them back where they are now.
+ */
+static void restore_move_while_copying(int stage)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *far = reserve(16 * T_PAGE);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 24; i < 40; i++)
+		p[i * T_PAGE] ^= 0xff;
+
+	hook_move_while_copying(stage, p + 24 * T_PAGE, far, 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	unhook_copying();
+	t_assert_live_filled(p, 0, 24, 0, 0);
+	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
+	t_assert_live_filled(p, 40, NPAGES - 40, 0, 0);
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_close(mm);
+	munmap(far, 16 * T_PAGE);
+}
+
+START_TEST(test_restore_moved_away_0)
+{
+	restore_move_while_copying(0);
+}
+END_TEST
+
+START_TEST(test_restore_moved_away_1)
+{
+	restore_move_while_copying(1);
+}
+END_TEST
+
+START_TEST(test_restore_moved_away_2)
+{
+	restore_move_while_copying(2);
+}
+END_TEST
+
+/*
+ * A page still protected moves over one being restored: the copy faulted
+ * on it while restore held the region's lock, which the fault's worker
+ * waited for (a hang at stages 1 and 2); at stage 0 restore unprotected it
+ * and wrote the other page's bytes into it.  The page moved over is gone
+ * (the application unmapped it); restore must return, roll back the rest,
+ * and leave the moved page as it was, protected.
+ */
+static void restore_protected_moves_in(int stage)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, buf[T_PAGE];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 24; i < 40; i++)
+		p[i * T_PAGE] ^= 0xff;
+
+	/* page 50 was not written since @s: still protected */
+	hook_move_while_copying(stage, p + 50 * T_PAGE, p + 24 * T_PAGE,
+				T_PAGE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	unhook_copying();
+	ck_assert_msg(page_is(p + 24 * T_PAGE, 51),
+		      "the page moved in was written by restore");
+	t_assert_live_filled(p, 25, 15, 0, 0);
+	for (i = 0; i < NPAGES; i++) {
+		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert(page_is(buf, i + 1));
+	}
+	p[24 * T_PAGE] = 0x42; /* it moved with its protection */
+	ck_assert_int_eq(cowmm_snap_read(s, 50 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 51));
+	cowmm_close(mm);
+}
+
+START_TEST(test_restore_moved_over_0)
+{
+	restore_protected_moves_in(0);
+}
+END_TEST
+
+START_TEST(test_restore_moved_over_1)
+{
+	restore_protected_moves_in(1);
+}
+END_TEST
+
+START_TEST(test_restore_moved_over_2)
+{
+	restore_protected_moves_in(2);
+}
+END_TEST
+
+/*
  * A pin at a moved page's new address right after mremap() returned, its
  * REMAP read but not handled yet (a helper holds the region's lock): it
  * waits for the move, it is not -EINVAL (the model tester's final run).
@@ -1748,6 +1901,18 @@ int main(void)
 		{ "snapshot-move-back-held", test_snapshot_move_back_held,
 		  T_WP_UNPOPULATED },
 		{ "restore-move-back-held", test_restore_move_back_held,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-away-0", test_restore_moved_away_0,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-away-1", test_restore_moved_away_1,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-away-2", test_restore_moved_away_2,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-over-0", test_restore_moved_over_0,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-over-1", test_restore_moved_over_1,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-over-2", test_restore_moved_over_2,
 		  T_WP_UNPOPULATED },
 		{ "snapshot-during-move", test_snapshot_during_move,
 		  T_WP_UNPOPULATED },
