@@ -413,13 +413,14 @@ void cowmm__fail_worker(cowmm_t *mm); /* tests: a worker stops on an error */
 extern void (*cowmm__after_protect)(cowmm_region_t *r);
 /* Tests: called by restore with both locks held for a run of pages at
  * @addr it is about to unprotect (@stage 0), has unprotected (1), is about
- * to copy into (2). */
+ * to copy into (2); and for each page it is about to claim (3). */
 extern void (*cowmm__restore_copying)(cowmm_region_t *r, int stage,
 				      uintptr_t addr, size_t len);
 void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
+unsigned cowmm__maps_seq(cowmm_t *mm);
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);

@@ -1458,6 +1458,20 @@ bool cowmm__maps_pending(cowmm_t *mm)
 	return ret;
 }
 
+/*
+ * How many moves and unmaps were read so far (wrapping): a call that sees
+ * it change knows the layout it worked with may be stale.
+ */
+unsigned cowmm__maps_seq(cowmm_t *mm)
+{
+	unsigned ret;
+
+	pthread_mutex_lock(&mm->read_lock);
+	ret = mm->maps_read;
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
+}
+
 /* Not part of the API: the next @n frame allocations fail, as when out of
  * memory. */
 void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)

@@ -782,6 +782,7 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 	struct cowmm_frame *f;
 	cowmm_region_t *r;
 	cowmm_t *mm;
+	unsigned seq;
 	size_t pg;
 	int ret = cowmm__check_snap(s), tries = 0;
 
@@ -807,21 +808,15 @@ again:
 		goto out_mm;
 	}
 	pthread_mutex_lock(&r->lock);
+	seq = cowmm__maps_seq(mm);
 	ret = cowmm__region_wp(r, true);
 	after_protect(r);
-	if ((ret == -ENOENT && cowmm__maps_pending(mm)) ||
-	    (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm)))) {
+	if (ret == -ENOENT ||
+	    (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm))))
 		/* Pages moved or unmapped under it, their event not handled
 		 * (cowmm__snap_create_locked()); -ENOENT: protecting met
-		 * other memory where they were. */
-		pthread_mutex_unlock(&r->lock);
-		pthread_mutex_unlock(&mm->lock);
-		free(todo);
-		todo = NULL;
-		if (++tries < 100)
-			goto again;
-		return -ENOENT;
-	}
+		 * other memory where they were, or nothing. */
+		goto moved;
 	if (ret)
 		goto out;
 	/* Protecting again may have found it had lost a page (region.c). */
@@ -831,15 +826,22 @@ again:
 	}
 	/* The pages to write back: newer snapshots get them first. */
 	for (pg = 0; pg < r->npages; pg++) {
-		uintptr_t addr = cowmm__page_addr(r, pg);
+		uintptr_t addr;
 		unsigned char vec = 1;
 
 		f = cowmm__fmap_get(&s->frames, pg);
 		if (!f || (r->holes && cowmm__test_bit(r->holes, pg)))
 			continue; /* unchanged, or it left the region */
-		/* The lock may be dropped meanwhile (a discard pending). */
+		/*
+		 * The lock may be dropped meanwhile (a discard pending, or a
+		 * page moving): the layout protected may be stale then.
+		 */
+		restore_copying(r, 3, cowmm__page_addr(r, pg), COWMM_PAGE_SIZE);
 		cowmm__cow_claim(r, pg, COWMM_COW_READ,
 				 &mm->cnt.detach_copies);
+		if (cowmm__maps_seq(mm) != seq)
+			goto moved;
+		addr = cowmm__page_addr(r, pg);
 		if (r->present && mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 			vec = 1;
 		if (r->present && !(vec & 1)) {
@@ -847,6 +849,8 @@ again:
 			ret = cowmm__uffd_copy(mm->uffd, addr,
 					       cowmm__frame_data(f),
 					       COWMM_PAGE_SIZE, false, false);
+			if (ret == -ENOENT)
+				goto moved; /* nothing mapped there now */
 			if (ret && ret != -EEXIST)
 				goto wake;
 			cowmm__set_bit(r->present, pg);
@@ -886,7 +890,7 @@ again:
 		 * here on is seen below; one whose event is not read by then
 		 * is not: see cowmm.h.)
 		 */
-		if (cowmm__maps_pending(mm)) {
+		if (cowmm__maps_seq(mm) != seq) {
 			cowmm__uffd_wp(mm->uffd, addr, len, true, false);
 			ret = -ENOENT;
 			break;
@@ -903,19 +907,8 @@ again:
 	 * for the events and do it again where the pages are now.
 	 */
 	if (ret == -ENOENT || ret == -EFAULT ||
-	    (!ret && cowmm__maps_pending(mm))) {
-		cowmm__region_wake(r);
-		pthread_mutex_unlock(&r->lock);
-		pthread_mutex_unlock(&mm->lock);
-		free(todo);
-		todo = NULL;
-		if (++tries < 100) {
-			if (!cowmm__maps_pending(mm))
-				usleep(100); /* its event is on its way */
-			goto again;
-		}
-		return -ENOENT;
-	}
+	    (!ret && cowmm__maps_seq(mm) != seq))
+		goto moved;
 wake:
 	/* Writers that faulted meanwhile find their pages resolved. */
 	cowmm__region_wake(r);
@@ -925,4 +918,18 @@ out_mm:
 	pthread_mutex_unlock(&mm->lock);
 	free(todo);
 	return ret;
+
+moved:
+	cowmm__region_wake(r);
+	pthread_mutex_unlock(&r->lock);
+	pthread_mutex_unlock(&mm->lock);
+	free(todo);
+	todo = NULL;
+	if (++tries < 100) {
+		/* Not read yet: the kernel sends it right after the move. */
+		if (!cowmm__maps_pending(mm))
+			usleep(100);
+		goto again;
+	}
+	return -ENOENT;
 }

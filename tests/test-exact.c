@@ -1443,6 +1443,38 @@ START_TEST(test_restore_moved_over_2)
 END_TEST
 
 /*
+ * The pages move away while restore gives a clone its copy of them: the
+ * copy finds nothing at the old address, and must wait for the move, not
+ * count the page lost (the clone's page would raise SIGBUS).
+ */
+START_TEST(test_restore_moved_claiming)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *q, *far = reserve(16 * T_PAGE);
+	cowmm_region_t *r, *c;
+	cowmm_snap_t *s;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 24; i < 40; i++)
+		p[i * T_PAGE] ^= 0xff;
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0); /* shares the writes */
+	q = cowmm_region_base(c);
+
+	hook_move_while_copying(3, p + 24 * T_PAGE, far, 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	unhook_copying();
+	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
+	t_assert_live_filled(p, 40, NPAGES - 40, 0, 0);
+	t_assert_live_filled(q, 24, 16, 0, 0xff); /* the clone kept them */
+	t_assert_live_filled(q, 0, 24, 0, 0);
+	cowmm_close(mm);
+	munmap(far, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * A pin at a moved page's new address right after mremap() returned, its
  * REMAP read but not handled yet (a helper holds the region's lock): it
  * waits for the move, it is not -EINVAL (the model tester's final run).
@@ -1913,6 +1945,8 @@ int main(void)
 		{ "restore-moved-over-1", test_restore_moved_over_1,
 		  T_WP_UNPOPULATED },
 		{ "restore-moved-over-2", test_restore_moved_over_2,
+		  T_WP_UNPOPULATED },
+		{ "restore-moved-claiming", test_restore_moved_claiming,
 		  T_WP_UNPOPULATED },
 		{ "snapshot-during-move", test_snapshot_during_move,
 		  T_WP_UNPOPULATED },

@@ -1339,12 +1339,82 @@ static void op_release(struct op *o, char *d)
 	region_free(m);
 }
 
+/*
+ * Another thread moves part of a region once, at a moment picked by the
+ * seed, while the main thread calls the library (a restore): the pages
+ * must end rolled back at their new address whenever the move lands.
+ */
+static struct {
+	pthread_t th;
+	atomic_bool go;
+	unsigned char *from, *to;
+	size_t len;
+	unsigned delay_us;
+	int err;
+} mover;
+
+static void *mover_main(void *arg)
+{
+	long long t0;
+
+	(void)arg;
+	while (!atomic_load(&mover.go))
+		;
+	/* spin: a sleep this short would take as long as the call */
+	for (t0 = now_ns(); now_ns() - t0 < mover.delay_us * 1000LL;)
+		;
+	if (mremap(mover.from, mover.len, mover.len,
+		   MREMAP_MAYMOVE | MREMAP_FIXED, mover.to) != mover.to)
+		mover.err = errno;
+	return NULL;
+}
+
+static unsigned char *reserve(size_t len);
+
+/* Start the mover on pages of @ri (none pinned; not all of them). */
+static size_t mover_start(struct op *o, int ri, size_t *first)
+{
+	struct mregion *m = &R[ri];
+	size_t n, i, mapped = 0;
+
+	if (m->npins)
+		return 0;
+	for (i = 0; i < m->npages; i++)
+		mapped += !!m->addr[i];
+	n = pick_run(m, o, first, 0, 8);
+	if (!n || n >= mapped)
+		return 0;
+	mover.from = m->addr[*first];
+	mover.len = n * PG;
+	mover.to = reserve(mover.len);
+	mover.delay_us = (unsigned)(o->rnd % 150);
+	mover.err = 0;
+	atomic_store(&mover.go, false);
+	if (pthread_create(&mover.th, NULL, mover_main, NULL))
+		die(M_ERROR, "pthread_create: %m");
+	return n;
+}
+
+/* The mover's pages, wherever it is, are at their new address now. */
+static void mover_join(int ri, size_t first, size_t n)
+{
+	size_t i;
+
+	pthread_join(mover.th, NULL);
+	if (mover.err)
+		die(M_ERROR, "mremap part (concurrent): %s",
+		    strerror(mover.err));
+	for (i = 0; i < n; i++)
+		R[ri].addr[first + i] = mover.to + i * PG;
+	R[ri].moved = true;
+}
+
 static void op_restore(struct op *o, char *d)
 {
 	int si = find_snap(o->a, NULL), ret, ri;
 	struct msnap *s;
 	struct mregion *m;
-	size_t pg;
+	size_t pg, moved = 0, first = 0;
 
 	if (si < 0) {
 		DESC("restore (skipped: no snapshot)");
@@ -1353,7 +1423,12 @@ static void op_restore(struct op *o, char *d)
 	s = &S[si];
 	ri = s->region;
 	busy_start(o, ri < 0 ? MAXR : ri);
+	if (ri >= 0 && (o->d & 8))
+		moved = mover_start(o, ri, &first);
+	atomic_store(&mover.go, true);
 	ret = cowmm_snap_restore(s->s);
+	if (moved)
+		mover_join(ri, first, moved);
 	busy_stop();
 	if (ri < 0) {
 		expect_ret("cowmm_snap_restore (region released)", ret,
@@ -1375,7 +1450,12 @@ static void op_restore(struct op *o, char *d)
 		m->amb[pg] = s->amb[pg];
 		m->maylose[pg] = 0;
 	}
-	DESC("restore S%d into R%d%s", s->id, m->id, busy.what);
+	if (moved)
+		DESC("restore S%d into R%d%s (pages %zu..%zu moved meanwhile, "
+		     "%u us in)", s->id, m->id, busy.what, first,
+		     first + moved - 1, mover.delay_us);
+	else
+		DESC("restore S%d into R%d%s", s->id, m->id, busy.what);
 }
 
 static void op_map(struct op *o, char *d)
