@@ -502,10 +502,13 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
  * Page @addr lost its protection since @stamp (cowmm__removes_stamp()),
  * with no event to say why: was it the kernel dropping a page MADV_FREE
  * left?  Not if a discard was read since or is pending (the kernel zaps
- * only once its event is read), nor if an unmap was: munmap() takes the
- * page first and sends UNMAP after, so an unmap not read yet is one whose
- * range is no longer mapped (mincore() fails), and one read is numbered
- * as a discard is (count_event()) and counted until handled.
+ * only once its event is read), nor if an unmap or a move was: munmap()
+ * and mremap() take the page first and send their event after, so one not
+ * read yet is one whose range is no longer mapped (mincore() fails; other
+ * memory can take it only once the call returned, after the read), and
+ * one read is numbered as a discard is (count_event()) and counted until
+ * handled.  A caller that found @addr in a layout taken with such an
+ * event pending cannot trust it: it waits for the event first.
  */
 bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 {
@@ -518,7 +521,8 @@ bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 	pthread_mutex_lock(&mm->read_lock);
 	pthread_mutex_lock(&mm->removes_lock);
 	quiet = mm->removes_read == stamp && !mm->removes_n &&
-		!atomic_load(&mm->unmaps_pending);
+		!atomic_load(&mm->unmaps_pending) &&
+		!atomic_load(&mm->remaps_pending);
 	pthread_mutex_unlock(&mm->removes_lock);
 	pthread_mutex_unlock(&mm->read_lock);
 	return quiet;
@@ -881,8 +885,10 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 	switch (m->event) {
 	case UFFD_EVENT_REMAP:
 		m->reserved2 = ++mm->maps_read;
+		/* Numbered, not queued: cowmm__dropped_quietly(). */
+		m->reserved3 = ++mm->removes_read;
 		atomic_fetch_add(&mm->remaps_pending, 1);
-		break;
+		return;
 	case UFFD_EVENT_REMOVE:
 		m->reserved2 = mm->maps_read;
 		m->reserved3 = ++mm->removes_read;

@@ -373,9 +373,27 @@ static bool discard_pending(cowmm_t *mm)
 				: cowmm__discards_pending(mm);
 }
 
+void (*cowmm__read_checked)(uintptr_t addr);
+
+/*
+ * A page found protected could not be copied, or lost its protection
+ * while it was: moved (mremap) or unmapped meanwhile?  The kernel takes
+ * the pages first and sends the event right after; once it is handled,
+ * the page is read at its new address, or its loss is handled.  The
+ * caller tries again then (-EAGAIN), instead of counting the page lost.
+ */
+static bool moved_meanwhile(cowmm_t *mm)
+{
+	if (cowmm__maps_pending(mm))
+		return true;
+	usleep(50); /* the event of a move just made */
+	return cowmm__maps_pending(mm);
+}
+
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 			 bool probe)
 {
+	void (*hook)(uintptr_t);
 	uint64_t e1, e2;
 	uint32_t before;
 	int tries;
@@ -412,13 +430,16 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		memset(dst, 0, COWMM_PAGE_SIZE); /* never populated */
 		return 0;
 	}
+	hook = __atomic_load_n(&cowmm__read_checked, __ATOMIC_ACQUIRE);
+	if (cowmm__unlikely(hook != NULL))
+		hook(addr);
 	for (tries = 0; tries < 3; tries++) {
 		if (live_copy(r, addr, dst) ||
 		    cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e2))
-			return -EIO;
+			return moved_meanwhile(r->mm) ? -EAGAIN : -EIO;
 		if (!(e2 & PM_UFFD_WP) ||
 		    ((e1 & PM_PRESENT) && !(e2 & PM_PRESENT)))
-			return -EIO;
+			return moved_meanwhile(r->mm) ? -EAGAIN : -EIO;
 		if (!(e1 & PM_PRESENT) ||
 		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
 			return 0;
@@ -438,7 +459,8 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
  * populated (one mincore() call); the fault path, whose writer is about to
  * populate the page anyway, does not ask.  Call with r->lock held.
  * Returns 0, -EIO when a broken origin cannot supply it, or -EAGAIN while
- * a discard is read but not handled (or, in a worker, a lock is busy).
+ * a discard, or a move or unmap of the page, is read but not handled (or,
+ * in a worker, a lock is busy).
  */
 int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe)

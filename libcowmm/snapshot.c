@@ -57,6 +57,17 @@ static inline void restore_copying(cowmm_region_t *r, int stage,
 		fn(r, stage, addr, len);
 }
 
+void (*cowmm__read_sampled)(uintptr_t addr);
+
+static inline void read_sampled(uintptr_t addr)
+{
+	void (*fn)(uintptr_t) =
+		__atomic_load_n(&cowmm__read_sampled, __ATOMIC_ACQUIRE);
+
+	if (cowmm__unlikely(fn != NULL))
+		fn(addr);
+}
+
 /* Mark @s broken: its reads fail with -EIO from now on. */
 void cowmm__snap_break(cowmm_snap_t *s, const char *why)
 {
@@ -448,10 +459,26 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		if (np > READ_BATCH)
 			np = READ_BATCH;
 		before = cowmm__removes_stamp(s->mm); /* before pagemap */
+		/*
+		 * A move or unmap read, not handled: the layout may still put
+		 * pages where they no longer are, and once it is handled, what
+		 * is mapped there then (an unprotected page, no event since
+		 * the stamp) would pass for a page the kernel dropped after
+		 * MADV_FREE.  Wait for it; one read from now on changes the
+		 * stamp (count_event()).
+		 */
+		if (atomic_load(&s->mm->remaps_pending) ||
+		    atomic_load(&s->mm->unmaps_pending)) {
+			ret = -EAGAIN;
+			np = 0;
+		}
 		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
-		if (r) /* one piece, as the layout is now */
+		if (r && np) /* one piece, as the layout is now */
 			base = cowmm__page_run(r, pg0, &np);
-		if (!r || cowmm__pagemap_read(s->mm->pagemap, base, np, entry))
+		if (r && np)
+			read_sampled(base);
+		if (np && (!r || cowmm__pagemap_read(s->mm->pagemap, base, np,
+						     entry)))
 			for (i = 0; i < np; i++)
 				entry[i] = PM_PRESENT | PM_UFFD_WP;
 		for (i = 0; i < np && done < len && !ret; i++) {
