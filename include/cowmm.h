@@ -532,12 +532,12 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  * the same; newer snapshots that still shared a page get their copy first.
  * Writers of the region wait while it runs.  Pages another thread moves
  * (mremap) or unmaps while it runs are followed: it rolls them back where
- * they are when it returns, or returns -ENOENT.  Moving other memory over
- * a page of the region while it runs is a race in the application, as
- * with any store into that page: the memory moved there may receive the
- * snapshot's bytes of the page it replaced (only when its move is not yet
- * known to the library, a window of microseconds; otherwise it is left as
- * it is).
+ * they are when it returns, or returns -ENOENT; memory mapped where they
+ * were once that mremap or munmap has returned is never written.  Mapping
+ * or moving other memory over a page of the region while it runs
+ * (MAP_FIXED, MREMAP_FIXED) is a race in the application, as with any
+ * store into that page: the memory put there may receive the snapshot's
+ * bytes of the page it replaced.
  * Context: any thread; not concurrently with cowmm_snap_release() of @p s.
  *
  * @param s  a snapshot

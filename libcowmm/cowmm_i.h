@@ -434,6 +434,8 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,
 		       size_t len);
 int cowmm__live_read(uintptr_t addr, void *dst, size_t len);
 int cowmm__live_write(uintptr_t addr, const struct iovec *src, size_t n);
+int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
+			      const struct iovec *src, size_t n);
 int cowmm__live_readv(const struct iovec *local, const struct iovec *remote,
 		      size_t n);
 void cowmm__region_release_all(cowmm_t *mm);

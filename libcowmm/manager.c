@@ -122,7 +122,29 @@ static int self_mem(void)
  * physical frame.  Returns 0; -EFAULT when not every byte was written;
  * -EBADF when this process may not write its own memory that way (then
  * the caller copies with stores).
+ *
+ * cowmm__live_write_unmoved() writes only if no move or unmap was read
+ * since cowmm__maps_seq() returned @seq (-ENOENT otherwise), and holds
+ * read_lock while it writes, so that none is read meanwhile: munmap() and
+ * mremap() return only once their event is read, and until they have,
+ * nothing else can be mapped where the pages were (what was unmapped
+ * fails the write).  Memory mapped or moved over the pages with
+ * MAP_FIXED or MREMAP_FIXED is there before its event: that one it may
+ * write.  The write never waits on a userfaultfd, so holding the lock
+ * cannot stop the reader it would wait for.
  */
+int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
+			      const struct iovec *src, size_t n)
+{
+	int ret = -ENOENT;
+
+	pthread_mutex_lock(&mm->read_lock);
+	if ((uint16_t)seq == mm->maps_read)
+		ret = cowmm__live_write(addr, src, n);
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
+}
+
 int cowmm__live_write(uintptr_t addr, const struct iovec *src, size_t n)
 {
 	bool writable;

@@ -375,6 +375,15 @@ static bool discard_pending(cowmm_t *mm)
 
 void (*cowmm__read_checked)(uintptr_t addr);
 
+/* A move or unmap read but not handled, as discard_pending() sees one. */
+static bool maps_pending(cowmm_t *mm)
+{
+	if (cowmm__in_worker)
+		return atomic_load(&mm->remaps_pending) ||
+		       atomic_load(&mm->unmaps_pending);
+	return cowmm__maps_pending(mm);
+}
+
 /*
  * A page found protected could not be copied, or lost its protection
  * while it was: moved (mremap) or unmapped meanwhile?  The kernel takes
@@ -404,6 +413,15 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	 * until the discard has broken the snapshots that needed the page.
 	 */
 	if (discard_pending(r->mm))
+		return -EAGAIN;
+	/*
+	 * A move read but not handled: the layout may put the page where
+	 * another one is now (the range it left, taken by another range
+	 * moved there since), protected too, whose bytes would pass for its.
+	 * A REMOVE handler does not wait: moves read after its event wait
+	 * for it.
+	 */
+	if (!cowmm__in_remove && maps_pending(r->mm))
 		return -EAGAIN;
 	before = cowmm__removes_stamp(r->mm);
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
@@ -1119,12 +1137,27 @@ struct unseen {
 	uint32_t before; /* the last discard read when the walk began */
 	size_t pg;       /* the run's first page, */
 	uintptr_t start; /* at this address */
+	int moving;      /* -1: not asked yet; else moved_meanwhile() */
 };
+
+/*
+ * Pages found unprotected in a range the region's layout still puts
+ * them, while a move (or an unmap) is read but not handled: what is there
+ * is not theirs (a placeholder, other memory), and nothing was lost; the
+ * caller sees the move pending and starts again once it is handled.  An
+ * unmap's handler counts its own losses.  Asked once a walk.
+ */
+static bool walk_moving(cowmm_t *mm, struct unseen *u)
+{
+	if (u->moving < 0)
+		u->moving = moved_meanwhile(mm);
+	return u->moving;
+}
 
 static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 			size_t n, void *arg)
 {
-	const struct unseen *u = arg;
+	struct unseen *u = arg;
 	uintptr_t addr;
 	size_t i;
 
@@ -1144,7 +1177,8 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 				cowmm__cow_claim_locked(
 					r, pg, COWMM_COW_ZERO,
 					&r->mm->cnt.detach_copies);
-			else if (cowmm__shared_locked(r, pg))
+			else if (cowmm__shared_locked(r, pg) &&
+				 !walk_moving(r->mm, u))
 				cowmm__cow_claim_lost_locked(
 					r, pg, "page discarded while a "
 					       "snapshot was taken");
@@ -1155,7 +1189,7 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 static void break_unseen(cowmm_region_t *r, size_t pg, uintptr_t start,
 			 size_t len)
 {
-	struct unseen u = { 0, pg, start };
+	struct unseen u = { 0, pg, start, -1 };
 
 	if (!r->snaps)
 		return;

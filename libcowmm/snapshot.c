@@ -757,27 +757,15 @@ int cowmm__view_fill(cowmm_region_t *v, size_t pg, bool wake)
 /* Restore */
 
 /*
- * Make the region's content @s's again, page by page where it differs: a
- * page differs exactly when @s holds a frame for it.  The region is
- * write-protected first, so that writers wait while their pages change.
- * Each page to restore is first preserved for newer snapshots that still
- * share it; then each run of them is unprotected in one ioctl and copied
- * into, in place: the physical page stays the same, pinned or not.  @s
- * keeps its frames and stays valid.
- *
- * Frames are not moved back with UFFDIO_MOVE: the kernel installs a moved
- * page writable, with no way to protect it in the same step, so a snapshot
- * left sharing it could be changed by a racing write.
- */
-/*
  * Copy the snapshot's bytes of pages @pg..@pg + @n - 1 (one piece of the
  * region, unprotected) into place.  Not with stores: a page the
  * application moved there meanwhile, still protected, would fault to a
  * worker that waits for the region's lock we hold (a hang), and nothing
- * mapped there any more would crash us.  -EFAULT for those.
+ * mapped there any more would crash us: -EFAULT for those.  -ENOENT when
+ * a move or unmap was read since @seq: what is there may not be ours.
  */
 static int restore_run(cowmm_snap_t *s, cowmm_region_t *r, size_t pg,
-		       size_t n)
+		       size_t n, unsigned seq)
 {
 	struct iovec iov[64];
 	size_t i, done;
@@ -791,7 +779,9 @@ static int restore_run(cowmm_snap_t *s, cowmm_region_t *r, size_t pg,
 			iov[i].iov_base = cowmm__frame_data(f);
 			iov[i].iov_len = COWMM_PAGE_SIZE;
 		}
-		ret = cowmm__live_write(cowmm__page_addr(r, pg + done), iov, i);
+		ret = cowmm__live_write_unmoved(r->mm, seq,
+						cowmm__page_addr(r, pg + done),
+						iov, i);
 	}
 	if (ret != -EBADF)
 		return ret;
@@ -803,6 +793,19 @@ static int restore_run(cowmm_snap_t *s, cowmm_region_t *r, size_t pg,
 	return 0;
 }
 
+/*
+ * Make the region's content @s's again, page by page where it differs: a
+ * page differs exactly when @s holds a frame for it.  The region is
+ * write-protected first, so that writers wait while their pages change.
+ * Each page to restore is first preserved for newer snapshots that still
+ * share it; then each run of them is unprotected in one ioctl and copied
+ * into, in place: the physical page stays the same, pinned or not.  @s
+ * keeps its frames and stays valid.
+ *
+ * Frames are not moved back with UFFDIO_MOVE: the kernel installs a moved
+ * page writable, with no way to protect it in the same step, so a snapshot
+ * left sharing it could be changed by a racing write.
+ */
 int cowmm_snap_restore(cowmm_snap_t *s)
 {
 	unsigned long *todo = NULL;
@@ -923,7 +926,7 @@ again:
 			break;
 		}
 		restore_copying(r, 2, addr, len);
-		ret = restore_run(s, r, pg, n);
+		ret = restore_run(s, r, pg, n, seq);
 		pg += n;
 	}
 	/*
