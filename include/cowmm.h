@@ -19,6 +19,10 @@
  *    each manager); older ones are plain use-after-free, as with any C API.
  *  - In the child of fork(), every call on an inherited handle gives -ECHILD
  *    and the child's memory is ordinary, unmanaged memory.
+ *  - No function is async-signal-safe.  A signal handler must not call
+ *    them, nor munmap() or mremap() a region's memory: the thread it
+ *    interrupts may hold a lock that the library needs to handle that
+ *    unmap or move, which the kernel waits for (a deadlock).
  */
 #ifndef COWMM_H
 #define COWMM_H
