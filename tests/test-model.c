@@ -1104,6 +1104,77 @@ static struct {
 static int busy_exclude;
 
 /*
+ * Another thread moves part of a region once, at a moment picked by the
+ * seed, while the main thread calls the library (a snapshot, clone or
+ * restore): wherever the move lands, the call's result is exact and the
+ * pages are followed to their new address.
+ */
+static struct {
+	pthread_t th;
+	atomic_bool go;
+	unsigned char *from, *to;
+	size_t len;
+	unsigned delay_us;
+	int err;
+} mover;
+
+static void *mover_main(void *arg)
+{
+	long long t0;
+
+	(void)arg;
+	while (!atomic_load(&mover.go))
+		;
+	/* spin: a sleep this short would take as long as the call */
+	for (t0 = now_ns(); now_ns() - t0 < mover.delay_us * 1000LL;)
+		;
+	if (mremap(mover.from, mover.len, mover.len,
+		   MREMAP_MAYMOVE | MREMAP_FIXED, mover.to) != mover.to)
+		mover.err = errno;
+	return NULL;
+}
+
+static unsigned char *reserve(size_t len);
+
+/* Start the mover on pages of @ri (none pinned; not all of them). */
+static size_t mover_start(struct op *o, int ri, size_t *first)
+{
+	struct mregion *m = &R[ri];
+	size_t n, i, mapped = 0;
+
+	if (m->npins)
+		return 0;
+	for (i = 0; i < m->npages; i++)
+		mapped += !!m->addr[i];
+	n = pick_run(m, o, first, 0, 8);
+	if (!n || n >= mapped)
+		return 0;
+	mover.from = m->addr[*first];
+	mover.len = n * PG;
+	mover.to = reserve(mover.len);
+	mover.delay_us = (unsigned)(o->rnd % 150);
+	mover.err = 0;
+	atomic_store(&mover.go, false);
+	if (pthread_create(&mover.th, NULL, mover_main, NULL))
+		die(M_ERROR, "pthread_create: %m");
+	return n;
+}
+
+/* The mover's pages, wherever it is, are at their new address now. */
+static void mover_join(int ri, size_t first, size_t n)
+{
+	size_t i;
+
+	pthread_join(mover.th, NULL);
+	if (mover.err)
+		die(M_ERROR, "mremap part (concurrent): %s",
+		    strerror(mover.err));
+	for (i = 0; i < n; i++)
+		R[ri].addr[first + i] = mover.to + i * PG;
+	R[ri].moved = true;
+}
+
+/*
  * A bounded number of discards, 20 µs apart: a race with the call, not a
  * stream of REMOVE events that could starve it.
  */
@@ -1170,7 +1241,7 @@ static void op_snapshot(int opi, struct op *o, char *d)
 	int ri = find_region(o->a, NULL), si = free_snap_slot(), ret;
 	struct mregion *m;
 	struct msnap *s;
-	size_t pg;
+	size_t pg, moved = 0, first = 0;
 
 	(void)opi;
 	if (ri < 0 || si < 0 || !budget_allows(R[ri].npages)) {
@@ -1182,7 +1253,12 @@ static void op_snapshot(int opi, struct op *o, char *d)
 	s = &S[si];
 	memset(s, 0, sizeof(*s));
 	busy_start(o, ri);
+	if (o->d & 8)
+		moved = mover_start(o, ri, &first);
+	atomic_store(&mover.go, true);
 	ret = cowmm_snapshot(m->r, &s->s);
+	if (moved)
+		mover_join(ri, first, moved);
 	busy_stop();
 	expect_ret("cowmm_snapshot", ret, 0);
 	s->live = true;
@@ -1242,7 +1318,7 @@ static void op_clone(struct op *o, char *d)
 	struct mregion *m, *c;
 	cowmm_region_t *cr;
 	unsigned char *base;
-	size_t pg;
+	size_t pg, moved = 0, first = 0;
 
 	if (ri < 0 || ci < 0) {
 		DESC("clone (skipped: %s)", ri < 0 ? "no region" : "no slot");
@@ -1253,7 +1329,12 @@ static void op_clone(struct op *o, char *d)
 		DESC("clone R%d (skipped: bounded budget)", m->id);
 		return;
 	}
+	if (o->d & 8)
+		moved = mover_start(o, ri, &first);
+	atomic_store(&mover.go, true);
 	ret = cowmm_clone(m->r, COWMM_REGION_NOTHP, &cr);
+	if (moved)
+		mover_join(ri, first, moved);
 	if (mode.in_thread) {
 		/* header, cowmm_clone(): -EOPNOTSUPP in-thread */
 		expect_ret("cowmm_clone (in_thread)", ret, -EOPNOTSUPP);
@@ -1277,7 +1358,12 @@ static void op_clone(struct op *o, char *d)
 		c->cshared[pg] = 1;
 		c->maylose[pg] = m->maylose[pg];
 	}
-	DESC("clone R%d -> R%d", m->id, c->id);
+	if (moved)
+		DESC("clone R%d -> R%d (pages %zu..%zu moved meanwhile, %u us "
+		     "in)", m->id, c->id, first, first + moved - 1,
+		     mover.delay_us);
+	else
+		DESC("clone R%d -> R%d", m->id, c->id);
 }
 
 static void unmap_owned(struct mregion *m)
@@ -1337,76 +1423,6 @@ static void op_release(struct op *o, char *d)
 	     ret ? " -ENOMEM" : "", busy.what);
 	unmap_owned(m);
 	region_free(m);
-}
-
-/*
- * Another thread moves part of a region once, at a moment picked by the
- * seed, while the main thread calls the library (a restore): the pages
- * must end rolled back at their new address whenever the move lands.
- */
-static struct {
-	pthread_t th;
-	atomic_bool go;
-	unsigned char *from, *to;
-	size_t len;
-	unsigned delay_us;
-	int err;
-} mover;
-
-static void *mover_main(void *arg)
-{
-	long long t0;
-
-	(void)arg;
-	while (!atomic_load(&mover.go))
-		;
-	/* spin: a sleep this short would take as long as the call */
-	for (t0 = now_ns(); now_ns() - t0 < mover.delay_us * 1000LL;)
-		;
-	if (mremap(mover.from, mover.len, mover.len,
-		   MREMAP_MAYMOVE | MREMAP_FIXED, mover.to) != mover.to)
-		mover.err = errno;
-	return NULL;
-}
-
-static unsigned char *reserve(size_t len);
-
-/* Start the mover on pages of @ri (none pinned; not all of them). */
-static size_t mover_start(struct op *o, int ri, size_t *first)
-{
-	struct mregion *m = &R[ri];
-	size_t n, i, mapped = 0;
-
-	if (m->npins)
-		return 0;
-	for (i = 0; i < m->npages; i++)
-		mapped += !!m->addr[i];
-	n = pick_run(m, o, first, 0, 8);
-	if (!n || n >= mapped)
-		return 0;
-	mover.from = m->addr[*first];
-	mover.len = n * PG;
-	mover.to = reserve(mover.len);
-	mover.delay_us = (unsigned)(o->rnd % 150);
-	mover.err = 0;
-	atomic_store(&mover.go, false);
-	if (pthread_create(&mover.th, NULL, mover_main, NULL))
-		die(M_ERROR, "pthread_create: %m");
-	return n;
-}
-
-/* The mover's pages, wherever it is, are at their new address now. */
-static void mover_join(int ri, size_t first, size_t n)
-{
-	size_t i;
-
-	pthread_join(mover.th, NULL);
-	if (mover.err)
-		die(M_ERROR, "mremap part (concurrent): %s",
-		    strerror(mover.err));
-	for (i = 0; i < n; i++)
-		R[ri].addr[first + i] = mover.to + i * PG;
-	R[ri].moved = true;
 }
 
 static void op_restore(struct op *o, char *d)
