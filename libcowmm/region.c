@@ -500,16 +500,19 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		 */
 		if (discard_pending(r->mm))
 			return -EAGAIN;
+		/* A move pending: see read_verified(). */
+		if (!cowmm__in_remove && maps_pending(r->mm))
+			return -EAGAIN;
 		if (!cowmm__live_read(addr, dst, COWMM_PAGE_SIZE))
 			return 0;
 		/*
 		 * Not there, and the read did not wait for it (see
 		 * cowmm__live_read()): discarded, so zero; unless the range
-		 * is no longer mapped at all (mincore() fails), an unmap whose
-		 * event is still to come.
+		 * is no longer mapped at all (mincore() fails), a move or an
+		 * unmap whose event is still to come.
 		 */
 		if (mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
-			return -EIO;
+			return moved_meanwhile(r->mm) ? -EAGAIN : -EIO;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}
@@ -578,7 +581,8 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 	if (n > r->npages - first)
 		n = r->npages - first;
 	n = cowmm__page_span(r, first, n); /* one piece: ahead_window() */
-	if (!n || discard_pending(mm) ||
+	/* A move pending: the pages ahead may be others (read_verified()). */
+	if (!n || discard_pending(mm) || maps_pending(mm) ||
 	    cowmm__pagemap_read(mm->pagemap, base, n, e1))
 		return 0;
 	for (k = 0; k < n; k++) {

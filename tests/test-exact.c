@@ -1759,6 +1759,48 @@ START_TEST(test_restore_claim_stale_layout)
 END_TEST
 
 /*
+ * The same move, restoring a clone whose pages were all touched (filled
+ * from its origin): the copy for the clone's newer snapshot read the
+ * filled page at the old address, found nothing there and broke that
+ * snapshot (the model tester's seed 41955).
+ */
+START_TEST(test_restore_clone_moved_claiming)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *q, *far = reserve(16 * T_PAGE), buf[T_PAGE];
+	cowmm_region_t *r, *c;
+	cowmm_snap_t *s, *s2;
+	volatile unsigned char sink = 0;
+	size_t i;
+
+	t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	for (i = 0; i < NPAGES; i++)
+		sink ^= q[i * T_PAGE]; /* every page filled */
+	(void)sink;
+	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
+	for (i = 24; i < 40; i++)
+		q[i * T_PAGE] ^= 0xff;
+	ck_assert_int_eq(cowmm_snapshot(c, &s2), 0); /* shares the writes */
+
+	hook_move_while_copying(3, q + 24 * T_PAGE, far, 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	unhook_copying();
+	for (i = 24; i < 40; i++) {
+		ck_assert_int_eq(cowmm_snap_read(s2, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		buf[0] ^= 0xff;
+		ck_assert(page_is(buf, i + 1));
+	}
+	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
+	t_assert_live_filled(q, 0, 24, 0, 0);
+	cowmm_close(mm);
+	munmap(far, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * The pages move away while restore gives a clone its copy of them: the
  * copy finds nothing at the old address, and must wait for the move, not
  * count the page lost (the clone's page would raise SIGBUS).
@@ -2272,6 +2314,8 @@ int main(void)
 		  test_restore_moved_newer_snapshot, T_WP_UNPOPULATED },
 		{ "restore-claim-stale-layout", test_restore_claim_stale_layout,
 		  T_WP_UNPOPULATED },
+		{ "restore-clone-moved-claiming",
+		  test_restore_clone_moved_claiming, T_WP_UNPOPULATED },
 		{ "restore-moved-claiming", test_restore_moved_claiming,
 		  T_WP_UNPOPULATED },
 		{ "snapshot-during-move", test_snapshot_during_move,
