@@ -546,9 +546,10 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  *
  * @param s  a snapshot
  * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -ENOENT (its
- *         region was released, or pages of it were moved or unmapped
- *         under the call: the region may be partly restored; call again),
- *         -EIO (broken snapshot), -ENOMEM, -ECHILD
+ *         region was released, or pages of it kept being moved or
+ *         unmapped under the call: the region may be partly restored;
+ *         call again), -EIO (broken snapshot; broken while the call ran,
+ *         the region may be partly restored), -ENOMEM, -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snap_restore(cowmm_snap_t *s);

@@ -414,14 +414,14 @@ extern void (*cowmm__after_protect)(cowmm_region_t *r);
 /* Tests: called by restore with both locks held for a run of pages at
  * @addr it is about to unprotect (@stage 0), has unprotected (1), is about
  * to copy into (2); and for each page it is about to claim (3). */
+extern void (*cowmm__restore_copying)(cowmm_region_t *r, int stage,
+				      uintptr_t addr, size_t len);
 /* Tests: called by cowmm_snap_read() when it found where the pages it
  * reads are (@addr), before it reads their pagemap entries. */
 extern void (*cowmm__read_sampled)(uintptr_t addr);
 /* Tests: called when a live page at @addr was found protected, right
  * before it is copied (region.c). */
 extern void (*cowmm__read_checked)(uintptr_t addr);
-extern void (*cowmm__restore_copying)(cowmm_region_t *r, int stage,
-				      uintptr_t addr, size_t len);
 void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);

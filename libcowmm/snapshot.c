@@ -916,9 +916,9 @@ again:
 		restore_copying(r, 1, addr, len);
 		/*
 		 * A move landed before that: another page may be there now,
-		 * one that must stay as it is, protected.  (One landing from
-		 * here on is seen below; one whose event is not read by then
-		 * is not: see cowmm.h.)
+		 * one that must stay as it is, protected.  (One from here on
+		 * is seen before each write, cowmm__live_write_unmoved(),
+		 * except memory moved or mapped over the pages: cowmm.h.)
 		 */
 		if (cowmm__maps_seq(mm) != seq) {
 			cowmm__uffd_wp(mm->uffd, addr, len, true, false);
