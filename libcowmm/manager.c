@@ -1036,6 +1036,8 @@ static void *worker_main(void *arg)
 			 * can read a later message: a fault at a moved
 			 * region's new address must not look stray.
 			 */
+			while (cowmm__unlikely(atomic_load(&mm->pause_reads)))
+				usleep(200);
 			pthread_mutex_lock(&mm->read_lock);
 			n = read(mm->uffd, msg, sizeof(msg));
 			for (ssize_t i = 0; i < n / (ssize_t)sizeof(msg[0]); i++)
@@ -1484,6 +1486,40 @@ bool cowmm__maps_pending(cowmm_t *mm)
 	ret = (uint16_t)atomic_load(&mm->maps_done) != mm->maps_read;
 	pthread_mutex_unlock(&mm->read_lock);
 	return ret;
+}
+
+/*
+ * A call found pages of a region moved or unmapped under it (protecting
+ * or writing met nothing, or other memory, where the layout put them):
+ * go again?  While a move or unmap is read but not handled, yes, up to
+ * 100 rounds (each waits for the events first).  With none read, the
+ * kernel is about to send one (it moves the pages, then sends the event;
+ * the thread that moved them may be slow to run again): yes, after
+ * 100 us, for up to 200 ms.  *@rounds and *@since start at 0.
+ */
+#define MOVED_WAIT_NS (200 * 1000 * 1000ull)
+
+bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since)
+{
+	uint64_t now;
+
+	if (cowmm__maps_pending(mm)) {
+		*since = 0;
+		return ++*rounds < 100;
+	}
+	now = cowmm__now_ns();
+	if (!*since)
+		*since = now;
+	else if (now - *since > MOVED_WAIT_NS)
+		return false;
+	usleep(100);
+	return true;
+}
+
+/* Tests: workers read nothing from the userfaultfd while @on. */
+void cowmm__pause_reads(cowmm_t *mm, bool on)
+{
+	atomic_store(&mm->pause_reads, on);
 }
 
 /*

@@ -200,20 +200,21 @@ err_free:
  */
 int cowmm__snap_create(cowmm_region_t *r, bool internal, cowmm_snap_t **out)
 {
-	int ret, tries;
+	uint64_t since = 0;
+	int ret, rounds = 0;
 
-	for (tries = 0;; tries++) {
+	for (;;) {
 		cowmm__wait_events(r->mm);
 		pthread_mutex_lock(&r->mm->lock);
 		ret = cowmm__snap_create_locked(r, internal, out);
-		if (ret == -EAGAIN && tries == 100)
-			ret = -ENOENT; /* never settled: as if unmapped */
-		if ((ret != -EAGAIN && ret != -ENOENT) || tries == 100 ||
-		    (ret == -ENOENT && tries &&
-		     !atomic_load(&r->mm->remaps_pending) &&
-		     !atomic_load(&r->mm->unmaps_pending)))
+		if (ret != -EAGAIN && ret != -ENOENT)
 			return ret;
 		pthread_mutex_unlock(&r->mm->lock);
+		if (!cowmm__moved_again(r->mm, &rounds, &since)) {
+			/* never settled: as if unmapped */
+			pthread_mutex_lock(&r->mm->lock);
+			return -ENOENT;
+		}
 	}
 }
 
@@ -812,9 +813,10 @@ int cowmm_snap_restore(cowmm_snap_t *s)
 	struct cowmm_frame *f;
 	cowmm_region_t *r;
 	cowmm_t *mm;
+	uint64_t since = 0;
 	unsigned seq;
 	size_t pg;
-	int ret = cowmm__check_snap(s), tries = 0;
+	int ret = cowmm__check_snap(s), rounds = 0;
 
 	if (ret)
 		return ret;
@@ -955,11 +957,7 @@ moved:
 	pthread_mutex_unlock(&mm->lock);
 	free(todo);
 	todo = NULL;
-	if (++tries < 100) {
-		/* Not read yet: the kernel sends it right after the move. */
-		if (!cowmm__maps_pending(mm))
-			usleep(100);
+	if (cowmm__moved_again(mm, &rounds, &since))
 		goto again;
-	}
 	return -ENOENT;
 }
