@@ -566,7 +566,12 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	if (!ret && r->lazy) {
 		/* A lazy load under way: its pages first, then these over. */
 		pthread_mutex_lock(&r->lock);
-		ret = cowmm__lazy_finish_locked(r);
+		while ((ret = cowmm__lazy_finish_locked(r)) == -EAGAIN) {
+			pthread_mutex_unlock(&r->lock); /* a move: handled */
+			cowmm__wait_events(r->mm);
+			usleep(100);
+			pthread_mutex_lock(&r->lock);
+		}
 		pthread_mutex_unlock(&r->lock);
 	}
 	if (!ret)

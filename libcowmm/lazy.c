@@ -128,12 +128,14 @@ int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
 
 /*
  * Load every page not loaded yet.  -EIO if the file could not give some
- * page (poisoned): nothing may then copy the region as if it were whole.
- * Call with r->lock held.
+ * page (poisoned): nothing may then copy the region as if it were whole;
+ * -EAGAIN while pages of the region move (try again once that move is
+ * handled, without r->lock).  Call with r->lock held.
  */
 int cowmm__lazy_finish_locked(cowmm_region_t *r)
 {
 	struct cowmm_lazy *l = r->lazy;
+	unsigned seq;
 	size_t pg;
 	int ret = 0;
 
@@ -156,11 +158,21 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 	 * All in, and nothing can share the region yet (a snapshot, clone or
 	 * pin would have loaded it first): back to a plain write-protect
 	 * registration.  A region registered for missing faults could make a
-	 * worker that copies a discarded page fault into itself.
+	 * worker that copies a discarded page fault into itself.  Where its
+	 * pages are: with a move of them read but not handled, read while
+	 * this ran, or not sent yet (a run of the layout found unmapped),
+	 * pages moved elsewhere would stay registered for missing faults
+	 * that nobody resolves once the load is over.  -EAGAIN then, still
+	 * loading: the caller tries again once the move is handled.
 	 */
+	seq = cowmm__maps_seq(r->mm);
+	if (cowmm__maps_pending(r->mm))
+		return -EAGAIN;
 	ret = cowmm__for_runs(r, run_wp_only, NULL);
 	if (ret)
 		return ret;
+	if (cowmm__maps_seq(r->mm) != seq || !cowmm__region_mapped(r))
+		return -EAGAIN; /* moved: its event read, or on its way */
 	lazy_free(l);
 	r->lazy = NULL;
 	return 0;
