@@ -306,17 +306,19 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
 
 /*
  * Is the page that was at @addr being moved or unmapped?  A REMAP read and
- * not handled, or nothing mapped there any more: mremap() and munmap() take
- * the pages first and send their event after, and the region follows (or
- * the page leaves it) once it is handled.  Either way, reading again
- * settles it.
+ * not handled, nothing mapped there any more (mremap() and munmap() take
+ * the pages first and send their event after), or a move or unmap read
+ * since the layout was taken (@maps: cowmm__maps_seq() then; other memory
+ * may be there now, a placeholder).  The region follows (or the page
+ * leaves it) once the event is handled: reading again settles it.
  */
-static bool moving(cowmm_t *mm, uintptr_t addr)
+static bool moving(cowmm_t *mm, uintptr_t addr, unsigned maps)
 {
 	unsigned char vec;
 
 	return atomic_load(&mm->remaps_pending) ||
-	       mincore((void *)addr, COWMM_PAGE_SIZE, &vec);
+	       mincore((void *)addr, COWMM_PAGE_SIZE, &vec) ||
+	       cowmm__maps_seq(mm) != maps;
 }
 
 /*
@@ -331,8 +333,8 @@ static bool moving(cowmm_t *mm, uintptr_t addr)
  * Call inside an RCU read section.
  */
 static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
-		     uint64_t e, uintptr_t addr, uint32_t before, bool swap,
-		     char *dst)
+		     uint64_t e, uintptr_t addr, uint32_t before, unsigned maps,
+		     bool swap, char *dst)
 {
 	/*
 	 * The region first, then the frame slot: a release publishes every
@@ -378,7 +380,7 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 					memset(dst, 0, n);
 					return 0;
 				}
-			} else if (moving(s->mm, addr)) {
+			} else if (moving(s->mm, addr, maps)) {
 				/* @e was read where the page no longer is. */
 				return -EAGAIN;
 			} else {
@@ -405,8 +407,8 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 			}
 			if (!f && (!(e2 & PM_UFFD_WP) ||
 				   (e & PM_PFN_MASK) != (e2 & PM_PFN_MASK))) {
-				if (!(e2 & PM_UFFD_WP) && moving(s->mm, addr))
-					return -EAGAIN;
+				if (moving(s->mm, addr, maps))
+					return -EAGAIN; /* maybe another page */
 				f = wait_event(s, pg);
 				if (!f)
 					return -EIO;
@@ -430,6 +432,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 	size_t done = 0;
 	uint64_t waited = 0;
 	uint32_t before;
+	unsigned maps;
 	bool swap, stamped;
 	int ret = cowmm__check_snap(s);
 
@@ -460,6 +463,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 		if (np > READ_BATCH)
 			np = READ_BATCH;
 		before = cowmm__removes_stamp(s->mm); /* before pagemap */
+		maps = cowmm__maps_seq(s->mm);
 		/*
 		 * A move or unmap read, not handled: the layout may still put
 		 * pages where they no longer are, and once it is handled, what
@@ -490,7 +494,7 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 				n = len - done;
 			ret = read_page(s, pg0 + i, in, n, entry[i],
 					base + (i << COWMM_PAGE_SHIFT), before,
-					swap, (char *)buf + done);
+					maps, swap, (char *)buf + done);
 			if (ret != -EAGAIN)
 				done += n;
 		}
