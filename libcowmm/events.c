@@ -196,7 +196,13 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 	}
 	for (k = 0; k < n; k++) {
 		r = moved[k];
-		if (!ret && !r->dying) { /* its release unregisters it */
+		/*
+		 * Also while it is being released: until it leaves the
+		 * table, its release copies pages for its snapshots where
+		 * the layout puts them, and the unmap of the range they left
+		 * (mremap() sends it after) must not find them there.
+		 */
+		if (!ret) {
 			while ((ret = cowmm__layout_move(r, from, to, len)) ==
 			       -ENOMEM)
 				usleep(1000);
