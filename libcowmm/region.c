@@ -391,12 +391,23 @@ static bool maps_pending(cowmm_t *mm)
  * the page is read at its new address, or its loss is handled.  The
  * caller tries again then (-EAGAIN), instead of counting the page lost.
  */
-static bool moved_meanwhile(cowmm_t *mm)
+static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
 {
+	unsigned char vec;
+
 	/* A REMOVE handler cannot wait: moves read after it wait for it. */
 	if (cowmm__in_remove)
 		return false;
 	if (cowmm__maps_pending(mm))
+		return true;
+	/*
+	 * Nothing mapped at @addr (0: not asked): a move or unmap whose
+	 * event is on its way, however slow the worker that reads it (a
+	 * clone's page taken for lost with only the origin moving: the
+	 * second outside review).  Unless no event can come any more.
+	 */
+	if (addr && !atomic_load(&mm->uffd_lost) &&
+	    mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 		return true;
 	usleep(50); /* the event of a move just made */
 	return cowmm__maps_pending(mm);
@@ -457,10 +468,10 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	for (tries = 0; tries < 3; tries++) {
 		if (live_copy(r, addr, dst) ||
 		    cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e2))
-			return moved_meanwhile(r->mm) ? -EAGAIN : -EIO;
+			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
 		if (!(e2 & PM_UFFD_WP) ||
 		    ((e1 & PM_PRESENT) && !(e2 & PM_PRESENT)))
-			return moved_meanwhile(r->mm) ? -EAGAIN : -EIO;
+			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
 		if (!(e1 & PM_PRESENT) ||
 		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
 			return 0;
@@ -515,7 +526,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		 * unmap whose event is still to come.
 		 */
 		if (mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
-			return moved_meanwhile(r->mm) ? -EAGAIN : -EIO;
+			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}
@@ -1163,7 +1174,7 @@ struct unseen {
 static bool walk_moving(cowmm_t *mm, struct unseen *u)
 {
 	if (u->moving < 0)
-		u->moving = moved_meanwhile(mm);
+		u->moving = moved_meanwhile(mm, 0);
 	return u->moving;
 }
 

@@ -1687,6 +1687,63 @@ START_TEST(test_restore_moved_over_2)
 END_TEST
 
 /*
+ * A clone's first touch reads its origin's page in the source region;
+ * right after the check that the page is protected (the test hook, in
+ * the only worker), another thread moves the source's pages, and the
+ * worker cannot read that move's event while it handles the touch.  The
+ * copy found nothing mapped, no move pending even 50 us later, and took
+ * the page for lost (the second outside review saw the log); only the
+ * kernel refusing the poison while the move's event was unread kept the
+ * clone's page from SIGBUS.  It must wait for the move.
+ */
+static struct move_call checked_move;
+static pthread_t checked_mover;
+
+static void move_source_when_checked(uintptr_t addr)
+{
+	unsigned char vec;
+
+	if (addr != (uintptr_t)__atomic_load_n(&checked_move.from,
+					       __ATOMIC_ACQUIRE) ||
+	    !__atomic_exchange_n(&checked_from, NULL, __ATOMIC_ACQ_REL))
+		return;
+	ck_assert_int_eq(pthread_create(&checked_mover, NULL, move_thread,
+					&checked_move),
+			 0);
+	while (!mincore(checked_move.from, T_PAGE, &vec))
+		usleep(100); /* moved; its event waits for this worker */
+}
+
+START_TEST(test_clone_fill_moved_unread)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *q, *to = reserve(16 * T_PAGE);
+	cowmm_region_t *r, *c;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	checked_move = (struct move_call){ p + 16 * T_PAGE, to, 16 * T_PAGE };
+	__atomic_store_n(&checked_from, p, __ATOMIC_RELEASE); /* armed */
+	__atomic_store_n(&cowmm__read_checked, move_source_when_checked,
+			 __ATOMIC_RELEASE);
+	t_log_clear();
+	ck_assert(page_is(q + 16 * T_PAGE, 17)); /* the first touch */
+	/* (the poison itself waited for the event, and the touch was
+	 * served right once it was handled: the decision was still wrong) */
+	ck_assert_msg(!t_log_has("is lost"), "the page was taken for lost");
+	__atomic_store_n(&cowmm__read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert_ptr_null(__atomic_load_n(&checked_from, __ATOMIC_ACQUIRE));
+	pthread_join(checked_mover, NULL);
+	for (i = 0; i < NPAGES; i++)
+		ck_assert(page_is(q + i * T_PAGE, i + 1));
+	cowmm_close(mm);
+	munmap(to, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * Restore is about to copy into a run when the application unmaps part of
  * it and maps fresh memory there (the unmap returned: its event was read).
  * The copy wrote the snapshot's bytes into the fresh memory (the outside
@@ -2571,6 +2628,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "restore-moved-over-2", test_restore_moved_over_2,
 		  T_WP_UNPOPULATED },
+		{ "clone-fill-moved-unread", test_clone_fill_moved_unread,
+		  T_WP_UNPOPULATED | T_POISON },
 		{ "restore-unmapped-remapped", test_restore_unmapped_remapped,
 		  T_WP_UNPOPULATED },
 		{ "restore-moved-newer-snapshot",
