@@ -153,7 +153,7 @@ struct cowmm {
 	pthread_mutex_t workers_lock;
 	bool stopping;
 	atomic_uint fail_worker; /* test hook: a worker stops as on an error */
-	atomic_bool pause_reads; /* test hook: workers read nothing */
+	atomic_uint_fast64_t pause_until; /* test hook: no reads till then */
 	atomic_bool uffd_lost;   /* the fd was closed under the library */
 	atomic_uint busy;     /* workers between poll() and the end of a batch */
 	atomic_uint deferred; /* messages workers hold for a busy lock */
@@ -429,7 +429,7 @@ bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since);
-void cowmm__pause_reads(cowmm_t *mm, bool on); /* tests */
+void cowmm__pause_reads(cowmm_t *mm, unsigned ms); /* tests */
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);

@@ -1036,7 +1036,8 @@ static void *worker_main(void *arg)
 			 * can read a later message: a fault at a moved
 			 * region's new address must not look stray.
 			 */
-			while (cowmm__unlikely(atomic_load(&mm->pause_reads)))
+			while (cowmm__unlikely(atomic_load(&mm->pause_until)) &&
+			       cowmm__now_ns() < atomic_load(&mm->pause_until))
 				usleep(200);
 			pthread_mutex_lock(&mm->read_lock);
 			n = read(mm->uffd, msg, sizeof(msg));
@@ -1516,10 +1517,10 @@ bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since)
 	return true;
 }
 
-/* Tests: workers read nothing from the userfaultfd while @on. */
-void cowmm__pause_reads(cowmm_t *mm, bool on)
+/* Tests: workers read nothing from the userfaultfd for @ms from now. */
+void cowmm__pause_reads(cowmm_t *mm, unsigned ms)
 {
-	atomic_store(&mm->pause_reads, on);
+	atomic_store(&mm->pause_until, cowmm__now_ns() + ms * 1000000ull);
 }
 
 /*

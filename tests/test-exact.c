@@ -1202,7 +1202,7 @@ END_TEST
 /*
  * A snapshot of an armed region (every page protected already) while a
  * move of part of it has moved the pages but its event is not read yet
- * (the workers read nothing for 5 ms, as when the moving thread is slow
+ * (the workers read nothing for 25 ms, as when the moving thread is slow
  * to run again): with nothing to protect no ioctl waited for the event,
  * the range the pages left read as unmapped 101 times in a row within
  * a millisecond, with no move pending, and the snapshot returned -ENOENT
@@ -1223,13 +1223,6 @@ static void *move_thread(void *arg)
 	return NULL;
 }
 
-static void *unpause_thread(void *arg)
-{
-	usleep(5000);
-	cowmm__pause_reads(arg, false);
-	return NULL;
-}
-
 START_TEST(test_snapshot_move_unread)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
@@ -1237,18 +1230,16 @@ START_TEST(test_snapshot_move_unread)
 	struct move_call mv;
 	cowmm_region_t *r;
 	cowmm_snap_t *s0, *s;
-	pthread_t th, un;
+	pthread_t th;
 
 	p = t_filled_region(mm, NPAGES, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s0), 0); /* armed */
 	cowmm_snap_release(s0);
 	mv = (struct move_call){ p + 16 * T_PAGE, to, 16 * T_PAGE };
-	cowmm__pause_reads(mm, true);
+	cowmm__pause_reads(mm, 25);
 	ck_assert_int_eq(pthread_create(&th, NULL, move_thread, &mv), 0);
 	usleep(20 * 1000); /* moved; its event waits to be read */
-	ck_assert_int_eq(pthread_create(&un, NULL, unpause_thread, mm), 0);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	pthread_join(un, NULL);
 	pthread_join(th, NULL);
 	to[0] ^= 1; /* followed: a write at the new address copies */
 	t_assert_snap_filled(s, NPAGES);
@@ -2446,7 +2437,7 @@ START_TEST(test_lazy_finish_moved)
 	struct move_call mv;
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
-	pthread_t th, un;
+	pthread_t th;
 
 	ck_assert_int_ge(fd, 0);
 	unlink(path);
@@ -2460,14 +2451,12 @@ START_TEST(test_lazy_finish_moved)
 	q = cowmm_region_base(c.r);
 	t_assert_live_filled(q, 0, NPAGES, 0, 0); /* every page in */
 
-	/* moved, its event not read yet (the workers read nothing for 5 ms) */
+	/* moved, its event not read yet (the workers read nothing for 25 ms) */
 	mv = (struct move_call){ q, to, 4 * T_PAGE };
-	cowmm__pause_reads(mm, true);
+	cowmm__pause_reads(mm, 25);
 	ck_assert_int_eq(pthread_create(&th, NULL, move_thread, &mv), 0);
 	usleep(20 * 1000);
-	ck_assert_int_eq(pthread_create(&un, NULL, unpause_thread, mm), 0);
 	c.ret = cowmm_snapshot(c.r, &c.s);
-	pthread_join(un, NULL);
 	pthread_join(th, NULL);
 	ck_assert_int_eq(c.ret, 0);
 	t_assert_snap_filled(c.s, NPAGES);
