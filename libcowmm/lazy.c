@@ -171,6 +171,15 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 	ret = cowmm__for_runs(r, run_wp_only, NULL);
 	if (ret)
 		return ret;
+	/*
+	 * A move whose pages went before that re-registration keeps the
+	 * kernel refusing page-table ioctls until its event is read: one
+	 * that changes nothing (no page of a region still loading is
+	 * protected) waits for it, and then it is counted.  The range it
+	 * left may be taken by other memory already.
+	 */
+	(void)cowmm__uffd_wp(r->mm->uffd, cowmm__page_addr(r, 0),
+			     COWMM_PAGE_SIZE, false, false);
 	if (cowmm__maps_seq(r->mm) != seq || !cowmm__region_mapped(r))
 		return -EAGAIN; /* moved: its event read, or on its way */
 	lazy_free(l);
