@@ -1093,7 +1093,8 @@ static cowmm_t *sampled_mm;
 static unsigned char *sampled_at;
 static bool sampled_placed;
 
-static void place_when_sampled(uintptr_t addr)
+/* @sampled_at, once, if the read found its pages in its 16 pages. */
+static unsigned char *take_sampled(uintptr_t addr)
 {
 	unsigned char *at = __atomic_load_n(&sampled_at, __ATOMIC_ACQUIRE);
 
@@ -1101,6 +1102,15 @@ static void place_when_sampled(uintptr_t addr)
 	    addr >= (uintptr_t)at + 16 * T_PAGE ||
 	    !__atomic_compare_exchange_n(&sampled_at, &at, NULL, false,
 					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return NULL;
+	return at;
+}
+
+static void place_when_sampled(uintptr_t addr)
+{
+	unsigned char *at = take_sampled(addr);
+
+	if (!at)
 		return;
 	/* the helper lets go after 100 ms: the move is handled then */
 	while (atomic_load(&sampled_mm->remaps_pending) ||
@@ -1159,12 +1169,9 @@ static unsigned char *sampled_to;
 
 static void move_when_sampled(uintptr_t addr)
 {
-	unsigned char *at = __atomic_load_n(&sampled_at, __ATOMIC_ACQUIRE);
+	unsigned char *at = take_sampled(addr);
 
-	if (!at || addr < (uintptr_t)at ||
-	    addr >= (uintptr_t)at + 16 * T_PAGE ||
-	    !__atomic_compare_exchange_n(&sampled_at, &at, NULL, false,
-					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+	if (!at)
 		return;
 	ck_assert_ptr_eq(mremap(at, 16 * T_PAGE, 16 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, sampled_to),
