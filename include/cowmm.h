@@ -689,7 +689,9 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
  *         regular file), -EBADF (bad @p fd or released region), -EBUSY
  *         (lazily, with snapshots, clones or pins of @p r, or a lazy load
  *         under way), -EOPNOTSUPP (lazily: kernel older than 6.6, or a
- *         #COWMM_OPEN_IN_THREAD manager),
+ *         #COWMM_OPEN_IN_THREAD manager), -ENOENT (eagerly over a
+ *         lazy load under way, while its pages kept being moved under
+ *         the call: nothing written; call again),
  *         -ENOMEM, read(2) errors, -ECHILD
  * @since 0.1
  */
