@@ -1072,8 +1072,7 @@ START_TEST(test_restore_moved_while_checked)
 	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
 	t_assert_live_filled(q, 24, 16, 0, 0xff); /* the clone kept them */
 	t_assert_live_filled(q, 0, 24, 0, 0);
-	cowmm_close(mm);
-	munmap(far, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
@@ -1149,10 +1148,9 @@ START_TEST(test_read_placeholder_moved)
 	ck_assert_msg(page_is(buf, 21), "read %s", zero_page(buf) ? "zeros"
 								  : "other bytes");
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_close(mm);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	if (sampled_placed)
 		munmap(p + 16 * T_PAGE, 16 * T_PAGE);
-	munmap(to, 16 * T_PAGE);
 }
 END_TEST
 
@@ -1209,10 +1207,9 @@ START_TEST(test_read_moved_after_sampled)
 		      "the read waited %llu ms",
 		      (unsigned long long)(cowmm__now_ns() - t0) / 1000000);
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_close(mm);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	if (sampled_placed)
 		munmap(p + 16 * T_PAGE, 16 * T_PAGE);
-	munmap(to, 16 * T_PAGE);
 }
 END_TEST
 
@@ -1260,8 +1257,7 @@ START_TEST(test_snapshot_move_unread)
 	pthread_join(th, NULL);
 	to[0] ^= 1; /* followed: a write at the new address copies */
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_close(mm);
-	munmap(to, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
@@ -1614,8 +1610,7 @@ static void restore_move_while_copying(int stage)
 	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
 	t_assert_live_filled(p, 40, NPAGES - 40, 0, 0);
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_close(mm);
-	munmap(far, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 
 START_TEST(test_restore_moved_away_0)
@@ -1746,8 +1741,7 @@ START_TEST(test_clone_fill_moved_unread)
 	pthread_join(checked_mover, NULL);
 	for (i = 0; i < NPAGES; i++)
 		ck_assert(page_is(q + i * T_PAGE, i + 1));
-	cowmm_close(mm);
-	munmap(to, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
@@ -1855,10 +1849,9 @@ START_TEST(test_restore_moved_newer_snapshot)
 	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
 	cowmm_snap_release(s2);
 	cowmm_snap_release(c.s);
-	cowmm_close(mm);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	if (placed)
 		munmap(p + 24 * T_PAGE, 16 * T_PAGE);
-	munmap(far, 16 * T_PAGE);
 }
 END_TEST
 
@@ -1938,9 +1931,7 @@ START_TEST(test_restore_claim_stale_layout)
 	t_assert_live_filled(far - 40 * T_PAGE, 40, 16, 0, 0);
 	t_assert_live_filled(p, 56, NPAGES - 56, 0, 0);
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_close(mm);
-	munmap(far, 16 * T_PAGE);
-	munmap(home, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
@@ -1981,8 +1972,7 @@ START_TEST(test_restore_clone_moved_claiming)
 	}
 	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
 	t_assert_live_filled(q, 0, 24, 0, 0);
-	cowmm_close(mm);
-	munmap(far, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
@@ -2013,8 +2003,7 @@ START_TEST(test_restore_moved_claiming)
 	t_assert_live_filled(p, 40, NPAGES - 40, 0, 0);
 	t_assert_live_filled(q, 24, 16, 0, 0xff); /* the clone kept them */
 	t_assert_live_filled(q, 0, 24, 0, 0);
-	cowmm_close(mm);
-	munmap(far, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
@@ -2484,8 +2473,7 @@ START_TEST(test_lazy_finish_moved)
 	ck_assert(zero_page(to + T_PAGE));
 	ck_assert(page_is(to + 2 * T_PAGE, 3));
 	close(fd);
-	cowmm_close(mm);
-	munmap(to, 4 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
 
