@@ -344,3 +344,33 @@ void t_check_bounded(unsigned flags, size_t cap)
 	ck_assert_int_eq(cowmm_region_release(r), 0);
 	cowmm_close(mm);
 }
+
+/*
+ * The VmFlags of the mapping that holds @addr in /proc/self/smaps contain
+ * @flag.
+ */
+bool t_vma_has_flag(const void *addr, const char *flag)
+{
+	FILE *f = fopen("/proc/self/smaps", "r");
+	char line[512];
+	bool inside = false, found = false;
+
+	ck_assert_ptr_nonnull(f);
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+
+		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {
+			inside = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
+			continue;
+		}
+		if (inside && !strncmp(line, "VmFlags:", 8)) {
+			char want[8];
+
+			snprintf(want, sizeof(want), " %s", flag);
+			found = strstr(line, want) != NULL;
+			break;
+		}
+	}
+	fclose(f);
+	return found;
+}

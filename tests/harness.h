@@ -90,4 +90,7 @@ const char *t_log_text(void); /* only once the logging threads are done */
 bool t_log_has(const char *needle); /* while they may still log */
 void t_log_clear(void);
 
+/* The VmFlags of the mapping holding @addr (/proc/self/smaps) have @flag. */
+bool t_vma_has_flag(const void *addr, const char *flag);
+
 #endif

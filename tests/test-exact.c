@@ -1024,6 +1024,45 @@ START_TEST(test_read_during_move)
 END_TEST
 
 /*
+ * The run the move-during-restore cases move: pages 24..39, each written
+ * (its first byte flipped) after a snapshot, so that restore rolls it back
+ * and newer snapshots and clones share the written bytes.
+ */
+static void write_run(unsigned char *p)
+{
+	size_t i;
+
+	for (i = 24; i < 40; i++)
+		p[i * T_PAGE] ^= 0xff;
+}
+
+/* A filled region of @npages, snapshot @s of it, then the run written. */
+static unsigned char *filled_written(cowmm_t *mm, size_t npages,
+				     cowmm_region_t **r, cowmm_snap_t **s)
+{
+	unsigned char *p = t_filled_region(mm, npages, r);
+
+	ck_assert_int_eq(cowmm_snapshot(*r, s), 0);
+	write_run(p);
+	return p;
+}
+
+/* @s (taken after write_run()) holds the written run, every byte. */
+static void assert_snap_run_written(cowmm_snap_t *s)
+{
+	unsigned char buf[T_PAGE];
+	size_t i;
+
+	for (i = 24; i < 40; i++) {
+		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		buf[0] ^= 0xff;
+		ck_assert_msg(page_is(buf, i + 1),
+			      "newer snapshot's page %zu holds other bytes", i);
+	}
+}
+
+/*
  * The pages move between the check that a shared page is protected and
  * its copy (the test hook), while restore gives a clone its copy of them:
  * the copy found nothing at the old address and counted the page lost, so
@@ -1053,12 +1092,8 @@ START_TEST(test_restore_moved_while_checked)
 	unsigned char *p, *q, *far = reserve(16 * T_PAGE);
 	cowmm_region_t *r, *c;
 	cowmm_snap_t *s;
-	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, NPAGES, &r, &s);
 	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0); /* shares the writes */
 	q = cowmm_region_base(c);
 
@@ -1596,12 +1631,8 @@ static void restore_move_while_copying(int stage)
 	unsigned char *p, *far = reserve(16 * T_PAGE);
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
-	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, NPAGES, &r, &s);
 
 	hook_move_while_copying(stage, p + 24 * T_PAGE, far, 16 * T_PAGE);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0);
@@ -1647,10 +1678,7 @@ static void restore_protected_moves_in(int stage)
 	cowmm_snap_t *s;
 	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, NPAGES, &r, &s);
 
 	/* page 50 was not written since @s: still protected */
 	hook_move_while_copying(stage, p + 50 * T_PAGE, p + 24 * T_PAGE,
@@ -1781,10 +1809,7 @@ START_TEST(test_restore_unmapped_remapped)
 	cowmm_snap_t *s;
 	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, NPAGES, &r, &s);
 
 	copying_len = 8 * T_PAGE;
 	__atomic_store_n(&copying_from, p + 32 * T_PAGE, __ATOMIC_RELEASE);
@@ -1815,19 +1840,15 @@ START_TEST(test_restore_moved_newer_snapshot)
 {
 	const size_t big = 4096;
 	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *p, *far = reserve(16 * T_PAGE), buf[T_PAGE];
+	unsigned char *p, *far = reserve(16 * T_PAGE);
 	struct restore_call c = { 0 };
 	cowmm_region_t *r;
 	cowmm_snap_t *s2;
 	struct hold h;
 	pthread_t th;
 	bool placed;
-	size_t i;
 
-	p = t_filled_region(mm, big, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &c.s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, big, &r, &c.s);
 	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0); /* shares the writes */
 
 	hold_start(&h, &r->lock, 100);
@@ -1840,12 +1861,7 @@ START_TEST(test_restore_moved_newer_snapshot)
 	hold_end(&h);
 	pthread_join(th, NULL);
 	ck_assert_int_eq(c.ret, 0);
-	for (i = 24; i < 40; i++) {
-		ck_assert_int_eq(cowmm_snap_read(s2, i * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		buf[0] ^= 0xff;
-		ck_assert(page_is(buf, i + 1));
-	}
+	assert_snap_run_written(s2);
 	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
 	cowmm_snap_release(s2);
 	cowmm_snap_release(c.s);
@@ -1896,16 +1912,12 @@ static void wait_maps_handled(cowmm_t *mm)
 START_TEST(test_restore_claim_stale_layout)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *p, *far = reserve(16 * T_PAGE), buf[T_PAGE];
+	unsigned char *p, *far = reserve(16 * T_PAGE);
 	unsigned char *home = reserve(16 * T_PAGE);
 	cowmm_region_t *r;
 	cowmm_snap_t *s, *s2;
-	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, NPAGES, &r, &s);
 	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0); /* shares the writes */
 	ck_assert_ptr_eq(mremap(p + 24 * T_PAGE, 16 * T_PAGE, 16 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, far),
@@ -1919,13 +1931,7 @@ START_TEST(test_restore_claim_stale_layout)
 			 __ATOMIC_RELEASE);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0);
 	unhook_copying();
-	for (i = 24; i < 40; i++) {
-		ck_assert_int_eq(cowmm_snap_read(s2, i * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		buf[0] ^= 0xff;
-		ck_assert_msg(page_is(buf, i + 1),
-			      "newer snapshot's page %zu holds other bytes", i);
-	}
+	assert_snap_run_written(s2);
 	t_assert_live_filled(p, 0, 24, 0, 0);
 	t_assert_live_filled(home - 24 * T_PAGE, 24, 16, 0, 0);
 	t_assert_live_filled(far - 40 * T_PAGE, 40, 16, 0, 0);
@@ -1944,7 +1950,7 @@ END_TEST
 START_TEST(test_restore_clone_moved_claiming)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *q, *far = reserve(16 * T_PAGE), buf[T_PAGE];
+	unsigned char *q, *far = reserve(16 * T_PAGE);
 	cowmm_region_t *r, *c;
 	cowmm_snap_t *s, *s2;
 	volatile unsigned char sink = 0;
@@ -1957,19 +1963,13 @@ START_TEST(test_restore_clone_moved_claiming)
 		sink ^= q[i * T_PAGE]; /* every page filled */
 	(void)sink;
 	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
-	for (i = 24; i < 40; i++)
-		q[i * T_PAGE] ^= 0xff;
+	write_run(q);
 	ck_assert_int_eq(cowmm_snapshot(c, &s2), 0); /* shares the writes */
 
 	hook_move_while_copying(3, q + 24 * T_PAGE, far, 16 * T_PAGE);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0);
 	unhook_copying();
-	for (i = 24; i < 40; i++) {
-		ck_assert_int_eq(cowmm_snap_read(s2, i * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		buf[0] ^= 0xff;
-		ck_assert(page_is(buf, i + 1));
-	}
+	assert_snap_run_written(s2);
 	t_assert_live_filled(far - 24 * T_PAGE, 24, 16, 0, 0);
 	t_assert_live_filled(q, 0, 24, 0, 0);
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
@@ -1987,12 +1987,8 @@ START_TEST(test_restore_moved_claiming)
 	unsigned char *p, *q, *far = reserve(16 * T_PAGE);
 	cowmm_region_t *r, *c;
 	cowmm_snap_t *s;
-	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	for (i = 24; i < 40; i++)
-		p[i * T_PAGE] ^= 0xff;
+	p = filled_written(mm, NPAGES, &r, &s);
 	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0); /* shares the writes */
 	q = cowmm_region_base(c);
 
@@ -2401,30 +2397,6 @@ START_TEST(test_release_while_moved)
 END_TEST
 
 /*
- * Is the mapping at @addr registered for missing faults?  (VmFlags "um"
- * in /proc/self/smaps.)
- */
-static bool missing_registered(const void *addr)
-{
-	FILE *f = fopen("/proc/self/smaps", "r");
-	char line[512];
-	bool in = false, um = false;
-
-	ck_assert_ptr_nonnull(f);
-	while (fgets(line, sizeof(line), f)) {
-		unsigned long lo, hi;
-
-		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 &&
-		    strchr(line, '-') < strchr(line, ' '))
-			in = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
-		else if (in && !strncmp(line, "VmFlags:", 8))
-			um = strstr(line, " um") != NULL;
-	}
-	fclose(f);
-	return um;
-}
-
-/*
  * Pages of a region loaded lazily (every page in, the load not finished)
  * move, their event not read yet, when a snapshot ends the load and
  * registers the region
@@ -2467,7 +2439,7 @@ START_TEST(test_lazy_finish_moved)
 	ck_assert_int_eq(c.ret, 0);
 	t_assert_snap_filled(c.s, NPAGES);
 	cowmm_snap_release(c.s);
-	ck_assert_msg(!missing_registered(to),
+	ck_assert_msg(!t_vma_has_flag(to, "um"),
 		      "moved pages still registered for missing faults");
 	ck_assert_int_eq(madvise(to + T_PAGE, T_PAGE, MADV_DONTNEED), 0);
 	ck_assert(zero_page(to + T_PAGE));

@@ -208,36 +208,6 @@ START_TEST(test_adopt_split_vmas)
 END_TEST
 
 /*
- * The VmFlags of the mapping that holds @addr in /proc/self/smaps contain
- * @flag.
- */
-static bool vma_has_flag(const void *addr, const char *flag)
-{
-	FILE *f = fopen("/proc/self/smaps", "r");
-	char line[512];
-	bool inside = false, found = false;
-
-	ck_assert_ptr_nonnull(f);
-	while (fgets(line, sizeof(line), f)) {
-		unsigned long lo, hi;
-
-		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {
-			inside = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
-			continue;
-		}
-		if (inside && !strncmp(line, "VmFlags:", 8)) {
-			char want[8];
-
-			snprintf(want, sizeof(want), " %s", flag);
-			found = strstr(line, want) != NULL;
-			break;
-		}
-	}
-	fclose(f);
-	return found;
-}
-
-/*
  * Frames live in 2 MiB chunks, huge-page aligned on recent kernels: with
  * THP "always" a populate in the fault path would take a whole huge page.
  * The chunk is marked MADV_NOHUGEPAGE whatever the system's setting.
@@ -254,7 +224,7 @@ START_TEST(test_frame_chunk_no_thp)
 	memset(cowmm__frame_data(f), 7, T_PAGE);
 	/* Without THP in the kernel there is nothing to mark. */
 	if (access("/sys/kernel/mm/transparent_hugepage", F_OK) == 0)
-		ck_assert_msg(vma_has_flag(cowmm__frame_data(f), "nh"),
+		ck_assert_msg(t_vma_has_flag(cowmm__frame_data(f), "nh"),
 			      "a frame chunk may be backed by huge pages");
 	cowmm__frame_free_now(f);
 	ck_assert_uint_eq(live, 0);
