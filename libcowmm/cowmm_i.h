@@ -423,6 +423,9 @@ extern void (*cowmm__read_sampled)(uintptr_t addr);
 /* Tests: called when a live page at @addr was found protected, right
  * before it is copied (region.c). */
 extern void (*cowmm__read_checked)(uintptr_t addr);
+/* Tests: called right after the library unregistered [@start, @start +
+ * @len) from its userfaultfd (uffd.c), before anything else. */
+extern void (*cowmm__unregistered)(uintptr_t start, size_t len);
 void cowmm__wait_discards(cowmm_t *mm);
 void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);

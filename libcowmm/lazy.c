@@ -8,7 +8,8 @@
  * on its first touch, read or write, through UFFDIO_COPY.  A snapshot,
  * clone or release of the region first loads what is left, so that none of
  * them ever sees a page that is neither in memory nor known to be zero; once
- * all is in, the range goes back to write-protect mode only.
+ * all is in, the region is handled as a clone whose pages are all
+ * materialised (cowmm__lazy_finish_locked()).
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -82,25 +83,19 @@ static int lazy_fill_locked(cowmm_region_t *r, struct cowmm_lazy *l,
 		ret = cowmm__uffd_copy(r->mm->uffd, addr, page,
 				       COWMM_PAGE_SIZE, false, wake);
 	}
+	/*
+	 * -EEXIST: a page is there already.  With a move of the region's
+	 * read but not handled (it waits for r->lock), perhaps another page
+	 * of it, moved there: this one is not loaded yet (-EAGAIN).
+	 */
+	if (ret == -EEXIST && cowmm__maps_pending(r->mm))
+		return -EAGAIN;
 	if (!ret || ret == -EEXIST) {
 		cowmm__set_bit(l->loaded, pg);
 		if (!--l->left)
 			lazy_done(l);
 	}
 	return ret;
-}
-
-/* Register a run of a loaded region for write-protect faults only. */
-static int run_wp_only(cowmm_region_t *r, size_t pg, uintptr_t start,
-		       size_t len, void *arg)
-{
-	int ret = cowmm__uffd_unregister(r->mm->uffd, start, len);
-
-	(void)pg;
-	(void)arg;
-	return ret ? ret
-		   : cowmm__uffd_register(r->mm->uffd, start, len,
-					  UFFDIO_REGISTER_MODE_WP, NULL);
 }
 
 /*
@@ -131,11 +126,19 @@ int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
  * page (poisoned): nothing may then copy the region as if it were whole;
  * -EAGAIN while pages of the region move (try again once that move is
  * handled, without r->lock).  Call with r->lock held.
+ *
+ * The range stays registered for missing faults too, for good: the region
+ * is then a clone with every page materialised (r->present all set), whose
+ * discarded pages read as zero through a missing fault.  Going back to a
+ * plain write-protect registration took an unregister and a register of
+ * each run, and pages the application moved in between left with no
+ * userfaultfd on them: no event told the library, which lost them (every
+ * snapshot after that failed with -ENOENT, and writes there copied for
+ * none).
  */
 int cowmm__lazy_finish_locked(cowmm_region_t *r)
 {
 	struct cowmm_lazy *l = r->lazy;
-	unsigned seq;
 	size_t pg;
 	int ret = 0;
 
@@ -154,34 +157,16 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 	}
 	if (l->poisoned)
 		return -EIO;
-	/*
-	 * All in, and nothing can share the region yet (a snapshot, clone or
-	 * pin would have loaded it first): back to a plain write-protect
-	 * registration.  A region registered for missing faults could make a
-	 * worker that copies a discarded page fault into itself.  Where its
-	 * pages are: with a move of them read but not handled, read while
-	 * this ran, or not sent yet (a run of the layout found unmapped),
-	 * pages moved elsewhere would stay registered for missing faults
-	 * that nobody resolves once the load is over.  -EAGAIN then, still
-	 * loading: the caller tries again once the move is handled.
-	 */
-	seq = cowmm__maps_seq(r->mm);
-	if (cowmm__maps_pending(r->mm))
-		return -EAGAIN;
-	ret = cowmm__for_runs(r, run_wp_only, NULL);
-	if (ret)
-		return ret;
-	/*
-	 * A move whose pages went before that re-registration keeps the
-	 * kernel refusing page-table ioctls until its event is read: one
-	 * that changes nothing (no page of a region still loading is
-	 * protected) waits for it, and then it is counted.  The range it
-	 * left may be taken by other memory already.
-	 */
-	(void)cowmm__uffd_wp(r->mm->uffd, cowmm__page_addr(r, 0),
-			     COWMM_PAGE_SIZE, false, false);
-	if (cowmm__maps_seq(r->mm) != seq || !cowmm__region_mapped(r))
-		return -EAGAIN; /* moved: its event read, or on its way */
+	if (!r->present) {
+		size_t len = cowmm__bitmap_bytes(r->npages);
+		void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (p == MAP_FAILED)
+			return -ENOMEM;
+		memset(p, 0xff, len);
+		r->present = p;
+	}
 	lazy_free(l);
 	r->lazy = NULL;
 	return 0;

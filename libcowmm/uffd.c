@@ -120,11 +120,18 @@ int cowmm__uffd_register(int fd, uintptr_t start, size_t len, uint64_t mode,
 	return ret;
 }
 
+void (*cowmm__unregistered)(uintptr_t start, size_t len);
+
 int cowmm__uffd_unregister(int fd, uintptr_t start, size_t len)
 {
 	struct uffdio_range range = { .start = start, .len = len };
+	void (*fn)(uintptr_t, size_t);
+	int ret = uffd_ioctl(fd, UFFDIO_UNREGISTER, &range);
 
-	return uffd_ioctl(fd, UFFDIO_UNREGISTER, &range);
+	fn = __atomic_load_n(&cowmm__unregistered, __ATOMIC_ACQUIRE);
+	if (cowmm__unlikely(fn != NULL) && !ret)
+		fn(start, len);
+	return ret;
 }
 
 /* @wake only matters when clearing: the kernel refuses WP | DONTWAKE. */

@@ -2398,12 +2398,13 @@ END_TEST
 
 /*
  * Pages of a region loaded lazily (every page in, the load not finished)
- * move, their event not read yet, when a snapshot ends the load and
- * registers the region
- * for write-protect faults only again, with the layout from before the
- * move: the moved pages stayed registered for missing faults, in a region
- * no longer loading.  A page of them discarded then faulted for ever (a
- * missing fault nobody resolved; the model tester's seed 63426 hung).
+ * move, their event not read yet, when a snapshot ends the load.  It used
+ * to register the region for write-protect faults only again, with the
+ * layout from before the move: the moved pages stayed registered for
+ * missing faults, in a region no longer loading, and a page of them
+ * discarded then faulted for ever (a missing fault nobody resolved; the
+ * model tester's seed 63426 hung).  Now the region stays registered for
+ * missing faults: the discarded page must read zero, at once.
  */
 START_TEST(test_lazy_finish_moved)
 {
@@ -2439,11 +2440,85 @@ START_TEST(test_lazy_finish_moved)
 	ck_assert_int_eq(c.ret, 0);
 	t_assert_snap_filled(c.s, NPAGES);
 	cowmm_snap_release(c.s);
-	ck_assert_msg(!t_vma_has_flag(to, "um"),
-		      "moved pages still registered for missing faults");
 	ck_assert_int_eq(madvise(to + T_PAGE, T_PAGE, MADV_DONTNEED), 0);
 	ck_assert(zero_page(to + T_PAGE));
 	ck_assert(page_is(to + 2 * T_PAGE, 3));
+	close(fd);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+}
+END_TEST
+
+/*
+ * The model tester's snapshots of lazily loaded regions that returned
+ * -ENOENT while part of them moved (seeds 201325, 300754, 301234): the
+ * snapshot ended the load by unregistering each run of the region and
+ * registering it again for write-protect faults alone.  Pages moved in
+ * between left a range registered with no userfaultfd, so the kernel sent
+ * no event: the layout kept them where they were, every later protect
+ * found a hole there, and the moved pages were written with nothing
+ * copied for snapshots.  The move here lands right after the library
+ * unregistered part of the region, if it ever does; else right after the
+ * snapshot.  Either way it is followed.
+ */
+static struct {
+	unsigned char *from, *to;
+	size_t len;
+	bool moved;
+} unreg_move;
+
+static void move_when_unregistered(uintptr_t start, size_t len)
+{
+	if (unreg_move.moved || (uintptr_t)unreg_move.from < start ||
+	    (uintptr_t)unreg_move.from + unreg_move.len > start + len)
+		return;
+	unreg_move.moved = mremap(unreg_move.from, unreg_move.len,
+				  unreg_move.len, MREMAP_MAYMOVE | MREMAP_FIXED,
+				  unreg_move.to) == unreg_move.to;
+}
+
+START_TEST(test_lazy_finish_moved_unregistered)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *q, *to = reserve(4 * T_PAGE);
+	char path[] = "cowmm-exact-XXXXXX";
+	int fd = mkstemp(path), ret;
+	cowmm_region_t *r, *l;
+	cowmm_snap_t *s, *ls;
+
+	ck_assert_int_ge(fd, 0);
+	unlink(path);
+	t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_write(s, fd), 0);
+	ck_assert_int_eq(cowmm_region_alloc(mm, NPAGES * T_PAGE,
+					    COWMM_REGION_NOTHP, &l),
+			 0);
+	ck_assert_int_eq(cowmm_region_load(l, fd, COWMM_LOAD_LAZY), 0);
+	q = cowmm_region_base(l);
+	t_assert_live_filled(q, 0, NPAGES, 0, 0); /* every page in */
+
+	unreg_move.from = q + 4 * T_PAGE;
+	unreg_move.to = to;
+	unreg_move.len = 4 * T_PAGE;
+	__atomic_store_n(&cowmm__unregistered, move_when_unregistered,
+			 __ATOMIC_RELEASE);
+	ret = cowmm_snapshot(l, &ls);
+	__atomic_store_n(&cowmm__unregistered, NULL, __ATOMIC_RELEASE);
+	ck_assert_msg(ret == 0, "snapshot with pages moved: %d (%s)", ret,
+		      cowmm_strerror(ret));
+	if (!unreg_move.moved)
+		ck_assert_ptr_eq(mremap(q + 4 * T_PAGE, 4 * T_PAGE, 4 * T_PAGE,
+					MREMAP_MAYMOVE | MREMAP_FIXED, to),
+				 to);
+	/* The moved pages are the region's: written, they copy for @ls. */
+	memset(to, 0xee, 4 * T_PAGE);
+	memset(q, 0xee, T_PAGE);
+	t_assert_snap_filled(ls, NPAGES);
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	ck_assert_int_eq(madvise(to + T_PAGE, T_PAGE, MADV_DONTNEED), 0);
+	ck_assert(zero_page(to + T_PAGE)); /* and reads zero, no hang */
+	cowmm_snap_release(ls);
+	cowmm_snap_release(s);
 	close(fd);
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
@@ -2616,6 +2691,9 @@ int main(void)
 		{ "release-while-moved", test_release_while_moved,
 		  T_WP_UNPOPULATED },
 		{ "lazy-finish-moved", test_lazy_finish_moved,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "lazy-finish-moved-unregistered",
+		  test_lazy_finish_moved_unregistered,
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "lazy-touch-discard-pending", test_lazy_touch_discard_pending,
 		  T_WP_UNPOPULATED | T_POISON },

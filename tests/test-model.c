@@ -1135,6 +1135,7 @@ static void *mover_main(void *arg)
 }
 
 static unsigned char *reserve(size_t len);
+static size_t in_one_vma(const unsigned char *a, size_t n);
 
 /* Start the mover on pages of @ri (none pinned; not all of them). */
 static size_t mover_start(struct op *o, int ri, size_t *first)
@@ -1147,6 +1148,8 @@ static size_t mover_start(struct op *o, int ri, size_t *first)
 	for (i = 0; i < m->npages; i++)
 		mapped += !!m->addr[i];
 	n = pick_run(m, o, first, 0, 8);
+	if (n)
+		n = in_one_vma(m->addr[*first], n);
 	if (!n || n >= mapped)
 		return 0;
 	mover.from = m->addr[*first];
@@ -1160,12 +1163,81 @@ static size_t mover_start(struct op *o, int ri, size_t *first)
 	return n;
 }
 
+/*
+ * What a call that may not return is about to do, for the report should
+ * it fail or hang: the region's kind, its pages not yet filled and the
+ * mover's pages.
+ */
+static void desc_pending(char *d, const char *call, const struct mregion *m,
+			 size_t moved, size_t first)
+{
+	static const char *const kinds[] = { "allocated", "adopted", "clone",
+					     "loaded" };
+	size_t pg, lazy = 0;
+
+	for (pg = 0; pg < m->npages; pg++)
+		lazy += m->lazy[pg];
+	if (moved)
+		DESC("%s R%d (%s, %zu pages not filled, %s; did not finish; "
+		     "pages %zu..%zu moving %u us in)", call, m->id,
+		     kinds[m->kind], lazy, m->moved ? "in pieces" : "whole",
+		     first, first + moved - 1, mover.delay_us);
+	else
+		DESC("%s R%d (%s, %zu pages not filled, %s; did not finish)",
+		     call, m->id, kinds[m->kind], lazy,
+		     m->moved ? "in pieces" : "whole");
+}
+
+/* The mappings of /proc/self/maps that overlap [@a, @a + @len). */
+static void print_maps(const unsigned char *a, size_t len)
+{
+	char line[512];
+	FILE *f = fopen("/proc/self/maps", "re");
+	unsigned long lo, hi;
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 &&
+		    lo < (uintptr_t)a + len && hi > (uintptr_t)a)
+			printf("  maps: %s", line);
+	fclose(f);
+}
+
+/*
+ * How many of @n pages from @a lie in the mapping that holds @a: mremap()
+ * moves one mapping (two mappings side by side stay two when the kernel
+ * cannot merge them, as after a move; it refuses to move both at once
+ * with EFAULT).
+ */
+static size_t in_one_vma(const unsigned char *a, size_t n)
+{
+	char line[512];
+	FILE *f = fopen("/proc/self/maps", "re");
+	unsigned long lo, hi;
+	size_t ret = n;
+
+	if (!f)
+		die(M_ERROR, "/proc/self/maps: %m");
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 &&
+		    lo <= (uintptr_t)a && hi > (uintptr_t)a) {
+			if ((hi - (uintptr_t)a) / PG < n)
+				ret = (hi - (uintptr_t)a) / PG;
+			break;
+		}
+	fclose(f);
+	return ret;
+}
+
 /* The mover's pages, wherever it is, are at their new address now. */
 static void mover_join(int ri, size_t first, size_t n)
 {
 	size_t i;
 
 	pthread_join(mover.th, NULL);
+	if (mover.err)
+		print_maps(mover.from, mover.len);
 	if (mover.err)
 		die(M_ERROR, "mremap part (concurrent): %s",
 		    strerror(mover.err));
@@ -1255,6 +1327,7 @@ static void op_snapshot(int opi, struct op *o, char *d)
 	busy_start(o, ri);
 	if (o->d & 8)
 		moved = mover_start(o, ri, &first);
+	desc_pending(d, "snapshot", m, moved, first);
 	atomic_store(&mover.go, true);
 	ret = cowmm_snapshot(m->r, &s->s);
 	if (moved)
@@ -1331,6 +1404,7 @@ static void op_clone(struct op *o, char *d)
 	}
 	if (o->d & 8)
 		moved = mover_start(o, ri, &first);
+	desc_pending(d, "clone", m, moved, first);
 	atomic_store(&mover.go, true);
 	ret = cowmm_clone(m->r, COWMM_REGION_NOTHP, &cr);
 	if (moved)
@@ -1441,6 +1515,8 @@ static void op_restore(struct op *o, char *d)
 	busy_start(o, ri < 0 ? MAXR : ri);
 	if (ri >= 0 && (o->d & 8))
 		moved = mover_start(o, ri, &first);
+	if (ri >= 0)
+		desc_pending(d, "restore into", &R[ri], moved, first);
 	atomic_store(&mover.go, true);
 	ret = cowmm_snap_restore(s->s);
 	if (moved)
@@ -1828,6 +1904,8 @@ static void op_mremap_part(struct op *o, char *d)
 	for (i = 0; i < m->npages; i++)
 		mapped += !!m->addr[i];
 	n = pick_run(m, o, &pg, 0, 8);
+	if (n)
+		n = in_one_vma(m->addr[pg], n);
 	if (!n || n >= mapped) {
 		DESC("mremap_part R%d (skipped: would move all)", m->id);
 		return;
