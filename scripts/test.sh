@@ -11,7 +11,7 @@
 # Usage: scripts/test.sh [lint|plain|asan|tsan ...]   (default: all four)
 #
 # Each build runs whatever failed before it, and its suites one by one
-# (all but stress, model, model-long and swap; deb in the plain build
+# (all but stress, model-long and swap; deb in the plain build
 # only), each under a "=== SETUP: ... ===" heading.  It always ends with what failed, if anything, and
 # the line "N passed, M failed, K skipped" (tests; a lint, configure or
 # build that fails counts as one failed), and exits 1 if anything failed.
@@ -80,12 +80,10 @@ for s in "${setups[@]}"; do
 		fi
 		continue
 	fi
-	# The long suites run on demand, and so does the model tester until
-	# it diverges nowhere (README, Status: about one seed in 1,000 to
-	# 8,500 still does, which would make this run fail now and then).
-	# The deb suite builds packages from the source tree, whatever the
-	# build directory: once, in plain.
-	long='stress|model|model-long|swap'
+	# The long suites run on demand; the model tester's bounded run
+	# (50 s of seeds) is in every build.  The deb suite builds packages
+	# from the source tree, whatever the build directory: once, in plain.
+	long='stress|model-long|swap'
 	case "$s" in
 	plain) dir=build;      opts=() ;;
 	asan)  dir=build-asan; opts=(-Db_sanitize=address,undefined -Db_lundef=false)
