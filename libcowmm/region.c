@@ -498,7 +498,9 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 			    bool probe)
 {
 	uintptr_t addr = cowmm__page_addr(r, pg);
+	void (*hook)(uintptr_t);
 	unsigned char vec;
+	uint32_t before;
 
 	if (r->holes && cowmm__test_bit(r->holes, pg)) {
 		memset(dst, 0, COWMM_PAGE_SIZE); /* unmapped: left the region */
@@ -517,16 +519,28 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		/* A move pending: see read_verified(). */
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
+		before = cowmm__removes_stamp(r->mm);
+		hook = __atomic_load_n(&cowmm__read_checked,
+				       __ATOMIC_ACQUIRE);
+		if (cowmm__unlikely(hook != NULL))
+			hook(addr);
 		if (!cowmm__live_read(addr, dst, COWMM_PAGE_SIZE))
 			return 0;
 		/*
 		 * Not there, and the read did not wait for it (see
 		 * cowmm__live_read()): discarded, so zero; unless the range
 		 * is no longer mapped at all (mincore() fails), a move or an
-		 * unmap whose event is still to come.
+		 * unmap whose event is still to come.  Discarded just now,
+		 * its REMOVE read since the read began (the kernel zaps only
+		 * then): that discard's handler decides first, and breaks the
+		 * snapshots that still needed the page; zeros would pass for
+		 * its bytes.  A REMOVE handler does not wait for itself.
 		 */
 		if (mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
+		if (!cowmm__in_remove &&
+		    !cowmm__dropped_quietly(r->mm, addr, before))
+			return -EAGAIN;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}

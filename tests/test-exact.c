@@ -2525,6 +2525,97 @@ START_TEST(test_lazy_finish_moved_unregistered)
 END_TEST
 
 /*
+ * A clone's page, materialised and shared with a snapshot of the clone,
+ * is discarded by another thread while a write fault copies it for that
+ * snapshot: the discard's REMOVE is read by the second worker and the page
+ * zapped right before the copy reads it (the test hook), so the read
+ * finds it missing.  The copy took that for a page discarded long ago and
+ * gave the snapshot zeros, silently.  The snapshot must read the page's
+ * bytes or -EIO (the discard broke it), never zeros.  The same holds for a
+ * region loaded lazily, handled as such a clone once its load is over.
+ */
+static unsigned char *zap_at;
+
+static void zap_when_checked(uintptr_t addr)
+{
+	unsigned char *p;
+
+	if (addr != (uintptr_t)__atomic_load_n(&zap_at, __ATOMIC_ACQUIRE))
+		return;
+	p = __atomic_exchange_n(&zap_at, NULL, __ATOMIC_ACQ_REL);
+	/* returns once the other worker read its REMOVE: zapped then */
+	if (p)
+		ck_assert_int_eq(madvise(p, T_PAGE, MADV_DONTNEED), 0);
+}
+
+static void discard_while_copied(cowmm_t *mm, cowmm_region_t *c)
+{
+	unsigned char *q = cowmm_region_base(c), buf[T_PAGE];
+	cowmm_snap_t *s;
+	ssize_t got;
+
+	memset(q + 5 * T_PAGE, 0x77, T_PAGE); /* materialised, if a clone */
+	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
+	__atomic_store_n(&zap_at, q + 5 * T_PAGE, __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__read_checked, zap_when_checked,
+			 __ATOMIC_RELEASE);
+	q[5 * T_PAGE] = 0x11; /* its fault copies the page for @s */
+	__atomic_store_n(&cowmm__read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert_msg(!__atomic_load_n(&zap_at, __ATOMIC_ACQUIRE),
+		      "the copy never checked the page");
+	got = cowmm_snap_read(s, 5 * T_PAGE, buf, T_PAGE);
+	if (got == -EIO) {
+		ck_assert_uint_ge(t_stats(mm).broken, 1);
+	} else {
+		ck_assert_int_eq(got, T_PAGE);
+		ck_assert_msg(buf[0] == 0x77 && buf[T_PAGE - 1] == 0x77,
+			      "snapshot reads %#x where the page held 0x77",
+			      buf[0]);
+	}
+	ck_assert_int_eq(q[5 * T_PAGE], 0x11);
+	ck_assert_int_eq(q[5 * T_PAGE + 1], 0); /* discarded, then written */
+	cowmm_snap_release(s);
+}
+
+START_TEST(test_clone_discard_while_copied)
+{
+	cowmm_t *mm = t_open_fa(2, 1);
+	cowmm_region_t *r, *c;
+
+	t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, COWMM_REGION_NOTHP, &c), 0);
+	discard_while_copied(mm, c);
+	cowmm_close(mm);
+}
+END_TEST
+
+START_TEST(test_lazy_discard_while_copied)
+{
+	cowmm_t *mm = t_open_fa(2, 1);
+	char path[] = "cowmm-exact-XXXXXX";
+	int fd = mkstemp(path);
+	cowmm_region_t *r, *l;
+	cowmm_snap_t *s, *first;
+
+	ck_assert_int_ge(fd, 0);
+	unlink(path);
+	t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_write(s, fd), 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_alloc(mm, NPAGES * T_PAGE,
+					    COWMM_REGION_NOTHP, &l),
+			 0);
+	ck_assert_int_eq(cowmm_region_load(l, fd, COWMM_LOAD_LAZY), 0);
+	ck_assert_int_eq(cowmm_snapshot(l, &first), 0); /* the load ends */
+	cowmm_snap_release(first);
+	discard_while_copied(mm, l);
+	close(fd);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * A restore right after the application unmapped part of the region, the
  * UNMAP read but not handled yet: it must not write into the unmapped
  * pages (it crashed), and it restores the rest.
@@ -2691,6 +2782,10 @@ int main(void)
 		{ "release-while-moved", test_release_while_moved,
 		  T_WP_UNPOPULATED },
 		{ "lazy-finish-moved", test_lazy_finish_moved,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "clone-discard-while-copied", test_clone_discard_while_copied,
+		  T_WP_UNPOPULATED },
+		{ "lazy-discard-while-copied", test_lazy_discard_while_copied,
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "lazy-finish-moved-unregistered",
 		  test_lazy_finish_moved_unregistered,
