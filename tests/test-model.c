@@ -20,7 +20,8 @@
  *                           alloc write write_mt pread pipe snapshot
  *                           snap_release clone release restore map
  *                           view_discard pin unpin dontneed free munmap
- *                           mremap mremap_part stream pageout count),
+ *                           mremap mremap_part stream pageout count
+ *                           write_discard),
  *                           and behaviours: discard_untouched (no
  *                           discard or unmap of a clone's or lazy load's
  *                           untouched page), discard_origin (nor of a
@@ -76,7 +77,8 @@ enum op_kind {
 	OP_ALLOC, OP_WRITE, OP_WRITE_MT, OP_PREAD, OP_PIPE, OP_SNAPSHOT,
 	OP_SNAP_RELEASE, OP_CLONE, OP_RELEASE, OP_RESTORE, OP_MAP,
 	OP_VIEW_DISCARD, OP_PIN, OP_UNPIN, OP_DONTNEED, OP_FREE, OP_MUNMAP,
-	OP_MREMAP, OP_MREMAP_PART, OP_STREAM, OP_PAGEOUT, OP_COUNT, NKINDS
+	OP_MREMAP, OP_MREMAP_PART, OP_STREAM, OP_PAGEOUT, OP_COUNT,
+	OP_WRITE_DISCARD, NKINDS
 };
 
 static const char *const kind_name[NKINDS] = {
@@ -84,6 +86,7 @@ static const char *const kind_name[NKINDS] = {
 	"snap_release", "clone", "release", "restore", "map",
 	"view_discard", "pin", "unpin", "dontneed", "free", "munmap",
 	"mremap", "mremap_part", "stream", "pageout", "count",
+	"write_discard",
 };
 
 static unsigned weight[NKINDS] = {
@@ -93,7 +96,7 @@ static unsigned weight[NKINDS] = {
 	[OP_VIEW_DISCARD] = 1, [OP_PIN] = 3, [OP_UNPIN] = 3,
 	[OP_DONTNEED] = 5, [OP_FREE] = 3, [OP_MUNMAP] = 2, [OP_MREMAP] = 2,
 	[OP_MREMAP_PART] = 2, [OP_STREAM] = 4, [OP_PAGEOUT] = 2,
-	[OP_COUNT] = 1,
+	[OP_COUNT] = 1, [OP_WRITE_DISCARD] = 3,
 };
 
 struct op {
@@ -1767,6 +1770,102 @@ static void op_discard(struct op *o, char *d, int advice)
 	DESC("%s R%d pages %zu..%zu", name, m->id, pg, pg + n - 1);
 }
 
+/*
+ * Another thread discards (MADV_DONTNEED) the pages the main thread is
+ * writing whole, at a moment the seed picks: each page ends as zeros up to
+ * where the discard landed and the written bytes from there (stores made
+ * before it went with the page), and nothing else.  The snapshots that
+ * shared a page read its old bytes, or -EIO where the discard came first
+ * (never zeros: the copy a write makes for them may race the zap), and
+ * the clones that read it from here may lose it.
+ */
+static struct {
+	pthread_t th;
+	atomic_bool go;
+	unsigned char *addr;
+	size_t len;
+	unsigned delay_us;
+	int err;
+} zapper;
+
+static void *zapper_main(void *arg)
+{
+	long long t0;
+
+	(void)arg;
+	while (!atomic_load(&zapper.go))
+		;
+	for (t0 = now_ns(); now_ns() - t0 < zapper.delay_us * 1000LL;)
+		;
+	if (madvise(zapper.addr, zapper.len, MADV_DONTNEED))
+		zapper.err = errno;
+	return NULL;
+}
+
+static void op_write_discard(int opi, struct op *o, char *d)
+{
+	int ri = find_region(o->a, writable_region);
+	unsigned char want[4][PG], buf[PG];
+	struct mregion *m;
+	size_t pg, n, i, j, k, zeroed = 0;
+
+	if (ri < 0) {
+		DESC("write_discard (skipped: no region)");
+		return;
+	}
+	m = &R[ri];
+	n = pick_run(m, o, &pg, RUN_NOPIN | RUN_DISCARD, 4);
+	for (i = 0; i < n; i++)
+		if (m->maylose[pg + i])
+			n = i; /* its write could raise SIGBUS */
+	if (!n) {
+		DESC("write_discard R%d (skipped: no page)", m->id);
+		return;
+	}
+	for (i = 0; i < n; i++)
+		make_page(want[i], opi, m->id, pg + i, o->rnd);
+	zapper.addr = m->addr[pg];
+	zapper.len = n * PG;
+	zapper.delay_us = (unsigned)(o->rnd % 12);
+	zapper.err = 0;
+	atomic_store(&zapper.go, false);
+	if (pthread_create(&zapper.th, NULL, zapper_main, NULL))
+		die(M_ERROR, "pthread_create: %m");
+	DESC("write_discard R%d pages %zu..%zu (did not finish; %u us in)",
+	     m->id, pg, pg + n - 1, zapper.delay_us);
+	atomic_store(&zapper.go, true);
+	/* In order, 8 bytes at a time: memcpy() may store the end first. */
+	for (i = 0; i < n; i++)
+		for (j = 0; j < PG; j += 8) {
+			uint64_t v;
+
+			memcpy(&v, want[i] + j, 8);
+			*(volatile uint64_t *)(m->addr[pg + i] + j) = v;
+		}
+	pthread_join(zapper.th, NULL);
+	if (zapper.err)
+		die(M_ERROR, "madvise(MADV_DONTNEED) racing writes: %s",
+		    strerror(zapper.err));
+	for (i = 0; i < n; i++) {
+		read_page(m, pg + i, buf, "write_discard");
+		for (k = 0; k < PG && !buf[k]; k++)
+			;
+		if (k < PG && memcmp(buf + k, want[i] + k, PG - k))
+			die(M_BYTES, "R%d page %zu, written while discarded: "
+			    "neither zeros nor what was written from byte "
+			    "%zu on", m->id, pg + i, k);
+		model_dontneed(ri, pg + i);
+		if (k < PG) {
+			page_written(ri, pg + i);
+			memcpy(page_of(m->model, pg + i), buf, PG);
+		} else {
+			zeroed++;
+		}
+	}
+	DESC("write_discard R%d pages %zu..%zu (%u us in; %zu zero after)",
+	     m->id, pg, pg + n - 1, zapper.delay_us, zeroed);
+}
+
 static void op_pageout(struct op *o, char *d)
 {
 	int ri = find_region(o->a, NULL);
@@ -2160,6 +2259,7 @@ static void run_op(int opi)
 	case OP_STREAM: op_stream(opi, o, d); break;
 	case OP_PAGEOUT: op_pageout(o, d); break;
 	case OP_COUNT: op_count(o, d); break;
+	case OP_WRITE_DISCARD: op_write_discard(opi, o, d); break;
 	default: DESC("?");
 	}
 }
