@@ -423,6 +423,9 @@ extern void (*cowmm__read_sampled)(uintptr_t addr);
 /* Tests: called when a live page at @addr was found protected, right
  * before it is copied (region.c). */
 extern void (*cowmm__read_checked)(uintptr_t addr);
+/* Tests: called with the region's lock held right before protecting
+ * again looks for pages of @r changed without a fault (region.c). */
+extern void (*cowmm__walk_unseen)(cowmm_region_t *r);
 /* Tests: called right after the library unregistered [@start, @start +
  * @len) from its userfaultfd (uffd.c), before anything else. */
 extern void (*cowmm__unregistered)(uintptr_t start, size_t len);

@@ -1176,6 +1176,7 @@ struct unseen {
 	size_t pg;       /* the run's first page, */
 	uintptr_t start; /* at this address */
 	int moving;      /* -1: not asked yet; else moved_meanwhile() */
+	bool undecided;  /* a shared page left for after the move */
 };
 
 /*
@@ -1215,8 +1216,11 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 				cowmm__cow_claim_locked(
 					r, pg, COWMM_COW_ZERO,
 					&r->mm->cnt.detach_copies);
-			else if (cowmm__shared_locked(r, pg) &&
-				 !walk_moving(r->mm, u))
+			else if (!cowmm__shared_locked(r, pg))
+				continue;
+			else if (walk_moving(r->mm, u))
+				u->undecided = true;
+			else
 				cowmm__cow_claim_lost_locked(
 					r, pg, "page discarded while a "
 					       "snapshot was taken");
@@ -1224,17 +1228,31 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 	return 0;
 }
 
-static void break_unseen(cowmm_region_t *r, size_t pg, uintptr_t start,
-			 size_t len)
+void (*cowmm__walk_unseen)(cowmm_region_t *r);
+
+/*
+ * Returns -EAGAIN when a shared page was found changed while a move is
+ * pending: perhaps a placeholder's page, perhaps the region's own, dropped
+ * and written.  The run must stay unprotected until the move is handled,
+ * or protecting it would make the snapshots share the new bytes (the
+ * model tester's seed 1006888: restore left them in place).
+ */
+static int break_unseen(cowmm_region_t *r, size_t pg, uintptr_t start,
+			size_t len)
 {
-	struct unseen u = { 0, pg, start, -1 };
+	struct unseen u = { 0, pg, start, -1, false };
+	void (*hook)(cowmm_region_t *);
 
 	if (!r->snaps)
-		return;
+		return 0;
+	hook = __atomic_load_n(&cowmm__walk_unseen, __ATOMIC_ACQUIRE);
+	if (cowmm__unlikely(hook != NULL))
+		hook(r);
 	u.before = cowmm__removes_stamp(r->mm);
 	/* An older kernel cannot scan: reads still fail loudly. */
 	pagemap_walk(r, start, len, PAGE_IS_WRITTEN, PAGE_IS_WRITTEN,
 		     claim_unseen, &u);
+	return u.undecided ? -EAGAIN : 0;
 }
 
 static int run_wp(cowmm_region_t *r, size_t pg, uintptr_t start, size_t len,
@@ -1243,9 +1261,10 @@ static int run_wp(cowmm_region_t *r, size_t pg, uintptr_t start, size_t len,
 	bool wp = *(bool *)arg;
 
 	if (wp) {
-		int ret;
+		int ret = break_unseen(r, pg, start, len);
 
-		break_unseen(r, pg, start, len);
+		if (ret)
+			return ret;
 		ret = protect_unprotected(r, start, len);
 		if (ret <= 0)
 			return ret;
@@ -1253,7 +1272,11 @@ static int run_wp(cowmm_region_t *r, size_t pg, uintptr_t start, size_t len,
 	return cowmm__uffd_wp(r->mm->uffd, start, len, wp, false);
 }
 
-/* Protect (or unprotect) every page of @r that is still mapped. */
+/*
+ * Protect (or unprotect) every page of @r that is still mapped.  -EAGAIN
+ * while protecting: a move is pending, and protecting could not yet tell
+ * what a changed page is (break_unseen()); try again once it is handled.
+ */
 int cowmm__region_wp(cowmm_region_t *r, bool protect)
 {
 	return cowmm__for_runs(r, run_wp, &protect);

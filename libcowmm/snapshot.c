@@ -847,11 +847,12 @@ again:
 	seq = cowmm__maps_seq(mm);
 	ret = cowmm__region_wp(r, true);
 	after_protect(r);
-	if (ret == -ENOENT ||
+	if (ret == -ENOENT || ret == -EAGAIN ||
 	    (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm))))
 		/* Pages moved or unmapped under it, their event not handled
 		 * (cowmm__snap_create_locked()); -ENOENT: protecting met
-		 * other memory where they were, or nothing. */
+		 * other memory where they were, or nothing; -EAGAIN: it
+		 * found a changed page it cannot judge until then. */
 		goto moved;
 	if (ret)
 		goto out;

@@ -2616,6 +2616,96 @@ START_TEST(test_lazy_discard_while_copied)
 END_TEST
 
 /*
+ * The model tester's seed 1006888: a page MADV_FREE left, shared with a
+ * snapshot, dropped by the kernel (MADV_PAGEOUT) and written since without
+ * a fault.  Protecting the region again (restore, or a newer snapshot)
+ * looks for such pages before it protects; with a move of other pages of
+ * the region read but not handled, it took the page for a placeholder's,
+ * skipped it and protected it with its new bytes: the snapshot then
+ * shared them, and restore left them in place, silently.  The move here
+ * lands from a hook right before that walk.  Restore must give the page
+ * the snapshot's bytes (zero: the kernel dropped it), or say -EIO.
+ */
+static struct {
+	unsigned char *from, *to;
+	bool done;
+} walk_move;
+
+static void move_when_walked(cowmm_region_t *r)
+{
+	(void)r;
+	if (walk_move.done)
+		return;
+	walk_move.done = true;
+	ck_assert_ptr_eq(mremap(walk_move.from, 8 * T_PAGE, 8 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, walk_move.to),
+			 walk_move.to);
+}
+
+static void unseen_while_moving(bool restore)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *far = reserve(8 * T_PAGE), vec, buf[T_PAGE];
+	cowmm_snap_t *s, *s2 = NULL;
+	cowmm_region_t *r;
+	ssize_t got;
+	int ret;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(madvise(p + 5 * T_PAGE, T_PAGE, MADV_FREE), 0);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(madvise(p + 5 * T_PAGE, T_PAGE, MADV_PAGEOUT), 0);
+	ck_assert_int_eq(mincore(p + 5 * T_PAGE, T_PAGE, &vec), 0);
+	ck_assert_msg(!(vec & 1), "MADV_PAGEOUT kept the page MADV_FREE left");
+	memset(p + 5 * T_PAGE, 0xee, T_PAGE); /* no fault: nothing protects */
+
+	walk_move.from = p + 40 * T_PAGE;
+	walk_move.to = far;
+	walk_move.done = false;
+	__atomic_store_n(&cowmm__walk_unseen, move_when_walked,
+			 __ATOMIC_RELEASE);
+	ret = restore ? cowmm_snap_restore(s) : cowmm_snapshot(r, &s2);
+	__atomic_store_n(&cowmm__walk_unseen, NULL, __ATOMIC_RELEASE);
+	ck_assert(walk_move.done);
+	got = cowmm_snap_read(s, 5 * T_PAGE, buf, T_PAGE);
+	if (restore && ret == -EIO) {
+		ck_assert_int_eq(got, -EIO);
+	} else {
+		ck_assert_msg(ret == 0, "%s: %d", restore ? "restore" :
+			      "snapshot", ret);
+		ck_assert_msg(got == -EIO || zero_page(buf),
+			      "the snapshot reads %#x where the kernel "
+			      "dropped the page", buf[0]);
+		if (restore && got != -EIO)
+			ck_assert_msg(zero_page(p + 5 * T_PAGE),
+				      "restore left %#x where the snapshot "
+				      "reads zero", p[5 * T_PAGE]);
+	}
+	if (s2) {
+		/* the newer snapshot holds the page as written */
+		memset(p + 5 * T_PAGE, 0x33, T_PAGE);
+		ck_assert_int_eq(cowmm_snap_read(s2, 5 * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_int_eq(buf[0], 0xee);
+		cowmm_snap_release(s2);
+	}
+	cowmm_snap_release(s);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+}
+
+START_TEST(test_restore_unseen_while_moving)
+{
+	unseen_while_moving(true);
+}
+END_TEST
+
+START_TEST(test_snapshot_unseen_while_moving)
+{
+	unseen_while_moving(false);
+}
+END_TEST
+
+/*
  * A restore right after the application unmapped part of the region, the
  * UNMAP read but not handled yet: it must not write into the unmapped
  * pages (it crashed), and it restores the rest.
@@ -2787,6 +2877,10 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "lazy-discard-while-copied", test_lazy_discard_while_copied,
 		  T_WP_UNPOPULATED | T_POISON },
+		{ "restore-unseen-while-moving",
+		  test_restore_unseen_while_moving, T_WP_UNPOPULATED },
+		{ "snapshot-unseen-while-moving",
+		  test_snapshot_unseen_while_moving, T_WP_UNPOPULATED },
 		{ "lazy-finish-moved-unregistered",
 		  test_lazy_finish_moved_unregistered,
 		  T_WP_UNPOPULATED | T_POISON },
