@@ -531,14 +531,21 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
  * one read is numbered as a discard is (count_event()) and counted until
  * handled.  A caller that found @addr in a layout taken with such an
  * event pending cannot trust it: it waits for the event first.
+ *
+ * mincore() is not enough: mremap() lets go of the address space before it
+ * sends its event, and another thread may map other memory where the pages
+ * were before the event is read.  An ioctl on the page tells: the kernel
+ * refuses every one with EAGAIN while an event is not read, and with ENOENT
+ * where the memory is not registered with us.  Clearing the protection of
+ * a page that lost it changes nothing (call with the region's lock held).
  */
 bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 {
+	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
 	unsigned char vec;
 	bool quiet;
 
-	if (mincore((void *)(addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1)),
-		    COWMM_PAGE_SIZE, &vec))
+	if (mincore((void *)page, COWMM_PAGE_SIZE, &vec))
 		return false;
 	pthread_mutex_lock(&mm->read_lock);
 	pthread_mutex_lock(&mm->removes_lock);
@@ -547,7 +554,8 @@ bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 		!atomic_load(&mm->remaps_pending);
 	pthread_mutex_unlock(&mm->removes_lock);
 	pthread_mutex_unlock(&mm->read_lock);
-	return quiet;
+	return quiet && !cowmm__uffd_wp(mm->uffd, page, COWMM_PAGE_SIZE, false,
+					false);
 }
 
 /* The last discard read so far (through read_lock: every one read). */

@@ -2706,6 +2706,44 @@ START_TEST(test_snapshot_unseen_while_moving)
 END_TEST
 
 /*
+ * mremap() moves the pages, lets go of the address space, and only then
+ * sends its event and waits for it to be read: in between, another thread
+ * can map other memory where the pages were.  A page shared with a
+ * snapshot, found there unprotected with no event read, was taken for one
+ * the kernel dropped after MADV_FREE, and read as zero: the snapshot read
+ * zeros, silently (a candidate for the model tester's seed 1002461).  It
+ * must wait for the move and read the page where it went.
+ */
+START_TEST(test_read_foreign_before_move_read)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(16 * T_PAGE), *other, buf[T_PAGE];
+	struct move_call mv;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	pthread_t th;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	mv = (struct move_call){ p + 16 * T_PAGE, to, 16 * T_PAGE };
+	cowmm__pause_reads(mm, 40);
+	ck_assert_int_eq(pthread_create(&th, NULL, move_thread, &mv), 0);
+	usleep(20 * 1000); /* moved; its event waits to be read */
+	other = mmap(p + 16 * T_PAGE, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	ck_assert_ptr_eq(other, p + 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_snap_read(s, 20 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
+		      buf[0]);
+	pthread_join(th, NULL);
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_snap_release(s);
+	munmap(other, 16 * T_PAGE);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+}
+END_TEST
+
+/*
  * A restore right after the application unmapped part of the region, the
  * UNMAP read but not handled yet: it must not write into the unmapped
  * pages (it crashed), and it restores the rest.
@@ -2881,6 +2919,8 @@ int main(void)
 		  test_restore_unseen_while_moving, T_WP_UNPOPULATED },
 		{ "snapshot-unseen-while-moving",
 		  test_snapshot_unseen_while_moving, T_WP_UNPOPULATED },
+		{ "read-foreign-before-move-read",
+		  test_read_foreign_before_move_read, T_WP_UNPOPULATED },
 		{ "lazy-finish-moved-unregistered",
 		  test_lazy_finish_moved_unregistered,
 		  T_WP_UNPOPULATED | T_POISON },
