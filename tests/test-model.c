@@ -1119,7 +1119,37 @@ static struct {
 	size_t len;
 	unsigned delay_us;
 	int err;
+	/* Bit 16 of the variant: a third thread maps other memory where
+	 * the pages were as soon as they left, as another thread's mmap()
+	 * may, before mremap() returns (its event not read yet). */
+	pthread_t ph;
+	bool placeholder;
+	atomic_bool stop;
+	bool placed;
 } mover;
+
+static void *placeholder_main(void *arg)
+{
+	unsigned char vec;
+	void *p;
+
+	(void)arg;
+	while (!atomic_load(&mover.stop)) {
+		if (!mincore(mover.from, PG, &vec) || errno != ENOMEM)
+			continue;
+		p = mmap(mover.from, mover.len, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1,
+			 0);
+		if (p == mover.from) {
+			memset(p, 0x5c, mover.len); /* not zeros */
+			mover.placed = true;
+		} else if (p != MAP_FAILED) {
+			munmap(p, mover.len); /* an older kernel: elsewhere */
+		}
+		break;
+	}
+	return NULL;
+}
 
 static void *mover_main(void *arg)
 {
@@ -1163,6 +1193,12 @@ static size_t mover_start(struct op *o, int ri, size_t *first)
 	atomic_store(&mover.go, false);
 	if (pthread_create(&mover.th, NULL, mover_main, NULL))
 		die(M_ERROR, "pthread_create: %m");
+	mover.placeholder = o->d & 16;
+	mover.placed = false;
+	atomic_store(&mover.stop, false);
+	if (mover.placeholder &&
+	    pthread_create(&mover.ph, NULL, placeholder_main, NULL))
+		die(M_ERROR, "pthread_create: %m");
 	return n;
 }
 
@@ -1182,9 +1218,11 @@ static void desc_pending(char *d, const char *call, const struct mregion *m,
 		lazy += m->lazy[pg];
 	if (moved)
 		DESC("%s R%d (%s, %zu pages not filled, %s; did not finish; "
-		     "pages %zu..%zu moving %u us in)", call, m->id,
+		     "pages %zu..%zu moving %u us in%s)", call, m->id,
 		     kinds[m->kind], lazy, m->moved ? "in pieces" : "whole",
-		     first, first + moved - 1, mover.delay_us);
+		     first, first + moved - 1, mover.delay_us,
+		     mover.placeholder ? ", other memory where they were" :
+					 "");
 	else
 		DESC("%s R%d (%s, %zu pages not filled, %s; did not finish)",
 		     call, m->id, kinds[m->kind], lazy,
@@ -1233,12 +1271,31 @@ static size_t in_one_vma(const unsigned char *a, size_t n)
 	return ret;
 }
 
+/* What the mover did, for an operation's description. */
+static const char *mover_what(size_t moved, size_t first)
+{
+	static char what[96];
+
+	if (!moved)
+		return "";
+	snprintf(what, sizeof(what), " (pages %zu..%zu moved meanwhile, %u us "
+		 "in%s)", first, first + moved - 1, mover.delay_us,
+		 mover.placed ? ", other memory mapped where they were" : "");
+	return what;
+}
+
 /* The mover's pages, wherever it is, are at their new address now. */
 static void mover_join(int ri, size_t first, size_t n)
 {
 	size_t i;
 
 	pthread_join(mover.th, NULL);
+	if (mover.placeholder) {
+		atomic_store(&mover.stop, true);
+		pthread_join(mover.ph, NULL);
+		if (mover.placed)
+			munmap(mover.from, mover.len);
+	}
 	if (mover.err)
 		print_maps(mover.from, mover.len);
 	if (mover.err)
@@ -1366,7 +1423,8 @@ static void op_snapshot(int opi, struct op *o, char *d)
 			ever_broken_allowed = true;
 		}
 	}
-	DESC("snapshot R%d -> S%d%s", m->id, s->id, busy.what);
+	DESC("snapshot R%d -> S%d%s%s", m->id, s->id, busy.what,
+	     mover_what(moved, first));
 }
 
 static void op_snap_release(struct op *o, char *d)
@@ -1435,12 +1493,8 @@ static void op_clone(struct op *o, char *d)
 		c->cshared[pg] = 1;
 		c->maylose[pg] = m->maylose[pg];
 	}
-	if (moved)
-		DESC("clone R%d -> R%d (pages %zu..%zu moved meanwhile, %u us "
-		     "in)", m->id, c->id, first, first + moved - 1,
-		     mover.delay_us);
-	else
-		DESC("clone R%d -> R%d", m->id, c->id);
+	DESC("clone R%d -> R%d%s", m->id, c->id,
+	     mover_what(moved, first));
 }
 
 static void unmap_owned(struct mregion *m)
@@ -1545,12 +1599,8 @@ static void op_restore(struct op *o, char *d)
 		m->amb[pg] = s->amb[pg];
 		m->maylose[pg] = 0;
 	}
-	if (moved)
-		DESC("restore S%d into R%d%s (pages %zu..%zu moved meanwhile, "
-		     "%u us in)", s->id, m->id, busy.what, first,
-		     first + moved - 1, mover.delay_us);
-	else
-		DESC("restore S%d into R%d%s", s->id, m->id, busy.what);
+	DESC("restore S%d into R%d%s%s", s->id, m->id, busy.what,
+	     mover_what(moved, first));
 }
 
 static void op_map(struct op *o, char *d)
