@@ -675,7 +675,11 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
  * clone or a view (-EINVAL).  cowmm_snapshot(), cowmm_clone() and the
  * release of an adopted region load the rest first.  Needs
  * UFFD_FEATURE_POISON (Linux 6.6).  Do not touch the region while this
- * call runs.
+ * call runs, nor move or unmap its pages: a lazy load takes the range
+ * off the library's userfaultfd for a moment, and pages moved then leave
+ * the region unmanaged (the application's race).  Once every page is in,
+ * the region stays registered for missing faults and is handled as a
+ * clone whose pages are all filled: moves are followed as anywhere.
  * Context: any thread.
  *
  * @param r      a region of exactly the file's region size
