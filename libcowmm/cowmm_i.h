@@ -189,7 +189,7 @@ extern __thread bool cowmm__stamped;
 extern __thread uint32_t cowmm__stamp;
 bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp);
 uint32_t cowmm__removes_stamp(cowmm_t *mm);
-bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
+int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 
 /*
  * Worker threads never block on a lock another thread may hold across a

@@ -523,7 +523,9 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
 /*
  * Page @addr lost its protection since @stamp (cowmm__removes_stamp()),
  * with no event to say why: was it the kernel dropping a page MADV_FREE
- * left?  Not if a discard was read since or is pending (the kernel zaps
+ * left?  1: yes; 0: an event read since may explain it; -EAGAIN: what is
+ * at @addr is not the region's page any more, or a move or unmap of it is
+ * on its way (see below): look again once its event is handled.  Not if a discard was read since or is pending (the kernel zaps
  * only once its event is read), nor if an unmap or a move was: munmap()
  * and mremap() take the page first and send their event after, so one not
  * read yet is one whose range is no longer mapped (mincore() fails; other
@@ -539,14 +541,12 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
  * where the memory is not registered with us.  Clearing the protection of
  * a page that lost it changes nothing (call with the region's lock held).
  */
-bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
+#define DROPPED_WAIT_NS (100 * 1000000ull)
+
+static bool no_event_since(cowmm_t *mm, uint32_t stamp)
 {
-	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
-	unsigned char vec;
 	bool quiet;
 
-	if (mincore((void *)page, COWMM_PAGE_SIZE, &vec))
-		return false;
 	pthread_mutex_lock(&mm->read_lock);
 	pthread_mutex_lock(&mm->removes_lock);
 	quiet = mm->removes_read == stamp && !mm->removes_n &&
@@ -554,8 +554,39 @@ bool cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 		!atomic_load(&mm->remaps_pending);
 	pthread_mutex_unlock(&mm->removes_lock);
 	pthread_mutex_unlock(&mm->read_lock);
-	return quiet && !cowmm__uffd_wp(mm->uffd, page, COWMM_PAGE_SIZE, false,
-					false);
+	return quiet;
+}
+
+int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
+{
+	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
+	unsigned char vec;
+
+	uint64_t t0 = 0;
+	int ret;
+
+	if (mincore((void *)page, COWMM_PAGE_SIZE, &vec))
+		return -EAGAIN;
+	if (!no_event_since(mm, stamp))
+		return 0;
+	/*
+	 * A worker asks once: it may be the one to read the event.  Any
+	 * other thread waits for the event to be read, a while (a thread
+	 * that discards without pause keeps one unread most of the time);
+	 * then no event read meanwhile either.
+	 */
+	while ((ret = cowmm__uffd_unprotect_once(mm->uffd, page,
+						 COWMM_PAGE_SIZE)) == -EAGAIN &&
+	       !cowmm__in_worker) {
+		if (!t0)
+			t0 = cowmm__now_ns();
+		else if (cowmm__now_ns() - t0 > DROPPED_WAIT_NS)
+			break;
+		usleep(20);
+	}
+	if (ret)
+		return -EAGAIN;
+	return no_event_since(mm, stamp);
 }
 
 /* The last discard read so far (through read_lock: every one read). */

@@ -452,7 +452,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		 */
 		if (cowmm__in_remove)
 			return -EIO;
-		if (!cowmm__dropped_quietly(r->mm, addr, before))
+		if (cowmm__dropped_quietly(r->mm, addr, before) != 1)
 			return -EAGAIN;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
@@ -539,7 +539,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
 		if (!cowmm__in_remove &&
-		    !cowmm__dropped_quietly(r->mm, addr, before))
+		    cowmm__dropped_quietly(r->mm, addr, before) != 1)
 			return -EAGAIN;
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
@@ -1212,13 +1212,16 @@ static int claim_unseen(cowmm_region_t *r, const struct page_region *v,
 				continue;
 			/* No discard or unmap read since the walk
 			 * began: the kernel dropped it. */
-			if (cowmm__dropped_quietly(r->mm, addr, u->before))
+			int dropped = cowmm__dropped_quietly(r->mm, addr,
+							     u->before);
+
+			if (dropped == 1)
 				cowmm__cow_claim_locked(
 					r, pg, COWMM_COW_ZERO,
 					&r->mm->cnt.detach_copies);
 			else if (!cowmm__shared_locked(r, pg))
 				continue;
-			else if (walk_moving(r->mm, u))
+			else if (dropped < 0 || walk_moving(r->mm, u))
 				u->undecided = true;
 			else
 				cowmm__cow_claim_lost_locked(

@@ -374,13 +374,16 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 			 * event: zero, as it was allowed to read (region.c,
 			 * read_verified()).
 			 */
-			if (cowmm__dropped_quietly(s->mm, addr, before)) {
+			int dropped = cowmm__dropped_quietly(s->mm, addr,
+							     before);
+
+			if (dropped == 1) {
 				f = cowmm__fmap_get(&s->frames, pg);
 				if (!f) {
 					memset(dst, 0, n);
 					return 0;
 				}
-			} else if (moving(s->mm, addr, maps)) {
+			} else if (dropped < 0 || moving(s->mm, addr, maps)) {
 				/* @e was read where the page no longer is. */
 				return -EAGAIN;
 			} else {

@@ -148,6 +148,21 @@ int cowmm__uffd_wp(int fd, uintptr_t start, size_t len, bool protect,
 	return uffd_ioctl(fd, UFFDIO_WRITEPROTECT, &wp);
 }
 
+/*
+ * Clear the protection of [@start, @start + @len) once, waiting for
+ * nothing: -EAGAIN while an event of the userfaultfd is not read yet,
+ * -ENOENT where the range is not registered with it.
+ */
+int cowmm__uffd_unprotect_once(int fd, uintptr_t start, size_t len)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { .start = start, .len = len },
+		.mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+	};
+
+	return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
+}
+
 int cowmm__uffd_wake(int fd, uintptr_t start, size_t len)
 {
 	struct uffdio_range range = { .start = start, .len = len };
