@@ -218,6 +218,12 @@ int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off)
 		return ret;
 	}
 
+	/*
+	 * Discards read so far are the old content's: handled once the load
+	 * is under way, they would take its pages for discarded ones, zero
+	 * instead of the file's (session 10's outside review).
+	 */
+	cowmm__wait_events(r->mm);
 	pthread_mutex_lock(&r->mm->lock);
 	pthread_mutex_lock(&r->lock);
 	if (r->lazy && !r->lazy->left && !r->lazy->poisoned) {

@@ -1403,6 +1403,12 @@ int cowmm_region_release(cowmm_region_t *r)
 	if (ret)
 		return ret;
 	mm = r->mm;
+	/*
+	 * Discards read so far first: a lazy load's pages discarded before
+	 * the call read zero, and the release must not load them from the
+	 * file before their discard is handled.
+	 */
+	cowmm__wait_events(mm);
 	pthread_mutex_lock(&mm->lock);
 	/* Checked again under the lock: a racing release wins once. */
 	ret = r->magic == COWMM_MAGIC_REGION ? region_release_locked(r, false)
