@@ -536,10 +536,10 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
  *
  * mincore() is not enough: mremap() lets go of the address space before it
  * sends its event, and another thread may map other memory where the pages
- * were before the event is read.  An ioctl on the page tells: the kernel
- * refuses every one with EAGAIN while an event is not read, and with ENOENT
- * where the memory is not registered with us.  Clearing the protection of
- * a page that lost it changes nothing (call with the region's lock held).
+ * were before the event is read.  An ioctl on the page tells, one that
+ * changes nothing (cowmm__uffd_page_probe()): the kernel refuses it with
+ * EAGAIN while an event is not read, and with ENOENT where the memory is
+ * not registered.
  */
 #define DROPPED_WAIT_NS (100 * 1000000ull)
 
@@ -575,8 +575,7 @@ int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 	 * that discards without pause keeps one unread most of the time);
 	 * then no event read meanwhile either.
 	 */
-	while ((ret = cowmm__uffd_unprotect_once(mm->uffd, page,
-						 COWMM_PAGE_SIZE)) == -EAGAIN &&
+	while ((ret = cowmm__uffd_page_probe(mm->uffd, page)) == -EAGAIN &&
 	       !cowmm__in_worker) {
 		if (!t0)
 			t0 = cowmm__now_ns();

@@ -149,18 +149,22 @@ int cowmm__uffd_wp(int fd, uintptr_t start, size_t len, bool protect,
 }
 
 /*
- * Clear the protection of [@start, @start + @len) once, waiting for
- * nothing: -EAGAIN while an event of the userfaultfd is not read yet,
- * -ENOENT where the range is not registered with it.
+ * Is the page at @start registered with a userfaultfd, and no event of ours
+ * unread?  Asked once, waiting for nothing, changing nothing: UFFDIO_CONTINUE
+ * on anonymous memory finds the mapping first (-ENOENT where none is
+ * registered), then refuses while an event is not read (-EAGAIN), and only
+ * then finds it cannot continue there (-EINVAL): 0 for that.
  */
-int cowmm__uffd_unprotect_once(int fd, uintptr_t start, size_t len)
+int cowmm__uffd_page_probe(int fd, uintptr_t start)
 {
-	struct uffdio_writeprotect wp = {
-		.range = { .start = start, .len = len },
-		.mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+	struct uffdio_continue c = {
+		.range = { .start = start, .len = COWMM_PAGE_SIZE },
+		.mode = UFFDIO_CONTINUE_MODE_DONTWAKE,
 	};
 
-	return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
+	if (!ioctl(fd, UFFDIO_CONTINUE, &c))
+		return 0;
+	return errno == EINVAL ? 0 : -errno;
 }
 
 int cowmm__uffd_wake(int fd, uintptr_t start, size_t len)
