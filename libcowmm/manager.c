@@ -124,15 +124,68 @@ static int self_mem(void)
  * the caller copies with stores).
  *
  * cowmm__live_write_unmoved() writes only if no move or unmap was read
- * since cowmm__maps_seq() returned @seq (-ENOENT otherwise), and holds
- * read_lock while it writes, so that none is read meanwhile: munmap() and
- * mremap() return only once their event is read, and until they have,
- * nothing else can be mapped where the pages were (what was unmapped
- * fails the write).  Memory mapped or moved over the pages with
- * MAP_FIXED or MREMAP_FIXED is there before its event: that one it may
- * write.  The write never waits on a userfaultfd, so holding the lock
- * cannot stop the reader it would wait for.
+ * since cowmm__maps_seq() returned @seq, and none is on its way: the pages
+ * are still one registered mapping and no event is unread (-ENOENT
+ * otherwise).  It holds read_lock while it writes, so that none is read
+ * meanwhile.  mremap() lets go of the address space before it sends its
+ * event, and other memory can be mapped where the pages were before the
+ * event is read: the check before the write sees that (the model
+ * tester's seed 610895645 wrote the snapshot's bytes there); one after it
+ * sees a move that landed while it wrote (-ENOENT: the caller does it
+ * again where the pages went; memory mapped there in that instant got the
+ * bytes).  Memory mapped or moved over the pages with MAP_FIXED or
+ * MREMAP_FIXED is the application's race.  The write never waits on a
+ * userfaultfd, so holding the lock cannot stop the reader it would wait
+ * for.
  */
+/* How long a check waits for an event to be read. */
+#define DROPPED_WAIT_NS (100 * 1000000ull)
+
+static int probe_pages(cowmm_t *mm, uintptr_t addr, size_t n)
+{
+	size_t i;
+	int ret = cowmm__uffd_range_probe(mm->uffd, addr,
+					  n * COWMM_PAGE_SIZE);
+
+	/* Perhaps two mappings side by side (they do not always merge). */
+	for (i = 0; ret == -ENOENT && n > 1 && i < n; i++) {
+		ret = cowmm__uffd_range_probe(
+			mm->uffd, addr + i * COWMM_PAGE_SIZE, COWMM_PAGE_SIZE);
+		if (ret)
+			break;
+	}
+	return ret;
+}
+
+/*
+ * Is the region memory at @addr, @n pages, still where the library thinks,
+ * with no move or unmap read since @seq nor on its way?  0, or -ENOENT.
+ * Call with read_lock held.  With an event not read yet (while read_lock
+ * is held none is), the lock is let go until a worker read what was there
+ * (a discard, perhaps, from a thread that discards without pause: then
+ * others keep coming, and only a move or unmap among them counts).
+ */
+static int still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr, size_t n)
+{
+	uint32_t read;
+	uint64_t t0;
+	int ret = probe_pages(mm, addr, n);
+
+	if (ret != -EAGAIN)
+		return ret ? -ENOENT : 0;
+	read = mm->removes_read; /* every event read is numbered there */
+	t0 = cowmm__now_ns();
+	do {
+		pthread_mutex_unlock(&mm->read_lock);
+		usleep(20);
+		pthread_mutex_lock(&mm->read_lock);
+	} while (mm->removes_read == read &&
+		 cowmm__now_ns() - t0 < DROPPED_WAIT_NS);
+	if ((uint16_t)seq != mm->maps_read || mm->removes_read == read)
+		return -ENOENT;
+	return probe_pages(mm, addr, n) == -ENOENT ? -ENOENT : 0;
+}
+
 int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			      const struct iovec *src, size_t n)
 {
@@ -140,7 +193,12 @@ int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 
 	pthread_mutex_lock(&mm->read_lock);
 	if ((uint16_t)seq == mm->maps_read)
+		ret = still_ours(mm, seq, addr, n);
+	if (!ret)
 		ret = cowmm__live_write(addr, src, n);
+	/* A move that landed while it wrote: do it again where they went. */
+	if (!ret)
+		ret = still_ours(mm, seq, addr, n);
 	pthread_mutex_unlock(&mm->read_lock);
 	return ret;
 }
@@ -537,12 +595,10 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
  * mincore() is not enough: mremap() lets go of the address space before it
  * sends its event, and another thread may map other memory where the pages
  * were before the event is read.  An ioctl on the page tells, one that
- * changes nothing (cowmm__uffd_page_probe()): the kernel refuses it with
+ * changes nothing (cowmm__uffd_range_probe()): the kernel refuses it with
  * EAGAIN while an event is not read, and with ENOENT where the memory is
  * not registered.
  */
-#define DROPPED_WAIT_NS (100 * 1000000ull)
-
 static bool no_event_since(cowmm_t *mm, uint32_t stamp)
 {
 	bool quiet;
@@ -575,7 +631,8 @@ int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp)
 	 * that discards without pause keeps one unread most of the time);
 	 * then no event read meanwhile either.
 	 */
-	while ((ret = cowmm__uffd_page_probe(mm->uffd, page)) == -EAGAIN &&
+	while ((ret = cowmm__uffd_range_probe(mm->uffd, page,
+						      COWMM_PAGE_SIZE)) == -EAGAIN &&
 	       !cowmm__in_worker) {
 		if (!t0)
 			t0 = cowmm__now_ns();

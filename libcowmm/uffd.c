@@ -149,16 +149,17 @@ int cowmm__uffd_wp(int fd, uintptr_t start, size_t len, bool protect,
 }
 
 /*
- * Is the page at @start registered with a userfaultfd, and no event of ours
- * unread?  Asked once, waiting for nothing, changing nothing: UFFDIO_CONTINUE
- * on anonymous memory finds the mapping first (-ENOENT where none is
- * registered), then refuses while an event is not read (-EAGAIN), and only
- * then finds it cannot continue there (-EINVAL): 0 for that.
+ * Is [@start, @start + @len) one mapping registered with a userfaultfd, and
+ * no event of ours unread?  Asked once, waiting for nothing, changing
+ * nothing: UFFDIO_CONTINUE on anonymous memory finds the mapping first
+ * (-ENOENT where none registered holds the whole range), then refuses while
+ * an event is not read (-EAGAIN), and only then finds it cannot continue
+ * there (-EINVAL): 0 for that.
  */
-int cowmm__uffd_page_probe(int fd, uintptr_t start)
+int cowmm__uffd_range_probe(int fd, uintptr_t start, size_t len)
 {
 	struct uffdio_continue c = {
-		.range = { .start = start, .len = COWMM_PAGE_SIZE },
+		.range = { .start = start, .len = len },
 		.mode = UFFDIO_CONTINUE_MODE_DONTWAKE,
 	};
 

@@ -28,7 +28,7 @@ int cowmm__uffd_open(bool user_mode_only);
 int cowmm__uffd_probe(uint64_t *features);
 int cowmm__uffd_api(int fd, uint64_t features, uint64_t *ioctls);
 int cowmm__uffd_unregister(int fd, uintptr_t start, size_t len);
-int cowmm__uffd_page_probe(int fd, uintptr_t start);
+int cowmm__uffd_range_probe(int fd, uintptr_t start, size_t len);
 int cowmm__uffd_copy(int fd, uintptr_t dst, const void *src, size_t len,
 		     bool wp, bool wake);
 int cowmm__uffd_poison(int fd, uintptr_t dst, size_t len, bool wake);

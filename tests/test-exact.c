@@ -2830,6 +2830,81 @@ START_TEST(test_release_lazy_after_discard)
 END_TEST
 
 /*
+ * The model tester's seed 610895645: the pages restore is about to copy
+ * into move away, and another thread maps its own memory where they were
+ * before the move's event is read (mremap() sends it only after it let go
+ * of the address space).  Restore checked only that no move was read
+ * since it protected the region: it wrote the snapshot's bytes into that
+ * memory, left the moved pages as they were, and returned 0.  It must
+ * restore the pages where they went and leave the other memory alone.
+ */
+static struct {
+	unsigned char *from, *to, *other;
+	size_t len;
+	cowmm_t *mm;
+	struct move_call mv;
+	pthread_t th;
+	bool armed;
+} place_in;
+
+static void move_and_place(cowmm_region_t *r, int stage, uintptr_t addr,
+			   size_t len)
+{
+	unsigned char vec;
+
+	(void)r;
+	(void)addr;
+	(void)len;
+	if (stage != 2 || !place_in.armed)
+		return;
+	place_in.armed = false;
+	cowmm__pause_reads(place_in.mm, 40);
+	place_in.mv = (struct move_call){ place_in.from, place_in.to,
+					  place_in.len };
+	ck_assert_int_eq(pthread_create(&place_in.th, NULL, move_thread,
+					&place_in.mv), 0);
+	while (!mincore(place_in.from, T_PAGE, &vec))
+		usleep(100); /* moved: its event waits to be read */
+	place_in.other = mmap(place_in.from, place_in.len,
+			      PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0);
+	ck_assert_ptr_eq(place_in.other, place_in.from);
+	memset(place_in.other, 0x5c, place_in.len);
+}
+
+START_TEST(test_restore_placed_before_move_read)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(NPAGES * T_PAGE);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	memset(p, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
+	place_in = (typeof(place_in)){ .from = p, .to = to,
+				       .len = NPAGES * T_PAGE, .mm = mm,
+				       .armed = true };
+	__atomic_store_n(&cowmm__restore_copying, move_and_place,
+			 __ATOMIC_RELEASE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	__atomic_store_n(&cowmm__restore_copying, NULL, __ATOMIC_RELEASE);
+	ck_assert(!place_in.armed);
+	pthread_join(place_in.th, NULL);
+	t_assert_live_filled(to, 0, NPAGES, 0, 0);
+	for (i = 0; i < NPAGES * T_PAGE; i++)
+		if (place_in.other[i] != 0x5c)
+			ck_abort_msg("restore wrote into other memory at byte "
+				     "%zu", i);
+	munmap(place_in.other, NPAGES * T_PAGE);
+	cowmm_snap_release(s);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+}
+END_TEST
+
+/*
  * A restore right after the application unmapped part of the region, the
  * UNMAP read but not handled yet: it must not write into the unmapped
  * pages (it crashed), and it restores the rest.
@@ -3012,6 +3087,8 @@ int main(void)
 		{ "release-lazy-after-discard",
 		  test_release_lazy_after_discard,
 		  T_WP_UNPOPULATED | T_POISON },
+		{ "restore-placed-before-move-read",
+		  test_restore_placed_before_move_read, T_WP_UNPOPULATED },
 		{ "lazy-finish-moved-unregistered",
 		  test_lazy_finish_moved_unregistered,
 		  T_WP_UNPOPULATED | T_POISON },
