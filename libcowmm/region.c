@@ -501,6 +501,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 	void (*hook)(uintptr_t);
 	unsigned char vec;
 	uint32_t before;
+	unsigned seq;
 
 	if (r->holes && cowmm__test_bit(r->holes, pg)) {
 		memset(dst, 0, COWMM_PAGE_SIZE); /* unmapped: left the region */
@@ -520,12 +521,21 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
 		before = cowmm__removes_stamp(r->mm);
+		seq = cowmm__maps_seq(r->mm);
 		hook = __atomic_load_n(&cowmm__read_checked,
 				       __ATOMIC_ACQUIRE);
 		if (cowmm__unlikely(hook != NULL))
 			hook(addr);
+		/*
+		 * Read, then make sure it was the page: other memory may be
+		 * mapped where a moved page was before its event is read
+		 * (the model tester's seed 888 gave its bytes to a clone).
+		 */
 		if (!cowmm__live_read(addr, dst, COWMM_PAGE_SIZE))
-			return 0;
+			return cowmm__in_remove ||
+					       cowmm__still_ours(r->mm, seq, addr)
+				       ? 0
+				       : -EAGAIN;
 		/*
 		 * Not there, and the read did not wait for it (see
 		 * cowmm__live_read()): discarded, so zero; unless the range

@@ -2845,6 +2845,7 @@ static struct {
 	struct move_call mv;
 	pthread_t th;
 	bool armed;
+	int stage;
 } place_in;
 
 static void move_and_place(cowmm_region_t *r, int stage, uintptr_t addr,
@@ -2855,7 +2856,7 @@ static void move_and_place(cowmm_region_t *r, int stage, uintptr_t addr,
 	(void)r;
 	(void)addr;
 	(void)len;
-	if (stage != 2 || !place_in.armed)
+	if (stage != place_in.stage || !place_in.armed)
 		return;
 	place_in.armed = false;
 	cowmm__pause_reads(place_in.mm, 40);
@@ -2886,7 +2887,7 @@ START_TEST(test_restore_placed_before_move_read)
 	memset(p, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
 	place_in = (typeof(place_in)){ .from = p, .to = to,
 				       .len = NPAGES * T_PAGE, .mm = mm,
-				       .armed = true };
+				       .armed = true, .stage = 2 };
 	__atomic_store_n(&cowmm__restore_copying, move_and_place,
 			 __ATOMIC_RELEASE);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0);
@@ -2898,6 +2899,53 @@ START_TEST(test_restore_placed_before_move_read)
 		if (place_in.other[i] != 0x5c)
 			ck_abort_msg("restore wrote into other memory at byte "
 				     "%zu", i);
+	munmap(place_in.other, NPAGES * T_PAGE);
+	cowmm_snap_release(s);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+}
+END_TEST
+
+/*
+ * The model tester's seed 888: restore of a clone gives the clone of that
+ * clone its copy of a page first, and the page's range moves, with other
+ * memory mapped where it was before the move's event is read.  The copy
+ * read a clone's materialised page wherever it could read it, and gave
+ * the other memory's bytes to the second clone, silently.
+ */
+START_TEST(test_restore_claim_placed)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *q, *to = reserve(NPAGES * T_PAGE), *q2;
+	volatile unsigned char sink = 0;
+	cowmm_region_t *r, *c, *c2;
+	cowmm_snap_t *s;
+	size_t i;
+
+	t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	for (i = 0; i < NPAGES; i++)
+		sink ^= q[i * T_PAGE]; /* every page materialised */
+	(void)sink;
+	ck_assert_int_eq(cowmm_snapshot(c, &s), 0);
+	memset(q, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
+	ck_assert_int_eq(cowmm_clone(c, 0, &c2), 0); /* reads 0xa5 */
+	q2 = cowmm_region_base(c2);
+	place_in = (typeof(place_in)){ .from = q, .to = to,
+				       .len = NPAGES * T_PAGE, .mm = mm,
+				       .armed = true, .stage = 3 };
+	__atomic_store_n(&cowmm__restore_copying, move_and_place,
+			 __ATOMIC_RELEASE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	__atomic_store_n(&cowmm__restore_copying, NULL, __ATOMIC_RELEASE);
+	ck_assert(!place_in.armed);
+	pthread_join(place_in.th, NULL);
+	for (i = 0; i < NPAGES; i++)
+		ck_assert_msg(q2[i * T_PAGE] == 0xa5 &&
+			      q2[i * T_PAGE + T_PAGE - 1] == 0xa5,
+			      "the clone's clone reads %#x on page %zu",
+			      q2[i * T_PAGE], i);
+	t_assert_live_filled(to, 0, NPAGES, 0, 0);
 	munmap(place_in.other, NPAGES * T_PAGE);
 	cowmm_snap_release(s);
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
@@ -3089,6 +3137,8 @@ int main(void)
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "restore-placed-before-move-read",
 		  test_restore_placed_before_move_read, T_WP_UNPOPULATED },
+		{ "restore-claim-placed", test_restore_claim_placed,
+		  T_WP_UNPOPULATED },
 		{ "lazy-finish-moved-unregistered",
 		  test_lazy_finish_moved_unregistered,
 		  T_WP_UNPOPULATED | T_POISON },

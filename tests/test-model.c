@@ -29,6 +29,7 @@
  *                           (no end-of-seed wp_faults == copies + reuses)
  *   COWMM_MODEL_NOPS=n      operations per seed (120)
  *   COWMM_MODEL_PAGEOUT=n   weight of pageout operations (2; swap: more)
+ *   COWMM_MODEL_LOG=1       print the library's messages
  *   COWMM_MODEL_HANG=n      seconds one step may take (20, x3 sanitized)
  *   COWMM_MODEL_VERBOSE=1   print each operation as it runs
  */
@@ -1092,6 +1093,14 @@ static void op_syscall_write(int opi, struct op *o, char *d, bool pipe_)
  * model is known in advance: those pages read zero.
  */
 enum { RUN_NOPIN = 1, RUN_DISCARD = 2 };
+/* COWMM_MODEL_LOG=1: the library's messages, for a failure's replay. */
+static void print_log(enum cowmm_log_level level, const char *msg,
+		      void *data)
+{
+	(void)data;
+	printf("  library (%d): %s\n", (int)level, msg);
+}
+
 static size_t pick_run(struct mregion *m, struct op *o, size_t *pg,
 		       int flags, size_t max);
 static void model_dontneed(int ri, size_t pg);
@@ -2591,6 +2600,8 @@ START_TEST(test_model)
 	hang_seconds = (double)env_long("COWMM_MODEL_HANG", 20) *
 		       (T_SANITIZED ? 3 : 1);
 	weight[OP_PAGEOUT] = (unsigned)env_long("COWMM_MODEL_PAGEOUT", 2);
+	if (env_long("COWMM_MODEL_LOG", 0))
+		cowmm_set_log(print_log, NULL);
 	if (n < 4 || n > MAXOPS)
 		n = 120;
 	parse_skip();
