@@ -190,16 +190,13 @@ static int still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr, size_t n)
  * Is the memory at @addr (a page) still the region's, where its layout put
  * it, with no move or unmap read since @seq nor on its way?  For a read
  * that found something there: another thread may have mapped memory where
- * the pages were before the move's event is read.  A worker does not wait
- * for an unread event (it may be the one to read it): false then.
+ * the pages were before the move's event is read.  Not for workers: it
+ * waits for an unread event to be read.
  */
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
 	int ret;
 
-	if (cowmm__in_worker)
-		return !probe_pages(mm, addr, 1) &&
-		       (uint16_t)seq == (uint16_t)cowmm__maps_seq(mm);
 	pthread_mutex_lock(&mm->read_lock);
 	ret = (uint16_t)seq == mm->maps_read ? still_ours(mm, seq, addr, 1)
 					      : -ENOENT;
