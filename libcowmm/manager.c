@@ -111,33 +111,6 @@ static int self_mem(void)
 	return self_mem_fd(NULL);
 }
 
-/*
- * Write @n pages from @src (library memory) to the live pages at @addr,
- * as cowmm__live_read() reads them: a write never waits on a userfaultfd,
- * nor faults in the caller.  A page still write-protected, or missing in
- * a range registered for missing faults, fails at once; so does an
- * address with nothing mapped.  Anything else mapped there is written:
- * the caller checks that no move or unmap landed meanwhile.  A page is
- * written in place, as a store to it would be: a pinned page keeps its
- * physical frame.  Returns 0; -EFAULT when not every byte was written;
- * -EBADF when this process may not write its own memory that way (then
- * the caller copies with stores).
- *
- * cowmm__live_write_unmoved() writes only if no move or unmap was read
- * since cowmm__maps_seq() returned @seq, and none is on its way: the pages
- * are still one registered mapping and no event is unread (-ENOENT
- * otherwise).  It holds read_lock while it writes, so that none is read
- * meanwhile.  mremap() lets go of the address space before it sends its
- * event, and other memory can be mapped where the pages were before the
- * event is read: the check before the write sees that (the model
- * tester's seed 610895645 wrote the snapshot's bytes there); one after it
- * sees a move that landed while it wrote (-ENOENT: the caller does it
- * again where the pages went; memory mapped there in that instant got the
- * bytes).  Memory mapped or moved over the pages with MAP_FIXED or
- * MREMAP_FIXED is the application's race.  The write never waits on a
- * userfaultfd, so holding the lock cannot stop the reader it would wait
- * for.
- */
 /* How long a check waits for an event to be read. */
 #define DROPPED_WAIT_NS (100 * 1000000ull)
 
@@ -204,6 +177,33 @@ bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 	return !ret;
 }
 
+/*
+ * Write @n pages from @src (library memory) to the live pages at @addr,
+ * as cowmm__live_read() reads them: a write never waits on a userfaultfd,
+ * nor faults in the caller.  A page still write-protected, or missing in
+ * a range registered for missing faults, fails at once; so does an
+ * address with nothing mapped.  Anything else mapped there is written:
+ * the caller checks that no move or unmap landed meanwhile.  A page is
+ * written in place, as a store to it would be: a pinned page keeps its
+ * physical frame.  Returns 0; -EFAULT when not every byte was written;
+ * -EBADF when this process may not write its own memory that way (then
+ * the caller copies with stores).
+ *
+ * cowmm__live_write_unmoved() writes only if no move or unmap was read
+ * since cowmm__maps_seq() returned @seq, and none is on its way: the pages
+ * are still one registered mapping and no event is unread (-ENOENT
+ * otherwise).  It holds read_lock while it writes, so that none is read
+ * meanwhile.  mremap() lets go of the address space before it sends its
+ * event, and other memory can be mapped where the pages were before the
+ * event is read: the check before the write sees that (the model
+ * tester's seed 610895645 wrote the snapshot's bytes there); one after it
+ * sees a move that landed while it wrote (-ENOENT: the caller does it
+ * again where the pages went; memory mapped there in that instant got the
+ * bytes).  Memory mapped or moved over the pages with MAP_FIXED or
+ * MREMAP_FIXED is the application's race.  The write never waits on a
+ * userfaultfd, so holding the lock cannot stop the reader it would wait
+ * for.
+ */
 int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			      const struct iovec *src, size_t n)
 {
