@@ -2874,32 +2874,45 @@ static void move_and_place(cowmm_region_t *r, int stage, uintptr_t addr,
 	memset(place_in.other, 0x5c, place_in.len);
 }
 
-START_TEST(test_restore_placed_before_move_read)
+/*
+ * Restore @s while, at restore's @stage, the region's pages at @from move
+ * to @to and other memory is mapped at @from before the move is read;
+ * that memory must come out untouched.
+ */
+static void restore_while_placed(cowmm_t *mm, cowmm_snap_t *s,
+				 unsigned char *from, unsigned char *to,
+				 int stage)
 {
-	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *p, *to = reserve(NPAGES * T_PAGE);
-	cowmm_region_t *r;
-	cowmm_snap_t *s;
 	size_t i;
 
-	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	memset(p, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
-	place_in = (typeof(place_in)){ .from = p, .to = to,
+	place_in = (typeof(place_in)){ .from = from, .to = to,
 				       .len = NPAGES * T_PAGE, .mm = mm,
-				       .armed = true, .stage = 2 };
+				       .armed = true, .stage = stage };
 	__atomic_store_n(&cowmm__restore_copying, move_and_place,
 			 __ATOMIC_RELEASE);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0);
 	__atomic_store_n(&cowmm__restore_copying, NULL, __ATOMIC_RELEASE);
 	ck_assert(!place_in.armed);
 	pthread_join(place_in.th, NULL);
-	t_assert_live_filled(to, 0, NPAGES, 0, 0);
 	for (i = 0; i < NPAGES * T_PAGE; i++)
 		if (place_in.other[i] != 0x5c)
 			ck_abort_msg("restore wrote into other memory at byte "
 				     "%zu", i);
 	munmap(place_in.other, NPAGES * T_PAGE);
+}
+
+START_TEST(test_restore_placed_before_move_read)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(NPAGES * T_PAGE);
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	memset(p, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
+	restore_while_placed(mm, s, p, to, 2);
+	t_assert_live_filled(to, 0, NPAGES, 0, 0);
 	cowmm_snap_release(s);
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
@@ -2931,22 +2944,13 @@ START_TEST(test_restore_claim_placed)
 	memset(q, 0xa5, NPAGES * T_PAGE); /* @s holds every page */
 	ck_assert_int_eq(cowmm_clone(c, 0, &c2), 0); /* reads 0xa5 */
 	q2 = cowmm_region_base(c2);
-	place_in = (typeof(place_in)){ .from = q, .to = to,
-				       .len = NPAGES * T_PAGE, .mm = mm,
-				       .armed = true, .stage = 3 };
-	__atomic_store_n(&cowmm__restore_copying, move_and_place,
-			 __ATOMIC_RELEASE);
-	ck_assert_int_eq(cowmm_snap_restore(s), 0);
-	__atomic_store_n(&cowmm__restore_copying, NULL, __ATOMIC_RELEASE);
-	ck_assert(!place_in.armed);
-	pthread_join(place_in.th, NULL);
+	restore_while_placed(mm, s, q, to, 3);
 	for (i = 0; i < NPAGES; i++)
 		ck_assert_msg(q2[i * T_PAGE] == 0xa5 &&
 			      q2[i * T_PAGE + T_PAGE - 1] == 0xa5,
 			      "the clone's clone reads %#x on page %zu",
 			      q2[i * T_PAGE], i);
 	t_assert_live_filled(to, 0, NPAGES, 0, 0);
-	munmap(place_in.other, NPAGES * T_PAGE);
 	cowmm_snap_release(s);
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
