@@ -894,6 +894,9 @@ again:
 			if (ret && ret != -EEXIST)
 				goto wake;
 			cowmm__set_bit(r->present, pg);
+			/* Its bytes are @s's now, not the origin's. */
+			if (!ret && r->origin)
+				(void)cowmm__clone_forget(r, pg);
 			if (!ret)
 				continue;
 		}

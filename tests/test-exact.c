@@ -2957,6 +2957,38 @@ START_TEST(test_restore_claim_placed)
 END_TEST
 
 /*
+ * The model tester's seed 4018336: restore into a clone fills a page the
+ * clone never touched straight from the snapshot, and its origin kept
+ * needing the source's page: a discard in the source then broke the
+ * origin, and every page of the clone still reading from it would have
+ * been lost.  The page came from the snapshot: the origin must let go.
+ */
+START_TEST(test_restore_clone_untouched)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	cowmm_region_t *r, *c;
+	cowmm_snap_t *s;
+	unsigned char *p, *q;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &c), 0);
+	q = cowmm_region_base(c);
+	ck_assert_int_eq(cowmm_pin(c, q + 5 * T_PAGE, T_PAGE, COWMM_PIN_WRITE),
+			 0);
+	ck_assert_int_eq(cowmm_snapshot(c, &s), 0); /* copies page 5 */
+	ck_assert_int_eq(cowmm_snap_restore(s), 0); /* fills page 5 */
+	ck_assert_int_eq(cowmm_unpin(c, q + 5 * T_PAGE, T_PAGE), 0);
+	ck_assert_int_eq(madvise(p + 5 * T_PAGE, T_PAGE, MADV_DONTNEED), 0);
+	cowmm__wait_events(mm);
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	ck_assert(page_is(q + 5 * T_PAGE, 6));
+	ck_assert(page_is(q + 6 * T_PAGE, 7)); /* still from the origin */
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * A restore right after the application unmapped part of the region, the
  * UNMAP read but not handled yet: it must not write into the unmapped
  * pages (it crashed), and it restores the rest.
@@ -3142,6 +3174,8 @@ int main(void)
 		{ "restore-placed-before-move-read",
 		  test_restore_placed_before_move_read, T_WP_UNPOPULATED },
 		{ "restore-claim-placed", test_restore_claim_placed,
+		  T_WP_UNPOPULATED },
+		{ "restore-clone-untouched", test_restore_clone_untouched,
 		  T_WP_UNPOPULATED },
 		{ "lazy-finish-moved-unregistered",
 		  test_lazy_finish_moved_unregistered,
