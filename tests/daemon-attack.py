@@ -1232,6 +1232,7 @@ CASES = {
 LATER = {}
 
 failed = []
+why = {}
 try:
     if os.geteuid() != 0:
         print("SKIP: needs root (ptrace, another uid, prlimit)")
@@ -1245,9 +1246,11 @@ try:
         except Fail as e:
             print(f"FAIL {name}: {e}", flush=True)
             failed.append(name)
+            why[name] = str(e)
         except Exception as e:  # a broken case must not hide the others
             print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
             failed.append(name)
+            why[name] = f"{type(e).__name__}: {e}"
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -1271,6 +1274,9 @@ try:
 finally:
     shutil.rmtree(tmp, ignore_errors=True)
 if failed:
+    # Again at the end: meson shows only the last lines of a long log.
+    for name in failed:
+        print(f"FAIL {name}: {why[name][:1000]}")
     print(f"FAILED: {' '.join(failed)} ({checks} checks passed)")
     sys.exit(1)
 print(f"all {checks} checks passed")
