@@ -357,6 +357,19 @@ static inline void cowmm__set_bit(unsigned long *map, size_t i)
 }
 
 /*
+ * Has page @pg left @r (unmapped)?  Also without r->lock (cowmm_pin()
+ * finds its pages so): the bitmap is published and its bits set with
+ * atomics (events.c).
+ */
+static inline bool cowmm__hole(const cowmm_region_t *r, size_t pg)
+{
+	const unsigned long *h = __atomic_load_n(&r->holes, __ATOMIC_ACQUIRE);
+
+	return h && (__atomic_load_n(&h[pg / 64], __ATOMIC_RELAXED) >>
+		     (pg % 64)) & 1;
+}
+
+/*
  * A snapshot file loaded lazily (cowmm_region_load(COWMM_LOAD_LAZY)): each
  * page comes in on its first missing fault, from off[pg] in the file (0:
  * a page the file does not store, zero).  loaded: pages filled (or

@@ -130,7 +130,10 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 	size_t i;
 
 	if (!r->holes) {
-		r->holes = calloc(1, cowmm__bitmap_bytes(r->npages));
+		/* Read without the lock too: cowmm__hole(). */
+		__atomic_store_n(&r->holes,
+				 calloc(1, cowmm__bitmap_bytes(r->npages)),
+				 __ATOMIC_RELEASE);
 		if (!r->holes) { /* cannot remember: break everything */
 			for (i = pg; i < pg + n; i++)
 				cowmm__break_needers(r, i, "region unmapped");
@@ -142,7 +145,8 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 	for (i = pg; i < pg + n; i++) {
 		cowmm__cow_claim_lost_locked(r, i, "pages unmapped while a "
 						   "snapshot still needed them");
-		cowmm__set_bit(r->holes, i);
+		__atomic_fetch_or(&r->holes[i / 64], 1UL << (i % 64),
+				  __ATOMIC_RELAXED);
 	}
 	return 0;
 }

@@ -81,7 +81,7 @@ int cowmm__page_at(const cowmm_region_t *r, uintptr_t addr, size_t *pg)
 		    (addr - p->addr) >> COWMM_PAGE_SHIFT < p->n) {
 			*pg = p->pg + ((addr - p->addr) >> COWMM_PAGE_SHIFT);
 			/* A hole's address may be another page's now. */
-			if (!r->holes || !cowmm__test_bit(r->holes, *pg))
+			if (!cowmm__hole(r, *pg))
 				return 0;
 		}
 	}
