@@ -521,7 +521,10 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
 		before = cowmm__removes_stamp(r->mm);
-		seq = cowmm__maps_seq(r->mm);
+		/* For cowmm__still_ours(), which workers do not ask. */
+		seq = cowmm__in_worker || cowmm__in_remove
+			      ? 0
+			      : cowmm__maps_seq(r->mm);
 		hook = __atomic_load_n(&cowmm__read_checked,
 				       __ATOMIC_ACQUIRE);
 		if (cowmm__unlikely(hook != NULL))
