@@ -12,7 +12,8 @@
 #
 # Each build runs whatever failed before it, and its suites one by one
 # (all but stress, model-long and swap; deb in the plain build
-# only), each under a "=== SETUP: ... ===" heading.  It always ends with what failed, if anything, and
+# only), each under a "=== SETUP: ... ===" heading.  It always ends with
+# the failed tests' own lines that say why ("why: ..."), what failed, and
 # the line "N passed, M failed, K skipped" (tests; a lint, configure or
 # build that fails counts as one failed), and exits 1 if anything failed.
 # COWMM_TEST_STRICT=1 (the default here, and what .ci/run sets) makes a
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."
 export COWMM_TEST_STRICT="${COWMM_TEST_STRICT:-1}"
 passed=0 failed=0 skipped=0
 failures=()   # "asan: build", "tsan: unit/stress", ...
+reasons=()    # why: the failed tests' own lines that say so
 summary=()    # one line per setup
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -126,6 +128,16 @@ for s in "${setups[@]}"; do
 			failures+=("$s: suite $suite (meson test exit $rc)")
 			cf=1
 		fi
+		# CI keeps only the end of the output: repeat there what the
+		# failed tests said about their failure (Check's ":F:" and ":E:"
+		# lines, sanitizer reports, the model's diverged seeds).
+		if [ "$cf" -ne 0 ]; then
+			while IFS= read -r line; do
+				reasons+=("$s: $line")
+			done < <(grep -E -e ':[FE]:' -e 'SUMMARY: |ERROR: |WARNING: ThreadSanitizer' \
+				-e '^MODEL FAILURE|^seed [0-9]+ FAILED' \
+				-e '^FAIL ' "$log" | cut -c1-300 | head -n 20)
+		fi
 		sp=$((sp + cp)) sf=$((sf + cf)) ss=$((ss + cs))
 	done
 	passed=$((passed + sp)) failed=$((failed + sf)) skipped=$((skipped + ss))
@@ -135,6 +147,9 @@ done
 echo "=== summary (${setups[*]}) ==="
 for line in "${summary[@]}"; do
 	echo "$line"
+done
+for what in "${reasons[@]}"; do
+	echo "why: $what"
 done
 for what in "${failures[@]}"; do
 	echo "FAILED: $what"

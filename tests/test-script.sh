@@ -5,9 +5,10 @@
 # by fakes (first in PATH) that print what meson test prints, and
 # dpkg-query by one that finds every package installed.  The asan
 # build fails and a plain test fails; the tsan build must still run, the
-# output must name both, the last line must count them and the exit status
-# must be 1.  Then a run where everything passes exits 0, and a suite whose
-# meson test fails without a result line (a crash) counts as failed.
+# output must name both, the summary must repeat the failed test's own
+# line, the last line must count them and the exit status must be 1.
+# Then a run where everything passes exits 0, and a suite whose meson
+# test fails without a result line (a crash) counts as failed.
 #
 # Usage: test-script.sh SCRIPTS/TEST.SH
 set -uo pipefail
@@ -57,7 +58,10 @@ n=$(echo $tests | wc -w)
 for t in $tests; do
 	i=$((i + 1))
 	st=OK
-	[ "$dir:$t" = "$FAKE_FAILING" ] && { st=FAIL; rc=1; failed+=("$t"); }
+	if [ "$dir:$t" = "$FAKE_FAILING" ]; then
+		st=FAIL rc=1 failed+=("$t")
+		echo "../tests/test-$t.c:12:F:case:test_case:0: Assertion 'x == 0' failed"
+	fi
 	[ "$dir:$t" = "$FAKE_SKIPPING" ] && st=SKIP
 	printf '%d/%d libcowmm:%s / %-10s %-8s 0.01s\n' $i $n "$suite" "$t" "$st"
 done
@@ -109,6 +113,8 @@ check 'grep -qx "FAILED: asan: build" <<<"$out"' \
 	"the failed build is named"
 check 'grep -qx "FAILED: plain: unit/open (FAIL)" <<<"$out"' \
 	"the failed test is named with its build and suite"
+check 'printf "%s\n" "$out" | tail -n 4 | grep -qx "why: plain: ../tests/test-open.c:12:F:case:test_case:0: Assertion .x == 0. failed"' \
+	"the summary repeats what the failed test said"
 check '! grep -q "should not run" <<<"$out"' \
 	"stress, model-long and swap are not run, deb only in plain"
 
