@@ -74,13 +74,17 @@ int t_run(const char *suite_name, const struct t_case *cases, size_t n)
 {
 	bool strict = getenv("COWMM_TEST_STRICT") &&
 		      !strcmp(getenv("COWMM_TEST_STRICT"), "1");
-	const struct t_case *run[64];
+	const struct t_case **run = calloc(n ? n : 1, sizeof(*run));
 	uint64_t features = 0;
 	size_t i, nrun = 0, skipped = 0;
 	int probe, failed;
 	SRunner *sr;
 	Suite *s;
 
+	if (!run) {
+		printf("FAIL %s: out of memory\n", suite_name);
+		return 1;
+	}
 	/* Decide before building the Suite: nothing to leak on skip. */
 	probe = cowmm__uffd_probe(&features);
 	for (i = 0; i < n; i++) {
@@ -95,7 +99,7 @@ int t_run(const char *suite_name, const struct t_case *cases, size_t n)
 			       c->name, feature_name(missing & -missing));
 		} else if ((c->needs & T_NEEDS_ROOT) && geteuid() != 0) {
 			printf("SKIP %s/%s: needs root\n", suite_name, c->name);
-		} else if (nrun < ARRAY_SIZE(run)) {
+		} else {
 			run[nrun++] = c;
 			continue;
 		}
@@ -105,10 +109,13 @@ int t_run(const char *suite_name, const struct t_case *cases, size_t n)
 	if (strict && skipped) {
 		printf("FAIL %s: %zu case(s) skipped under COWMM_TEST_STRICT=1\n",
 		       suite_name, skipped);
+		free(run);
 		return 1;
 	}
-	if (!nrun)
+	if (!nrun) {
+		free(run);
 		return T_EXIT_SKIP;
+	}
 
 	cowmm_set_log(t_log, NULL);
 	s = suite_create(suite_name);
@@ -123,6 +130,7 @@ int t_run(const char *suite_name, const struct t_case *cases, size_t n)
 	srunner_run_all(sr, CK_NORMAL);
 	failed = srunner_ntests_failed(sr);
 	srunner_free(sr);
+	free(run);
 	return failed ? 1 : 0;
 }
 
