@@ -254,7 +254,9 @@ COWMM_EXPORT int cowmm_open(const struct cowmm_config *cfg, cowmm_t **out);
 /**
  * Close a manager: release every snapshot and region it holds, stop its
  * threads and close its userfaultfd.  Memory of adopted regions stays
- * mapped and writable; memory from cowmm_region_alloc() is unmapped.
+ * mapped and writable; memory from cowmm_region_alloc() is unmapped, where
+ * it is after every mremap(), munmap() and discard that returned before
+ * the call.
  * Threads blocked on a fault in one of its regions are woken.
  * Context: any thread but the manager's own; not concurrently with any
  * other call on this manager or its handles.  In the child of fork() it

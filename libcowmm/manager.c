@@ -1431,6 +1431,16 @@ void cowmm_close(cowmm_t *mm)
 
 	if (cowmm__check_mm(mm))
 		return;
+	/*
+	 * Moves, unmaps and discards read so far first, as for
+	 * cowmm_region_release(): a region released before its move is
+	 * handled would be unmapped where the application may have mapped
+	 * its own memory since, and a lazy load's discarded pages would get
+	 * the file's bytes.  No worker is left to handle them once the
+	 * userfaultfd is lost.
+	 */
+	if (!atomic_load(&mm->uffd_lost))
+		cowmm__wait_events(mm);
 	cowmm__region_release_all(mm);
 	if (mm->flags & COWMM_OPEN_IN_THREAD)
 		cowmm__inthread_remove(mm);

@@ -2879,6 +2879,86 @@ START_TEST(test_release_lazy_after_discard)
 END_TEST
 
 /*
+ * cowmm_close() while a move of a region's pages is read but not handled
+ * (the worker waits for the region's lock).  Close released the region
+ * where its layout still put the pages: it unmapped whatever the
+ * application had mapped where they were, and left the moved pages mapped
+ * (found while looking into restore-claim-stale-layout's crash under ASan,
+ * which the test's own move caused: reserve()).
+ */
+START_TEST(test_close_move_pending)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *far = reserve(16 * T_PAGE), *p, *mine;
+	cowmm_region_t *r;
+	struct hold h;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	hold_start(&h, &r->lock, 100);
+	ck_assert_ptr_eq(mremap(p + 8 * T_PAGE, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, far),
+			 far);
+	while (!atomic_load(&mm->remaps_pending))
+		usleep(100);
+	/* The application's own memory where the pages were. */
+	mine = mmap(p + 8 * T_PAGE, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	ck_assert_ptr_eq(mine, p + 8 * T_PAGE);
+	memset(mine, 0x5a, 16 * T_PAGE);
+	cowmm_close(mm);
+	hold_end(&h);
+	ck_assert_msg(msync(mine, 16 * T_PAGE, MS_ASYNC) == 0,
+		      "cowmm_close() unmapped the application's memory at "
+		      "%p: %s", (void *)mine, strerror(errno));
+	for (i = 0; i < 16 * T_PAGE; i++)
+		ck_assert_int_eq(mine[i], 0x5a);
+	ck_assert_msg(msync(far, 16 * T_PAGE, MS_ASYNC) == -1 &&
+		      errno == ENOMEM,
+		      "the moved pages at %p are still mapped after close",
+		      (void *)far);
+	munmap(mine, 16 * T_PAGE);
+}
+END_TEST
+
+/*
+ * cowmm_close() after a discard of pages a lazy load has not loaded, read
+ * but not handled: like cowmm_region_release() (release-lazy-after-
+ * discard), the close must not give them the file's bytes.
+ */
+START_TEST(test_close_lazy_after_discard)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	int fd = snapshot_file(mm);
+	cowmm_region_t *r;
+	unsigned char *p;
+	struct hold h;
+	size_t pg;
+
+	p = mmap(NULL, NPAGES * T_PAGE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ck_assert_ptr_ne(p, MAP_FAILED);
+	ck_assert_int_eq(cowmm_region_adopt(mm, p, NPAGES * T_PAGE, 0, &r), 0);
+	ck_assert_int_eq(cowmm_region_load(r, fd, COWMM_LOAD_LAZY), 0);
+	hold_start(&h, &r->lock, 50);
+	ck_assert_int_eq(madvise(p + 8 * T_PAGE, 4 * T_PAGE, MADV_DONTNEED),
+			 0);
+	cowmm_close(mm);
+	hold_end(&h);
+	for (pg = 0; pg < NPAGES; pg++)
+		if (pg >= 8 && pg < 12)
+			ck_assert_msg(zero_page(p + pg * T_PAGE),
+				      "page %zu discarded before the close "
+				      "reads %#x", pg, p[pg * T_PAGE]);
+		else
+			ck_assert(page_is(p + pg * T_PAGE, pg + 1));
+	close(fd);
+	munmap(p, NPAGES * T_PAGE);
+}
+END_TEST
+
+/*
  * The model tester's seed 610895645: the pages restore is about to copy
  * into move away, and another thread maps its own memory where they were
  * before the move's event is read (mremap() sends it only after it let go
@@ -3220,6 +3300,10 @@ int main(void)
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "release-lazy-after-discard",
 		  test_release_lazy_after_discard,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "close-move-pending", test_close_move_pending,
+		  T_WP_UNPOPULATED },
+		{ "close-lazy-after-discard", test_close_lazy_after_discard,
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "restore-placed-before-move-read",
 		  test_restore_placed_before_move_read, T_WP_UNPOPULATED },
