@@ -1506,6 +1506,29 @@ static void op_clone(struct op *o, char *d)
 	     mover_what(moved, first));
 }
 
+/*
+ * After a release or the close: adopted memory stays mapped, with every
+ * byte (header: "the memory stays mapped and writable, with its bytes";
+ * a lazy load still going on is finished first).
+ */
+static void check_adopted_kept(const struct mregion *m, const char *when)
+{
+	char name[64];
+	size_t pg;
+
+	if (m->kind != K_ADOPT)
+		return;
+	snprintf(name, sizeof(name), "R%d (adopted, after %s)", m->id, when);
+	for (pg = 0; pg < m->npages; pg++) {
+		const unsigned char *want = page_of(m->model, pg);
+		const unsigned char *got = m->addr[pg];
+
+		if (got && memcmp(got, want, PG) &&
+		    !(m->amb[pg] && is_zero(got, PG)))
+			diverge(name, pg, want, got, m->amb[pg]);
+	}
+}
+
 static void unmap_owned(struct mregion *m)
 {
 	size_t pg;
@@ -1561,6 +1584,7 @@ static void op_release(struct op *o, char *d)
 		}
 	DESC("release R%d (%s)%s%s", m->id, rkind_name[m->kind],
 	     ret ? " -ENOMEM" : "", busy.what);
+	check_adopted_kept(m, "its release");
 	unmap_owned(m);
 	region_free(m);
 }
@@ -2412,6 +2436,9 @@ static void run_seed(void)
 		     (unsigned long long)st.copies,
 		     (unsigned long long)st.reuses);
 	cowmm_close(mm);
+	for (i = 0; i < MAXR; i++)
+		if (R[i].live)
+			check_adopted_kept(&R[i], "cowmm_close");
 	atomic_store(&step_start_ns, 0);
 }
 
