@@ -31,6 +31,7 @@
  *   COWMM_MODEL_PAGEOUT=n   weight of pageout operations (2; swap: more)
  *   COWMM_MODEL_LOG=1       print the library's messages
  *   COWMM_MODEL_HANG=n      seconds one step may take (20, x3 sanitized)
+ *   COWMM_MODEL_GDB=1       on a hang, print every thread's stack (gdb)
  *   COWMM_MODEL_VERBOSE=1   print each operation as it runs
  */
 #include <errno.h>
@@ -322,6 +323,19 @@ static int guarded_copy(void *dst, const void *src, size_t len)
 
 static size_t frame_budget(void);
 
+/* Every thread's stack, by gdb attached to this process: where it hangs. */
+static void print_stacks(void)
+{
+	char cmd[160];
+
+	snprintf(cmd, sizeof(cmd),
+		 "gdb -p %d -batch -nx -ex 'thread apply all bt' </dev/null "
+		 "2>&1 | grep -v '^\\[New LWP'", (int)getpid());
+	if (system(cmd))
+		printf("  (gdb could not print the stacks)\n");
+	fflush(stdout);
+}
+
 static void *watchdog(void *arg)
 {
 	(void)arg;
@@ -356,6 +370,8 @@ static void *watchdog(void *arg)
 					       (unsigned long long)st.missing_faults,
 					       (unsigned long long)st.wp_faults);
 				fflush(stdout);
+				if (getenv("COWMM_MODEL_GDB"))
+					print_stacks();
 			}
 			_exit(M_HANG);
 		}
