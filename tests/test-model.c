@@ -158,6 +158,7 @@ struct msnap {
 	unsigned char *model, *amb;
 	unsigned char *shared;	/* page not changed in the region since */
 	unsigned char *loose;	/* written since, maybe without a fault */
+	unsigned char *unsure;	/* an eager load may have left it alone */
 	bool may_break;		/* -EIO allowed from now on */
 	const unsigned char *view;
 	unsigned char *vtouched;
@@ -587,6 +588,7 @@ static void snap_free(struct msnap *s)
 	free(s->amb);
 	free(s->shared);
 	free(s->loose);
+	free(s->unsure);
 	free(s->vtouched);
 	memset(s, 0, sizeof(*s));
 }
@@ -689,6 +691,7 @@ static void load_written(int ri, size_t pg, const unsigned char *file,
 	for (i = 0; i < MAXS; i++)
 		if (S[i].live && S[i].region == ri && S[i].shared[pg]) {
 			S[i].may_break = true;
+			S[i].unsure[pg] = 1;
 			ever_broken_allowed = true;
 		}
 	for (i = 0; i < MAXR; i++)
@@ -1428,6 +1431,7 @@ static void op_snapshot(int opi, struct op *o, char *d)
 	s->amb = calloc(m->npages, 1);
 	s->shared = calloc(m->npages, 1);
 	s->loose = calloc(m->npages, 1);
+	s->unsure = calloc(m->npages, 1);
 	s->vtouched = calloc(m->npages, 1);
 	for (pg = 0; pg < m->npages; pg++) {
 		if (!m->addr[pg])
@@ -1605,6 +1609,25 @@ static void op_release(struct op *o, char *d)
 	region_free(m);
 }
 
+/*
+ * Restore from snapshot @si writes page @pg of region @ri, but an eager
+ * load may have left the page alone while @si shared it (load_written()):
+ * then the library takes the page for unchanged since @si and leaves it
+ * alone again, and the snapshots that share it now keep sharing it: a
+ * later discard may break them.
+ */
+static void restore_unsure(int ri, int si, size_t pg)
+{
+	int i;
+
+	for (i = 0; i < MAXS; i++)
+		if (i != si && S[i].live && S[i].region == ri &&
+		    S[i].shared[pg]) {
+			S[i].may_break = true;
+			ever_broken_allowed = true;
+		}
+}
+
 static void op_restore(struct op *o, char *d)
 {
 	int si = find_snap(o->a, NULL), ret, ri;
@@ -1643,6 +1666,8 @@ static void op_restore(struct op *o, char *d)
 	for (pg = 0; pg < s->npages; pg++) {
 		if (!m->addr[pg] || (s->shared[pg] && !s->loose[pg]))
 			continue;
+		if (s->unsure[pg])
+			restore_unsure(ri, si, pg);
 		page_written(ri, pg);
 		memcpy(page_of(m->model, pg), page_of(s->model, pg), PG);
 		m->amb[pg] = s->amb[pg];
