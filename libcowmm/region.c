@@ -238,25 +238,23 @@ static bool region_flags_ok(unsigned flags)
  * registered in @mode: a user region when it is writable, a snapshot view
  * when it is not.  Call with mm->lock held.
  */
-int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
-		      uint64_t mode, cowmm_region_t **out)
+/* Map @len bytes (aligned to a huge page for COWMM_REGION_THP): its start. */
+static uintptr_t map_fresh(size_t len, unsigned flags, int prot)
 {
-	bool user = prot & PROT_WRITE;
 	size_t maplen = len;
 	uintptr_t map, base;
-	int ret;
 
 	if (flags & COWMM_REGION_THP) {
 		/* Room to align the start to a huge page. */
 		if (len > SIZE_MAX - COWMM_HPAGE_SIZE)
-			return -ENOMEM;
+			return 0;
 		maplen += COWMM_HPAGE_SIZE;
 	}
 	map = (uintptr_t)mmap(NULL, maplen, prot,
 			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
 			      0);
 	if ((void *)map == MAP_FAILED)
-		return -ENOMEM;
+		return 0;
 	base = map;
 	if (flags & COWMM_REGION_THP) {
 		base = (map + COWMM_HPAGE_SIZE - 1) & ~(COWMM_HPAGE_SIZE - 1);
@@ -268,11 +266,53 @@ int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
 	} else if (flags & COWMM_REGION_NOTHP) {
 		madvise((void *)base, len, MADV_NOHUGEPAGE);
 	}
-	ret = region_take_locked(mm, base, len, flags, false, mode, user,
-				 mode & UFFDIO_REGISTER_MODE_MISSING, out);
-	if (ret)
-		munmap((void *)base, len);
-	return ret;
+	return base;
+}
+
+/*
+ * How many ranges a new region may be refused before the call gives up:
+ * each is one another region's pages just left (below).
+ */
+#define MAP_TRIES 8
+
+/*
+ * Map @len bytes of new anonymous memory with @prot and make it a region
+ * registered in @mode: a user region when it is writable, a snapshot view
+ * when it is not.  Call with mm->lock held.
+ */
+int cowmm__region_map(cowmm_t *mm, size_t len, unsigned flags, int prot,
+		      uint64_t mode, cowmm_region_t **out)
+{
+	bool user = prot & PROT_WRITE;
+	uintptr_t base, kept[MAP_TRIES];
+	unsigned n = 0, i;
+	int ret;
+
+	for (;;) {
+		base = map_fresh(len, flags, prot);
+		if (!base) {
+			ret = -ENOMEM;
+			break;
+		}
+		ret = region_take_locked(mm, base, len, flags, false, mode,
+					 user, mode & UFFDIO_REGISTER_MODE_MISSING,
+					 out);
+		if (ret != -EEXIST || n == MAP_TRIES) {
+			if (ret)
+				munmap((void *)base, len);
+			break;
+		}
+		/*
+		 * The kernel gave us a range that another region's layout
+		 * still lists: its pages moved or were unmapped, their event
+		 * not handled (or not even read) yet.  Hold it, so that the
+		 * next mmap() lands elsewhere, and let it go afterwards.
+		 */
+		kept[n++] = base;
+	}
+	for (i = 0; i < n; i++)
+		munmap((void *)kept[i], len);
+	return ret == -EEXIST ? -ENOMEM : ret;
 }
 
 int cowmm_region_alloc(cowmm_t *mm, size_t len, unsigned flags,
