@@ -234,11 +234,9 @@ static bool region_flags_ok(unsigned flags)
 }
 
 /*
- * Map @len bytes of new anonymous memory with @prot and make it a region
- * registered in @mode: a user region when it is writable, a snapshot view
- * when it is not.  Call with mm->lock held.
+ * Map @len bytes (aligned to a huge page for COWMM_REGION_THP): their
+ * start, or 0.
  */
-/* Map @len bytes (aligned to a huge page for COWMM_REGION_THP): its start. */
 static uintptr_t map_fresh(size_t len, unsigned flags, int prot)
 {
 	size_t maplen = len;
