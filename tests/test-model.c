@@ -1528,8 +1528,10 @@ static void op_clone(struct op *o, char *d)
 
 /*
  * After a release or the close: adopted memory stays mapped, with every
- * byte (header: "the memory stays mapped and writable, with its bytes";
- * a lazy load still going on is finished first).
+ * byte (header, cowmm_region_release(): "Adopted memory stays mapped,
+ * writable and unprotected"; a lazy load still going on is finished
+ * first: "release of an adopted region load[s] the rest first",
+ * cowmm_region_load()).
  */
 static void check_adopted_kept(const struct mregion *m, const char *when)
 {
