@@ -1291,6 +1291,74 @@ START_TEST(test_read_moved_after_sampled)
 END_TEST
 
 /*
+ * The same, but the memory mapped where the pages were is write-protected
+ * too, by another manager (the third outside review, with two managers or
+ * a userfaultfd of its own: 49-55 of 300 reads gave its bytes, and
+ * cowmm_snap_write() wrote them into a file that loads): a page that is
+ * protected and keeps its frame across the copy is not enough; the read
+ * must know that no move was read or on its way meanwhile.
+ */
+static cowmm_t *foreign_mm;
+static cowmm_region_t *foreign_r;
+static cowmm_snap_t *foreign_s;
+
+static void move_when_sampled_protected(uintptr_t addr)
+{
+	unsigned char *at = take_sampled(addr);
+
+	if (!at)
+		return;
+	ck_assert_ptr_eq(mremap(at, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, sampled_to),
+			 sampled_to);
+	while (atomic_load(&sampled_mm->remaps_pending) ||
+	       atomic_load(&sampled_mm->unmaps_pending))
+		usleep(1000);
+	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 at);
+	memset(at, 0xf0, 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(foreign_mm, at, 16 * T_PAGE, 0,
+					    &foreign_r), 0);
+	ck_assert_int_eq(cowmm_snapshot(foreign_r, &foreign_s), 0);
+	sampled_placed = true;
+}
+
+START_TEST(test_read_moved_foreign_protected)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(16 * T_PAGE), buf[T_PAGE];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	ssize_t got;
+
+	foreign_mm = t_open_fa(1, 1);
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	sampled_mm = mm;
+	sampled_to = to;
+	sampled_placed = false;
+	__atomic_store_n(&sampled_at, p + 16 * T_PAGE, __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__read_sampled, move_when_sampled_protected,
+			 __ATOMIC_RELEASE);
+	got = cowmm_snap_read(s, 20 * T_PAGE, buf, T_PAGE);
+	__atomic_store_n(&cowmm__read_sampled, NULL, __ATOMIC_RELEASE);
+	ck_assert(sampled_placed);
+	ck_assert_int_eq(got, T_PAGE);
+	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
+		      buf[0]);
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_snap_release(foreign_s);
+	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
+	cowmm_close(foreign_mm);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * A snapshot of an armed region (every page protected already) while a
  * move of part of it has moved the pages but its event is not read yet
  * (the workers read nothing for 25 ms, as when the moving thread is slow
@@ -3345,6 +3413,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "read-moved-after-sampled", test_read_moved_after_sampled,
 		  T_WP_UNPOPULATED },
+		{ "read-moved-foreign-protected",
+		  test_read_moved_foreign_protected, T_WP_UNPOPULATED },
 		{ "restore-moved-while-checked",
 		  test_restore_moved_while_checked, T_WP_UNPOPULATED },
 		{ "snapshot-during-move-held", test_snapshot_during_move_held,
