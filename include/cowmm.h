@@ -343,6 +343,11 @@ COWMM_EXPORT int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len,
  * anything else) may map memory there at once: moving pages back into it
  * with MREMAP_FIXED replaces that memory, as any MAP_FIXED does, unless
  * the application held the range (mapped something there) meanwhile.
+ * Moving pages of a region into a range that other pages of it are
+ * leaving, before the mremap() that moves them returned (two threads
+ * moving at once), is not followed: the kernel may report the two moves
+ * in the other order, and the region then loses track of those pages
+ * (its snapshots read -EIO, and a release leaves them mapped).
  * Context: any thread.
  *
  * @param r  a region
@@ -539,11 +544,15 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  * Writers of the region wait while it runs.  Pages another thread moves
  * (mremap) or unmaps while it runs are followed: it rolls them back where
  * they are when it returns, or returns -ENOENT; memory mapped where they
- * were once that mremap or munmap has returned is never written.  Mapping
- * or moving other memory over a page of the region while it runs
- * (MAP_FIXED, MREMAP_FIXED) is a race in the application, as with any
- * store into that page: the memory put there may receive the snapshot's
- * bytes of the page it replaced.
+ * were once that mremap or munmap has returned is never written.  Memory
+ * another thread maps there before it returned (the pages are gone from
+ * the range before the call returns) may receive the snapshot's bytes of
+ * the page that was there: until the kernel reports the move, nothing
+ * tells that memory from the region's page.  Mapping or moving other
+ * memory over a page of the region while it runs (MAP_FIXED,
+ * MREMAP_FIXED) is a race in the application, as with any store into that
+ * page: the memory put there may receive the snapshot's bytes of the page
+ * it replaced.
  * Context: any thread; not concurrently with cowmm_snap_release() of @p s.
  *
  * @param s  a snapshot
