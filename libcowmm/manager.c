@@ -178,6 +178,27 @@ bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 }
 
 /*
+ * cowmm__still_ours() for a caller that holds a region's lock and must not
+ * give up while an event is only slow to be read (a loaded machine): it
+ * waits for as long as an ioctl of the library would (uffd_ioctl()), then
+ * asks again.  Not for workers.
+ */
+bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
+{
+	int ret;
+
+	for (;;) {
+		pthread_mutex_lock(&mm->read_lock);
+		ret = (uint16_t)seq == mm->maps_read ? probe_pages(mm, addr, 1)
+						      : -ENOENT;
+		pthread_mutex_unlock(&mm->read_lock);
+		if (ret != -EAGAIN)
+			return !ret;
+		sched_yield();
+	}
+}
+
+/*
  * Write @n pages from @src (library memory) to the live pages at @addr,
  * as cowmm__live_read() reads them: a write never waits on a userfaultfd,
  * nor faults in the caller.  A page still write-protected, or missing in

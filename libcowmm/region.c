@@ -1354,11 +1354,12 @@ static int run_mapped(cowmm_region_t *r, size_t pg, uintptr_t start,
 	 * reads it another thread may map memory where they were (the
 	 * model tester's seed 8030608: protecting found nothing there, a
 	 * snapshot took the moved pages for protected and read zero).
-	 * cowmm__still_ours() asks the kernel, at the run's first page, and
-	 * waits for an event not read yet.
+	 * The kernel is asked at the run's first page, after an event not
+	 * read yet is (cowmm__still_ours_wait()).
 	 */
-	return cowmm__still_ours(r->mm, cowmm__maps_seq(r->mm), start) ? 0
-									: -ENOENT;
+	return cowmm__still_ours_wait(r->mm, cowmm__maps_seq(r->mm), start)
+		       ? 0
+		       : -ENOENT;
 }
 
 /*
