@@ -21,7 +21,7 @@
  *                           snap_release clone release restore map
  *                           view_discard pin unpin dontneed free munmap
  *                           mremap mremap_part stream pageout count
- *                           write_discard),
+ *                           write_discard read_moving),
  *                           and behaviours: discard_untouched (no
  *                           discard or unmap of a clone's or lazy load's
  *                           untouched page), discard_origin (nor of a
@@ -36,6 +36,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -44,7 +45,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -80,7 +83,7 @@ enum op_kind {
 	OP_SNAP_RELEASE, OP_CLONE, OP_RELEASE, OP_RESTORE, OP_MAP,
 	OP_VIEW_DISCARD, OP_PIN, OP_UNPIN, OP_DONTNEED, OP_FREE, OP_MUNMAP,
 	OP_MREMAP, OP_MREMAP_PART, OP_STREAM, OP_PAGEOUT, OP_COUNT,
-	OP_WRITE_DISCARD, NKINDS
+	OP_WRITE_DISCARD, OP_READ_MOVING, NKINDS
 };
 
 static const char *const kind_name[NKINDS] = {
@@ -88,7 +91,7 @@ static const char *const kind_name[NKINDS] = {
 	"snap_release", "clone", "release", "restore", "map",
 	"view_discard", "pin", "unpin", "dontneed", "free", "munmap",
 	"mremap", "mremap_part", "stream", "pageout", "count",
-	"write_discard",
+	"write_discard", "read_moving",
 };
 
 static unsigned weight[NKINDS] = {
@@ -98,7 +101,7 @@ static unsigned weight[NKINDS] = {
 	[OP_VIEW_DISCARD] = 1, [OP_PIN] = 3, [OP_UNPIN] = 3,
 	[OP_DONTNEED] = 5, [OP_FREE] = 3, [OP_MUNMAP] = 2, [OP_MREMAP] = 2,
 	[OP_MREMAP_PART] = 2, [OP_STREAM] = 4, [OP_PAGEOUT] = 2,
-	[OP_COUNT] = 1, [OP_WRITE_DISCARD] = 3,
+	[OP_COUNT] = 1, [OP_WRITE_DISCARD] = 3, [OP_READ_MOVING] = 3,
 };
 
 struct op {
@@ -1152,9 +1155,31 @@ static struct {
 	 * may, before mremap() returns (its event not read yet). */
 	pthread_t ph;
 	bool placeholder;
+	/* Bit 32 with it: that memory is write-protected by a userfaultfd
+	 * of its own, as another manager's region would be (the third
+	 * outside review read its bytes through a snapshot). */
+	bool protect;
+	int uffd;
 	atomic_bool stop;
 	bool placed;
 } mover;
+
+/* Write-protect [@p, @p + @len) with the model's own userfaultfd. */
+static void protect_placeholder(void *p, size_t len)
+{
+	struct uffdio_register reg = {
+		.range = { (uintptr_t)p, len },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	struct uffdio_writeprotect wp = {
+		.range = { (uintptr_t)p, len },
+		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
+	};
+
+	if (ioctl(mover.uffd, UFFDIO_REGISTER, &reg) ||
+	    ioctl(mover.uffd, UFFDIO_WRITEPROTECT, &wp))
+		die(M_ERROR, "protecting the placeholder: %m");
+}
 
 static void *placeholder_main(void *arg)
 {
@@ -1170,6 +1195,8 @@ static void *placeholder_main(void *arg)
 			 0);
 		if (p == mover.from) {
 			memset(p, 0x5c, mover.len); /* not zeros */
+			if (mover.protect)
+				protect_placeholder(p, mover.len);
 			mover.placed = true;
 		} else if (p != MAP_FAILED) {
 			munmap(p, mover.len); /* an older kernel: elsewhere */
@@ -1222,6 +1249,15 @@ static size_t mover_start(struct op *o, int ri, size_t *first)
 	if (pthread_create(&mover.th, NULL, mover_main, NULL))
 		die(M_ERROR, "pthread_create: %m");
 	mover.placeholder = o->d & 16;
+	mover.protect = mover.placeholder && (o->d & 32);
+	if (mover.protect && mover.uffd <= 0) {
+		struct uffdio_api api = { .api = UFFD_API };
+
+		mover.uffd = (int)syscall(SYS_userfaultfd,
+					  O_CLOEXEC | O_NONBLOCK);
+		if (mover.uffd < 0 || ioctl(mover.uffd, UFFDIO_API, &api))
+			die(M_ERROR, "the placeholder's userfaultfd: %m");
+	}
 	mover.placed = false;
 	atomic_store(&mover.stop, false);
 	if (mover.placeholder &&
@@ -1308,7 +1344,9 @@ static const char *mover_what(size_t moved, size_t first)
 		return "";
 	snprintf(what, sizeof(what), " (pages %zu..%zu moved meanwhile, %u us "
 		 "in%s)", first, first + moved - 1, mover.delay_us,
-		 mover.placed ? ", other memory mapped where they were" : "");
+		 !mover.placed ? ""
+		 : mover.protect ? ", protected memory mapped where they were"
+				 : ", other memory mapped where they were");
 	return what;
 }
 
@@ -1928,6 +1966,65 @@ static void *zapper_main(void *arg)
 	return NULL;
 }
 
+static bool region_unpinned_live(struct msnap *s)
+{
+	return s->region >= 0 && !R[s->region].npins;
+}
+
+/*
+ * Read a snapshot, every page twice, while the mover moves pages of its
+ * region (and with bit 16, other memory takes their place; with bit 32 as
+ * well, that memory is write-protected by another userfaultfd): each read
+ * gives the snapshot's bytes, or -EIO where it may break.
+ */
+static void op_read_moving(struct op *o, char *d)
+{
+	int si = find_snap(o->a, region_unpinned_live), ri;
+	unsigned char buf[PG];
+	char name[48];
+	size_t pg, moved, first = 0;
+	struct msnap *s;
+	long long t0;
+	int pass;
+	ssize_t n;
+
+	if (si < 0) {
+		DESC("read_moving (skipped: no snapshot of a region without "
+		     "pins)");
+		return;
+	}
+	s = &S[si];
+	ri = s->region;
+	moved = mover_start(o, ri, &first);
+	snprintf(name, sizeof(name), "S%d (of R%d, read while moving)", s->id,
+		 s->region_id);
+	DESC("read_moving S%d (did not finish)", s->id);
+	atomic_store(&mover.go, true);
+	for (pass = 0; pass < 2; pass++)
+		for (pg = 0; pg < s->npages; pg++) {
+			const unsigned char *want = page_of(s->model, pg);
+
+			t0 = now_ns();
+			n = cowmm_snap_read(s->s, pg * PG, buf, PG);
+			if (n == -EIO && s->may_break)
+				break;
+			if (n != (ssize_t)PG)
+				die(M_ERROR, "%s: cowmm_snap_read page %zu: "
+					      "%zd (%s) after %lld ms%s",
+				     name, pg, n,
+				     n < 0 ? cowmm_strerror((int)n) : "",
+				     (now_ns() - t0) / 1000000,
+				     s->may_break ? "" : " (may not break)");
+			if (memcmp(buf, want, PG) &&
+			    !(s->amb[pg] && is_zero(buf, PG)))
+				diverge(name, pg, want, buf, s->amb[pg]);
+		}
+	if (moved)
+		mover_join(ri, first, moved);
+	DESC("read_moving S%d of R%d%s", s->id, s->region_id,
+	     mover_what(moved, first));
+}
+
 static void op_write_discard(int opi, struct op *o, char *d)
 {
 	int ri = find_region(o->a, writable_region);
@@ -2386,6 +2483,7 @@ static void run_op(int opi)
 	case OP_PAGEOUT: op_pageout(o, d); break;
 	case OP_COUNT: op_count(o, d); break;
 	case OP_WRITE_DISCARD: op_write_discard(opi, o, d); break;
+	case OP_READ_MOVING: op_read_moving(o, d); break;
 	default: DESC("?");
 	}
 }
