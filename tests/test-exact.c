@@ -374,6 +374,44 @@ START_TEST(test_clone_pinned_origin_lost)
 END_TEST
 
 /*
+ * MADV_FREE pages [@first, @first + @n) of region @r (at @p), take a
+ * snapshot of it into @s (it shares them), then have the kernel drop page
+ * @probe with MADV_PAGEOUT, as reclaim may.  A page still in a CPU's batch
+ * of pages headed for the lazy-free list is not on it yet, and PAGEOUT
+ * passes it by; it drains only its own CPU's batch.  So MADV_FREE and
+ * PAGEOUT on one CPU (a loaded run of the whole suite failed here once,
+ * and snapshot-unseen-while-moving, which asked once, under TSan), and
+ * again, a while.
+ */
+static void free_snap_pageout(cowmm_t *mm, cowmm_region_t *r,
+			      unsigned char *p, size_t n, size_t probe,
+			      cowmm_snap_t **s)
+{
+	unsigned char vec = 1;
+	cpu_set_t one, all;
+	int tries;
+
+	CPU_ZERO(&one);
+	CPU_SET(sched_getcpu(), &one);
+	ck_assert_int_eq(sched_getaffinity(0, sizeof(all), &all), 0);
+	ck_assert_int_eq(sched_setaffinity(0, sizeof(one), &one), 0);
+	ck_assert_int_eq(madvise(p, n * T_PAGE, MADV_FREE), 0);
+	cowmm__quiesce(mm);
+	ck_assert_int_eq(cowmm_snapshot(r, s), 0);
+	for (tries = 0; tries < 150; tries++) {
+		ck_assert_int_eq(madvise(p, n * T_PAGE, MADV_PAGEOUT), 0);
+		ck_assert_int_eq(mincore(p + probe * T_PAGE, T_PAGE, &vec), 0);
+		if (!(vec & 1))
+			break;
+		usleep(20000);
+	}
+	ck_assert_int_eq(sched_setaffinity(0, sizeof(all), &all), 0);
+	if (vec & 1)
+		ck_abort_msg("MADV_PAGEOUT kept a MADV_FREE page for 3 s: "
+			     "this case cannot be set up here");
+}
+
+/*
  * The kernel may drop a page MADV_FREE left without telling anyone
  * (MADV_PAGEOUT here); a write then lands on a fresh page with no fault.
  * A snapshot that shared it must never read that write, also after a
@@ -385,37 +423,10 @@ START_TEST(test_free_dropped_written)
 	cowmm_region_t *r;
 	cowmm_snap_t *s1, *s2;
 	unsigned char *p, buf[T_PAGE];
-	unsigned char vec;
-	cpu_set_t one, all;
 	ssize_t n;
-	int tries;
 
 	p = t_filled_region(mm, NPAGES, &r);
-	/*
-	 * A page still in a CPU's batch of pages headed for the lazy-free
-	 * list is not on it yet, and PAGEOUT passes it by; it drains only
-	 * its own CPU's batch.  So MADV_FREE and PAGEOUT on one CPU (a
-	 * loaded run of the whole suite failed here once), and again, a
-	 * while.
-	 */
-	CPU_ZERO(&one);
-	CPU_SET(sched_getcpu(), &one);
-	ck_assert_int_eq(sched_getaffinity(0, sizeof(all), &all), 0);
-	ck_assert_int_eq(sched_setaffinity(0, sizeof(one), &one), 0);
-	ck_assert_int_eq(madvise(p, 8 * T_PAGE, MADV_FREE), 0);
-	cowmm__quiesce(mm);
-	ck_assert_int_eq(cowmm_snapshot(r, &s1), 0); /* shares them */
-	for (tries = 0; tries < 150; tries++) {
-		ck_assert_int_eq(madvise(p, 8 * T_PAGE, MADV_PAGEOUT), 0);
-		ck_assert_int_eq(mincore(p + 3 * T_PAGE, T_PAGE, &vec), 0);
-		if (!(vec & 1))
-			break;
-		usleep(20000);
-	}
-	ck_assert_int_eq(sched_setaffinity(0, sizeof(all), &all), 0);
-	if (vec & 1)
-		ck_abort_msg("MADV_PAGEOUT kept a MADV_FREE page for 3 s: "
-			     "this case cannot be set up here");
+	free_snap_pageout(mm, r, p, 8, 3, &s1); /* @s1 shares them */
 	p[3 * T_PAGE] = 0xee; /* no fault: nothing protects it now */
 	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0);
 	n = cowmm_snap_read(s1, 3 * T_PAGE, buf, T_PAGE);
@@ -2863,18 +2874,14 @@ static void move_when_walked(cowmm_region_t *r)
 static void unseen_while_moving(bool restore)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *p, *far = reserve(8 * T_PAGE), vec, buf[T_PAGE];
+	unsigned char *p, *far = reserve(8 * T_PAGE), buf[T_PAGE];
 	cowmm_snap_t *s, *s2 = NULL;
 	cowmm_region_t *r;
 	ssize_t got;
 	int ret;
 
 	p = t_filled_region(mm, NPAGES, &r);
-	ck_assert_int_eq(madvise(p + 5 * T_PAGE, T_PAGE, MADV_FREE), 0);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	ck_assert_int_eq(madvise(p + 5 * T_PAGE, T_PAGE, MADV_PAGEOUT), 0);
-	ck_assert_int_eq(mincore(p + 5 * T_PAGE, T_PAGE, &vec), 0);
-	ck_assert_msg(!(vec & 1), "MADV_PAGEOUT kept the page MADV_FREE left");
+	free_snap_pageout(mm, r, p + 5 * T_PAGE, 1, 0, &s);
 	memset(p + 5 * T_PAGE, 0xee, T_PAGE); /* no fault: nothing protects */
 
 	walk_move.from = p + 40 * T_PAGE;
