@@ -438,6 +438,8 @@ extern void (*cowmm__read_sampled)(uintptr_t addr);
 /* Tests: called when a live page at @addr was found protected, right
  * before it is copied (region.c). */
 extern void (*cowmm__read_checked)(uintptr_t addr);
+/* Tests: the same for a snapshot read's live page (snapshot.c). */
+extern void (*cowmm__snap_read_checked)(uintptr_t addr);
 /* Tests: called with the region's lock held right before protecting
  * again looks for pages of @r changed without a fault (region.c). */
 extern void (*cowmm__walk_unseen)(cowmm_region_t *r);

@@ -312,13 +312,23 @@ static struct cowmm_frame *wait_event(cowmm_snap_t *s, size_t pg)
  * may be there now, a placeholder).  The region follows (or the page
  * leaves it) once the event is handled: reading again settles it.
  */
+void (*cowmm__snap_read_checked)(uintptr_t addr);
+
 static bool moving(cowmm_t *mm, uintptr_t addr, unsigned maps)
 {
+	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
 	unsigned char vec;
 
+	/*
+	 * The last question tells a move not read yet from a discard: other
+	 * memory may already be mapped where the page was, unprotected
+	 * (exact/read-checked-moved-unread: the read waited 10 s for a copy
+	 * no discard would make, and said -EIO).
+	 */
 	return atomic_load(&mm->remaps_pending) ||
-	       mincore((void *)addr, COWMM_PAGE_SIZE, &vec) ||
-	       cowmm__maps_seq(mm) != maps;
+	       mincore((void *)page, COWMM_PAGE_SIZE, &vec) ||
+	       cowmm__maps_seq(mm) != maps ||
+	       cowmm__uffd_range_probe(mm->uffd, page, COWMM_PAGE_SIZE);
 }
 
 /*
@@ -392,8 +402,12 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 					return -EIO;
 			}
 		} else {
+			void (*hook)(uintptr_t) = __atomic_load_n(
+				&cowmm__snap_read_checked, __ATOMIC_ACQUIRE);
 			int tries;
 
+			if (cowmm__unlikely(hook != NULL))
+				hook(addr);
 			for (tries = 0; tries < 3; tries++) {
 				if (cowmm__live_read(addr + in, dst, n))
 					e2 = 0; /* unmapped behind our back */

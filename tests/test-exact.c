@@ -1629,6 +1629,84 @@ START_TEST(test_snapshot_placed_before_move_read)
 END_TEST
 
 /*
+ * A snapshot read found its page protected, and right then (the test
+ * hook) the page moved away, its event not read yet (the workers read
+ * nothing for 40 ms), and other memory was mapped where it was.  The copy
+ * read that memory, found it unprotected, and with no move counted and
+ * the range mapped took the page for one being discarded: it waited 10 s
+ * for a copy that never came and said -EIO (the model tester's
+ * read_moving: 3 seeds in 7 minutes of a loaded run).
+ */
+static struct {
+	cowmm_t *mm;
+	unsigned char *at, *to;
+	struct move_call mv;
+	pthread_t th;
+	bool placed;
+} snap_checked_move;
+
+static void move_away_when_checked(uintptr_t addr)
+{
+	unsigned char *at = __atomic_exchange_n(&snap_checked_move.at, NULL,
+						__ATOMIC_ACQ_REL);
+	unsigned char vec;
+
+	if (!at || addr < (uintptr_t)at || addr >= (uintptr_t)at + 16 * T_PAGE) {
+		if (at)
+			__atomic_store_n(&snap_checked_move.at, at,
+					 __ATOMIC_RELEASE);
+		return;
+	}
+	cowmm__pause_reads(snap_checked_move.mm, 40);
+	snap_checked_move.mv = (struct move_call){ at, snap_checked_move.to,
+					      16 * T_PAGE };
+	ck_assert_int_eq(pthread_create(&snap_checked_move.th, NULL, move_thread,
+					&snap_checked_move.mv), 0);
+	while (!mincore(at, T_PAGE, &vec))
+		usleep(100); /* moved: its event waits to be read */
+	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 at);
+	memset(at, 0x5c, 16 * T_PAGE);
+	snap_checked_move.placed = true;
+}
+
+START_TEST(test_read_checked_moved_unread)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(16 * T_PAGE), buf[T_PAGE];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	uint64_t t0;
+	ssize_t got;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	snap_checked_move.mm = mm;
+	snap_checked_move.to = to;
+	snap_checked_move.placed = false;
+	__atomic_store_n(&snap_checked_move.at, p + 16 * T_PAGE, __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__snap_read_checked, move_away_when_checked,
+			 __ATOMIC_RELEASE);
+	t0 = cowmm__now_ns();
+	got = cowmm_snap_read(s, 20 * T_PAGE, buf, T_PAGE);
+	__atomic_store_n(&cowmm__snap_read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert(snap_checked_move.placed);
+	pthread_join(snap_checked_move.th, NULL);
+	ck_assert_msg(got == T_PAGE, "the read gave %zd after %llu ms", got,
+		      (unsigned long long)(cowmm__now_ns() - t0) / 1000000);
+	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
+		      buf[0]);
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * A region allocated (or a clone made) while a move of another region's
  * pages is on its way, its event not read yet: the kernel may give the
  * new region the range the pages left, which the other region's layout
@@ -3422,6 +3500,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "read-moved-foreign-protected",
 		  test_read_moved_foreign_protected, T_WP_UNPOPULATED },
+		{ "read-checked-moved-unread", test_read_checked_moved_unread,
+		  T_WP_UNPOPULATED },
 		{ "restore-moved-while-checked",
 		  test_restore_moved_while_checked, T_WP_UNPOPULATED },
 		{ "snapshot-during-move-held", test_snapshot_during_move_held,
