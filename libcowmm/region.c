@@ -447,6 +447,16 @@ static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
 	if (addr && !atomic_load(&mm->uffd_lost) &&
 	    mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
 		return true;
+	/*
+	 * Other memory may be mapped there already, the event not read yet
+	 * (exact/fault-checked-moved-unread: the copy took the page for lost
+	 * and broke the snapshot): the kernel tells, without waiting.
+	 */
+	if (addr && !atomic_load(&mm->uffd_lost) &&
+	    cowmm__uffd_range_probe(mm->uffd,
+				    addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1),
+				    COWMM_PAGE_SIZE))
+		return true;
 	usleep(50); /* the event of a move just made */
 	return cowmm__maps_pending(mm);
 }

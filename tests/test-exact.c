@@ -1707,6 +1707,55 @@ START_TEST(test_read_checked_moved_unread)
 END_TEST
 
 /*
+ * The same moment in a write fault's copy for a snapshot (the copy reads
+ * the page, then finds it unprotected with other memory in its place, its
+ * move not read yet): the copy took the page for lost and broke the
+ * snapshot, where it must wait for the move and copy the page where it
+ * went.
+ */
+static void *write_page20(void *arg)
+{
+	unsigned char *p = arg;
+
+	p[20 * T_PAGE + 7] = 0x99; /* its fault's copy meets the move */
+	return NULL;
+}
+
+START_TEST(test_fault_checked_moved_unread)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(16 * T_PAGE), buf[T_PAGE];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	pthread_t th;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	snap_checked_move.mm = mm;
+	snap_checked_move.to = to;
+	snap_checked_move.placed = false;
+	__atomic_store_n(&snap_checked_move.at, p + 16 * T_PAGE,
+			 __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__read_checked, move_away_when_checked,
+			 __ATOMIC_RELEASE);
+	/* The write may land in the other memory: the application's race. */
+	ck_assert_int_eq(pthread_create(&th, NULL, write_page20, p), 0);
+	pthread_join(th, NULL);
+	__atomic_store_n(&cowmm__read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert(snap_checked_move.placed);
+	pthread_join(snap_checked_move.th, NULL);
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	ck_assert_int_eq(cowmm_snap_read(s, 20 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
+		      buf[0]);
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * A region allocated (or a clone made) while a move of another region's
  * pages is on its way, its event not read yet: the kernel may give the
  * new region the range the pages left, which the other region's layout
@@ -3501,6 +3550,8 @@ int main(void)
 		{ "read-moved-foreign-protected",
 		  test_read_moved_foreign_protected, T_WP_UNPOPULATED },
 		{ "read-checked-moved-unread", test_read_checked_moved_unread,
+		  T_WP_UNPOPULATED },
+		{ "fault-checked-moved-unread", test_fault_checked_moved_unread,
 		  T_WP_UNPOPULATED },
 		{ "restore-moved-while-checked",
 		  test_restore_moved_while_checked, T_WP_UNPOPULATED },
