@@ -442,11 +442,41 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 	return 0;
 }
 
+/*
+ * A batch read while moves or unmaps were read or on their way: of any
+ * region of the manager (the second review of session 11: a thread that
+ * keeps moving pages of another region made reads of this one start over
+ * until they said -EIO).  It stands if those read are handled, the region
+ * still has the layout the batch was read by (a move of its pages
+ * publishes a new one), none of its pages left it, and no event is on its
+ * way now.  Call inside an RCU read section (@lay0 is not reused).
+ */
+static size_t count_holes(cowmm_region_t *r, size_t pg0, size_t np)
+{
+	size_t i, n = 0;
+
+	for (i = 0; i < np; i++)
+		n += cowmm__hole(r, pg0 + i);
+	return n;
+}
+
+static bool batch_settled(cowmm_t *mm, cowmm_region_t *r,
+			  const struct cowmm_layout *lay0, size_t holes0,
+			  size_t pg0, size_t np, uintptr_t addr)
+{
+	return !cowmm__maps_pending(mm) &&
+	       __atomic_load_n(&r->layout, __ATOMIC_ACQUIRE) == lay0 &&
+	       count_holes(r, pg0, np) == holes0 &&
+	       cowmm__uffd_range_probe(mm->uffd, addr, COWMM_PAGE_SIZE) == 0;
+}
+
 ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 {
 	uint64_t entry[READ_BATCH];
 	cowmm_region_t *r;
 	size_t done = 0, done0;
+	const struct cowmm_layout *lay0;
+	size_t holes0, np0;
 	uint64_t waited = 0;
 	uint32_t before;
 	unsigned maps;
@@ -495,6 +525,10 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 			np = 0;
 		}
 		r = __atomic_load_n(&s->region, __ATOMIC_ACQUIRE);
+		/* Before the run is found in it: batch_settled(). */
+		lay0 = r ? __atomic_load_n(&r->layout, __ATOMIC_ACQUIRE) : NULL;
+		np0 = np; /* the holes of all of it, before it is cut */
+		holes0 = r && np ? count_holes(r, pg0, np) : 0;
 		if (r && np) /* one piece, as the layout is now */
 			base = cowmm__page_run(r, pg0, &np);
 		if (r && np)
@@ -530,10 +564,14 @@ ssize_t cowmm_snap_read(cowmm_snap_t *s, size_t off, void *buf, size_t len)
 			; /* a hole is nobody's to ask about */
 		if (!ret && r && i < np &&
 		    !cowmm__still_ours(s->mm, maps,
-				       base + (i << COWMM_PAGE_SHIFT))) {
+				       base + (i << COWMM_PAGE_SHIFT)) &&
+		    !batch_settled(s->mm, r, lay0, holes0, pg0, np0,
+				   base + (i << COWMM_PAGE_SHIFT))) {
 			done = done0;
 			ret = -EAGAIN;
 		}
+		if (!ret)
+			waited = 0; /* the 10 s below are per batch */
 		if (ret == -EAGAIN) {
 			/* Moved or unmapped under us: look again, up to
 			 * EVENT_WAIT_NS. */
