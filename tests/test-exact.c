@@ -1370,6 +1370,69 @@ START_TEST(test_read_moved_foreign_protected)
 END_TEST
 
 /*
+ * Restore gives a newer snapshot its copy of a page first; right before
+ * that copy reads the page (the test hook), the page moves away (its event
+ * read, not handled: restore holds the lock) and memory another manager
+ * protects is mapped where it was.  The copy found a protected page that
+ * kept its frame and gave its bytes to the newer snapshot (the model
+ * tester's seed 622965019 with read_moving's protected placeholder).
+ */
+static unsigned char *claim_at, *claim_to;
+
+static void move_foreign_when_checked(uintptr_t addr)
+{
+	unsigned char *at = __atomic_load_n(&claim_at, __ATOMIC_ACQUIRE);
+
+	if (!at || addr < (uintptr_t)at || addr >= (uintptr_t)at + 16 * T_PAGE ||
+	    !__atomic_compare_exchange_n(&claim_at, &at, NULL, false,
+					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return;
+	ck_assert_ptr_eq(mremap(at, 16 * T_PAGE, 16 * T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, claim_to),
+			 claim_to);
+	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 at);
+	memset(at, 0xf0, 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(foreign_mm, at, 16 * T_PAGE, 0,
+					    &foreign_r), 0);
+	ck_assert_int_eq(cowmm_snapshot(foreign_r, &foreign_s), 0);
+}
+
+START_TEST(test_restore_claim_foreign_protected)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p;
+	cowmm_region_t *r;
+	cowmm_snap_t *s, *s2;
+
+	foreign_mm = t_open_fa(1, 1);
+	foreign_r = NULL;
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	write_run(p);
+	ck_assert_int_eq(cowmm_snapshot(r, &s2), 0); /* shares the writes */
+	claim_to = reserve(16 * T_PAGE);
+	__atomic_store_n(&claim_at, p + 24 * T_PAGE, __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__read_checked, move_foreign_when_checked,
+			 __ATOMIC_RELEASE);
+	ck_assert_int_eq(cowmm_snap_restore(s), 0);
+	__atomic_store_n(&cowmm__read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert_msg(foreign_r, "the copy for the newer snapshot never read");
+	assert_snap_run_written(s2);
+	t_assert_snap_filled(s, NPAGES);
+	t_assert_live_filled(claim_to - 24 * T_PAGE, 24, 16, 0, 0);
+	cowmm_snap_release(foreign_s);
+	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
+	cowmm_close(foreign_mm);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+	munmap(p + 24 * T_PAGE, 16 * T_PAGE);
+}
+END_TEST
+
+/*
  * A snapshot of an armed region (every page protected already) while a
  * move of part of it has moved the pages but its event is not read yet
  * (the workers read nothing for 25 ms, as when the moving thread is slow
@@ -3549,6 +3612,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "read-moved-foreign-protected",
 		  test_read_moved_foreign_protected, T_WP_UNPOPULATED },
+		{ "restore-claim-foreign-protected",
+		  test_restore_claim_foreign_protected, T_WP_UNPOPULATED },
 		{ "read-checked-moved-unread", test_read_checked_moved_unread,
 		  T_WP_UNPOPULATED },
 		{ "fault-checked-moved-unread", test_fault_checked_moved_unread,
