@@ -442,15 +442,7 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 	return 0;
 }
 
-/*
- * A batch read while moves or unmaps were read or on their way: of any
- * region of the manager (the second review of session 11: a thread that
- * keeps moving pages of another region made reads of this one start over
- * until they said -EIO).  It stands if those read are handled, the region
- * still has the layout the batch was read by (a move of its pages
- * publishes a new one), none of its pages left it, and no event is on its
- * way now.  Call inside an RCU read section (@lay0 is not reused).
- */
+/* How many of pages [@pg0, @pg0 + @np) of @r have left it. */
 static size_t count_holes(cowmm_region_t *r, size_t pg0, size_t np)
 {
 	size_t i, n = 0;
@@ -460,6 +452,15 @@ static size_t count_holes(cowmm_region_t *r, size_t pg0, size_t np)
 	return n;
 }
 
+/*
+ * A batch read while moves or unmaps were read or on their way: of any
+ * region of the manager (the second review of session 11: a thread that
+ * keeps moving pages of another region made reads of this one start over
+ * until they said -EIO).  It stands if those read are handled, the region
+ * still has the layout the batch was read by (a move of its pages
+ * publishes a new one), none of its pages left it, and no event is on its
+ * way now.  Call inside an RCU read section (@lay0 is not reused).
+ */
 static bool batch_settled(cowmm_t *mm, cowmm_region_t *r,
 			  const struct cowmm_layout *lay0, size_t holes0,
 			  size_t pg0, size_t np, uintptr_t addr)
