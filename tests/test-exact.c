@@ -1313,6 +1313,19 @@ static cowmm_t *foreign_mm;
 static cowmm_region_t *foreign_r;
 static cowmm_snap_t *foreign_s;
 
+/* Map 16 pages of 0xf0 at @at, write-protected by another manager. */
+static void map_foreign_protected(unsigned char *at)
+{
+	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 at);
+	memset(at, 0xf0, 16 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(foreign_mm, at, 16 * T_PAGE, 0,
+					    &foreign_r), 0);
+	ck_assert_int_eq(cowmm_snapshot(foreign_r, &foreign_s), 0);
+}
+
 static void move_when_sampled_protected(uintptr_t addr)
 {
 	unsigned char *at = take_sampled(addr);
@@ -1325,14 +1338,7 @@ static void move_when_sampled_protected(uintptr_t addr)
 	while (atomic_load(&sampled_mm->remaps_pending) ||
 	       atomic_load(&sampled_mm->unmaps_pending))
 		usleep(1000);
-	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
-			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			      -1, 0),
-			 at);
-	memset(at, 0xf0, 16 * T_PAGE);
-	ck_assert_int_eq(cowmm_region_adopt(foreign_mm, at, 16 * T_PAGE, 0,
-					    &foreign_r), 0);
-	ck_assert_int_eq(cowmm_snapshot(foreign_r, &foreign_s), 0);
+	map_foreign_protected(at);
 	sampled_placed = true;
 }
 
@@ -1390,14 +1396,7 @@ static void move_foreign_when_checked(uintptr_t addr)
 	ck_assert_ptr_eq(mremap(at, 16 * T_PAGE, 16 * T_PAGE,
 				MREMAP_MAYMOVE | MREMAP_FIXED, claim_to),
 			 claim_to);
-	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
-			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			      -1, 0),
-			 at);
-	memset(at, 0xf0, 16 * T_PAGE);
-	ck_assert_int_eq(cowmm_region_adopt(foreign_mm, at, 16 * T_PAGE, 0,
-					    &foreign_r), 0);
-	ck_assert_int_eq(cowmm_snapshot(foreign_r, &foreign_s), 0);
+	map_foreign_protected(at);
 }
 
 START_TEST(test_restore_claim_foreign_protected)
@@ -3213,10 +3212,17 @@ END_TEST
  * read but not handled, came first, so they must read zero afterwards,
  * not the file's bytes.
  */
-START_TEST(test_release_lazy_after_discard)
+/*
+ * Adopt a region, load it lazily, discard pages 8..11 before they load
+ * (the discard read, its handler held back), then end the region by
+ * cowmm_close() (@close_mm) or cowmm_region_release(): those pages must read
+ * zero, every other page the file's bytes.
+ */
+static void lazy_end_after_discard(bool close_mm)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
 	int fd = snapshot_file(mm);
+	const char *how = close_mm ? "close" : "release";
 	cowmm_region_t *r;
 	unsigned char *p;
 	struct hold h;
@@ -3230,18 +3236,27 @@ START_TEST(test_release_lazy_after_discard)
 	hold_start(&h, &r->lock, 50);
 	ck_assert_int_eq(madvise(p + 8 * T_PAGE, 4 * T_PAGE, MADV_DONTNEED),
 			 0);
-	ck_assert_int_eq(cowmm_region_release(r), 0);
+	if (close_mm)
+		cowmm_close(mm);
+	else
+		ck_assert_int_eq(cowmm_region_release(r), 0);
 	hold_end(&h);
 	for (pg = 0; pg < NPAGES; pg++)
 		if (pg >= 8 && pg < 12)
 			ck_assert_msg(zero_page(p + pg * T_PAGE),
-				      "page %zu discarded before the release "
-				      "reads %#x", pg, p[pg * T_PAGE]);
+				      "page %zu discarded before the %s "
+				      "reads %#x", pg, how, p[pg * T_PAGE]);
 		else
 			ck_assert(page_is(p + pg * T_PAGE, pg + 1));
 	close(fd);
-	cowmm_close(mm);
+	if (!close_mm)
+		cowmm_close(mm);
 	munmap(p, NPAGES * T_PAGE);
+}
+
+START_TEST(test_release_lazy_after_discard)
+{
+	lazy_end_after_discard(false);
 }
 END_TEST
 
@@ -3296,32 +3311,7 @@ END_TEST
  */
 START_TEST(test_close_lazy_after_discard)
 {
-	cowmm_t *mm = t_open_fa(1, 1);
-	int fd = snapshot_file(mm);
-	cowmm_region_t *r;
-	unsigned char *p;
-	struct hold h;
-	size_t pg;
-
-	p = mmap(NULL, NPAGES * T_PAGE, PROT_READ | PROT_WRITE,
-		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	ck_assert_ptr_ne(p, MAP_FAILED);
-	ck_assert_int_eq(cowmm_region_adopt(mm, p, NPAGES * T_PAGE, 0, &r), 0);
-	ck_assert_int_eq(cowmm_region_load(r, fd, COWMM_LOAD_LAZY), 0);
-	hold_start(&h, &r->lock, 50);
-	ck_assert_int_eq(madvise(p + 8 * T_PAGE, 4 * T_PAGE, MADV_DONTNEED),
-			 0);
-	cowmm_close(mm);
-	hold_end(&h);
-	for (pg = 0; pg < NPAGES; pg++)
-		if (pg >= 8 && pg < 12)
-			ck_assert_msg(zero_page(p + pg * T_PAGE),
-				      "page %zu discarded before the close "
-				      "reads %#x", pg, p[pg * T_PAGE]);
-		else
-			ck_assert(page_is(p + pg * T_PAGE, pg + 1));
-	close(fd);
-	munmap(p, NPAGES * T_PAGE);
+	lazy_end_after_discard(true);
 }
 END_TEST
 
