@@ -1059,6 +1059,11 @@ static void usage(FILE *f, const char *argv0)
 		"thread\n"
 		"                     (COWMM_OPEN_IN_THREAD; default: "
 		"libcowmm's workers)\n"
+		"  -F, --follow       libcowmm's worker follows the writer's "
+		"CPU\n"
+		"                     (COWMM_OPEN_FOLLOW; default: where the "
+		"scheduler\n"
+		"                     puts it)\n"
 		"  -K, --keep-armed   BGSAVE writes the whole snapshot, then "
 		"releases it\n"
 		"                     (default: released as it is written)\n"
@@ -1090,6 +1095,7 @@ int main(int argc, char **argv)
 		{ "thp", no_argument, NULL, 'H' },
 		{ "huge-cow", no_argument, NULL, 'C' },
 		{ "in-thread", no_argument, NULL, 'T' },
+		{ "follow", no_argument, NULL, 'F' },
 		{ "keep-armed", no_argument, NULL, 'K' },
 		{ "save-nice", required_argument, NULL, 'n' },
 		{ "no-save", no_argument, NULL, 'N' },
@@ -1109,7 +1115,7 @@ int main(int argc, char **argv)
 	unsigned flags = 0;
 	int ls, one = 1, opt, ret;
 
-	while ((opt = getopt_long(argc, argv, "p:m:d:fHCTKn:h", opts, NULL)) !=
+	while ((opt = getopt_long(argc, argv, "p:m:d:fHCTFKn:h", opts, NULL)) !=
 	       -1) {
 		switch (opt) {
 		case 'p':
@@ -1135,6 +1141,9 @@ int main(int argc, char **argv)
 			break;
 		case 'T':
 			cfg.flags |= COWMM_OPEN_IN_THREAD;
+			break;
+		case 'F':
+			cfg.flags |= COWMM_OPEN_FOLLOW;
 			break;
 		case 'K':
 			keep_armed = true;

@@ -1,20 +1,32 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """The database case: redis-benchmark against kvstore while it BGSAVEs, with
-libcowmm snapshots and with fork(), and against Debian's redis-server doing
-its own fork-based BGSAVE on the same data.
+libcowmm snapshots (in every mode kvstore offers) and with fork(), and
+against Debian's redis-server doing its own fork-based BGSAVE on the same
+data.
 
 For each server: load KEYS keys of VALUE bytes; for SET and GET, without
 and with pipelining (-P 16), run redis-benchmark once with no save and once
-while BGSAVE runs back to back; record throughput, p50/p99/p99.9 latency,
-the pause of each save (snapshot or fork), save duration and the peak Pss
-of the server and its children.  Then one client's SET latency over time
-around a single BGSAVE, every server on one chart (gnuplot, PNG).
+while BGSAVE runs back to back; record throughput, the latency distribution
+(redis-benchmark's percentiles), the pause of each save (snapshot or fork),
+save duration and the peak Pss of the server and its children.  Then one
+client's SET latency over time around a single BGSAVE.  All of it RUNS
+times (default 3), the servers in a rotated order each run so that a slow
+stretch of the host does not fall on one server alone; the tables give
+medians over the runs, with the range where it matters, and ratios to
+kvstore --fork.
 
-Usage: bench-kv.py BUILD_DIR OUT_PREFIX [--keys N] [--requests N] [--quick]
-Writes OUT_PREFIX.csv, OUT_PREFIX.md and OUT_PREFIX-timeline.png.
+Two charts (gnuplot, PNG): OUT-cdf.png, the latency distribution during
+saves (every run, one colour per server), and OUT-timeline.png, the 99th
+percentile and the maximum of one client's SET latency per 100 ms window
+around one BGSAVE (first run).
+
+Usage: bench-kv.py BUILD_DIR OUT_PREFIX [--runs N] [--keys N] [--quick]
+Writes OUT_PREFIX.csv (one row per run), OUT_PREFIX.md, OUT_PREFIX-cdf.png
+and OUT_PREFIX-timeline.png.
 """
 import argparse
+import math
 import os
 import re
 import shutil
@@ -70,7 +82,8 @@ def wait_port(port):
 
 
 def bench(port, requests, keys, value, pipeline, test="set"):
-    """One redis-benchmark run; returns (rps, p50, p99, p999) in ms."""
+    """One redis-benchmark run: (rps, p50, p99, p999, distribution), in ms;
+    the distribution is redis-benchmark's [(percentile, ms), ...]."""
     out = subprocess.run(
         ["redis-benchmark", "-p", str(port), "-t", test, "-n", str(requests),
          "-r", str(keys), "-d", str(value), "-P", str(pipeline), "-c", "20"],
@@ -82,7 +95,7 @@ def bench(port, requests, keys, value, pipeline, test="set"):
 
     def at(p):
         return min(v for k, v in pct.items() if k >= p)
-    return rps, at(50), at(99), at(99.9)
+    return rps, at(50), at(99), at(99.9), sorted(pct.items())
 
 
 def run_server(kind, build, port, tmp, heap_mib):
@@ -109,6 +122,7 @@ KVSTORE_FLAGS = {
     "kvstore-cowmm": [],                          # stream-and-release saves
     "kvstore-cowmm-armed": ["--keep-armed"],      # write, then release
     "kvstore-cowmm-inthread": ["--in-thread"],    # faults in the server thread
+    "kvstore-cowmm-follow": ["--follow"],         # worker on the writer's CPU
     "kvstore-cowmm-thp": ["--thp"],               # heap on huge pages
     "kvstore-cowmm-huge": ["--huge-cow"],         # huge pages, 2 MiB copies
     "kvstore-fork": ["--fork"],
@@ -182,7 +196,6 @@ def measure(kind, build, port, args, tmp):
         while info(port).get("rdb_bgsave_in_progress") == "1":
             time.sleep(0.05)
         res["timeline"] = timeline(port, args.timeline, 1.0)
-        med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")
         res.update(pause_ms=med(pauses), save_ms=med(durations),
                    peak_mib=peak[0] / 1024)
         return res
@@ -191,41 +204,155 @@ def measure(kind, build, port, args, tmp):
         p.wait(timeout=60)
 
 
-def plot(rows, out):
-    """Latency over time around one BGSAVE, every server on one chart."""
-    if not shutil.which("gnuplot"):
-        return
-    files = []
-    for r in rows:
-        path = f"{out}-timeline-{r['kind']}.dat"
-        with open(path, "w") as f:
-            for t, ms in r["timeline"]:
-                f.write(f"{t:.6f} {ms:.4f}\n")
-        files.append((path, r["kind"]))
-    script = (f"set terminal pngcairo size 1100,600\nset output '{out}-timeline.png'\n"
-              "set title 'SET latency of one client, BGSAVE at t = 1 s'\n"
-              "set xlabel 'time (s)'\nset ylabel 'latency (ms)'\nset logscale y\n"
-              "set grid\nplot " + ", ".join(
-                  f"'{p}' using 1:2 with points pt 7 ps 0.3 title '{k}'"
-                  for p, k in files) + "\n")
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
+           "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+
+
+def med(v):
+    v = sorted(v)
+    if not v:
+        return float("nan")
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def gnuplot(script):
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
+
+
+def plot_cdf(results, workloads, out, tmp):
+    """Latency distribution during saves: one panel per SET workload, every
+    run a line, one colour per server.  The x axis counts nines (90%, 99%,
+    99.9%) so that the tail, where saves hurt, gets the room."""
+    panels = [w for w in workloads if w[0] == "set"] or workloads[:1]
+    script = (f"set terminal pngcairo noenhanced size 1100,{460 * len(panels)} "
+              f"font 'sans,10'\nset output '{out}-cdf.png'\n"
+              f"set multiplot layout {len(panels)},1\n"
+              "set logscale y\nset grid\nset key top left\n"
+              "set xlabel 'percentile of requests'\n"
+              "set ylabel 'latency (ms, log scale)'\n"
+              "set xtics ('0%%' 0, '90%%' 1, '99%%' 2, '99.9%%' 3, '99.99%%' 4, "
+              "'99.999%%' 5)\nset xrange [0:5]\n")
+    for test, pipe in panels:
+        lines = []
+        for k, (kind, runs) in enumerate(results.items()):
+            for i, res in enumerate(runs):
+                dist = res["runs"][(test, pipe)][1][4]
+                path = os.path.join(tmp, f"cdf-{kind}-{test}{pipe}-{i}.dat")
+                with open(path, "w") as f:
+                    for pct, ms in dist:
+                        if pct < 100:
+                            f.write(f"{-math.log10(1 - pct / 100):.5f} {ms}\n")
+                title = f"title '{kind}'" if i == 0 else "notitle"
+                lines.append(f"'{path}' using 1:2 with steps lw 1.5 "
+                             f"lc rgb '{COLOURS[k % len(COLOURS)]}' {title}")
+        script += (f"set title '{test.upper()} -P {pipe}: latency while BGSAVE "
+                   f"runs back to back ({len(runs)} runs each)'\n"
+                   "plot " + ", ".join(lines) + "\n")
+    gnuplot(script + "unset multiplot\n")
+
+
+def plot_timeline(results, out, tmp, window=0.1):
+    """One client's SET latency around one BGSAVE: the 99th percentile and
+    the maximum per window, per server (first run)."""
+    lines = []
+    for k, (kind, runs) in enumerate(results.items()):
+        buckets = {}
+        for t, ms in runs[0]["timeline"]:
+            buckets.setdefault(int(t / window), []).append(ms)
+        path = os.path.join(tmp, f"timeline-{kind}.dat")
+        with open(path, "w") as f:
+            for b in sorted(buckets):
+                v = sorted(buckets[b])
+                p99 = v[min(len(v) - 1, int(len(v) * 0.99))]
+                f.write(f"{(b + 0.5) * window:.3f} {p99} {v[-1]}\n")
+        c = COLOURS[k % len(COLOURS)]
+        lines.append(f"'{path}' using 1:2 with lines lw 2 lc rgb '{c}' "
+                     f"title '{kind}, p99'")
+        lines.append(f"'{path}' using 1:3 with lines lw 1 dt 2 lc rgb '{c}' "
+                     f"title '{kind}, max'")
+    gnuplot(f"set terminal pngcairo noenhanced size 1100,600 font 'sans,10'\n"
+            f"set output '{out}-timeline.png'\n"
+            "set title 'SET latency of one client per "
+            f"{window * 1000:.0f} ms window, BGSAVE at t = 1 s'\n"
+            "set xlabel 'time (s)'\nset ylabel 'latency (ms, log scale)'\n"
+            "set logscale y\nset grid\nset key outside right\n"
+            "plot " + ", ".join(lines) + "\n")
+
+
+def spread(v, fmt):
+    """Median, and the range over the runs when there are several."""
+    m = fmt(med(v))
+    return m if len(v) < 2 else f"{m} ({fmt(min(v))}–{fmt(max(v))})"
+
+
+def write_md(results, args, path):
+    rps = lambda x: f"{x:,.0f}"
+    ms = lambda x: f"{x:.1f}"
+    fork = results.get("kvstore-fork")
+    with open(path, "w") as f:
+        f.write(f"redis-benchmark, {args.keys:,} keys of {args.value} bytes, "
+                f"{args.requests:,} requests per run, 20 clients; 'during' = "
+                "while BGSAVE runs back to back.  Medians of "
+                f"{args.runs} run{'s' if args.runs > 1 else ''}, the range "
+                "over the runs in brackets; × fork: the median against "
+                "kvstore --fork's median (throughput: above 1 is better; "
+                "latency and memory: below 1 is better).\n\n")
+        f.write("| server | test | rps, no save | rps, during saves | × fork "
+                "| p99.9 ms, no save | p99.9 ms, during saves | × fork "
+                "| p99 ms, during | saves | libcowmm write faults |\n"
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+        for kind, runs in results.items():
+            for test, pipe in args.workloads:
+                r = [x["runs"][(test, pipe)] for x in runs]
+                d_rps = [x[1][0] for x in r]
+                d_999 = [x[1][3] for x in r]
+                if fork:
+                    fr = [x["runs"][(test, pipe)] for x in fork]
+                    x_rps = f"{med(d_rps) / med([x[1][0] for x in fr]):.2f}"
+                    x_999 = f"{med(d_999) / med([x[1][3] for x in fr]):.2f}"
+                else:
+                    x_rps = x_999 = "–"
+                faults = (rps(med([x[3] for x in r]))
+                          if kind.startswith("kvstore-cowmm") else "–")
+                f.write(f"| {kind} | {test.upper()} -P {pipe} "
+                        f"| {rps(med([x[0][0] for x in r]))} "
+                        f"| {spread(d_rps, rps)} | {x_rps} "
+                        f"| {ms(med([x[0][3] for x in r]))} "
+                        f"| {spread(d_999, ms)} | {x_999} "
+                        f"| {ms(med([x[1][2] for x in r]))} "
+                        f"| {med([x[2] for x in r]):.0f} | {faults} |\n")
+        f.write("\n| server | pause per save | save duration | Pss before "
+                "| peak Pss during saves | peak × fork |\n"
+                "|---|---:|---:|---:|---:|---:|\n")
+        for kind, runs in results.items():
+            peak = [x["peak_mib"] for x in runs]
+            x_peak = (f"{med(peak) / med([x['peak_mib'] for x in fork]):.2f}"
+                      if fork else "–")
+            f.write(f"| {kind} "
+                    f"| {spread([x['pause_ms'] for x in runs], lambda v: f'{v:.2f} ms')} "
+                    f"| {med([x['save_ms'] for x in runs]):.0f} ms "
+                    f"| {med([x['pss0_mib'] for x in runs]):.0f} MiB "
+                    f"| {spread(peak, lambda v: f'{v:.0f} MiB')} | {x_peak} |\n")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("build")
     ap.add_argument("out")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="repeat everything this often (medians; default 3)")
     ap.add_argument("--keys", type=int, default=1000000)
     ap.add_argument("--value", type=int, default=200)
     ap.add_argument("--requests", type=int, default=200000)
-    ap.add_argument("--pipeline", type=int, default=1)
     ap.add_argument("--heap", type=int, default=2048)
     ap.add_argument("--timeline", type=float, default=6.0)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kinds", default="kvstore-cowmm,kvstore-cowmm-armed,"
-                    "kvstore-cowmm-huge,kvstore-fork,redis",
+    ap.add_argument("--quick", action="store_true",
+                    help="small data, one run: does it work at all")
+    ap.add_argument("--kinds", default=",".join(list(KVSTORE_FLAGS) +
+                                                ["redis"]),
                     help="servers, from: " + ", ".join(KVSTORE_FLAGS) +
-                    ", redis")
+                    ", redis (default: all)")
     ap.add_argument("--workloads", default="set:1,get:1,set:16,get:16",
                     help="TEST:PIPELINE,...")
     ap.add_argument("--kvstore-args", default="",
@@ -236,47 +363,47 @@ def main():
                       (w.split(":") for w in args.workloads.split(","))]
     if args.quick:
         args.keys, args.requests, args.heap, args.timeline = 20000, 20000, 128, 2
+        args.runs = 1
+    if args.runs < 1:
+        ap.error(f"--runs {args.runs}: at least 1")
     kinds = args.kinds.split(",")
     for k in kinds:
         if k != "redis" and k not in KVSTORE_FLAGS:
             ap.error(f"unknown server {k}")
     if "redis" in kinds and not shutil.which("redis-server"):
+        print("bench-kv: redis-server is not installed: measuring without it")
         kinds.remove("redis")
-    rows = []
+    results = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, kind in enumerate(kinds):
-            rows.append(measure(kind, args.build, 28000 + os.getpid() % 1000 + i,
-                                args, tmp))
-    with open(args.out + ".csv", "w") as f:
-        f.write("server,test,pipeline,phase,rps,p50_ms,p99_ms,p999_ms,saves,"
-                "wp_faults,pause_ms,save_ms,pss_before_mib,peak_pss_mib\n")
-        for r in rows:
-            for (test, pipe), (base, during, saves, faults) in r["runs"].items():
-                for phase, v in (("base", base), ("during", during)):
-                    f.write(f"{r['kind']},{test},{pipe},{phase},{v[0]:.0f},"
-                            f"{v[1]},{v[2]},{v[3]},{saves},{faults},"
-                            f"{r['pause_ms']:.3f},"
-                            f"{r['save_ms']:.0f},{r['pss0_mib']:.0f},"
-                            f"{r['peak_mib']:.0f}\n")
-    plot(rows, args.out)
-    with open(args.out + ".md", "w") as f:
-        f.write(f"redis-benchmark, {args.keys} keys of {args.value} bytes, "
-                f"{args.requests} requests per run, 20 clients; 'during' = "
-                "while BGSAVE runs back to back.\n\n")
-        f.write("| server | test | rps no save → during save | p99 / p99.9 ms, no save "
-                "| p99 / p99.9 ms, during save | saves | libcowmm write faults "
-                "during |\n|---|---|---:|---:|---:|---:|---:|\n")
-        for r in rows:
-            for (test, pipe), (b, d, saves, faults) in r["runs"].items():
-                fl = f"{faults:,}" if r["kind"].startswith("kvstore-cowmm") else "–"
-                f.write(f"| {r['kind']} | {test.upper()} -P {pipe} | {b[0]:,.0f} → "
-                        f"{d[0]:,.0f} ({d[0] / b[0]:.0%}) | {b[2]} / {b[3]} "
-                        f"| {d[2]} / {d[3]} | {saves} | {fl} |\n")
-        f.write("\n| server | pause per save (median) | save duration (median) "
-                "| Pss before → peak during saves |\n|---|---:|---:|---:|\n")
-        for r in rows:
-            f.write(f"| {r['kind']} | {r['pause_ms']:.2f} ms | {r['save_ms']:.0f} ms "
-                    f"| {r['pss0_mib']:.0f} → {r['peak_mib']:.0f} MiB |\n")
+        for run in range(args.runs):
+            order = kinds[run % len(kinds):] + kinds[:run % len(kinds)]
+            for i, kind in enumerate(order):
+                print(f"bench-kv: run {run + 1} of {args.runs}: {kind} "
+                      f"({i + 1} of {len(order)})", flush=True)
+                res = measure(kind, args.build,
+                              28000 + os.getpid() % 1000 + i, args, tmp)
+                res["run"] = run + 1
+                results[kind].append(res)
+        with open(args.out + ".csv", "w") as f:
+            f.write("server,run,test,pipeline,phase,rps,p50_ms,p99_ms,p999_ms,"
+                    "saves,wp_faults,pause_ms,save_ms,pss_before_mib,"
+                    "peak_pss_mib\n")
+            for kind, runs in results.items():
+                for r in runs:
+                    for (test, pipe), (base, during, saves, faults) in \
+                            r["runs"].items():
+                        for phase, v in (("base", base), ("during", during)):
+                            f.write(f"{kind},{r['run']},{test},{pipe},{phase},"
+                                    f"{v[0]:.0f},{v[1]},{v[2]},{v[3]},"
+                                    f"{saves},{faults},{r['pause_ms']:.3f},"
+                                    f"{r['save_ms']:.0f},{r['pss0_mib']:.0f},"
+                                    f"{r['peak_mib']:.0f}\n")
+        if shutil.which("gnuplot"):
+            plot_cdf(results, args.workloads, args.out, tmp)
+            plot_timeline(results, args.out, tmp)
+        else:
+            print("bench-kv: gnuplot is not installed: no charts")
+    write_md(results, args, args.out + ".md")
     print(open(args.out + ".md").read())
 
 

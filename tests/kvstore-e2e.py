@@ -195,7 +195,7 @@ def mode_run(kvstore, mode, port, dump):
 
 def test_modes(kvstore, port, d):
     modes = [[], ["--keep-armed"], ["--huge-cow"], ["--in-thread"],
-             ["--fork"]]
+             ["--follow"], ["--fork"]]
     for i, mode in enumerate(modes):
         mode_run(kvstore, mode, port + i, os.path.join(d, "%d.dump" % i))
 
@@ -210,7 +210,7 @@ def test_help(kvstore, port, d):
             ("--dump", "default kvstore.dump"), ("--no-save", "default"),
             ("--fork", "default"), ("--thp", "default"),
             ("--huge-cow", "default"), ("--in-thread", "default"),
-            ("--keep-armed", "default"), ("--save-nice", "default 0"),
+            ("--follow", "default"), ("--keep-armed", "default"), ("--save-nice", "default 0"),
             ("--help", "")]
     def where(opt):  # its line: "  -p, --port N ..." or "      --no-save"
         m = re.search(r"^ +(-\w, )?%s\b" % opt, out, re.M)
