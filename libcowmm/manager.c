@@ -1136,6 +1136,7 @@ static void *worker_main(void *arg)
 	f.idle_wake = follow && may_idle_wake(f.policy);
 	for (;;) {
 		ssize_t n = 0;
+		int rerr = 0; /* read()'s errno: dispatch() makes calls too */
 
 		/* With messages deferred, look again within a millisecond. */
 		if (poll(pfd, 2, d.n ? 1 : -1) < 0) {
@@ -1175,6 +1176,7 @@ static void *worker_main(void *arg)
 				usleep(200);
 			pthread_mutex_lock(&mm->read_lock);
 			n = read(mm->uffd, msg, sizeof(msg));
+			rerr = n < 0 ? errno : 0;
 			for (ssize_t i = 0; i < n / (ssize_t)sizeof(msg[0]); i++)
 				count_event(mm, &msg[i]);
 			pthread_mutex_unlock(&mm->read_lock);
@@ -1186,14 +1188,14 @@ static void *worker_main(void *arg)
 		/* After the batch is resolved: a move costs tens of µs. */
 		if (follow && !f.off && n > 0)
 			follow_writer(mm, &f, msg, (size_t)n / sizeof(msg[0]));
-		if (n < 0 && (errno == EBADF || errno == EINVAL)) {
+		if (rerr == EBADF || rerr == EINVAL) {
 			uffd_lost(mm); /* the number is not a userfaultfd */
 			failed = false;
 			break;
 		}
-		if (n < 0 && errno != EAGAIN && errno != EINTR) {
+		if (rerr && rerr != EAGAIN && rerr != EINTR) {
 			cowmm__log(COWMM_LOG_ERR, "worker: read: %s",
-				   strerror(errno));
+				   strerror(rerr));
 			break;
 		}
 	}

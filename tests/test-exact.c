@@ -2618,6 +2618,85 @@ START_TEST(test_fault_error_wakes)
 }
 END_TEST
 
+/*
+ * A worker whose read() found nothing (the other worker took the message)
+ * went on to resolve the faults it had deferred, and then judged its read
+ * by errno: whatever the resolving left there.  A check's ioctl refused
+ * with EINVAL (the UFFDIO_CONTINUE probe answers "ours" that way) read as
+ * "not a userfaultfd": every worker stopped, the fd still registered, and
+ * writers slept for good (hangs of the model tester with two workers).
+ * The hook leaves EINVAL where such a check would.  Which worker loses
+ * the read is chance, half the rounds each.
+ */
+#define ERRNO_ROUNDS 16
+
+static void clobber_errno(uintptr_t addr)
+{
+	(void)addr;
+	errno = EINVAL;
+}
+
+START_TEST(test_worker_errno_after_read)
+{
+	cowmm_t *mm = t_open_fa(2, 1);
+	struct writer w[2 * ERRNO_ROUNDS] = { 0 };
+	pthread_t th[2 * ERRNO_ROUNDS];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	unsigned char *p;
+	int i, k, ms;
+
+	p = t_filled_region(mm, 2 * ERRNO_ROUNDS, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	__atomic_store_n(&cowmm__read_checked, clobber_errno, __ATOMIC_RELEASE);
+	for (i = 0; i < 2 * ERRNO_ROUNDS; i += 2) {
+		/* A fault one worker defers: the region's lock is busy. */
+		pthread_mutex_lock(&r->lock);
+		w[i].p = p + (size_t)i * T_PAGE;
+		ck_assert_int_eq(pthread_create(&th[i], NULL, write_main,
+						&w[i]), 0);
+		for (ms = 0; ms < 50000 && !atomic_load(&mm->deferred); ms++)
+			usleep(100);
+		ck_assert_msg(atomic_load(&mm->deferred),
+			      "round %d: no worker read the fault%s", i / 2,
+			      t_log_has("closed under the library")
+				      ? " (the workers took the fd for closed)"
+				      : "");
+		/* Another: both workers wake for it, one reads it. */
+		cowmm__pause_reads(mm, 30);
+		w[i + 1].p = p + (size_t)(i + 1) * T_PAGE;
+		ck_assert_int_eq(pthread_create(&th[i + 1], NULL, write_main,
+						&w[i + 1]), 0);
+		usleep(10 * 1000);
+		pthread_mutex_unlock(&r->lock);
+		for (ms = 0; ms < 5000; ms++) {
+			if (atomic_load(&w[i].done) &&
+			    atomic_load(&w[i + 1].done))
+				break;
+			usleep(1000);
+		}
+		for (k = i; k < i + 2; k++)
+			ck_assert_msg(atomic_load(&w[k].done),
+				      "round %d: the write to page %d never "
+				      "finished%s", i / 2, k,
+				      t_log_has("closed under the library")
+					      ? " (the workers took the fd "
+						"for closed)"
+					      : "");
+		pthread_join(th[i], NULL);
+		pthread_join(th[i + 1], NULL);
+	}
+	__atomic_store_n(&cowmm__read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert_msg(!t_log_has("closed under the library"),
+		      "the workers took the fd for closed");
+	ck_assert_msg(!t_log_has("stopped"), "a worker stopped: %s",
+		      t_log_text());
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	t_assert_snap_filled(s, 2 * ERRNO_ROUNDS);
+	cowmm_close(mm);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------ */
 /* Item 8: with swap configured, no reader blocks on the library's fd. */
 
@@ -3690,6 +3769,8 @@ int main(void)
 		{ "fault-around-zero", test_fault_around_zero,
 		  T_WP_UNPOPULATED },
 		{ "fault-error-wakes", test_fault_error_wakes,
+		  T_WP_UNPOPULATED },
+		{ "worker-errno-after-read", test_worker_errno_after_read,
 		  T_WP_UNPOPULATED },
 		{ "swap-clone-discarded", test_swap_clone_discarded,
 		  T_WP_UNPOPULATED, T_NEEDS_ROOT },
