@@ -465,18 +465,25 @@ static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
  * After a copy from @addr that looked right: was it the region's page?
  * Memory another userfaultfd protects, mapped where the page was after it
  * moved, looks protected and keeps its frame across the copy (the model
- * tester's seed 622965019: restore gave its bytes to a newer snapshot).
- * Application threads in a call ask cowmm__still_ours().  Not a worker,
- * nor a SIGBUS handler, nor a REMOVE handler: a version that asked in
- * workers made them disappear in snapshot/point-in-time and stress, not
- * understood yet; their copies still take what they read.
+ * tester's seed 622965019: restore gave its bytes to a newer snapshot;
+ * exact/fault-checked-moved-foreign: a write fault's copy gave them to the
+ * snapshot).  Application threads in a call ask cowmm__still_ours(),
+ * which waits for an event on its way to be read.  A worker or a SIGBUS
+ * handler cannot wait (a worker may be the one to read it): it asks the
+ * kernel once, and an event not read, or no mapping of this manager
+ * there, sends the fault back to be tried again after.  A REMOVE handler
+ * neither: its copies still take what they read.
  */
 static bool copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
-	if (cowmm__in_remove || cowmm__in_worker || cowmm__in_sigbus)
+	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
+
+	if (cowmm__in_remove)
 		return true;
-	return cowmm__still_ours(mm, seq,
-				 addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1));
+	if (cowmm__in_worker || cowmm__in_sigbus)
+		return !cowmm__uffd_range_probe(mm->uffd, page,
+						COWMM_PAGE_SIZE);
+	return cowmm__still_ours(mm, seq, page);
 }
 
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
@@ -591,8 +598,8 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
 		before = cowmm__removes_stamp(r->mm);
-		/* For cowmm__still_ours(), which workers do not ask. */
-		seq = cowmm__in_worker || cowmm__in_remove
+		/* For cowmm__still_ours(): application threads only. */
+		seq = cowmm__in_worker || cowmm__in_remove || cowmm__in_sigbus
 			      ? 0
 			      : cowmm__maps_seq(r->mm);
 		hook = __atomic_load_n(&cowmm__read_checked,
@@ -603,16 +610,9 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		 * Read, then make sure it was the page: other memory may be
 		 * mapped where a moved page was before its event is read
 		 * (the model tester's seed 888 gave its bytes to a clone).
-		 * Not in a worker: asking there made write faults of several
-		 * threads hang now and then with two workers (the model
-		 * tester, 3 hangs in about 4,000 seeds; not understood yet),
-		 * so a worker's copy still takes what it reads.
 		 */
 		if (!cowmm__live_read(addr, dst, COWMM_PAGE_SIZE))
-			return cowmm__in_remove || cowmm__in_worker ||
-					       cowmm__still_ours(r->mm, seq, addr)
-				       ? 0
-				       : -EAGAIN;
+			return copied_ours(r->mm, seq, addr) ? 0 : -EAGAIN;
 		/*
 		 * Not there, and the read did not wait for it (see
 		 * cowmm__live_read()): discarded, so zero; unless the range
@@ -734,8 +734,15 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		 * may unmap a neighbour meanwhile, and process_vm_readv()
 		 * fails where a load would crash.
 		 */
+		/*
+		 * Other memory mapped where the pages were, with the move
+		 * not read (fault-checked-moved-foreign): not this manager's
+		 * mapping, or an event unread.  The pages fault on their own.
+		 */
 		if (cowmm__live_readv(lv, rv, nio) ||
-		    cowmm__pagemap_read(mm->pagemap, base, k, e2)) {
+		    cowmm__pagemap_read(mm->pagemap, base, k, e2) ||
+		    cowmm__uffd_range_probe(mm->uffd, base,
+					    k << COWMM_PAGE_SHIFT)) {
 			ahead_drop(f, 0, k);
 			return 0;
 		}

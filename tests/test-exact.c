@@ -1705,6 +1705,7 @@ static struct {
 	struct move_call mv;
 	pthread_t th;
 	bool placed;
+	bool foreign; /* the memory mapped there: another manager's, protected */
 } snap_checked_move;
 
 static void move_away_when_checked(uintptr_t addr)
@@ -1726,11 +1727,16 @@ static void move_away_when_checked(uintptr_t addr)
 					&snap_checked_move.mv), 0);
 	while (!mincore(at, T_PAGE, &vec))
 		usleep(100); /* moved: its event waits to be read */
-	ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
-			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			      -1, 0),
-			 at);
-	memset(at, 0x5c, 16 * T_PAGE);
+	if (snap_checked_move.foreign) {
+		map_foreign_protected(at);
+	} else {
+		ck_assert_ptr_eq(mmap(at, 16 * T_PAGE, PROT_READ | PROT_WRITE,
+				      MAP_PRIVATE | MAP_ANONYMOUS |
+					      MAP_FIXED_NOREPLACE,
+				      -1, 0),
+				 at);
+		memset(at, 0x5c, 16 * T_PAGE);
+	}
 	snap_checked_move.placed = true;
 }
 
@@ -1783,7 +1789,15 @@ static void *write_page20(void *arg)
 	return NULL;
 }
 
-START_TEST(test_fault_checked_moved_unread)
+/*
+ * A write fault's copy meets the move (the page's range moves away and
+ * other memory is mapped there, its event not read): plain memory
+ * (fault-checked-moved-unread), or memory another manager protects
+ * (fault-checked-moved-foreign), which keeps its protection and its frame
+ * across the copy.  A worker took the second's bytes for the page's and
+ * gave them to the snapshot, silently.
+ */
+static void fault_checked_moved(bool foreign)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
 	unsigned char *p, *to = reserve(16 * T_PAGE), buf[T_PAGE];
@@ -1791,12 +1805,15 @@ START_TEST(test_fault_checked_moved_unread)
 	cowmm_snap_t *s;
 	pthread_t th;
 
+	if (foreign)
+		foreign_mm = t_open_fa(1, 1);
 	p = t_filled_region(mm, NPAGES, &r);
 	p = lower(r, p, NPAGES);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	snap_checked_move.mm = mm;
 	snap_checked_move.to = to;
 	snap_checked_move.placed = false;
+	snap_checked_move.foreign = foreign;
 	__atomic_store_n(&snap_checked_move.at, p + 16 * T_PAGE,
 			 __ATOMIC_RELEASE);
 	__atomic_store_n(&cowmm__read_checked, move_away_when_checked,
@@ -1812,8 +1829,24 @@ START_TEST(test_fault_checked_moved_unread)
 	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
 		      buf[0]);
 	t_assert_snap_filled(s, NPAGES);
+	if (foreign) {
+		cowmm_snap_release(foreign_s);
+		ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
+		cowmm_close(foreign_mm);
+	}
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
+}
+
+START_TEST(test_fault_checked_moved_unread)
+{
+	fault_checked_moved(false);
+}
+END_TEST
+
+START_TEST(test_fault_checked_moved_foreign)
+{
+	fault_checked_moved(true);
 }
 END_TEST
 
@@ -3687,6 +3720,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "fault-checked-moved-unread", test_fault_checked_moved_unread,
 		  T_WP_UNPOPULATED },
+		{ "fault-checked-moved-foreign",
+		  test_fault_checked_moved_foreign, T_WP_UNPOPULATED },
 		{ "restore-moved-while-checked",
 		  test_restore_moved_while_checked, T_WP_UNPOPULATED },
 		{ "snapshot-during-move-held", test_snapshot_during_move_held,
