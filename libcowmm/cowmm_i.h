@@ -192,6 +192,7 @@ uint32_t cowmm__removes_stamp(cowmm_t *mm);
 int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr);
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr);
+bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page);
 
 /*
  * Worker threads never block on a lock another thread may hold across a

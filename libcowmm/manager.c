@@ -178,6 +178,23 @@ bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 }
 
 /*
+ * Is the page at @page (aligned) leaving, a move or unmap of it on its way
+ * that no one has read: nothing mapped there any more (mremap() and
+ * munmap() take the pages first and send their event after), or other
+ * memory mapped there already, or an event of ours not read (the kernel
+ * tells, without waiting).  Never once no event can come any more.
+ */
+bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page)
+{
+	unsigned char vec;
+
+	if (atomic_load(&mm->uffd_lost))
+		return false;
+	return mincore((void *)page, COWMM_PAGE_SIZE, &vec) ||
+	       cowmm__uffd_range_probe(mm->uffd, page, COWMM_PAGE_SIZE);
+}
+
+/*
  * cowmm__still_ours() for a caller that holds a region's lock and must not
  * give up while an event is only slow to be read (a loaded machine): it
  * waits for as long as an ioctl of the library would (uffd_ioctl()), then

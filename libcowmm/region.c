@@ -431,7 +431,7 @@ static bool maps_pending(cowmm_t *mm)
  */
 static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
 {
-	unsigned char vec;
+	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
 
 	/* A REMOVE handler cannot wait: moves read after it wait for it. */
 	if (cowmm__in_remove)
@@ -439,23 +439,13 @@ static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
 	if (cowmm__maps_pending(mm))
 		return true;
 	/*
-	 * Nothing mapped at @addr (0: not asked): a move or unmap whose
-	 * event is on its way, however slow the worker that reads it (a
-	 * clone's page taken for lost with only the origin moving: the
-	 * second outside review).  Unless no event can come any more.
+	 * A move or unmap whose event is on its way, however slow the worker
+	 * that reads it (a clone's page taken for lost with only the origin
+	 * moving: the second outside review), other memory perhaps mapped
+	 * there already (exact/fault-checked-moved-unread: the copy took the
+	 * page for lost and broke the snapshot).  @addr 0: not asked.
 	 */
-	if (addr && !atomic_load(&mm->uffd_lost) &&
-	    mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
-		return true;
-	/*
-	 * Other memory may be mapped there already, the event not read yet
-	 * (exact/fault-checked-moved-unread: the copy took the page for lost
-	 * and broke the snapshot): the kernel tells, without waiting.
-	 */
-	if (addr && !atomic_load(&mm->uffd_lost) &&
-	    cowmm__uffd_range_probe(mm->uffd,
-				    addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1),
-				    COWMM_PAGE_SIZE))
+	if (addr && cowmm__page_leaving(mm, page))
 		return true;
 	usleep(50); /* the event of a move just made */
 	return cowmm__maps_pending(mm);

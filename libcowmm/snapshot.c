@@ -316,19 +316,15 @@ void (*cowmm__snap_read_checked)(uintptr_t addr);
 
 static bool moving(cowmm_t *mm, uintptr_t addr, unsigned maps)
 {
-	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
-	unsigned char vec;
-
 	/*
-	 * The last question tells a move not read yet from a discard: other
-	 * memory may already be mapped where the page was, unprotected
+	 * Other memory may already be mapped where the page was, unprotected
 	 * (exact/read-checked-moved-unread: the read waited 10 s for a copy
 	 * no discard would make, and said -EIO).
 	 */
 	return atomic_load(&mm->remaps_pending) ||
-	       mincore((void *)page, COWMM_PAGE_SIZE, &vec) ||
 	       cowmm__maps_seq(mm) != maps ||
-	       cowmm__uffd_range_probe(mm->uffd, page, COWMM_PAGE_SIZE);
+	       cowmm__page_leaving(mm,
+				   addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1));
 }
 
 /*
