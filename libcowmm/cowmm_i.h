@@ -452,6 +452,7 @@ void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
+bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since);
 void cowmm__pause_reads(cowmm_t *mm, unsigned ms); /* tests */
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */

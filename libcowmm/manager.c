@@ -1690,6 +1690,12 @@ void cowmm__pause_reads(cowmm_t *mm, unsigned ms)
  * How many moves and unmaps were read so far (wrapping): a call that sees
  * it change knows the layout it worked with may be stale.
  */
+/* Have the moves and unmaps read up to cowmm__maps_seq() @seq been handled? */
+bool cowmm__maps_done(cowmm_t *mm, unsigned seq)
+{
+	return maps_done_upto(mm, (uint16_t)seq);
+}
+
 unsigned cowmm__maps_seq(cowmm_t *mm)
 {
 	unsigned ret;

@@ -122,6 +122,8 @@ static int pin_range(cowmm_region_t *r, void *addr, size_t len, size_t *pg,
 {
 	uintptr_t a = (uintptr_t)addr;
 	int ret = cowmm__check_region(r), tries;
+	unsigned seq;
+	bool settled;
 
 	if (ret)
 		return ret;
@@ -130,10 +132,15 @@ static int pin_range(cowmm_region_t *r, void *addr, size_t len, size_t *pg,
 	*n = len >> COWMM_PAGE_SHIFT;
 	/*
 	 * Where the pages are now: part of @r may have moved (layout.c).  A
-	 * move read but not handled yet (mremap() has returned) is waited
-	 * for, up to 2 s: the address the caller has is the new one.
+	 * move or unmap read before this call (mremap() has returned) and
+	 * not handled yet is waited for, up to 2 s: the address the caller
+	 * has is the new one, and the old layout may take a range that is
+	 * in pieces now (exact/pin-across-move-unhandled).  Moves read after
+	 * are another thread's, as racy as the call itself.
 	 */
+	seq = cowmm__maps_seq(r->mm);
 	for (tries = 0;; tries++) {
+		settled = cowmm__maps_done(r->mm, seq);
 		urcu_bp_read_lock();
 		ret = cowmm__page_at(r, a, pg) ||
 				      cowmm__page_span(r, *pg,
@@ -141,8 +148,7 @@ static int pin_range(cowmm_region_t *r, void *addr, size_t len, size_t *pg,
 			      ? -EINVAL
 			      : 0;
 		urcu_bp_read_unlock();
-		if (!ret || tries == 20000 ||
-		    !atomic_load(&r->mm->remaps_pending))
+		if (settled || tries == 20000)
 			return ret;
 		usleep(100);
 	}
