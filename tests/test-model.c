@@ -114,6 +114,7 @@ struct op {
 struct mode {
 	unsigned workers;
 	bool in_thread;
+	unsigned placement;	/* 0, COWMM_OPEN_FOLLOW or COWMM_OPEN_PER_CPU */
 	size_t fault_around;
 	size_t bounded;		/* max_preserved in pages; 0: unbounded */
 };
@@ -212,8 +213,11 @@ static uint64_t mix(uint64_t x)
 
 static void mode_str(char *buf, size_t len)
 {
-	snprintf(buf, len, "workers=%u fault_around=%zu%s%s", mode.workers,
+	snprintf(buf, len, "workers=%u fault_around=%zu%s%s%s", mode.workers,
 		 mode.fault_around, mode.in_thread ? " in_thread" : "",
+		 mode.placement == COWMM_OPEN_FOLLOW    ? " follow"
+		 : mode.placement == COWMM_OPEN_PER_CPU ? " per_cpu"
+							: "",
 		 mode.bounded ? " bounded" : "");
 	if (mode.bounded)
 		snprintf(buf + strlen(buf), len - strlen(buf), "=%zu pages",
@@ -2501,6 +2505,15 @@ static void gen_mode(uint64_t sd)
 	mode.fault_around = fa[t_rand(&x) % 3];
 	mode.in_thread = t_rand(&x) % 5 == 0;
 	mode.bounded = t_rand(&x) % 5 == 0 ? BOUNDED_PAGES : 0;
+	/* Drawn last: the modes above stay what they were for a seed. */
+	switch (t_rand(&x) % 5) {
+	case 0:
+		mode.placement = COWMM_OPEN_FOLLOW;
+		break;
+	case 1:
+		mode.placement = COWMM_OPEN_PER_CPU;
+		break;
+	}
 }
 
 static void gen_ops(uint64_t sd, size_t n)
@@ -2544,7 +2557,7 @@ static void run_seed(void)
 	pthread_create(&wd, NULL, watchdog, NULL);
 	cfg.workers = mode.workers;
 	cfg.fault_around = mode.fault_around;
-	cfg.flags = mode.in_thread ? COWMM_OPEN_IN_THREAD : 0;
+	cfg.flags = (mode.in_thread ? COWMM_OPEN_IN_THREAD : 0) | mode.placement;
 	cfg.max_preserved = mode.bounded * PG;
 	ret = cowmm_open(&cfg, &mm);
 	if (ret)
