@@ -457,12 +457,16 @@ static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
  * moved, looks protected and keeps its frame across the copy (the model
  * tester's seed 622965019: restore gave its bytes to a newer snapshot;
  * exact/fault-checked-moved-foreign: a write fault's copy gave them to the
- * snapshot).  Application threads in a call ask cowmm__still_ours(),
- * which waits for an event on its way to be read.  A worker or a SIGBUS
- * handler cannot wait (a worker may be the one to read it): it asks the
- * kernel once, and an event not read, or no mapping of this manager
- * there, sends the fault back to be tried again after.  A REMOVE handler
- * neither: its copies still take what they read.
+ * snapshot).  @seq is cowmm__maps_seq() from before the caller looked for
+ * pending moves: a move read since then counts.  Application threads in a
+ * call ask cowmm__still_ours(), which waits for an event on its way to be
+ * read.  A worker or a SIGBUS handler cannot wait (a worker may be the one
+ * to read it): it asks the kernel once, and an event not read, or none of
+ * its mappings there, or a move read since @seq (the kernel's probe takes
+ * a mapping another userfaultfd registered for one of ours:
+ * exact/fault-checked-moved-read-foreign) sends the fault back to be
+ * tried again after.  A REMOVE handler neither: its copies still take
+ * what they read.
  */
 static bool copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
@@ -472,7 +476,8 @@ static bool copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 		return true;
 	if (cowmm__in_worker || cowmm__in_sigbus)
 		return !cowmm__uffd_range_probe(mm->uffd, page,
-						COWMM_PAGE_SIZE);
+						COWMM_PAGE_SIZE) &&
+		       (uint16_t)cowmm__maps_seq(mm) == (uint16_t)seq;
 	return cowmm__still_ours(mm, seq, page);
 }
 
@@ -492,6 +497,8 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	 */
 	if (discard_pending(r->mm))
 		return -EAGAIN;
+	/* Before the look for pending moves: copied_ours(). */
+	seq = cowmm__in_remove ? 0 : cowmm__maps_seq(r->mm);
 	/*
 	 * A move read but not handled: the layout may put the page where
 	 * another one is now (the range it left, taken by another range
@@ -502,9 +509,6 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	if (!cowmm__in_remove && maps_pending(r->mm))
 		return -EAGAIN;
 	before = cowmm__removes_stamp(r->mm);
-	seq = cowmm__in_remove || cowmm__in_worker || cowmm__in_sigbus
-		      ? 0
-		      : cowmm__maps_seq(r->mm);
 	if (cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e1))
 		return cowmm__live_read(addr, dst, COWMM_PAGE_SIZE);
 	if (!(e1 & PM_UFFD_WP)) {
@@ -585,13 +589,10 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (discard_pending(r->mm))
 			return -EAGAIN;
 		/* A move pending: see read_verified(). */
+		seq = cowmm__in_remove ? 0 : cowmm__maps_seq(r->mm);
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
 		before = cowmm__removes_stamp(r->mm);
-		/* For cowmm__still_ours(): application threads only. */
-		seq = cowmm__in_worker || cowmm__in_remove || cowmm__in_sigbus
-			      ? 0
-			      : cowmm__maps_seq(r->mm);
 		hook = __atomic_load_n(&cowmm__read_checked,
 				       __ATOMIC_ACQUIRE);
 		if (cowmm__unlikely(hook != NULL))
@@ -680,6 +681,7 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 	cowmm_t *mm = r->mm;
 	size_t k, j, nio = 0;
 	int swap = -1; /* not asked yet */
+	unsigned seq;
 
 	if (n > AHEAD_BATCH)
 		n = AHEAD_BATCH;
@@ -687,6 +689,7 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		n = r->npages - first;
 	n = cowmm__page_span(r, first, n); /* one piece: ahead_window() */
 	/* A move pending: the pages ahead may be others (read_verified()). */
+	seq = cowmm__maps_seq(mm);
 	if (!n || discard_pending(mm) || maps_pending(mm) ||
 	    cowmm__pagemap_read(mm->pagemap, base, n, e1))
 		return 0;
@@ -726,13 +729,15 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		 */
 		/*
 		 * Other memory mapped where the pages were, with the move
-		 * not read (fault-checked-moved-foreign): not this manager's
-		 * mapping, or an event unread.  The pages fault on their own.
+		 * not handled (copied_ours()): no mapping registered there,
+		 * an event unread, or a move read since.  The pages fault on
+		 * their own.
 		 */
 		if (cowmm__live_readv(lv, rv, nio) ||
 		    cowmm__pagemap_read(mm->pagemap, base, k, e2) ||
 		    cowmm__uffd_range_probe(mm->uffd, base,
-					    k << COWMM_PAGE_SHIFT)) {
+					    k << COWMM_PAGE_SHIFT) ||
+		    (uint16_t)cowmm__maps_seq(mm) != (uint16_t)seq) {
 			ahead_drop(f, 0, k);
 			return 0;
 		}

@@ -1838,6 +1838,48 @@ static void fault_checked_moved(bool foreign)
 	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
 }
 
+/*
+ * The same with two workers, the move's event read by the other worker
+ * while this one copies (the hook's mremap() returns once it is read; the
+ * region's lock, which this worker holds, keeps it from being handled):
+ * no event is unread any more, and the kernel's probe takes any mapping
+ * registered with a userfaultfd, another manager's too.  Only the count of
+ * moves read tells.
+ */
+START_TEST(test_fault_checked_moved_read_foreign)
+{
+	cowmm_t *mm = t_open_fa(2, 1);
+	unsigned char *p, buf[T_PAGE];
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	pthread_t th;
+
+	foreign_mm = t_open_fa(1, 1);
+	foreign_r = NULL;
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	claim_to = reserve(16 * T_PAGE);
+	__atomic_store_n(&claim_at, p + 16 * T_PAGE, __ATOMIC_RELEASE);
+	__atomic_store_n(&cowmm__read_checked, move_foreign_when_checked,
+			 __ATOMIC_RELEASE);
+	ck_assert_int_eq(pthread_create(&th, NULL, write_page20, p), 0);
+	pthread_join(th, NULL);
+	__atomic_store_n(&cowmm__read_checked, NULL, __ATOMIC_RELEASE);
+	ck_assert_msg(foreign_r, "the fault's copy never read");
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	ck_assert_int_eq(cowmm_snap_read(s, 20 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
+		      buf[0]);
+	t_assert_snap_filled(s, NPAGES);
+	cowmm_snap_release(foreign_s);
+	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
+	cowmm_close(foreign_mm);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
+}
+END_TEST
+
 START_TEST(test_fault_checked_moved_unread)
 {
 	fault_checked_moved(false);
@@ -3752,6 +3794,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "fault-checked-moved-foreign",
 		  test_fault_checked_moved_foreign, T_WP_UNPOPULATED },
+		{ "fault-checked-moved-read-foreign",
+		  test_fault_checked_moved_read_foreign, T_WP_UNPOPULATED },
 		{ "restore-moved-while-checked",
 		  test_restore_moved_while_checked, T_WP_UNPOPULATED },
 		{ "snapshot-during-move-held", test_snapshot_during_move_held,
