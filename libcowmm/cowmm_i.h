@@ -193,6 +193,8 @@ int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr);
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr);
 bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page);
+int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
+		     bool wake);
 
 /*
  * Worker threads never block on a lock another thread may hold across a

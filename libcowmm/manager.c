@@ -195,6 +195,28 @@ bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page)
 }
 
 /*
+ * Clear write protection on [@start, @start + @len), an address the
+ * caller found in a region's layout after cowmm__maps_seq() gave @seq,
+ * only if no move or unmap was read since: the kernel clears it on any
+ * mapping registered for write-protect faults there, another manager's
+ * too, and refuses (-EAGAIN) only while an event of ours is not read.
+ * read_lock is held across the ioctl, so that none is read meanwhile: a
+ * move that begins after the check makes the ioctl refuse.  -EAGAIN when
+ * a move was read since @seq.
+ */
+int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
+		     bool wake)
+{
+	int ret = -EAGAIN;
+
+	pthread_mutex_lock(&mm->read_lock);
+	if ((uint16_t)seq == mm->maps_read)
+		ret = cowmm__uffd_wp(mm->uffd, start, len, false, wake);
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
+}
+
+/*
  * cowmm__still_ours() for a caller that holds a region's lock and must not
  * give up while an event is only slow to be read (a loaded machine): it
  * waits for as long as an ioctl of the library would (uffd_ioctl()), then
@@ -512,8 +534,22 @@ struct cowmm_region *cowmm__region_lookup(cowmm_t *mm, uintptr_t addr)
  * A fault at an address no region holds (any more): its region was released
  * and unregistered, or the application moved the memory away.  Resolve it
  * as plain memory so that the thread never waits forever.
+ *
+ * Only while the memory there is still this manager's: @seq is the count
+ * of moves and unmaps read when the fault was read, and only a move or
+ * unmap of ours lets other memory take the address.  The kernel clears
+ * write protection (or fills a missing page) in any mapping registered
+ * with a userfaultfd there, another manager's too: after the application
+ * moved the page away and moved another manager's protected page in, this
+ * cleared that page's protection, and its snapshot lost it silently (the
+ * fourth outside review, 8 in 10 tries).  With a move read since, the
+ * thread is only woken: its access faults again where the memory is now,
+ * into whichever userfaultfd holds it.  read_lock is held across the
+ * ioctl, so that no event is read meanwhile (one not read makes the
+ * kernel refuse: -EAGAIN, tried again).
  */
-static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
+static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake,
+		       unsigned seq)
 {
 	int ret;
 
@@ -523,8 +559,15 @@ static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
 	 */
 	if (atomic_load(&mm->remaps_pending))
 		return -EAGAIN;
+	pthread_mutex_lock(&mm->read_lock);
+	if ((uint16_t)seq != mm->maps_read) {
+		pthread_mutex_unlock(&mm->read_lock);
+		cowmm__uffd_wake(mm->uffd, addr, COWMM_PAGE_SIZE);
+		return 0;
+	}
 	ret = wp ? cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake)
 		 : cowmm__uffd_zeropage(mm->uffd, addr, COWMM_PAGE_SIZE, wake);
+	pthread_mutex_unlock(&mm->read_lock);
 	if (ret == -EAGAIN)
 		return ret;
 	if (ret && ret != -EEXIST && ret != -ENOENT) {
@@ -534,7 +577,8 @@ static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
 	return wake && !ret ? 0 : 1; /* the caller wakes */
 }
 
-static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
+static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake,
+		 unsigned seq)
 {
 	struct cowmm_region *r;
 	int ret;
@@ -545,7 +589,7 @@ static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake)
 		ret = wp ? cowmm__region_fault_wp(r, addr, wake)
 			 : cowmm__region_fault_missing(r, addr, wake);
 	else
-		ret = fault_stray(mm, addr, wp, wake);
+		ret = fault_stray(mm, addr, wp, wake, seq);
 	urcu_bp_read_unlock();
 	return ret == -ENOSPC ? -EAGAIN : ret; /* at the cap: try again */
 }
@@ -732,7 +776,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		cowmm__stamped = true;
 		ret = fault(mm, m->arg.pagefault.address & ~(COWMM_PAGE_SIZE - 1),
 			    m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP,
-			    wake);
+			    wake, m->reserved2);
 		cowmm__stamped = false;
 		return ret;
 	}
@@ -1077,6 +1121,8 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 	default:
 		break;
 	}
+	/* A fault: the moves read before it (fault_stray()). */
+	m->reserved2 = mm->maps_read;
 	m->reserved3 = mm->removes_read;
 }
 

@@ -828,8 +828,20 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 {
 	cowmm_t *mm = r->mm;
 	size_t pg, first, win, end;
+	unsigned seq;
 	int ret;
 
+	/*
+	 * A move or unmap read but not handled: the layout may still put
+	 * the page at @addr, and the kernel's write-protect ioctl acts on
+	 * any mapping registered for write-protect faults there, another
+	 * manager's memory moved in after the page left too (it lost its
+	 * protection with no copy: the fourth outside review).  After it is
+	 * handled the fault finds the page moved.  @seq: cowmm__unprotect().
+	 */
+	seq = cowmm__maps_seq(mm);
+	if (maps_pending(mm))
+		return -EAGAIN;
 	if (cowmm__lock(&r->lock))
 		return -EAGAIN;
 	if (r->dying) {
@@ -884,8 +896,8 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	}
 	r->fa_next = end;
 	r->fa_win = win;
-	ret = cowmm__uffd_wp(mm->uffd, cowmm__page_addr(r, first),
-			     (end - first) << COWMM_PAGE_SHIFT, false, wake);
+	ret = cowmm__unprotect(mm, seq, cowmm__page_addr(r, first),
+			       (end - first) << COWMM_PAGE_SHIFT, wake);
 	if (ret && ret != -EAGAIN && end - first > 1) {
 		/*
 		 * The window met a range the kernel no longer has registered
@@ -894,8 +906,7 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 		 * own; the page written is unprotected alone.
 		 */
 		r->fa_win = 0;
-		ret = cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false,
-				     wake);
+		ret = cowmm__unprotect(mm, seq, addr, COWMM_PAGE_SIZE, wake);
 	}
 	pthread_mutex_unlock(&r->lock);
 	if (ret == -EAGAIN) /* retried later: the page is no longer needed */
@@ -920,6 +931,9 @@ int cowmm__region_fault_missing(cowmm_region_t *r, uintptr_t addr, bool wake)
 	size_t pg;
 	int ret;
 
+	/* As for a write fault: the layout may be stale, @addr another's. */
+	if (maps_pending(r->mm))
+		return -EAGAIN;
 	if (cowmm__lock(&r->lock))
 		return -EAGAIN;
 	if (r->dying) {
