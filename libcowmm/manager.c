@@ -207,13 +207,31 @@ bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page)
 int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 		     bool wake)
 {
-	int ret = -EAGAIN;
+	struct pollfd pfd = { .fd = mm->uffd, .events = POLLIN };
+	unsigned tries = 0;
+	bool moved;
+	int ret;
 
-	pthread_mutex_lock(&mm->read_lock);
-	if ((uint16_t)seq == mm->maps_read)
-		ret = cowmm__uffd_wp(mm->uffd, start, len, false, wake);
-	pthread_mutex_unlock(&mm->read_lock);
-	return ret;
+	for (;;) {
+		pthread_mutex_lock(&mm->read_lock);
+		moved = (uint16_t)seq != mm->maps_read;
+		cowmm__uffd_once = true;
+		ret = moved ? -EAGAIN
+			    : cowmm__uffd_wp(mm->uffd, start, len, false, wake);
+		cowmm__uffd_once = false;
+		pthread_mutex_unlock(&mm->read_lock);
+		if (ret != -EAGAIN || moved)
+			return ret;
+		/*
+		 * An event not read: the lock let go, a worker reads it; as
+		 * uffd_ioctl() waits, a worker only a while, and not while
+		 * one is queued that it must go and read itself.
+		 */
+		if (cowmm__in_worker &&
+		    (++tries > 2000 || poll(&pfd, 1, 0) != 0))
+			return -EAGAIN;
+		sched_yield();
+	}
 }
 
 /*
@@ -565,8 +583,10 @@ static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake,
 		cowmm__uffd_wake(mm->uffd, addr, COWMM_PAGE_SIZE);
 		return 0;
 	}
+	cowmm__uffd_once = true; /* no waiting for a read under the lock */
 	ret = wp ? cowmm__uffd_wp(mm->uffd, addr, COWMM_PAGE_SIZE, false, wake)
 		 : cowmm__uffd_zeropage(mm->uffd, addr, COWMM_PAGE_SIZE, wake);
+	cowmm__uffd_once = false;
 	pthread_mutex_unlock(&mm->read_lock);
 	if (ret == -EAGAIN)
 		return ret;

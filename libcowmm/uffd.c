@@ -89,6 +89,8 @@ int cowmm__uffd_probe(uint64_t *features)
  */
 #define WORKER_RETRIES 2000
 
+__thread bool cowmm__uffd_once;
+
 static int uffd_ioctl(int fd, unsigned long req, void *arg)
 {
 	struct pollfd pfd = { .fd = fd, .events = POLLIN };
@@ -99,6 +101,8 @@ static int uffd_ioctl(int fd, unsigned long req, void *arg)
 			return 0;
 		if (errno != EAGAIN)
 			return -errno;
+		if (cowmm__uffd_once)
+			return -EAGAIN;
 		if (cowmm__in_worker &&
 		    (++tries > WORKER_RETRIES || poll(&pfd, 1, 0) != 0))
 			return -EAGAIN;

@@ -24,6 +24,14 @@
 /* Without these a manager cannot work at all. */
 #define COWMM_UFFD_REQUIRED UFFD_FEATURE_PAGEFAULT_FLAG_WP
 
+/*
+ * Set by a thread around an ioctl it makes while holding read_lock (the
+ * lock workers read events under): the ioctl is tried once and returns
+ * -EAGAIN while an event is not read, where it would wait for a worker
+ * to read it, which cannot while the lock is held.
+ */
+extern __thread bool cowmm__uffd_once;
+
 int cowmm__uffd_open(bool user_mode_only);
 int cowmm__uffd_probe(uint64_t *features);
 int cowmm__uffd_api(int fd, uint64_t features, uint64_t *ioctls);
