@@ -23,6 +23,7 @@
 #define COWMM_LEAF_SHIFT 9 /* 512 frame slots per leaf: one 4 KiB block */
 #define COWMM_LEAF_SIZE (1UL << COWMM_LEAF_SHIFT)
 #define COWMM_GRAVEYARD 256 /* released handles remembered for -EBADF */
+#define COWMM_LEFT_MAX 64 /* moves whose old range's UNMAP is to come */
 
 #ifndef ARRAY_SIZE
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
@@ -172,6 +173,15 @@ struct cowmm {
 	 */
 	uint16_t maps_read;
 	atomic_uint maps_done;
+	/*
+	 * Old ranges of moves handled whose UNMAP (mremap() sends it right
+	 * after the REMAP) is still to come (manager.c, left_take()).  Used
+	 * by the handler of one move or unmap at a time: they run in order.
+	 */
+	struct {
+		uintptr_t start, end;
+	} left[COWMM_LEFT_MAX];
+	unsigned nleft;
 	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
 
@@ -446,6 +456,9 @@ extern void (*cowmm__snap_read_checked)(uintptr_t addr);
 /* Tests: called with the region's lock held right before protecting
  * again looks for pages of @r changed without a fault (region.c). */
 extern void (*cowmm__walk_unseen)(cowmm_region_t *r);
+/* Tests: called in the worker right after it followed a move of
+ * [@from, @from + @len) (manager.c), before it reads another event. */
+extern void (*cowmm__remap_handled)(uintptr_t from, size_t len);
 /* Tests: called right after the library unregistered [@start, @start +
  * @len) from its userfaultfd (uffd.c), before anything else. */
 extern void (*cowmm__unregistered)(uintptr_t start, size_t len);

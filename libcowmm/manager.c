@@ -784,6 +784,45 @@ static bool maps_done_upto(cowmm_t *mm, uint16_t seq)
 	return (int16_t)(done - seq) >= 0;
 }
 
+/*
+ * mremap() takes the pages, lets go of the address space, and sends a
+ * REMAP and then an UNMAP of the range the pages left.  Between the two a
+ * new region can be mapped there (once the REMAP is followed, the table no
+ * longer lists the range), and the UNMAP, which concerns nothing of ours,
+ * made holes of its pages: they read zero in its snapshots, and release
+ * left them mapped (the fifth outside review's pinmove; exact/
+ * adopt-where-move-left).  A REMAP whose old range is no longer mapped
+ * when it is handled (with MREMAP_DONTUNMAP it stays, and no UNMAP comes)
+ * leaves a note of that range, and the UNMAP of exactly that range takes
+ * it and changes nothing.
+ */
+void (*cowmm__remap_handled)(uintptr_t from, size_t len);
+
+static void left_add(cowmm_t *mm, uintptr_t start, size_t len)
+{
+	if (mm->nleft == COWMM_LEFT_MAX) { /* the oldest, long overdue */
+		memmove(&mm->left[0], &mm->left[1],
+			(COWMM_LEFT_MAX - 1) * sizeof(mm->left[0]));
+		mm->nleft--;
+	}
+	mm->left[mm->nleft].start = start;
+	mm->left[mm->nleft].end = start + len;
+	mm->nleft++;
+}
+
+static bool left_take(cowmm_t *mm, uintptr_t start, uintptr_t end)
+{
+	unsigned i;
+
+	for (i = 0; i < mm->nleft; i++) {
+		if (mm->left[i].start != start || mm->left[i].end != end)
+			continue;
+		mm->left[i] = mm->left[--mm->nleft];
+		return true;
+	}
+	return false;
+}
+
 /* Resolve one message; -EAGAIN: try again later. */
 static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 {
@@ -825,8 +864,10 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		 */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)))
 			return -EAGAIN;
-		ret = cowmm__event_unmap(mm, m->arg.remove.start,
-					 m->arg.remove.end);
+		ret = left_take(mm, m->arg.remove.start, m->arg.remove.end)
+			      ? 0
+			      : cowmm__event_unmap(mm, m->arg.remove.start,
+						   m->arg.remove.end);
 		if (ret != -EAGAIN) {
 			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->unmaps_pending, 1);
@@ -834,17 +875,31 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		return ret;
 	}
 	case UFFD_EVENT_REMAP: {
+		void (*hook)(uintptr_t, size_t);
+		unsigned char vec;
+		bool left;
 		int ret;
 
 		/* After the moves and unmaps, and the discards, before it. */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
 		    cowmm__removes_before(mm, m->reserved3))
 			return -EAGAIN;
+		/* Before the table lets go of it: nothing of ours comes. */
+		left = mincore((void *)m->arg.remap.from, COWMM_PAGE_SIZE,
+			       &vec) &&
+		       errno == ENOMEM;
 		ret = cowmm__event_remap(mm, m->arg.remap.from,
 					 m->arg.remap.to, m->arg.remap.len);
 		if (ret != -EAGAIN) {
+			if (left && m->arg.remap.len)
+				left_add(mm, m->arg.remap.from,
+					 m->arg.remap.len);
 			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->remaps_pending, 1);
+			hook = __atomic_load_n(&cowmm__remap_handled,
+					       __ATOMIC_ACQUIRE);
+			if (cowmm__unlikely(hook != NULL))
+				hook(m->arg.remap.from, m->arg.remap.len);
 		}
 		return ret;
 	}
