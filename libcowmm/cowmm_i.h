@@ -23,7 +23,6 @@
 #define COWMM_LEAF_SHIFT 9 /* 512 frame slots per leaf: one 4 KiB block */
 #define COWMM_LEAF_SIZE (1UL << COWMM_LEAF_SHIFT)
 #define COWMM_GRAVEYARD 256 /* released handles remembered for -EBADF */
-#define COWMM_LEFT_MAX 64 /* moves whose old range's UNMAP is to come */
 
 #ifndef ARRAY_SIZE
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
@@ -173,15 +172,17 @@ struct cowmm {
 	 */
 	uint16_t maps_read;
 	atomic_uint maps_done;
+	/* Moves and unmaps read, all of them (under read_lock): born_maps. */
+	uint32_t maps_all;
 	/*
-	 * Old ranges of moves handled whose UNMAP (mremap() sends it right
-	 * after the REMAP) is still to come (manager.c, left_take()).  Used
-	 * by the handler of one move or unmap at a time: they run in order.
+	 * The last move handled: its number (maps_done + 1 when handled)
+	 * and old range (manager.c, unmap_since()).  Handlers of moves and
+	 * unmaps run one at a time, in order.
 	 */
 	struct {
+		uint32_t nr;
 		uintptr_t start, end;
-	} left[COWMM_LEFT_MAX];
-	unsigned nleft;
+	} last_remap;
 	pthread_mutex_t read_lock;  /* one worker reads the fd at a time */
 };
 
@@ -274,6 +275,9 @@ struct cowmm_region {
 	uint32_t magic;
 	bool adopted;
 	bool dying; /* being released: faults are left to the unregister */
+	/* mm->maps_all when it entered the table: no UNMAP read later, nor
+	 * the one of a move read before, concerns it (manager.c). */
+	uint32_t born_maps;
 	cowmm_t *mm;
 	uintptr_t base; /* where page 0 is (cowmm_region_base()) */
 	struct cowmm_layout *layout; /* RCU: where every page is */
@@ -468,11 +472,13 @@ bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
+uint32_t cowmm__maps_all(cowmm_t *mm);
 bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since);
 void cowmm__pause_reads(cowmm_t *mm, unsigned ms); /* tests */
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
-int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end);
+int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
+		       uint32_t since);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,
 		       size_t len);
 int cowmm__live_read(uintptr_t addr, void *dst, size_t len);

@@ -37,7 +37,7 @@
  */
 static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 		       int (*fn)(cowmm_region_t *, size_t, size_t),
-		       bool reindex)
+		       bool reindex, const uint32_t *since)
 {
 	struct cowmm_rtable *t;
 	int ret = 0;
@@ -50,6 +50,9 @@ static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 		uintptr_t s, e;
 
 		if (t->e[i].base >= end || t->e[i].base + t->e[i].len <= start)
+			continue;
+		/* Mapped after the event's unmap: not what it took. */
+		if (since && (int32_t)(r->born_maps - *since) >= 0)
 			continue;
 		if (cowmm__lock(&r->lock)) {
 			ret = -EAGAIN;
@@ -122,7 +125,7 @@ static int remove_pages(cowmm_region_t *r, size_t pg, size_t n)
 
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end)
 {
-	return for_overlap(mm, start, end, remove_pages, false);
+	return for_overlap(mm, start, end, remove_pages, false, NULL);
 }
 
 static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
@@ -151,10 +154,16 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 	return 0;
 }
 
-int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end)
+/*
+ * @since: the number of the first move or unmap read after the memory it
+ * took was unmapped (manager.c, unmap_since()): a region that entered the
+ * table once that many were read came later.
+ */
+int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
+		       uint32_t since)
 {
 	/* The holes leave the index: something else may be mapped there. */
-	return for_overlap(mm, start, end, unmap_pages, true);
+	return for_overlap(mm, start, end, unmap_pages, true, &since);
 }
 
 /*

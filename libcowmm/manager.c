@@ -785,42 +785,43 @@ static bool maps_done_upto(cowmm_t *mm, uint16_t seq)
 }
 
 /*
- * mremap() takes the pages, lets go of the address space, and sends a
- * REMAP and then an UNMAP of the range the pages left.  Between the two a
- * new region can be mapped there (once the REMAP is followed, the table no
- * longer lists the range), and the UNMAP, which concerns nothing of ours,
- * made holes of its pages: they read zero in its snapshots, and release
- * left them mapped (the fifth outside review's pinmove; exact/
- * adopt-where-move-left).  A REMAP whose old range is no longer mapped
- * when it is handled (with MREMAP_DONTUNMAP it stays, and no UNMAP comes)
- * leaves a note of that range, and the UNMAP of exactly that range takes
- * it and changes nothing.
+ * Which regions an UNMAP (number @nr among the moves and unmaps) may
+ * concern: those that entered the table before it was read.  The kernel
+ * unmaps first and sends the event after, so memory mapped later is not
+ * what it took.  And mremap() takes the pages, lets go of the address
+ * space, and sends a REMAP and then an UNMAP of the range they left:
+ * once the REMAP is followed the table no longer lists that range, and a
+ * region allocated or adopted there before the UNMAP is read is not what
+ * it took either (it made holes of its pages, which its snapshots read
+ * as zero and its release left mapped: the fifth outside review's
+ * pinmove and adoptrace; exact/adopt-where-move-left).  So an UNMAP of
+ * exactly the old range of the move read just before it concerns only
+ * regions in the table before that move was read.  Should it be another
+ * thread's munmap() of a region mapped there since (with
+ * MREMAP_DONTUNMAP no UNMAP follows the move), that region entered the
+ * table only after the range was unmapped in some other way first, which
+ * sent an UNMAP of its own in between; or the move's own UNMAP comes
+ * next and finds it.
  */
 void (*cowmm__remap_handled)(uintptr_t from, size_t len);
 
-static void left_add(cowmm_t *mm, uintptr_t start, size_t len)
+static uint32_t unmap_since(cowmm_t *mm, uint32_t nr, uintptr_t start,
+			    uintptr_t end)
 {
-	if (mm->nleft == COWMM_LEFT_MAX) { /* the oldest, long overdue */
-		memmove(&mm->left[0], &mm->left[1],
-			(COWMM_LEFT_MAX - 1) * sizeof(mm->left[0]));
-		mm->nleft--;
-	}
-	mm->left[mm->nleft].start = start;
-	mm->left[mm->nleft].end = start + len;
-	mm->nleft++;
+	if (mm->last_remap.nr == nr - 1 && mm->last_remap.start == start &&
+	    mm->last_remap.end == end)
+		return nr - 1;
+	return nr;
 }
 
-static bool left_take(cowmm_t *mm, uintptr_t start, uintptr_t end)
+uint32_t cowmm__maps_all(cowmm_t *mm)
 {
-	unsigned i;
+	uint32_t ret;
 
-	for (i = 0; i < mm->nleft; i++) {
-		if (mm->left[i].start != start || mm->left[i].end != end)
-			continue;
-		mm->left[i] = mm->left[--mm->nleft];
-		return true;
-	}
-	return false;
+	pthread_mutex_lock(&mm->read_lock);
+	ret = mm->maps_all;
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
 }
 
 /* Resolve one message; -EAGAIN: try again later. */
@@ -855,6 +856,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		return ret;
 	}
 	case UFFD_EVENT_UNMAP: {
+		uint32_t nr;
 		int ret;
 
 		/*
@@ -864,10 +866,11 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		 */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)))
 			return -EAGAIN;
-		ret = left_take(mm, m->arg.remove.start, m->arg.remove.end)
-			      ? 0
-			      : cowmm__event_unmap(mm, m->arg.remove.start,
-						   m->arg.remove.end);
+		nr = (uint32_t)atomic_load(&mm->maps_done) + 1;
+		ret = cowmm__event_unmap(mm, m->arg.remove.start,
+					 m->arg.remove.end,
+					 unmap_since(mm, nr, m->arg.remove.start,
+						     m->arg.remove.end));
 		if (ret != -EAGAIN) {
 			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->unmaps_pending, 1);
@@ -876,24 +879,20 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 	}
 	case UFFD_EVENT_REMAP: {
 		void (*hook)(uintptr_t, size_t);
-		unsigned char vec;
-		bool left;
 		int ret;
 
 		/* After the moves and unmaps, and the discards, before it. */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
 		    cowmm__removes_before(mm, m->reserved3))
 			return -EAGAIN;
-		/* Before the table lets go of it: nothing of ours comes. */
-		left = mincore((void *)m->arg.remap.from, COWMM_PAGE_SIZE,
-			       &vec) &&
-		       errno == ENOMEM;
 		ret = cowmm__event_remap(mm, m->arg.remap.from,
 					 m->arg.remap.to, m->arg.remap.len);
 		if (ret != -EAGAIN) {
-			if (left && m->arg.remap.len)
-				left_add(mm, m->arg.remap.from,
-					 m->arg.remap.len);
+			mm->last_remap.nr =
+				(uint32_t)atomic_load(&mm->maps_done) + 1;
+			mm->last_remap.start = m->arg.remap.from;
+			mm->last_remap.end = m->arg.remap.from +
+					     m->arg.remap.len;
 			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->remaps_pending, 1);
 			hook = __atomic_load_n(&cowmm__remap_handled,
@@ -1177,6 +1176,7 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 	switch (m->event) {
 	case UFFD_EVENT_REMAP:
 		m->reserved2 = ++mm->maps_read;
+		mm->maps_all++;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;
 		atomic_fetch_add(&mm->remaps_pending, 1);
@@ -1189,6 +1189,7 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 		return;
 	case UFFD_EVENT_UNMAP:
 		m->reserved2 = ++mm->maps_read;
+		mm->maps_all++;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;
 		atomic_fetch_add(&mm->unmaps_pending, 1);

@@ -171,6 +171,7 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 		ret = -EOPNOTSUPP;
 		goto err_unregister;
 	}
+	r->born_maps = cowmm__maps_all(mm);
 	ret = cowmm__rtable_insert(mm, r);
 	if (ret)
 		goto err_unregister;
