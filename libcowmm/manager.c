@@ -1808,15 +1808,16 @@ void cowmm__pause_reads(cowmm_t *mm, unsigned ms)
 	atomic_store(&mm->pause_until, cowmm__now_ns() + ms * 1000000ull);
 }
 
-/*
- * How many moves and unmaps were read so far (wrapping): a call that sees
- * it change knows the layout it worked with may be stale.
- */
 /* Have the moves and unmaps read up to cowmm__maps_seq() @seq been handled? */
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq)
 {
 	return maps_done_upto(mm, (uint16_t)seq);
 }
+
+/*
+ * How many moves and unmaps were read so far (wrapping): a call that sees
+ * it change knows the layout it worked with may be stale.
+ */
 
 unsigned cowmm__maps_seq(cowmm_t *mm)
 {

@@ -726,13 +726,10 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		/*
 		 * Not loads, even in the writer's own handler: another thread
 		 * may unmap a neighbour meanwhile, and process_vm_readv()
-		 * fails where a load would crash.
-		 */
-		/*
-		 * Other memory mapped where the pages were, with the move
-		 * not handled (copied_ours()): no mapping registered there,
-		 * an event unread, or a move read since.  The pages fault on
-		 * their own.
+		 * fails where a load would crash.  Then the checks of
+		 * copied_ours(), for other memory mapped where the pages
+		 * were: no mapping registered there, an event unread, or a
+		 * move read since.  The pages fault on their own then.
 		 */
 		if (cowmm__live_readv(lv, rv, nio) ||
 		    cowmm__pagemap_read(mm->pagemap, base, k, e2) ||
