@@ -171,6 +171,18 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 		ret = -EOPNOTSUPP;
 		goto err_unregister;
 	}
+	/*
+	 * Which UNMAP events may concern the region (manager.c,
+	 * unmap_since()): not one whose unmap came before this memory was
+	 * mapped.  Such an event may still be queued (another thread's
+	 * munmap() of a range that took in memory mapped here now, not yet
+	 * returned: the sixth outside review's munspan), so count from once
+	 * every event queued so far is read: the kernel refuses the probe
+	 * until then.
+	 */
+	while (cowmm__uffd_range_probe(mm->uffd, base, COWMM_PAGE_SIZE) ==
+	       -EAGAIN)
+		usleep(20);
 	r->born_maps = cowmm__maps_all(mm);
 	ret = cowmm__rtable_insert(mm, r);
 	if (ret)

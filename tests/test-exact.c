@@ -2957,6 +2957,70 @@ static void adopt_where_move_left(bool early)
 	munmap(q, T_PAGE);
 }
 
+static void *unmap_thread(void *arg)
+{
+	struct move_call *m = arg;
+
+	ck_assert_int_eq(munmap(m->from, m->len), 0);
+	return NULL;
+}
+
+/*
+ * One munmap() over a region and the application's memory after it: the
+ * kernel unmaps both, then sends an UNMAP of the whole range.  Memory
+ * mapped in the second part and adopted before the event was read (that
+ * range was no region's, so nothing held the adoption back) lost its
+ * pages to it: its snapshots read zeros, and an allocated region's
+ * release left them mapped (the sixth outside review's munspan).
+ */
+START_TEST(test_adopt_in_unmapped_span)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *pm, *q, buf[T_PAGE];
+	struct move_call mv;
+	cowmm_region_t *r, *a;
+	cowmm_snap_t *s;
+	unsigned char vec;
+	pthread_t th;
+	size_t i;
+
+	p = t_filled_region(mm, NPAGES, &r);
+	p = lower(r, p, NPAGES);
+	pm = reserve(4 * T_PAGE); /* right after the region */
+	ck_assert_ptr_eq(pm, p + NPAGES * T_PAGE);
+	ck_assert_ptr_eq(mmap(pm, 4 * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
+			 pm);
+	cowmm__pause_reads(mm, 100); /* the UNMAP waits to be read */
+	mv = (struct move_call){ p, NULL, (NPAGES + 4) * T_PAGE };
+	ck_assert_int_eq(pthread_create(&th, NULL, unmap_thread, &mv), 0);
+	while (!mincore(pm, T_PAGE, &vec))
+		usleep(100); /* unmapped; the event not read */
+	q = mmap(pm, 4 * T_PAGE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	ck_assert_ptr_eq(q, pm);
+	memset(q, 0x77, 4 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(mm, q, 4 * T_PAGE, 0, &a), 0);
+	pthread_join(th, NULL);
+	cowmm__wait_events(mm);
+
+	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
+	memset(q, 0x11, 4 * T_PAGE); /* copies every page for @s */
+	for (i = 0; i < 4; i++) {
+		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(buf[0] == 0x77 && buf[T_PAGE - 1] == 0x77,
+			      "adopted page %zu reads %#x in its snapshot", i,
+			      buf[0]);
+	}
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(a), 0);
+	cowmm_close(mm);
+	munmap(q, 4 * T_PAGE);
+}
+END_TEST
+
 START_TEST(test_adopt_where_move_left)
 {
 	adopt_where_move_left(false);
@@ -4056,6 +4120,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "adopt-where-move-left-early",
 		  test_adopt_where_move_left_early, T_WP_UNPOPULATED },
+		{ "adopt-in-unmapped-span", test_adopt_in_unmapped_span,
+		  T_WP_UNPOPULATED },
 		{ "swap-clone-discarded", test_swap_clone_discarded,
 		  T_WP_UNPOPULATED, T_NEEDS_ROOT },
 	};
