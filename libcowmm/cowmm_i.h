@@ -174,6 +174,8 @@ struct cowmm {
 	atomic_uint maps_done;
 	/* Moves and unmaps read, all of them (under read_lock): born_maps. */
 	uint32_t maps_all;
+	/* A page of no region, registered: cowmm__events_barrier(). */
+	void *barrier;
 	/*
 	 * The last move handled: its number (maps_done + 1 when handled)
 	 * and old range (manager.c, unmap_since()).  Handlers of moves and
@@ -473,6 +475,7 @@ bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 uint32_t cowmm__maps_all(cowmm_t *mm);
+void cowmm__events_barrier(cowmm_t *mm);
 bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since);
 void cowmm__pause_reads(cowmm_t *mm, unsigned ms); /* tests */
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */

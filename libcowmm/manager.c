@@ -814,6 +814,37 @@ static uint32_t unmap_since(cowmm_t *mm, uint32_t nr, uintptr_t start,
 	return nr;
 }
 
+/*
+ * Return once every event queued on the userfaultfd before the call has
+ * been read.  Waiting until none is unread (the kernel's probe refuses
+ * while one is) can wait for ever while other threads keep sending them
+ * (the seventh outside review: a region allocation stalled 40 s behind
+ * two threads that kept unmapping).  Events are read in the order they
+ * were queued: a discard of the manager's own barrier page, registered
+ * and no region's, queues a REMOVE and returns once a worker read it, so
+ * every event before it was read too.  Application threads only (a
+ * worker would wait for itself); without REMOVE events, a bounded wait.
+ */
+void cowmm__events_barrier(cowmm_t *mm)
+{
+	uint64_t t0;
+
+	if (cowmm__in_worker || cowmm__in_sigbus ||
+	    atomic_load(&mm->uffd_lost))
+		return;
+	if (mm->barrier) {
+		if (cowmm__uffd_range_probe(mm->uffd, (uintptr_t)mm->barrier,
+					    COWMM_PAGE_SIZE) == -EAGAIN)
+			madvise(mm->barrier, COWMM_PAGE_SIZE, MADV_DONTNEED);
+		return;
+	}
+	t0 = cowmm__now_ns();
+	while (cowmm__uffd_range_probe(mm->uffd, 0, COWMM_PAGE_SIZE) ==
+		       -EAGAIN &&
+	       cowmm__now_ns() - t0 < DROPPED_WAIT_NS)
+		usleep(20);
+}
+
 uint32_t cowmm__maps_all(cowmm_t *mm)
 {
 	uint32_t ret;
@@ -1467,6 +1498,33 @@ static void log_eperm(void)
 		   "'sysctl vm.unprivileged_userfaultfd=1'");
 }
 
+/* The page cowmm__events_barrier() discards; none without REMOVE events. */
+static void barrier_open(cowmm_t *mm)
+{
+	void *p;
+
+	if (!(mm->features & UFFD_FEATURE_EVENT_REMOVE))
+		return;
+	p = mmap(NULL, COWMM_PAGE_SIZE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return;
+	if (cowmm__uffd_register(mm->uffd, (uintptr_t)p, COWMM_PAGE_SIZE,
+				 UFFDIO_REGISTER_MODE_WP, NULL)) {
+		munmap(p, COWMM_PAGE_SIZE);
+		return;
+	}
+	mm->barrier = p;
+}
+
+/* After the userfaultfd is closed: an unmap sends no event then. */
+static void barrier_close(cowmm_t *mm)
+{
+	if (mm->barrier)
+		munmap(mm->barrier, COWMM_PAGE_SIZE);
+	mm->barrier = NULL;
+}
+
 int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 {
 	struct cowmm_config cfg;
@@ -1541,6 +1599,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		ret = -errno;
 		goto err_close;
 	}
+	barrier_open(mm);
 	ret = pthread_mutex_init(&mm->lock, NULL);
 	if (ret) {
 		ret = -ret;
@@ -1582,6 +1641,7 @@ err_close:
 	if (mm->stopfd >= 0)
 		close(mm->stopfd);
 	close(mm->uffd);
+	barrier_close(mm);
 err_free:
 	free(mm);
 	return ret;
@@ -1610,6 +1670,7 @@ void cowmm_close(cowmm_t *mm)
 	free(mm->workers);
 	if (!atomic_load(&mm->uffd_lost)) /* else: closed, maybe reused */
 		close(mm->uffd);
+	barrier_close(mm);
 	close(mm->stopfd);
 	close(mm->pagemap);
 
@@ -1736,12 +1797,16 @@ void cowmm__wait_discards(cowmm_t *mm)
  */
 void cowmm__wait_events(cowmm_t *mm)
 {
+	unsigned seq = cowmm__maps_seq(mm);
 	struct wait w = { 0 };
 
 	cowmm__wait_discards(mm);
-	while ((atomic_load(&mm->unmaps_pending) ||
-		atomic_load(&mm->remaps_pending)) &&
-	       wait_more(&w, "unmaps and moves"))
+	/*
+	 * Only those read so far, as for discards: waiting until none is
+	 * pending held a release back for as long as another thread kept
+	 * unmapping (the seventh outside review: 10-28 s).
+	 */
+	while (!cowmm__maps_done(mm, seq) && wait_more(&w, "unmaps and moves"))
 		;
 }
 

@@ -177,12 +177,9 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 	 * mapped.  Such an event may still be queued (another thread's
 	 * munmap() of a range that took in memory mapped here now, not yet
 	 * returned: the sixth outside review's munspan), so count from once
-	 * every event queued so far is read: the kernel refuses the probe
-	 * until then.
+	 * every event queued so far is read.
 	 */
-	while (cowmm__uffd_range_probe(mm->uffd, base, COWMM_PAGE_SIZE) ==
-	       -EAGAIN)
-		usleep(20);
+	cowmm__events_barrier(mm);
 	r->born_maps = cowmm__maps_all(mm);
 	ret = cowmm__rtable_insert(mm, r);
 	if (ret)
