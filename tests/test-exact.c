@@ -1326,6 +1326,14 @@ static void map_foreign_protected(unsigned char *at)
 	ck_assert_int_eq(cowmm_snapshot(foreign_r, &foreign_s), 0);
 }
 
+/* Let go of the other manager map_foreign_protected() made its memory. */
+static void foreign_close(void)
+{
+	cowmm_snap_release(foreign_s);
+	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
+	cowmm_close(foreign_mm);
+}
+
 static void move_when_sampled_protected(uintptr_t addr)
 {
 	unsigned char *at = take_sampled(addr);
@@ -1367,9 +1375,7 @@ START_TEST(test_read_moved_foreign_protected)
 	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
 		      buf[0]);
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_snap_release(foreign_s);
-	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
-	cowmm_close(foreign_mm);
+	foreign_close();
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
 }
@@ -1423,9 +1429,7 @@ START_TEST(test_restore_claim_foreign_protected)
 	assert_snap_run_written(s2);
 	t_assert_snap_filled(s, NPAGES);
 	t_assert_live_filled(claim_to - 24 * T_PAGE, 24, 16, 0, 0);
-	cowmm_snap_release(foreign_s);
-	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
-	cowmm_close(foreign_mm);
+	foreign_close();
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	munmap(p + 24 * T_PAGE, 16 * T_PAGE);
 }
@@ -1830,9 +1834,7 @@ static void fault_checked_moved(bool foreign)
 		      buf[0]);
 	t_assert_snap_filled(s, NPAGES);
 	if (foreign) {
-		cowmm_snap_release(foreign_s);
-		ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
-		cowmm_close(foreign_mm);
+		foreign_close();
 	}
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
@@ -1872,9 +1874,7 @@ START_TEST(test_fault_checked_moved_read_foreign)
 	ck_assert_msg(page_is(buf, 21), "the snapshot reads %#x for page 20",
 		      buf[0]);
 	t_assert_snap_filled(s, NPAGES);
-	cowmm_snap_release(foreign_s);
-	ck_assert_int_eq(cowmm_region_release(foreign_r), 0);
-	cowmm_close(foreign_mm);
+	foreign_close();
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 	munmap(p + 16 * T_PAGE, 16 * T_PAGE);
 }
