@@ -666,6 +666,25 @@ static void page_written(int ri, size_t pg)
 }
 
 /*
+ * Page pg of region ri is written, but the library may have left it alone
+ * (its bytes were already the ones written): the clones that still read it
+ * from ri may keep doing so, and lose it at a later discard (SIGBUS).
+ */
+static void written_clones_unsure(int ri, size_t pg)
+{
+	unsigned char keep[MAXR];
+	int i;
+
+	for (i = 0; i < MAXR; i++)
+		keep[i] = R[i].live && R[i].origin == ri && pg < R[i].npages &&
+			  R[i].cshared[pg];
+	page_written(ri, pg);
+	for (i = 0; i < MAXR; i++)
+		if (keep[i])
+			R[i].cshared[pg] = 1;
+}
+
+/*
  * An eager load writes page pg of region ri with @file (@famb: the file's
  * bytes may be zero instead).  Where either side is "old bytes or zero"
  * (MADV_FREE), the loader may find the page equal and leave it alone, so
@@ -680,7 +699,6 @@ static void load_written(int ri, size_t pg, const unsigned char *file,
 	struct mregion *m = &R[ri];
 	const unsigned char *live = page_of(m->model, pg);
 	bool equal = !memcmp(live, file, PG), unsure;
-	unsigned char keep[MAXR];
 	int i;
 
 	if (m->amb[pg] && famb)
@@ -701,13 +719,7 @@ static void load_written(int ri, size_t pg, const unsigned char *file,
 			S[i].unsure[pg] = 1;
 			ever_broken_allowed = true;
 		}
-	for (i = 0; i < MAXR; i++)
-		keep[i] = R[i].live && R[i].origin == ri && pg < R[i].npages &&
-			  R[i].cshared[pg];
-	page_written(ri, pg);
-	for (i = 0; i < MAXR; i++)
-		if (keep[i])
-			R[i].cshared[pg] = 1;
+	written_clones_unsure(ri, pg);
 }
 
 /*
@@ -1657,8 +1669,9 @@ static void op_release(struct op *o, char *d)
  * Restore from snapshot @si writes page @pg of region @ri, but an eager
  * load may have left the page alone while @si shared it (load_written()):
  * then the library takes the page for unchanged since @si and leaves it
- * alone again, and the snapshots that share it now keep sharing it: a
- * later discard may break them.
+ * alone again, and the snapshots and clones that share it now keep
+ * sharing it: a later discard may break the snapshots and take the page
+ * from the clones (SIGBUS).
  */
 static void restore_unsure(int ri, int si, size_t pg)
 {
@@ -1670,6 +1683,7 @@ static void restore_unsure(int ri, int si, size_t pg)
 			S[i].may_break = true;
 			ever_broken_allowed = true;
 		}
+	written_clones_unsure(ri, pg);
 }
 
 static void op_restore(struct op *o, char *d)
@@ -1712,7 +1726,8 @@ static void op_restore(struct op *o, char *d)
 			continue;
 		if (s->unsure[pg])
 			restore_unsure(ri, si, pg);
-		page_written(ri, pg);
+		else
+			page_written(ri, pg);
 		memcpy(page_of(m->model, pg), page_of(s->model, pg), PG);
 		m->amb[pg] = s->amb[pg];
 		m->maylose[pg] = 0;
