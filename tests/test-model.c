@@ -34,6 +34,7 @@
  *   COWMM_MODEL_GDB=1       on a hang, print every thread's stack (gdb)
  *   COWMM_MODEL_VERBOSE=1   print each operation as it runs
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -344,6 +345,53 @@ static void print_stacks(void)
 	fflush(stdout);
 }
 
+/* The first line of /proc/self/task/@tid/@what, without its newline. */
+static void task_file(const char *tid, const char *what, char *buf,
+		      size_t len)
+{
+	char path[96];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%s/%s", tid, what);
+	buf[0] = 0;
+	f = fopen(path, "r");
+	if (f) {
+		if (!fgets(buf, (int)len, f))
+			buf[0] = 0;
+		fclose(f);
+	}
+	buf[strcspn(buf, "\n")] = 0;
+}
+
+/*
+ * Where every thread waits, from /proc: what the kernel knows without
+ * stopping anyone (gdb cannot attach while a thread is stuck in the
+ * kernel, and a hang seen once under load may not come back).
+ */
+static void print_threads(void)
+{
+	char comm[64], stat[512], wchan[64], sc[256];
+	struct dirent *de;
+	DIR *d = opendir("/proc/self/task");
+	const char *st;
+
+	while (d && (de = readdir(d))) {
+		if (de->d_name[0] == '.')
+			continue;
+		task_file(de->d_name, "comm", comm, sizeof(comm));
+		task_file(de->d_name, "stat", stat, sizeof(stat));
+		task_file(de->d_name, "wchan", wchan, sizeof(wchan));
+		task_file(de->d_name, "syscall", sc, sizeof(sc));
+		st = strrchr(stat, ')');
+		printf("  thread %s (%s): state %c, wchan %s, syscall %s\n",
+		       de->d_name, comm, st && st[1] ? st[2] : '?',
+		       wchan[0] ? wchan : "-", sc);
+	}
+	if (d)
+		closedir(d);
+	fflush(stdout);
+}
+
 static void *watchdog(void *arg)
 {
 	(void)arg;
@@ -359,6 +407,7 @@ static void *watchdog(void *arg)
 
 				printf("  op #%d did not finish in %.0f s\n",
 				       atomic_load(&cur_op), hang_seconds);
+				print_threads();
 				if (mm && !cowmm_stats(mm, &st, sizeof(st)))
 					printf("  stats: frames_live %llu "
 					       "snapshots_live %llu throttled "
