@@ -121,10 +121,20 @@ int cowmm__cow_claim_locked(cowmm_region_t *r, size_t pg,
 	return ret;
 }
 
+/*
+ * How long a claim waits for a page it cannot read yet (a discard or a
+ * move of it pending) before it gives up on its bytes: the snapshots that
+ * needed them break, loudly, rather than the caller waiting for ever (the
+ * thirteenth session's outside review: a release behind an unmap it never
+ * saw).
+ */
+#define CLAIM_WAIT_NS (10 * 1000 * 1000 * 1000ull)
+
 int cowmm__cow_claim(cowmm_region_t *r, size_t pg, enum cowmm_cow_src src,
 		     atomic_uint_fast64_t *counter)
 {
 	bool outer = cowmm__stamped;
+	uint64_t t0 = cowmm__now_ns();
 	int ret;
 
 	/*
@@ -137,6 +147,12 @@ int cowmm__cow_claim(cowmm_region_t *r, size_t pg, enum cowmm_cow_src src,
 	}
 	while ((ret = cowmm__cow_claim_locked(r, pg, src, counter)) ==
 	       -EAGAIN) {
+		if (cowmm__now_ns() - t0 >= CLAIM_WAIT_NS) {
+			cowmm__cow_claim_lost_locked(
+				r, pg, "page unreadable for 10 s");
+			ret = -EIO;
+			break;
+		}
 		/* The discard's handler may need this very lock. */
 		pthread_mutex_unlock(&r->lock);
 		cowmm__wait_discards(r->mm);

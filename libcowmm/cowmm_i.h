@@ -174,7 +174,7 @@ struct cowmm {
 	atomic_uint maps_done;
 	/* Moves and unmaps read, all of them (under read_lock): born_maps. */
 	uint32_t maps_all;
-	/* A page of no region, registered: cowmm__events_barrier(). */
+	/* A page of no region, registered: cowmm__born_maps(). */
 	void *barrier;
 	/*
 	 * The last move handled: its number (maps_done + 1 when handled)
@@ -277,8 +277,10 @@ struct cowmm_region {
 	uint32_t magic;
 	bool adopted;
 	bool dying; /* being released: faults are left to the unregister */
+	/* No event was in flight when born_maps was taken (manager.c). */
+	bool born_quiet;
 	/* mm->maps_all when it entered the table: no UNMAP read later, nor
-	 * the one of a move read before, concerns it (manager.c). */
+	 * the one of a move read before (unless born_quiet), concerns it. */
 	uint32_t born_maps;
 	cowmm_t *mm;
 	uintptr_t base; /* where page 0 is (cowmm_region_base()) */
@@ -474,14 +476,17 @@ bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
-uint32_t cowmm__maps_all(cowmm_t *mm);
-void cowmm__events_barrier(cowmm_t *mm);
+bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps);
 bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since);
 void cowmm__pause_reads(cowmm_t *mm, unsigned ms); /* tests */
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */
 int cowmm__event_remove(cowmm_t *mm, uintptr_t start, uintptr_t end);
+/* An UNMAP's number, and the first that may concern it (events.c). */
+struct cowmm_unmap_nr {
+	uint32_t nr, since;
+};
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
-		       uint32_t since);
+		       uint32_t nr, uint32_t since);
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to,
 		       size_t len);
 int cowmm__live_read(uintptr_t addr, void *dst, size_t len);

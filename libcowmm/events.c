@@ -37,7 +37,7 @@
  */
 static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 		       int (*fn)(cowmm_region_t *, size_t, size_t),
-		       bool reindex, const uint32_t *since)
+		       bool reindex, const struct cowmm_unmap_nr *nr)
 {
 	struct cowmm_rtable *t;
 	int ret = 0;
@@ -52,7 +52,8 @@ static int for_overlap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 		if (t->e[i].base >= end || t->e[i].base + t->e[i].len <= start)
 			continue;
 		/* Mapped after the event's unmap: not what it took. */
-		if (since && (int32_t)(r->born_maps - *since) >= 0)
+		if (nr && (int32_t)(r->born_maps - (r->born_quiet ? nr->nr
+								   : nr->since)) >= 0)
 			continue;
 		if (cowmm__lock(&r->lock)) {
 			ret = -EAGAIN;
@@ -155,15 +156,19 @@ static int unmap_pages(cowmm_region_t *r, size_t pg, size_t n)
 }
 
 /*
- * @since: the number of the first move or unmap read after the memory it
- * took was unmapped (manager.c, unmap_since()): a region that entered the
- * table once that many were read came later.
+ * @nr: the event's number among the moves and unmaps read; @since: the
+ * first read after the memory it took was unmapped (manager.c,
+ * unmap_since()), @nr or the move just before.  A region that entered the
+ * table once that many were read came later; one that entered it with no
+ * event in flight (born_quiet), once @nr were.
  */
 int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
-		       uint32_t since)
+		       uint32_t nr, uint32_t since)
 {
+	struct cowmm_unmap_nr n = { .nr = nr, .since = since };
+
 	/* The holes leave the index: something else may be mapped there. */
-	return for_overlap(mm, start, end, unmap_pages, true, &since);
+	return for_overlap(mm, start, end, unmap_pages, true, &n);
 }
 
 /*

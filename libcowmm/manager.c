@@ -796,12 +796,13 @@ static bool maps_done_upto(cowmm_t *mm, uint16_t seq)
  * as zero and its release left mapped: the fifth outside review's
  * pinmove and adoptrace; exact/adopt-where-move-left).  So an UNMAP of
  * exactly the old range of the move read just before it concerns only
- * regions in the table before that move was read.  Should it be another
- * thread's munmap() of a region mapped there since (with
- * MREMAP_DONTUNMAP no UNMAP follows the move), that region entered the
- * table only after the range was unmapped in some other way first, which
- * sent an UNMAP of its own in between; or the move's own UNMAP comes
- * next and finds it.
+ * regions in the table before that move was read, or entered it while
+ * an event was in flight (cowmm__born_maps()).  With MREMAP_DONTUNMAP no
+ * UNMAP follows the move and the old range stays mapped: memory adopted
+ * there and unmapped by another thread sends an UNMAP of exactly that
+ * range (the thirteenth session's outside review), which must not spare
+ * it.  It entered the table with no event in flight, so the move's own
+ * UNMAP, had there been one, was read before: the exception is not its.
  */
 void (*cowmm__remap_handled)(uintptr_t from, size_t len);
 
@@ -825,7 +826,7 @@ static uint32_t unmap_since(cowmm_t *mm, uint32_t nr, uintptr_t start,
  * every event before it was read too.  Application threads only (a
  * worker would wait for itself); without REMOVE events, a bounded wait.
  */
-void cowmm__events_barrier(cowmm_t *mm)
+static void events_barrier(cowmm_t *mm)
 {
 	uint64_t t0;
 
@@ -845,14 +846,42 @@ void cowmm__events_barrier(cowmm_t *mm)
 		usleep(20);
 }
 
-uint32_t cowmm__maps_all(cowmm_t *mm)
-{
-	uint32_t ret;
+/*
+ * A region entering the table: the count of moves and unmaps read, and
+ * whether none of the manager's events was in flight then (true), taken
+ * together under read_lock.  The barrier sees only the events queued
+ * before it; an unmap that spans another userfaultfd's range queues this
+ * manager's UNMAP only once that one's is read, however long that takes
+ * (the thirteenth session's outside review: a region adopted in memory
+ * mapped meanwhile took it for its own).  The kernel counts an event from
+ * the moment it is prepared, before it is queued, until it is read, and
+ * refuses the probe while any is: a probe that passes means every unmap
+ * and move made before it has been read, and counted, as read_lock is
+ * held.  Wait for that at most BORN_WAIT_NS (threads that keep unmapping
+ * may never leave a moment; the seventh review waited 40 s), then count
+ * from after the barrier.
+ */
+#define BORN_WAIT_NS (1000 * 1000000ull)
 
-	pthread_mutex_lock(&mm->read_lock);
-	ret = mm->maps_all;
-	pthread_mutex_unlock(&mm->read_lock);
-	return ret;
+bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps)
+{
+	uintptr_t at = mm->barrier ? (uintptr_t)mm->barrier : 0;
+	uint64_t t0 = cowmm__now_ns();
+	bool quiet;
+
+	events_barrier(mm);
+	for (;;) {
+		pthread_mutex_lock(&mm->read_lock);
+		quiet = cowmm__uffd_range_probe(mm->uffd, at,
+						COWMM_PAGE_SIZE) != -EAGAIN;
+		*maps = mm->maps_all;
+		pthread_mutex_unlock(&mm->read_lock);
+		if (quiet || cowmm__in_worker || cowmm__in_sigbus ||
+		    atomic_load(&mm->uffd_lost) ||
+		    cowmm__now_ns() - t0 >= BORN_WAIT_NS)
+			return quiet;
+		usleep(50);
+	}
 }
 
 /* Resolve one message; -EAGAIN: try again later. */
@@ -899,7 +928,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 			return -EAGAIN;
 		nr = (uint32_t)atomic_load(&mm->maps_done) + 1;
 		ret = cowmm__event_unmap(mm, m->arg.remove.start,
-					 m->arg.remove.end,
+					 m->arg.remove.end, nr,
 					 unmap_since(mm, nr, m->arg.remove.start,
 						     m->arg.remove.end));
 		if (ret != -EAGAIN) {
@@ -1498,7 +1527,7 @@ static void log_eperm(void)
 		   "'sysctl vm.unprivileged_userfaultfd=1'");
 }
 
-/* The page cowmm__events_barrier() discards; none without REMOVE events. */
+/* The page events_barrier() discards; none without REMOVE events. */
 static void barrier_open(cowmm_t *mm)
 {
 	void *p;

@@ -176,11 +176,12 @@ static int region_take_locked(cowmm_t *mm, uintptr_t base, size_t len,
 	 * unmap_since()): not one whose unmap came before this memory was
 	 * mapped.  Such an event may still be queued (another thread's
 	 * munmap() of a range that took in memory mapped here now, not yet
-	 * returned: the sixth outside review's munspan), so count from once
-	 * every event queued so far is read.
+	 * returned: the sixth outside review's munspan; or not even queued
+	 * yet, behind another userfaultfd's: the thirteenth's), so count
+	 * from once every event in flight, or at least every one queued so
+	 * far, is read.
 	 */
-	cowmm__events_barrier(mm);
-	r->born_maps = cowmm__maps_all(mm);
+	r->born_quiet = cowmm__born_maps(mm, &r->born_maps);
 	ret = cowmm__rtable_insert(mm, r);
 	if (ret)
 		goto err_unregister;

@@ -9,6 +9,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <semaphore.h>
@@ -18,8 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/swap.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -3021,6 +3025,163 @@ START_TEST(test_adopt_in_unmapped_span)
 }
 END_TEST
 
+/*
+ * MREMAP_DONTUNMAP moves the pages and leaves the old range mapped and
+ * registered; no UNMAP follows that move.  Memory adopted there, then
+ * unmapped by the application, sends an UNMAP of exactly the range the
+ * move left, which was taken for the move's own and spared the region
+ * (the thirteenth session's outside review, dontunmap_foreign_snap and
+ * dontunmap_release_hang): its snapshot read the bytes of memory mapped
+ * there afterwards, and its release never returned.
+ */
+START_TEST(test_adopt_dontunmap_left)
+{
+	cowmm_t *mm = t_open_fa(1, 1), *mm2 = t_open_fa(1, 1);
+	const size_t len = 4 * T_PAGE;
+	unsigned char *x, *z = reserve(len), buf[T_PAGE];
+	cowmm_region_t *r, *a, *f;
+	cowmm_snap_t *s, *s2;
+	ssize_t n;
+
+	ck_assert_int_eq(cowmm_region_alloc(mm, len, 0, &r), 0);
+	x = cowmm_region_base(r);
+	memset(x, 0x11, len);
+	ck_assert_ptr_eq(mremap(x, len, len,
+				MREMAP_MAYMOVE | MREMAP_FIXED |
+					MREMAP_DONTUNMAP,
+				z),
+			 z);
+	cowmm__wait_events(mm); /* the move is followed */
+	memset(x, 0xab, len);
+	ck_assert_int_eq(cowmm_region_adopt(mm, x, len, 0, &a), 0);
+	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
+	ck_assert_int_eq(munmap(x, len), 0);
+	/* Another manager's memory where it was. */
+	ck_assert_ptr_eq(mmap(x, len, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 x);
+	memset(x, 0x77, len);
+	ck_assert_int_eq(cowmm_region_adopt(mm2, x, len, 0, &f), 0);
+	cowmm__wait_events(mm);
+
+	/* Its pages were unmapped while it shared them: broken. */
+	n = cowmm_snap_read(s, 0, buf, T_PAGE);
+	ck_assert_msg(n == -EIO,
+		      "a snapshot of unmapped memory read %zd (first byte "
+		      "%#x), not -EIO",
+		      n, n > 0 ? buf[0] : 0);
+	/* A new one holds no page of it, not the other manager's. */
+	ck_assert_int_eq(cowmm_snapshot(a, &s2), 0);
+	n = cowmm_snap_read(s2, 0, buf, T_PAGE);
+	ck_assert_msg(n != T_PAGE || buf[0] != 0x77,
+		      "a snapshot of unmapped memory holds another "
+		      "manager's bytes");
+	cowmm_snap_release(s2);
+	/* Released while @s still needs its pages: returns. */
+	ck_assert_int_eq(cowmm_region_release(a), 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	ck_assert_int_eq(cowmm_region_release(f), 0);
+	cowmm_close(mm2);
+	cowmm_close(mm);
+	munmap(x, len);
+}
+END_TEST
+
+struct slow_reader {
+	int fd;
+	unsigned delay_ms;
+};
+
+/* Another userfaultfd's reader that takes @delay_ms to read its event. */
+static void *slow_reader_thread(void *arg)
+{
+	struct slow_reader *sr = arg;
+	struct pollfd pfd = { .fd = sr->fd, .events = POLLIN };
+	struct uffd_msg m;
+
+	ck_assert_int_eq(poll(&pfd, 1, 10000), 1);
+	usleep(sr->delay_ms * 1000);
+	ck_assert_int_eq(read(sr->fd, &m, sizeof(m)), (ssize_t)sizeof(m));
+	ck_assert_uint_eq(m.event, UFFD_EVENT_UNMAP);
+	return NULL;
+}
+
+/*
+ * One munmap() over a page of another userfaultfd, a region and the
+ * application's memory after it.  The kernel unmaps all of it, then sends
+ * an UNMAP to each userfaultfd in turn, each once the one before was read:
+ * while the other reader takes its time, the library's event is not even
+ * queued, and memory mapped in the third part and adopted meanwhile passed
+ * the barrier at once and lost its pages to the event later (the
+ * thirteenth session's outside review, unmap_delayed): its snapshot read
+ * zeros.
+ */
+START_TEST(test_adopt_in_span_slow_reader)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	const size_t np = NPAGES + 2 * 4;
+	unsigned char *p = reserve(np * T_PAGE), *pm, *q, buf[T_PAGE];
+	struct uffdio_api api = { .api = UFFD_API,
+				  .features = UFFD_FEATURE_EVENT_UNMAP };
+	struct uffdio_register reg = { .mode = UFFDIO_REGISTER_MODE_MISSING };
+	struct slow_reader sr = { .delay_ms = 300 };
+	struct move_call mv;
+	cowmm_region_t *r, *a;
+	pthread_t th, rd;
+	cowmm_snap_t *s;
+	unsigned char vec;
+	size_t i;
+
+	ck_assert_ptr_eq(mmap(p, np * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
+			 p);
+	memset(p, 0x22, np * T_PAGE);
+	/* [other userfaultfd: 4 | region: NPAGES | plain: 4] */
+	sr.fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	ck_assert_int_ge(sr.fd, 0);
+	ck_assert_int_eq(ioctl(sr.fd, UFFDIO_API, &api), 0);
+	reg.range.start = (uintptr_t)p;
+	reg.range.len = 4 * T_PAGE;
+	ck_assert_int_eq(ioctl(sr.fd, UFFDIO_REGISTER, &reg), 0);
+	ck_assert_int_eq(cowmm_region_adopt(mm, p + 4 * T_PAGE,
+					    NPAGES * T_PAGE, 0, &r),
+			 0);
+	pm = p + (4 + NPAGES) * T_PAGE;
+	ck_assert_int_eq(pthread_create(&rd, NULL, slow_reader_thread, &sr),
+			 0);
+	mv = (struct move_call){ p, NULL, np * T_PAGE };
+	ck_assert_int_eq(pthread_create(&th, NULL, unmap_thread, &mv), 0);
+	while (!mincore(pm, T_PAGE, &vec))
+		usleep(100); /* unmapped; no event queued for the library */
+	q = mmap(pm, 4 * T_PAGE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	ck_assert_ptr_eq(q, pm);
+	memset(q, 0x77, 4 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(mm, q, 4 * T_PAGE, 0, &a), 0);
+	pthread_join(th, NULL);
+	pthread_join(rd, NULL);
+	cowmm__wait_events(mm);
+
+	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
+	memset(q, 0x11, 4 * T_PAGE); /* copies every page for @s */
+	for (i = 0; i < 4; i++) {
+		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(buf[0] == 0x77 && buf[T_PAGE - 1] == 0x77,
+			      "adopted page %zu reads %#x in its snapshot", i,
+			      buf[0]);
+	}
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(a), 0);
+	cowmm_close(mm);
+	munmap(q, 4 * T_PAGE);
+	close(sr.fd);
+}
+END_TEST
+
 START_TEST(test_adopt_where_move_left)
 {
 	adopt_where_move_left(false);
@@ -4121,6 +4282,10 @@ int main(void)
 		{ "adopt-where-move-left-early",
 		  test_adopt_where_move_left_early, T_WP_UNPOPULATED },
 		{ "adopt-in-unmapped-span", test_adopt_in_unmapped_span,
+		  T_WP_UNPOPULATED },
+		{ "adopt-dontunmap-left", test_adopt_dontunmap_left,
+		  T_WP_UNPOPULATED },
+		{ "adopt-in-span-slow-reader", test_adopt_in_span_slow_reader,
 		  T_WP_UNPOPULATED },
 		{ "swap-clone-discarded", test_swap_clone_discarded,
 		  T_WP_UNPOPULATED, T_NEEDS_ROOT },
