@@ -23,6 +23,7 @@
 #define COWMM_LEAF_SHIFT 9 /* 512 frame slots per leaf: one 4 KiB block */
 #define COWMM_LEAF_SIZE (1UL << COWMM_LEAF_SHIFT)
 #define COWMM_GRAVEYARD 256 /* released handles remembered for -EBADF */
+#define COWMM_MOVED_RING 64 /* moves remembered, and where: moved_since() */
 
 #ifndef ARRAY_SIZE
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
@@ -174,6 +175,15 @@ struct cowmm {
 	atomic_uint maps_done;
 	/* Moves and unmaps read, all of them (under read_lock): born_maps. */
 	uint32_t maps_all;
+	/*
+	 * The ranges the last COWMM_MOVED_RING moves and unmaps read took
+	 * from and moved to, by maps_read (under read_lock): a check that
+	 * the layout it used still holds asks only about its pages
+	 * (manager.c, moved_since()).
+	 */
+	struct cowmm_moved {
+		uintptr_t from, from_end, to, to_end;
+	} moved[COWMM_MOVED_RING];
 	/* A page of no region, registered: cowmm__born_maps(). */
 	void *barrier;
 	/*
@@ -477,6 +487,8 @@ bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps);
+bool cowmm__moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,
+			size_t len);
 bool cowmm__moved_again(cowmm_t *mm, int *rounds, uint64_t *since);
 void cowmm__pause_reads(cowmm_t *mm, unsigned ms); /* tests */
 uint64_t cowmm__now_ns(void); /* CLOCK_MONOTONIC */

@@ -131,6 +131,44 @@ static int probe_pages(cowmm_t *mm, uintptr_t addr, size_t n)
 }
 
 /*
+ * Did a move or unmap read since @seq take memory from, or move some to,
+ * [@start, @start + @len)?  Call with read_lock held.  Anything mapped
+ * there since that was not ours took our pages with an UNMAP, or a REMAP
+ * moved them away: one of these, or one not read yet.  Past the ring's
+ * reach, yes.
+ */
+static bool moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,
+			size_t len)
+{
+	uint16_t n = (uint16_t)(mm->maps_read - (uint16_t)seq), i;
+	uintptr_t end = start + len;
+
+	if (n > COWMM_MOVED_RING)
+		return true;
+	for (i = 1; i <= n; i++) {
+		const struct cowmm_moved *m =
+			&mm->moved[(uint16_t)(seq + i) % COWMM_MOVED_RING];
+
+		if ((start < m->from_end && m->from < end) ||
+		    (start < m->to_end && m->to < end))
+			return true;
+	}
+	return false;
+}
+
+/* moved_since(), for callers without read_lock. */
+bool cowmm__moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,
+			size_t len)
+{
+	bool ret;
+
+	pthread_mutex_lock(&mm->read_lock);
+	ret = moved_since(mm, seq, start, len);
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
+}
+
+/*
  * Is the region memory at @addr, @n pages, still where the library thinks,
  * with no move or unmap read since @seq nor on its way?  0, or -ENOENT.
  * Call with read_lock held.  With an event not read yet (while read_lock
@@ -154,7 +192,8 @@ static int still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr, size_t n)
 		pthread_mutex_lock(&mm->read_lock);
 	} while (mm->removes_read == read &&
 		 cowmm__now_ns() - t0 < DROPPED_WAIT_NS);
-	if ((uint16_t)seq != mm->maps_read || mm->removes_read == read)
+	if (moved_since(mm, seq, addr, n << COWMM_PAGE_SHIFT) ||
+	    mm->removes_read == read)
 		return -ENOENT;
 	return probe_pages(mm, addr, n) == -ENOENT ? -ENOENT : 0;
 }
@@ -171,8 +210,9 @@ bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 	int ret;
 
 	pthread_mutex_lock(&mm->read_lock);
-	ret = (uint16_t)seq == mm->maps_read ? still_ours(mm, seq, addr, 1)
-					      : -ENOENT;
+	ret = !moved_since(mm, seq, addr, COWMM_PAGE_SIZE)
+		      ? still_ours(mm, seq, addr, 1)
+		      : -ENOENT;
 	pthread_mutex_unlock(&mm->read_lock);
 	return !ret;
 }
@@ -197,12 +237,15 @@ bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page)
 /*
  * Clear write protection on [@start, @start + @len), an address the
  * caller found in a region's layout after cowmm__maps_seq() gave @seq,
- * only if no move or unmap was read since: the kernel clears it on any
- * mapping registered for write-protect faults there, another manager's
- * too, and refuses (-EAGAIN) only while an event of ours is not read.
- * read_lock is held across the ioctl, so that none is read meanwhile: a
- * move that begins after the check makes the ioctl refuse.  -EAGAIN when
- * a move was read since @seq.
+ * only if no move or unmap read since touched it: the kernel clears it
+ * on any mapping registered for write-protect faults there, another
+ * manager's too, and refuses (-EAGAIN) only while an event of ours is not
+ * read.  read_lock is held across the ioctl, so that none is read
+ * meanwhile: a move that begins after the check makes the ioctl refuse.
+ * -EAGAIN when a move touched it since @seq.  Moves elsewhere do not
+ * count: a thread that kept moving another region's pages held every
+ * write fault back for a minute and more (the thirteenth session's
+ * outside review, fault_starve).
  */
 int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 		     bool wake)
@@ -214,7 +257,7 @@ int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 
 	for (;;) {
 		pthread_mutex_lock(&mm->read_lock);
-		moved = (uint16_t)seq != mm->maps_read;
+		moved = moved_since(mm, seq, start, len);
 		cowmm__uffd_once = true;
 		ret = moved ? -EAGAIN
 			    : cowmm__uffd_wp(mm->uffd, start, len, false, wake);
@@ -246,8 +289,9 @@ bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
 
 	for (;;) {
 		pthread_mutex_lock(&mm->read_lock);
-		ret = (uint16_t)seq == mm->maps_read ? probe_pages(mm, addr, 1)
-						      : -ENOENT;
+		ret = !moved_since(mm, seq, addr, COWMM_PAGE_SIZE)
+			      ? probe_pages(mm, addr, 1)
+			      : -ENOENT;
 		pthread_mutex_unlock(&mm->read_lock);
 		if (ret != -EAGAIN)
 			return !ret;
@@ -288,7 +332,7 @@ int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 	int ret = -ENOENT;
 
 	pthread_mutex_lock(&mm->read_lock);
-	if ((uint16_t)seq == mm->maps_read)
+	if (!moved_since(mm, seq, addr, n << COWMM_PAGE_SHIFT))
 		ret = still_ours(mm, seq, addr, n);
 	if (!ret)
 		ret = cowmm__live_write(addr, src, n);
@@ -578,7 +622,7 @@ static int fault_stray(cowmm_t *mm, uintptr_t addr, bool wp, bool wake,
 	if (atomic_load(&mm->remaps_pending))
 		return -EAGAIN;
 	pthread_mutex_lock(&mm->read_lock);
-	if ((uint16_t)seq != mm->maps_read) {
+	if (moved_since(mm, seq, addr, COWMM_PAGE_SIZE)) {
 		pthread_mutex_unlock(&mm->read_lock);
 		cowmm__uffd_wake(mm->uffd, addr, COWMM_PAGE_SIZE);
 		return 0;
@@ -1183,10 +1227,29 @@ static void dispatch(cowmm_t *mm, struct deferred *d, struct follow *f,
 	d->msg = NULL;
 	d->n = d->cap = 0;
 	atomic_fetch_sub(&mm->deferred, old);
-	for (i = 0; i < total; i++) {
-		const struct uffd_msg *m = i < old ? &again[i] : &msg[i - old];
+	/*
+	 * The messages put off before, then the new ones, but the faults
+	 * put off last: tried before the moves and unmaps just read were
+	 * followed, a fault finds one pending and is put off again, for as
+	 * long as a thread keeps moving other memory (the thirteenth
+	 * session's outside review, fault_starve: a minute and more).
+	 */
+	for (i = 0; i < total + old; i++) {
 		bool lone = (total == 1 && !f->idle_wake) || !wake;
-		int ret = handle(mm, m, lone);
+		bool late = i >= total; /* the faults put off, second look */
+		const struct uffd_msg *m;
+		int ret;
+
+		if (i < old)
+			m = &again[i];
+		else if (!late)
+			m = &msg[i - old];
+		else
+			m = &again[i - total];
+		if ((i < old || late) &&
+		    (m->event == UFFD_EVENT_PAGEFAULT) != late)
+			continue;
+		ret = handle(mm, m, lone);
 
 		/*
 		 * A fault not resolved (ret < 0) is woken too: nothing will
@@ -1236,6 +1299,13 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 	switch (m->event) {
 	case UFFD_EVENT_REMAP:
 		m->reserved2 = ++mm->maps_read;
+		mm->moved[mm->maps_read % COWMM_MOVED_RING] =
+			(struct cowmm_moved){
+				.from = m->arg.remap.from,
+				.from_end = m->arg.remap.from + m->arg.remap.len,
+				.to = m->arg.remap.to,
+				.to_end = m->arg.remap.to + m->arg.remap.len,
+			};
 		mm->maps_all++;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;
@@ -1249,6 +1319,9 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 		return;
 	case UFFD_EVENT_UNMAP:
 		m->reserved2 = ++mm->maps_read;
+		mm->moved[mm->maps_read % COWMM_MOVED_RING] =
+			(struct cowmm_moved){ .from = m->arg.remove.start,
+					      .from_end = m->arg.remove.end };
 		mm->maps_all++;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;

@@ -469,12 +469,13 @@ static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
  * tester's seed 622965019: restore gave its bytes to a newer snapshot;
  * exact/fault-checked-moved-foreign: a write fault's copy gave them to the
  * snapshot).  @seq is cowmm__maps_seq() from before the caller looked for
- * pending moves: a move read since then counts.  Application threads in a
- * call ask cowmm__still_ours(), which waits for an event on its way to be
- * read.  A worker or a SIGBUS handler cannot wait (a worker may be the one
- * to read it): it asks the kernel once, and an event not read, or none of
- * its mappings there, or a move read since @seq (the kernel's probe takes
- * a mapping another userfaultfd registered for one of ours:
+ * pending moves: a move or unmap of the page read since then counts.
+ * Application threads in a call ask cowmm__still_ours(), which waits for
+ * an event on its way to be read.  A worker or a SIGBUS handler cannot
+ * wait (a worker may be the one to read it): it asks the kernel once, and
+ * an event not read, or none of its mappings there, or a move of the page
+ * read since @seq (the kernel's probe takes a mapping another
+ * userfaultfd registered for one of ours:
  * exact/fault-checked-moved-read-foreign) sends the fault back to be
  * tried again after.  A REMOVE handler neither: its copies still take
  * what they read.
@@ -488,7 +489,7 @@ static bool copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 	if (cowmm__in_worker || cowmm__in_sigbus)
 		return !cowmm__uffd_range_probe(mm->uffd, page,
 						COWMM_PAGE_SIZE) &&
-		       (uint16_t)cowmm__maps_seq(mm) == (uint16_t)seq;
+		       !cowmm__moved_since(mm, seq, page, COWMM_PAGE_SIZE);
 	return cowmm__still_ours(mm, seq, page);
 }
 
@@ -745,7 +746,8 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		    cowmm__pagemap_read(mm->pagemap, base, k, e2) ||
 		    cowmm__uffd_range_probe(mm->uffd, base,
 					    k << COWMM_PAGE_SHIFT) ||
-		    (uint16_t)cowmm__maps_seq(mm) != (uint16_t)seq) {
+		    cowmm__moved_since(mm, seq, base,
+				       k << COWMM_PAGE_SHIFT)) {
 			ahead_drop(f, 0, k);
 			return 0;
 		}
