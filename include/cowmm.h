@@ -300,6 +300,16 @@ COWMM_EXPORT uint64_t cowmm_features(const cowmm_t *mm);
 /**
  * Map a new private anonymous region of @p len bytes and take it over.
  * The memory reads as zero and is not populated.
+ * Creating a region (this call, cowmm_region_adopt(), cowmm_region_load(),
+ * cowmm_clone(), a view of cowmm_snap_map()) waits, at most 1 s, until
+ * the manager's unmap and move events in flight are read: an munmap()
+ * that another thread has not seen return must not take the new region's
+ * pages.  After 1 s (threads that unmap or move the manager's memory
+ * without pause) it waits only for the events already queued; an munmap()
+ * that spans memory of another userfaultfd queues its event for this
+ * manager only once that one's is read, so memory it freed that becomes
+ * a region while that reader is slower than 1 s may lose its pages when
+ * the event arrives.
  * Context: any thread.
  *
  * @param mm     a manager
