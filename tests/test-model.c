@@ -2279,12 +2279,51 @@ static bool unpinned(struct mregion *m)
 	return !m->npins;
 }
 
-static void op_mremap_part(struct op *o, char *d)
+/*
+ * Memory adopted where a MREMAP_DONTUNMAP move left its old range mapped
+ * (empty, and still registered with the manager's userfaultfd): a region
+ * of its own, from its own content.
+ */
+static bool adopt_left(int opi, struct op *o, unsigned char *at, size_t n)
 {
-	int ri = find_region(o->a, unpinned);
+	int ri = free_region_slot(), live = 0, i, ret;
 	struct mregion *m;
-	unsigned char *to, *q;
+
+	for (i = 0; i < MAXR; i++)
+		live += R[i].live && R[i].kind != K_CLONE;
+	if (ri < 0 || live >= 3)
+		return false;
+	m = &R[ri];
+	region_init(m, n);
+	m->kind = K_ADOPT;
+	fill_setup(ri, opi, o->rnd);
+	for (i = 0; i < (int)n; i++)
+		memcpy(at + i * PG, page_of(m->model, i), PG);
+	ret = cowmm_region_adopt(mm, at, n * PG, 0, &m->r);
+	expect_ret("cowmm_region_adopt (where a move left)", ret, 0);
+	for (i = 0; i < (int)n; i++)
+		m->addr[i] = at + i * PG;
+	return true;
+}
+
+/*
+ * Move part of a region.  One in four with MREMAP_DONTUNMAP, which leaves
+ * the old range mapped, empty and registered, and sends no UNMAP: then
+ * the range is left so, or unmapped, or adopted as a new region (the
+ * thirteenth session's outside review: its unmap was taken for the
+ * move's own).
+ */
+static void op_mremap_part(int opi, struct op *o, char *d)
+{
+	static const char *const left[] = { "left mapped", "unmapped after",
+					    "adopted as R%d" };
+	int ri = find_region(o->a, unpinned);
+	bool dontunmap = o->d % 4 == 3;
+	unsigned what = (o->d / 4) % 3;
+	struct mregion *m;
+	unsigned char *to, *q, *from;
 	size_t pg, n, i, mapped = 0;
+	char how[48] = "";
 
 	if (ri < 0) {
 		DESC("mremap_part (skipped: no region without pins)");
@@ -2301,16 +2340,28 @@ static void op_mremap_part(struct op *o, char *d)
 		return;
 	}
 	to = reserve(n * PG);
-	q = mremap(m->addr[pg], n * PG, n * PG, MREMAP_MAYMOVE | MREMAP_FIXED,
+	from = m->addr[pg];
+	q = mremap(from, n * PG, n * PG,
+		   MREMAP_MAYMOVE | MREMAP_FIXED |
+			   (dontunmap ? MREMAP_DONTUNMAP : 0),
 		   to);
 	if (q != to)
-		die(M_ERROR, "mremap part: %m");
+		die(M_ERROR, "mremap part%s: %m",
+		    dontunmap ? " (MREMAP_DONTUNMAP)" : "");
 	/* DESIGN.md: "a moved range is followed to its new address" */
 	for (i = 0; i < n; i++)
 		m->addr[pg + i] = to + i * PG;
 	m->moved = true;
-	DESC("mremap_part R%d pages %zu..%zu to a new address", m->id, pg,
-	     pg + n - 1);
+	if (dontunmap && what == 1 && munmap(from, n * PG))
+		die(M_ERROR, "munmap where a move left: %m");
+	if (dontunmap && what == 2 && !adopt_left(opi, o, from, n))
+		what = 0; /* no slot: left mapped */
+	if (dontunmap)
+		snprintf(how, sizeof(how), left[what],
+			 what == 2 ? next_rid - 1 : 0);
+	DESC("mremap_part R%d pages %zu..%zu to a new address%s%s%s", m->id, pg,
+	     pg + n - 1, dontunmap ? " (MREMAP_DONTUNMAP, old range " : "",
+	     how, dontunmap ? ")" : "");
 }
 
 static bool loadable_target(struct mregion *m)
@@ -2546,7 +2597,7 @@ static void run_op(int opi)
 	case OP_FREE: op_discard(o, d, MADV_FREE); break;
 	case OP_MUNMAP: op_munmap(o, d); break;
 	case OP_MREMAP: op_mremap(o, d); break;
-	case OP_MREMAP_PART: op_mremap_part(o, d); break;
+	case OP_MREMAP_PART: op_mremap_part(opi, o, d); break;
 	case OP_STREAM: op_stream(opi, o, d); break;
 	case OP_PAGEOUT: op_pageout(o, d); break;
 	case OP_COUNT: op_count(o, d); break;
