@@ -485,6 +485,7 @@ void cowmm__wait_events(cowmm_t *mm);
 bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
+unsigned cowmm__maps_handled(cowmm_t *mm);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps);
 bool cowmm__moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,

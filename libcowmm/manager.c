@@ -1996,6 +1996,21 @@ unsigned cowmm__maps_seq(cowmm_t *mm)
 	return ret;
 }
 
+/*
+ * How many moves and unmaps were followed so far, numbered as
+ * cowmm__maps_seq() numbers them read: a layout looked at after this
+ * holds every one up to it, and a check with moved_since() counts those
+ * read and not followed yet too.  For a write fault, whose clear of the
+ * protection must not land on memory moved in where its page was: one
+ * read but not followed when the fault took cowmm__maps_seq() went
+ * unseen (the fourteenth session's outside review, foreign_wp: with two
+ * workers, another manager's snapshot read zeros).
+ */
+unsigned cowmm__maps_handled(cowmm_t *mm)
+{
+	return (uint16_t)atomic_load(&mm->maps_done);
+}
+
 /* Not part of the API: the next @n frame allocations fail, as when out of
  * memory. */
 void cowmm__inject_frame_failures(cowmm_t *mm, unsigned n)

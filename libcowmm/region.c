@@ -848,8 +848,10 @@ int cowmm__region_fault_wp(cowmm_region_t *r, uintptr_t addr, bool wake)
 	 * only if no move or unmap was read since @seq.  (Deferring every
 	 * fault while any move is read but not handled, as tried once, can
 	 * hold all faults back behind one slow move: a model-tester hang.)
+	 * Counted from the moves followed, not read: one read but not
+	 * followed yet is not in the layout looked at below.
 	 */
-	seq = cowmm__maps_seq(mm);
+	seq = cowmm__maps_handled(mm);
 	if (cowmm__lock(&r->lock))
 		return -EAGAIN;
 	if (r->dying) {
