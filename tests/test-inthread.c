@@ -224,6 +224,87 @@ START_TEST(test_chains_foreign_sigbus)
 }
 END_TEST
 
+static void fatal_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	static const char msg[] = "a SIGBUS reached the application\n";
+
+	(void)sig;
+	(void)si;
+	(void)uc;
+	if (write(2, msg, sizeof(msg) - 1) < 0)
+		_exit(3);
+	_exit(2);
+}
+
+struct store_loop {
+	volatile long *at;
+	atomic_bool stop;
+};
+
+static void *store_loop_main(void *arg)
+{
+	struct store_loop *w = arg;
+	long n = 0;
+
+	while (!atomic_load(&w->stop))
+		*w->at = ++n;
+	return NULL;
+}
+
+/*
+ * A thread keeps storing to a region page that the main thread moves away
+ * and back (MREMAP_DONTUNMAP: the address always holds the application's
+ * memory).  A store that found no region at the address was retried once,
+ * and the address noted; the note stayed after the retry succeeded, and
+ * the next such store there, rounds later, passed the SIGBUS on to the
+ * application (the fourteenth session's outside review,
+ * inthread_move_race: 10 of 10 runs under load).
+ */
+START_TEST(test_inthread_move_back_and_forth)
+{
+	struct sigaction sa = { .sa_sigaction = fatal_sigbus,
+				.sa_flags = SA_SIGINFO };
+	struct store_loop w;
+	unsigned char *a, *b;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	cowmm_t *mm;
+	pthread_t th;
+	int i;
+
+	sigemptyset(&sa.sa_mask);
+	ck_assert_int_eq(sigaction(SIGBUS, &sa, NULL), 0);
+	mm = open_inthread(); /* chains to it */
+	ck_assert_int_eq(cowmm_region_alloc(mm, T_PAGE, 0, &r), 0);
+	a = cowmm_region_base(r);
+	b = mmap(NULL, T_PAGE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ck_assert_ptr_ne(b, MAP_FAILED);
+	memset(a, 1, T_PAGE);
+	w = (struct store_loop){ .at = (volatile long *)a };
+	ck_assert_int_eq(pthread_create(&th, NULL, store_loop_main, &w), 0);
+	for (i = 0; i < 5000; i++) {
+		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+		ck_assert_ptr_eq(mremap(a, T_PAGE, T_PAGE,
+					MREMAP_MAYMOVE | MREMAP_FIXED |
+						MREMAP_DONTUNMAP,
+					b),
+				 b);
+		ck_assert_ptr_eq(mremap(b, T_PAGE, T_PAGE,
+					MREMAP_MAYMOVE | MREMAP_FIXED |
+						MREMAP_DONTUNMAP,
+					a),
+				 a);
+		cowmm_snap_release(s);
+	}
+	atomic_store(&w.stop, true);
+	pthread_join(th, NULL);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+	munmap(b, T_PAGE);
+}
+END_TEST
+
 struct spinner {
 	unsigned char *p;
 	atomic_bool stop;
@@ -331,6 +412,8 @@ int main(void)
 		{ "read-into-protected", test_read_into_protected,
 		  T_WP_UNPOPULATED },
 		{ "chains-foreign-sigbus", test_chains_foreign_sigbus,
+		  T_WP_UNPOPULATED },
+		{ "move-back-and-forth", test_inthread_move_back_and_forth,
 		  T_WP_UNPOPULATED },
 		{ "release-under-writers", test_release_under_writers,
 		  T_WP_UNPOPULATED },
