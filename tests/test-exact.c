@@ -3187,7 +3187,7 @@ struct keep_moving {
 	unsigned char *at;
 	size_t len;
 	atomic_bool stop;
-	unsigned long moves;
+	atomic_ulong moves;
 };
 
 /* Move [at, at + len) to a new place, again and again, without pause. */
@@ -3204,7 +3204,7 @@ static void *keep_moving_thread(void *arg)
 					MREMAP_MAYMOVE | MREMAP_FIXED, to),
 				 to);
 		k->at = to;
-		k->moves++;
+		atomic_fetch_add(&k->moves, 1);
 	}
 	return NULL;
 }
@@ -3235,7 +3235,7 @@ START_TEST(test_fault_while_other_moves)
 	ck_assert_int_eq(cowmm_snapshot(rb, &s), 0);
 	k.at = a + 8 * T_PAGE;
 	ck_assert_int_eq(pthread_create(&th, NULL, keep_moving_thread, &k), 0);
-	while (k.moves < 100)
+	while (atomic_load(&k.moves) < 100)
 		usleep(100);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (i = 0; i < 16; i++) {
@@ -3249,7 +3249,7 @@ START_TEST(test_fault_while_other_moves)
 	ck_assert_msg(i == 16,
 		      "%zu of 16 writes in 20 s while another region moved "
 		      "%lu times",
-		      i + 1, k.moves);
+		      i + 1, atomic_load(&k.moves));
 	for (i = 0; i < 16; i++) {
 		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
 				 T_PAGE);
