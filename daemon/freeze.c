@@ -306,9 +306,17 @@ void cowmmd_arm_thread(struct helper *h)
 		return;
 	}
 	ret = freeze(s->pid, f);
-	/* Stopped: the registration cannot change under us any more. */
+	/*
+	 * Stopped: the registration cannot change under us any more.  Its
+	 * ranges were registered for write-protect faults at HELLO: one that
+	 * is not any more (unregistered, or caught between an unregister and
+	 * a register elsewhere) is the client breaking the protocol, as one
+	 * registered for more is, not an invalid argument.
+	 */
 	if (!ret)
 		ret = cowmmd_check_registration(s->pid, s->r, s->nregions);
+	if (ret == -EINVAL)
+		ret = -EPROTO;
 	for (i = 0; !ret && i < s->nregions; i++)
 		if (!s->r[i].gone)
 			ret =

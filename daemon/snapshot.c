@@ -212,8 +212,8 @@ void cowmmd_reply_snapshot_error(struct conn *cn, struct client *c, int ret)
 	    c->name, D.dir, strerror(-ret),
 	    ret == -EPERM    ? " (ptrace not allowed: run cowmmd as root "
 			       "or the client's user)"
-	    : ret == -EPROTO ? " (its ranges are registered for more "
-			       "than write-protect faults)"
+	    : ret == -EPROTO ? " (its ranges are no longer registered for "
+			       "write-protect faults alone)"
 			     : "");
 }
 

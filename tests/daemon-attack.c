@@ -18,6 +18,7 @@
  *         vfork     wp; a thread stays in vfork() until SIGUSR1
  *         traced    wp; 32 busy threads, then one seized by a helper
  *                   process (another tracer); SIGUSR1 releases it
+ *         unreg     wp; SIGUSR1 unregisters the range
  *         second    wp; SIGUSR1 moves the range to a second userfaultfd
  *                   in missing mode that nobody reads: cowmmd's reads of
  *                   a page not yet populated then wait until we exit
@@ -287,6 +288,12 @@ int main(int argc, char **argv)
 			    UFFDIO_REGISTER_MODE_WP);
 		if (!strcmp(mode, "second"))
 			move_to_second();
+		if (!strcmp(mode, "unreg")) {
+			struct uffdio_range range = { (unsigned long)mem, len };
+
+			if (ioctl(uffd, UFFDIO_UNREGISTER, &range) < 0)
+				die("UFFDIO_UNREGISTER");
+		}
 		if (!strcmp(mode, "vfork") && write(vfork_pipe[1], "x", 1) < 0)
 			die("write");
 		if (!strcmp(mode, "traced") && tracer > 0) {

@@ -290,6 +290,31 @@ def case_missing_hello():
     stop_daemon(d)
 
 
+def case_unregistered():
+    """A client that unregisters its range after HELLO: its next snapshot
+    fails as a protocol error (it no longer is what it said), the client
+    is dropped, and the daemon serves everyone else.  It said "Invalid
+    argument" and kept the client; second-uffd met it when the freeze
+    fell between the client's unregister and its second register (the
+    thirteenth session's test loop, TSan)."""
+    d = start_daemon("unreg")
+    g, gid = good_client(d, "good")
+    p, line = attacker(d, "unreg", "evil", mib=8)
+    ok(line[:1] == ["ready"], f"a wp client attaches ({line})")
+    ok(act(p), "it unregisters its range behind the daemon's back")
+    rc, out, err = ctl(d["sock"], "snapshot", "evil", timeout=15)
+    ok(rc is not None and rc != 0 and "Protocol error" in err,
+       f"its snapshot fails as a protocol error: {err.strip()}")
+    rc, out, err = ctl(d["sock"], "snapshot", "evil", timeout=15)
+    ok(rc is not None and rc != 0,
+       f"and it is dropped: {err.strip()}")
+    good, msg = snapshot_ok(d, gid, timeout=30)
+    ok(good, f"the other client's snapshot works: {msg[:80]}")
+    p.kill()
+    p.wait()
+    stop_daemon(d)
+
+
 def case_missing_late():
     """Finding 1: missing mode registered after HELLO, before a snapshot and
     while one is being written: the daemon refuses or drops the client and
@@ -1211,6 +1236,7 @@ def case_default_socket():
 CASES = {
     "missing-hello": case_missing_hello,
     "missing-late": case_missing_late,
+    "unregistered": case_unregistered,
     "freeze-loop": case_freeze_loop,
     "vfork-untraced": case_vfork_untraced,
     "ptrace-eperm": case_ptrace_eperm,
