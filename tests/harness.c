@@ -382,3 +382,13 @@ bool t_vma_has_flag(const void *addr, const char *flag)
 	fclose(f);
 	return found;
 }
+
+void *t_store_loop_main(void *arg)
+{
+	struct t_store_loop *w = arg;
+	long n = 0;
+
+	while (!__atomic_load_n(&w->stop, __ATOMIC_RELAXED))
+		*w->at = ++n;
+	return NULL;
+}

@@ -73,6 +73,13 @@ void t_assert_live_filled(const unsigned char *p, size_t first, size_t n,
  * nothing slips past, and it finishes once the snapshot is released.
  */
 void t_check_bounded(unsigned flags, size_t cap);
+
+/* A thread that stores a count to @at, without pause, until @stop. */
+struct t_store_loop {
+	volatile long *at;
+	bool stop; /* __atomic_store_n() */
+};
+void *t_store_loop_main(void *arg);
 /* Counters once every queued fault message is resolved. */
 struct cowmm_stats t_stats(cowmm_t *mm);
 void t_rcu_barrier(void);

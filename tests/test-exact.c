@@ -2962,6 +2962,48 @@ static void adopt_where_move_left(bool early)
 	munmap(q, T_PAGE);
 }
 
+/*
+ * Once [@at, @at + 4 pages) is unmapped, map other memory there, fill it
+ * with 0x77 and adopt it: memory mapped where an munmap() that has not
+ * returned took memory of the manager's.
+ */
+static cowmm_region_t *adopt_once_unmapped(cowmm_t *mm, unsigned char *at)
+{
+	cowmm_region_t *a;
+	unsigned char vec;
+
+	while (!mincore(at, T_PAGE, &vec))
+		usleep(100);
+	ck_assert_ptr_eq(mmap(at, 4 * T_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			      -1, 0),
+			 at);
+	memset(at, 0x77, 4 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(mm, at, 4 * T_PAGE, 0, &a), 0);
+	return a;
+}
+
+/* Its snapshot holds the 0x77 of every page; then released. */
+static void check_adopted(cowmm_t *mm, cowmm_region_t *a, unsigned char *q)
+{
+	unsigned char buf[T_PAGE];
+	cowmm_snap_t *s;
+	size_t i;
+
+	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
+	memset(q, 0x11, 4 * T_PAGE); /* copies every page for @s */
+	for (i = 0; i < 4; i++) {
+		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(buf[0] == 0x77 && buf[T_PAGE - 1] == 0x77,
+			      "adopted page %zu reads %#x in its snapshot", i,
+			      buf[0]);
+	}
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(a), 0);
+}
+
 static void *unmap_thread(void *arg)
 {
 	struct move_call *m = arg;
@@ -2981,13 +3023,10 @@ static void *unmap_thread(void *arg)
 START_TEST(test_adopt_in_unmapped_span)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char *p, *pm, *q, buf[T_PAGE];
+	unsigned char *p, *pm;
 	struct move_call mv;
 	cowmm_region_t *r, *a;
-	cowmm_snap_t *s;
-	unsigned char vec;
 	pthread_t th;
-	size_t i;
 
 	p = t_filled_region(mm, NPAGES, &r);
 	p = lower(r, p, NPAGES);
@@ -2999,30 +3038,13 @@ START_TEST(test_adopt_in_unmapped_span)
 	cowmm__pause_reads(mm, 100); /* the UNMAP waits to be read */
 	mv = (struct move_call){ p, NULL, (NPAGES + 4) * T_PAGE };
 	ck_assert_int_eq(pthread_create(&th, NULL, unmap_thread, &mv), 0);
-	while (!mincore(pm, T_PAGE, &vec))
-		usleep(100); /* unmapped; the event not read */
-	q = mmap(pm, 4 * T_PAGE, PROT_READ | PROT_WRITE,
-		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-	ck_assert_ptr_eq(q, pm);
-	memset(q, 0x77, 4 * T_PAGE);
-	ck_assert_int_eq(cowmm_region_adopt(mm, q, 4 * T_PAGE, 0, &a), 0);
+	a = adopt_once_unmapped(mm, pm); /* the event not read */
 	pthread_join(th, NULL);
 	cowmm__wait_events(mm);
 
-	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
-	memset(q, 0x11, 4 * T_PAGE); /* copies every page for @s */
-	for (i = 0; i < 4; i++) {
-		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		ck_assert_msg(buf[0] == 0x77 && buf[T_PAGE - 1] == 0x77,
-			      "adopted page %zu reads %#x in its snapshot", i,
-			      buf[0]);
-	}
-	ck_assert_uint_eq(t_stats(mm).broken, 0);
-	cowmm_snap_release(s);
-	ck_assert_int_eq(cowmm_region_release(a), 0);
+	check_adopted(mm, a, pm);
 	cowmm_close(mm);
-	munmap(q, 4 * T_PAGE);
+	munmap(pm, 4 * T_PAGE);
 }
 END_TEST
 
@@ -3123,7 +3145,7 @@ START_TEST(test_adopt_in_span_slow_reader)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
 	const size_t np = NPAGES + 2 * 4;
-	unsigned char *p = reserve(np * T_PAGE), *pm, *q, buf[T_PAGE];
+	unsigned char *p = reserve(np * T_PAGE), *pm;
 	struct uffdio_api api = { .api = UFFD_API,
 				  .features = UFFD_FEATURE_EVENT_UNMAP };
 	struct uffdio_register reg = { .mode = UFFDIO_REGISTER_MODE_MISSING };
@@ -3131,9 +3153,6 @@ START_TEST(test_adopt_in_span_slow_reader)
 	struct move_call mv;
 	cowmm_region_t *r, *a;
 	pthread_t th, rd;
-	cowmm_snap_t *s;
-	unsigned char vec;
-	size_t i;
 
 	ck_assert_ptr_eq(mmap(p, np * T_PAGE, PROT_READ | PROT_WRITE,
 			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
@@ -3154,31 +3173,14 @@ START_TEST(test_adopt_in_span_slow_reader)
 			 0);
 	mv = (struct move_call){ p, NULL, np * T_PAGE };
 	ck_assert_int_eq(pthread_create(&th, NULL, unmap_thread, &mv), 0);
-	while (!mincore(pm, T_PAGE, &vec))
-		usleep(100); /* unmapped; no event queued for the library */
-	q = mmap(pm, 4 * T_PAGE, PROT_READ | PROT_WRITE,
-		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-	ck_assert_ptr_eq(q, pm);
-	memset(q, 0x77, 4 * T_PAGE);
-	ck_assert_int_eq(cowmm_region_adopt(mm, q, 4 * T_PAGE, 0, &a), 0);
+	a = adopt_once_unmapped(mm, pm); /* no event queued for us yet */
 	pthread_join(th, NULL);
 	pthread_join(rd, NULL);
 	cowmm__wait_events(mm);
 
-	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
-	memset(q, 0x11, 4 * T_PAGE); /* copies every page for @s */
-	for (i = 0; i < 4; i++) {
-		ck_assert_int_eq(cowmm_snap_read(s, i * T_PAGE, buf, T_PAGE),
-				 T_PAGE);
-		ck_assert_msg(buf[0] == 0x77 && buf[T_PAGE - 1] == 0x77,
-			      "adopted page %zu reads %#x in its snapshot", i,
-			      buf[0]);
-	}
-	ck_assert_uint_eq(t_stats(mm).broken, 0);
-	cowmm_snap_release(s);
-	ck_assert_int_eq(cowmm_region_release(a), 0);
+	check_adopted(mm, a, pm);
 	cowmm_close(mm);
-	munmap(q, 4 * T_PAGE);
+	munmap(pm, 4 * T_PAGE);
 	close(sr.fd);
 }
 END_TEST
@@ -3263,21 +3265,6 @@ START_TEST(test_fault_while_other_moves)
 }
 END_TEST
 
-struct store_loop {
-	volatile long *at;
-	atomic_bool stop;
-};
-
-static void *store_loop_thread(void *arg)
-{
-	struct store_loop *w = arg;
-	long n = 0;
-
-	while (!atomic_load(&w->stop))
-		*w->at = ++n;
-	return NULL;
-}
-
 /*
  * Two managers.  A thread keeps storing to A, where the first manager's
  * page is, write-protected; the main thread moves that page away and the
@@ -3294,7 +3281,7 @@ START_TEST(test_fault_moved_foreign_two_workers)
 {
 	cowmm_t *mm = t_open_fa(2, 1), *mm2 = t_open_fa(1, 1);
 	unsigned char *a, *b, *c, buf[T_PAGE];
-	struct store_loop w;
+	struct t_store_loop w;
 	cowmm_region_t *r1, *r2;
 	cowmm_snap_t *s1, *s2;
 	struct timespec t0, t1;
@@ -3309,8 +3296,9 @@ START_TEST(test_fault_moved_foreign_two_workers)
 	b = reserve(T_PAGE);
 	memset(a, 1, T_PAGE);
 	memset(c, 2, T_PAGE);
-	w = (struct store_loop){ .at = (volatile long *)a };
-	ck_assert_int_eq(pthread_create(&th, NULL, store_loop_thread, &w), 0);
+	w = (struct t_store_loop){ .at = (volatile long *)a };
+	ck_assert_int_eq(pthread_create(&th, NULL, t_store_loop_main, &w),
+			 0);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (it = 0; it < 3000; it++) {
 		ck_assert_int_eq(cowmm_snapshot(r1, &s1), 0);
@@ -3345,7 +3333,7 @@ START_TEST(test_fault_moved_foreign_two_workers)
 		if (t1.tv_sec - t0.tv_sec > 10)
 			break;
 	}
-	atomic_store(&w.stop, true);
+	__atomic_store_n(&w.stop, true, __ATOMIC_RELAXED);
 	pthread_join(th, NULL);
 	ck_assert_msg(!bad,
 		      "the second manager's snapshot read other bytes %d "

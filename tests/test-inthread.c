@@ -236,21 +236,6 @@ static void fatal_sigbus(int sig, siginfo_t *si, void *uc)
 	_exit(2);
 }
 
-struct store_loop {
-	volatile long *at;
-	atomic_bool stop;
-};
-
-static void *store_loop_main(void *arg)
-{
-	struct store_loop *w = arg;
-	long n = 0;
-
-	while (!atomic_load(&w->stop))
-		*w->at = ++n;
-	return NULL;
-}
-
 /*
  * A thread keeps storing to a region page that the main thread moves away
  * and back (MREMAP_DONTUNMAP: the address always holds the application's
@@ -264,7 +249,7 @@ START_TEST(test_inthread_move_back_and_forth)
 {
 	struct sigaction sa = { .sa_sigaction = fatal_sigbus,
 				.sa_flags = SA_SIGINFO };
-	struct store_loop w;
+	struct t_store_loop w;
 	unsigned char *a, *b;
 	cowmm_region_t *r;
 	cowmm_snap_t *s;
@@ -281,8 +266,9 @@ START_TEST(test_inthread_move_back_and_forth)
 		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	ck_assert_ptr_ne(b, MAP_FAILED);
 	memset(a, 1, T_PAGE);
-	w = (struct store_loop){ .at = (volatile long *)a };
-	ck_assert_int_eq(pthread_create(&th, NULL, store_loop_main, &w), 0);
+	w = (struct t_store_loop){ .at = (volatile long *)a };
+	ck_assert_int_eq(pthread_create(&th, NULL, t_store_loop_main, &w),
+			 0);
 	for (i = 0; i < 5000; i++) {
 		ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 		ck_assert_ptr_eq(mremap(a, T_PAGE, T_PAGE,
@@ -297,7 +283,7 @@ START_TEST(test_inthread_move_back_and_forth)
 				 a);
 		cowmm_snap_release(s);
 	}
-	atomic_store(&w.stop, true);
+	__atomic_store_n(&w.stop, true, __ATOMIC_RELAXED);
 	pthread_join(th, NULL);
 	ck_assert_int_eq(cowmm_region_release(r), 0);
 	cowmm_close(mm);
