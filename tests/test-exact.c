@@ -3078,11 +3078,13 @@ START_TEST(test_adopt_dontunmap_left)
 	memset(x, 0xab, len);
 	ck_assert_int_eq(cowmm_region_adopt(mm, x, len, 0, &a), 0);
 	ck_assert_int_eq(cowmm_snapshot(a, &s), 0);
-	ck_assert_int_eq(munmap(x, len), 0);
-	/* Another manager's memory where it was. */
+	/*
+	 * Unmapped and another manager's memory mapped there, in one call
+	 * (the unmapped hole was taken meanwhile by a sanitizer's own
+	 * mapping once: a flake).
+	 */
 	ck_assert_ptr_eq(mmap(x, len, PROT_READ | PROT_WRITE,
-			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			      -1, 0),
+			      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
 			 x);
 	memset(x, 0x77, len);
 	ck_assert_int_eq(cowmm_region_adopt(mm2, x, len, 0, &f), 0);
