@@ -163,7 +163,10 @@ struct cowmm {
 	/* Their sequence numbers (manager.c); removes_read under read_lock. */
 	pthread_mutex_t removes_lock;
 	uint32_t removes_read;
-	uint32_t *removes_q;
+	struct cowmm_removing {
+		uint32_t seq;
+		uintptr_t start, end;
+	} *removes_q;
 	size_t removes_n, removes_cap;
 	atomic_uint unmaps_pending;  /* UNMAP events read, not yet handled */
 	/*
@@ -486,6 +489,7 @@ bool cowmm__discards_pending(cowmm_t *mm);
 bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 unsigned cowmm__maps_handled(cowmm_t *mm);
+bool cowmm__removes_over(cowmm_t *mm, uintptr_t addr);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps);
 bool cowmm__moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,

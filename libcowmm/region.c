@@ -440,13 +440,14 @@ static bool maps_pending(cowmm_t *mm)
  * the page is read at its new address, or its loss is handled.  The
  * caller tries again then (-EAGAIN), instead of counting the page lost.
  */
-static bool moved_meanwhile(cowmm_t *mm, uintptr_t addr)
+static bool remove_moved(cowmm_t *mm, unsigned seq, uintptr_t page);
+
+static bool moved_meanwhile(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
 	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
 
-	/* A REMOVE handler cannot wait: moves read after it wait for it. */
 	if (cowmm__in_remove)
-		return false;
+		return addr && remove_moved(mm, seq, page);
 	if (cowmm__maps_pending(mm))
 		return true;
 	/*
@@ -484,13 +485,30 @@ static bool copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
 	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
 
-	if (cowmm__in_remove)
-		return true;
 	if (cowmm__in_worker || cowmm__in_sigbus)
 		return !cowmm__uffd_range_probe(mm->uffd, page,
 						COWMM_PAGE_SIZE) &&
 		       !cowmm__moved_since(mm, seq, page, COWMM_PAGE_SIZE);
 	return cowmm__still_ours(mm, seq, page);
+}
+
+/*
+ * A REMOVE handler reads pages of other regions: a clone's page never
+ * written gets its origin's bytes, for the clone's snapshots.  It does not
+ * wait for moves read before the copy (the move of a page waits only for
+ * discards of its own pages), but the origin's page may have moved since
+ * the handler began: a move read and not followed, since @seq
+ * (cowmm__maps_handled(), the layout then), or one not read yet, and
+ * other memory perhaps mapped where it was (the model tester's seed
+ * 646303950: the clone's snapshot got another manager's bytes;
+ * exact/remove-clone-origin-moved).  Then the handler is tried again once
+ * the move is followed.
+ */
+static bool remove_moved(cowmm_t *mm, unsigned seq, uintptr_t page)
+{
+	return cowmm__uffd_range_probe(mm->uffd, page, COWMM_PAGE_SIZE) ==
+		       -EAGAIN ||
+	       cowmm__moved_since(mm, seq, page, COWMM_PAGE_SIZE);
 }
 
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
@@ -510,13 +528,13 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	if (discard_pending(r->mm))
 		return -EAGAIN;
 	/* Before the look for pending moves: copied_ours(). */
-	seq = cowmm__in_remove ? 0 : cowmm__maps_seq(r->mm);
+	seq = cowmm__in_remove ? cowmm__maps_handled(r->mm)
+			       : cowmm__maps_seq(r->mm);
 	/*
 	 * A move read but not handled: the layout may put the page where
 	 * another one is now (the range it left, taken by another range
 	 * moved there since), protected too, whose bytes would pass for its.
-	 * A REMOVE handler does not wait: moves read after its event wait
-	 * for it.
+	 * A REMOVE handler checks after the copy instead: remove_moved().
 	 */
 	if (!cowmm__in_remove && maps_pending(r->mm))
 		return -EAGAIN;
@@ -528,13 +546,13 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		 * Shared, yet not protected.  Zapped by a discard read since,
 		 * or unmapped (the snapshots that shared it break when its
 		 * event is handled): try again then.  A REMOVE handler cannot
-		 * tell its own zap from another's: -EIO.  Otherwise no event
-		 * came, and the kernel dropped a page MADV_FREE left: it reads
-		 * as the zero the application allowed (what was written since
-		 * did not fault).
+		 * tell its own zap from another's: -EIO, unless the page
+		 * moved.  Otherwise no event came, and the kernel dropped a
+		 * page MADV_FREE left: it reads as the zero the application
+		 * allowed (what was written since did not fault).
 		 */
 		if (cowmm__in_remove)
-			return -EIO;
+			return remove_moved(r->mm, seq, addr) ? -EAGAIN : -EIO;
 		if (cowmm__dropped_quietly(r->mm, addr, before) != 1)
 			return -EAGAIN;
 		memset(dst, 0, COWMM_PAGE_SIZE);
@@ -551,10 +569,10 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	for (tries = 0; tries < 3; tries++) {
 		if (live_copy(r, addr, dst) ||
 		    cowmm__pagemap_read(r->mm->pagemap, addr, 1, &e2))
-			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
+			return moved_meanwhile(r->mm, seq, addr) ? -EAGAIN : -EIO;
 		if (!(e2 & PM_UFFD_WP) ||
 		    ((e1 & PM_PRESENT) && !(e2 & PM_PRESENT)))
-			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
+			return moved_meanwhile(r->mm, seq, addr) ? -EAGAIN : -EIO;
 		if (!(e1 & PM_PRESENT) ||
 		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
 			return copied_ours(r->mm, seq, addr) ? 0 : -EAGAIN;
@@ -601,7 +619,8 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (discard_pending(r->mm))
 			return -EAGAIN;
 		/* A move pending: see read_verified(). */
-		seq = cowmm__in_remove ? 0 : cowmm__maps_seq(r->mm);
+		seq = cowmm__in_remove ? cowmm__maps_handled(r->mm)
+				       : cowmm__maps_seq(r->mm);
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
 		before = cowmm__removes_stamp(r->mm);
@@ -624,13 +643,20 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		 * its REMOVE read since the read began (the kernel zaps only
 		 * then): that discard's handler decides first, and breaks the
 		 * snapshots that still needed the page; zeros would pass for
-		 * its bytes.  A REMOVE handler does not wait for itself.
+		 * its bytes.  A REMOVE handler does not wait for another: a
+		 * discard of this page pending breaks the snapshots that
+		 * needed it, and so does this copy (-EIO), rather than give
+		 * its zeros to a clone's snapshot
+		 * (exact/remove-clone-origin-discarded).
 		 */
 		if (mincore((void *)addr, COWMM_PAGE_SIZE, &vec))
-			return moved_meanwhile(r->mm, addr) ? -EAGAIN : -EIO;
-		if (!cowmm__in_remove &&
-		    cowmm__dropped_quietly(r->mm, addr, before) != 1)
+			return moved_meanwhile(r->mm, seq, addr) ? -EAGAIN : -EIO;
+		if (cowmm__in_remove) {
+			if (cowmm__removes_over(r->mm, addr))
+				return -EIO;
+		} else if (cowmm__dropped_quietly(r->mm, addr, before) != 1) {
 			return -EAGAIN;
+		}
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}
@@ -1299,7 +1325,7 @@ struct unseen {
 static bool walk_moving(cowmm_t *mm, struct unseen *u)
 {
 	if (u->moving < 0)
-		u->moving = moved_meanwhile(mm, 0);
+		u->moving = moved_meanwhile(mm, 0, 0);
 	return u->moving;
 }
 
