@@ -411,8 +411,10 @@ static bool discard_pending(cowmm_t *mm)
 	/*
 	 * A REMOVE handler preserving a clone's page reads its origin: the
 	 * count includes its own event, and waiting for it would wait for
-	 * ever.  It relies on the pagemap check alone: on this kernel a
-	 * zapped page and its refill carry no uffd-wp bit (docs/design.md).
+	 * ever.  It relies on the pagemap check (on this kernel a zapped
+	 * page and its refill carry no uffd-wp bit: docs/design.md), and
+	 * for moves and other discards of the page it reads, on
+	 * remove_moved() and cowmm__removes_over().
 	 */
 	if (cowmm__in_remove)
 		return false;
