@@ -187,6 +187,13 @@ struct cowmm {
 	struct cowmm_moved {
 		uintptr_t from, from_end, to, to_end;
 	} moved[COWMM_MOVED_RING];
+	/*
+	 * The moves and unmaps read and not handled yet, in the order read
+	 * (under read_lock): where a REMOVE handler finds a page that moved
+	 * after its event (cowmm__moved_now()).
+	 */
+	struct cowmm_moved *pend;
+	size_t pend_n, pend_cap;
 	/* A page of no region, registered: cowmm__born_maps(). */
 	void *barrier;
 	/*
@@ -490,6 +497,7 @@ bool cowmm__maps_pending(cowmm_t *mm);
 unsigned cowmm__maps_seq(cowmm_t *mm);
 unsigned cowmm__maps_handled(cowmm_t *mm);
 bool cowmm__removes_over(cowmm_t *mm, uintptr_t addr);
+uintptr_t cowmm__moved_now(cowmm_t *mm, uintptr_t page, unsigned *seq);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps);
 bool cowmm__moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,

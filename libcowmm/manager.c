@@ -768,31 +768,80 @@ bool cowmm__removes_over(cowmm_t *mm, uintptr_t addr)
 }
 
 /*
- * Is a discard read at or before @stamp, of memory the move @m takes or
- * puts memory on, not handled yet?  A move waits for those: the discard
- * names its pages by their addresses before the move.  Not for the others:
- * a discard of a clone's page, whose handler reads the origin's page for
- * the clone's snapshots, waits for a move of that page read after it (the
- * memory where it was may be another's by now: the model tester's seed
- * 646303950), and that move must not wait for it in turn.
+ * Is a discard of memory in [@start, @end), read before the event
+ * numbered @stamp, not handled yet?  An unmap waits for it: the discard
+ * came first, and gave the snapshots of a clone's page its origin's
+ * bytes; taken for unmapped first, the page broke them (the sixteenth
+ * review's dlmin F: a move onto a clone's discarded page).
  */
-static bool removes_before_moved(cowmm_t *mm, const struct uffd_msg *m)
+static bool removes_before_over(cowmm_t *mm, uint32_t stamp, uintptr_t start,
+				uintptr_t end)
 {
-	uintptr_t from = m->arg.remap.from, to = m->arg.remap.to;
-	uintptr_t len = m->arg.remap.len;
 	bool ret = false;
 	size_t i;
 
 	pthread_mutex_lock(&mm->removes_lock);
-	for (i = 0; i < mm->removes_n && !ret; i++) {
-		const struct cowmm_removing *q = &mm->removes_q[i];
-
-		ret = (int32_t)(q->seq - m->reserved3) <= 0 &&
-		      ((q->start < from + len && from < q->end) ||
-		       (q->start < to + len && to < q->end));
-	}
+	for (i = 0; i < mm->removes_n && !ret; i++)
+		ret = (int32_t)(mm->removes_q[i].seq - stamp) <= 0 &&
+		      mm->removes_q[i].start < end &&
+		      start < mm->removes_q[i].end;
 	pthread_mutex_unlock(&mm->removes_lock);
 	return ret;
+}
+
+/*
+ * The moves and unmaps read and not handled yet (mm->pend), appended as
+ * they are read, under read_lock, and dropped once handled, in order.
+ */
+static void pend_add(cowmm_t *mm, const struct cowmm_moved *e)
+{
+	while (mm->pend_n == mm->pend_cap) {
+		size_t cap = mm->pend_cap ? 2 * mm->pend_cap : 16;
+		struct cowmm_moved *q = realloc(mm->pend, cap * sizeof(*q));
+
+		if (q) {
+			mm->pend = q;
+			mm->pend_cap = cap;
+		} else { /* forgotten, a REMOVE handler would read elsewhere */
+			usleep(1000);
+		}
+	}
+	mm->pend[mm->pend_n++] = *e;
+}
+
+static void pend_done(cowmm_t *mm)
+{
+	pthread_mutex_lock(&mm->read_lock);
+	if (mm->pend_n)
+		memmove(mm->pend, mm->pend + 1,
+			--mm->pend_n * sizeof(mm->pend[0]));
+	pthread_mutex_unlock(&mm->read_lock);
+}
+
+/*
+ * Where the page the layout puts at @page is now: followed through the
+ * moves and unmaps read and not handled yet, in the order read.  0 if one
+ * of them unmapped it, or put other memory where it was.  *@seq receives
+ * the count of moves read (cowmm__maps_seq()): moved_since() after a copy
+ * tells of one read meanwhile.  For a REMOVE handler, which cannot wait
+ * for those moves: each waits for the discards read before it.
+ */
+uintptr_t cowmm__moved_now(cowmm_t *mm, uintptr_t page, unsigned *seq)
+{
+	size_t i;
+
+	pthread_mutex_lock(&mm->read_lock);
+	for (i = 0; i < mm->pend_n && page; i++) {
+		const struct cowmm_moved *e = &mm->pend[i];
+
+		if (page >= e->from && page < e->from_end)
+			page = e->to ? e->to + (page - e->from) : 0;
+		else if (page >= e->to && page < e->to_end)
+			page = 0;
+	}
+	*seq = mm->maps_read;
+	pthread_mutex_unlock(&mm->read_lock);
+	return page;
 }
 
 /*
@@ -1021,7 +1070,9 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		 * move is followed first, and a range moved away and back is
 		 * not taken for unmapped.
 		 */
-		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)))
+		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
+		    removes_before_over(mm, m->reserved3, m->arg.remove.start,
+					m->arg.remove.end))
 			return -EAGAIN;
 		nr = (uint32_t)atomic_load(&mm->maps_done) + 1;
 		ret = cowmm__event_unmap(mm, m->arg.remove.start,
@@ -1029,6 +1080,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 					 unmap_since(mm, nr, m->arg.remove.start,
 						     m->arg.remove.end));
 		if (ret != -EAGAIN) {
+			pend_done(mm);
 			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->unmaps_pending, 1);
 		}
@@ -1038,9 +1090,9 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		void (*hook)(uintptr_t, size_t);
 		int ret;
 
-		/* After the moves and unmaps, and its discards, before it. */
+		/* After the moves and unmaps, and the discards, before it. */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
-		    removes_before_moved(mm, m))
+		    cowmm__removes_before(mm, m->reserved3))
 			return -EAGAIN;
 		ret = cowmm__event_remap(mm, m->arg.remap.from,
 					 m->arg.remap.to, m->arg.remap.len);
@@ -1050,6 +1102,7 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 			mm->last_remap.start = m->arg.remap.from;
 			mm->last_remap.end = m->arg.remap.from +
 					     m->arg.remap.len;
+			pend_done(mm);
 			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->remaps_pending, 1);
 			hook = __atomic_load_n(&cowmm__remap_handled,
@@ -1359,6 +1412,7 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 				.to = m->arg.remap.to,
 				.to_end = m->arg.remap.to + m->arg.remap.len,
 			};
+		pend_add(mm, &mm->moved[mm->maps_read % COWMM_MOVED_RING]);
 		mm->maps_all++;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;
@@ -1375,6 +1429,7 @@ static void count_event(cowmm_t *mm, struct uffd_msg *m)
 		mm->moved[mm->maps_read % COWMM_MOVED_RING] =
 			(struct cowmm_moved){ .from = m->arg.remove.start,
 					      .from_end = m->arg.remove.end };
+		pend_add(mm, &mm->moved[mm->maps_read % COWMM_MOVED_RING]);
 		mm->maps_all++;
 		/* Numbered, not queued: cowmm__dropped_quietly(). */
 		m->reserved3 = ++mm->removes_read;
@@ -1789,6 +1844,7 @@ err_mutex:
 	pthread_mutex_destroy(&mm->table_lock);
 	pthread_mutex_destroy(&mm->removes_lock);
 	free(mm->removes_q);
+	free(mm->pend);
 	pthread_mutex_destroy(&mm->workers_lock);
 err_close:
 	if (mm->pagemap >= 0)
@@ -1840,6 +1896,7 @@ void cowmm_close(cowmm_t *mm)
 	pthread_mutex_destroy(&mm->table_lock);
 	pthread_mutex_destroy(&mm->removes_lock);
 	free(mm->removes_q);
+	free(mm->pend);
 	pthread_mutex_destroy(&mm->workers_lock);
 	mm->magic = COWMM_MAGIC_DEAD;
 	free(mm);

@@ -444,6 +444,10 @@ static bool maps_pending(cowmm_t *mm)
  */
 static bool remove_moved(cowmm_t *mm, unsigned seq, uintptr_t page);
 
+/*
+ * @seq: for a REMOVE handler, what cowmm__moved_now() gave with @addr;
+ * otherwise unused.
+ */
 static bool moved_meanwhile(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
 	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
@@ -483,28 +487,44 @@ static bool moved_meanwhile(cowmm_t *mm, unsigned seq, uintptr_t addr)
  * tried again after.  A REMOVE handler neither: its copies still take
  * what they read.
  */
-static bool copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
+/*
+ * 0 if it was, -EAGAIN if not or not yet known (the caller tries again
+ * once the move is handled), -EIO for a REMOVE handler whose page is gone.
+ */
+static int copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
 	uintptr_t page = addr & ~(uintptr_t)(COWMM_PAGE_SIZE - 1);
+	int ret;
 
+	if (cowmm__in_remove) {
+		if (remove_moved(mm, seq, page))
+			return -EAGAIN;
+		ret = cowmm__uffd_range_probe(mm->uffd, page, COWMM_PAGE_SIZE);
+		return ret ? -EIO : 0;
+	}
 	if (cowmm__in_worker || cowmm__in_sigbus)
 		return !cowmm__uffd_range_probe(mm->uffd, page,
 						COWMM_PAGE_SIZE) &&
-		       !cowmm__moved_since(mm, seq, page, COWMM_PAGE_SIZE);
-	return cowmm__still_ours(mm, seq, page);
+				       !cowmm__moved_since(mm, seq, page,
+							   COWMM_PAGE_SIZE)
+			       ? 0
+			       : -EAGAIN;
+	return cowmm__still_ours(mm, seq, page) ? 0 : -EAGAIN;
 }
 
 /*
  * A REMOVE handler reads pages of other regions: a clone's page never
- * written gets its origin's bytes, for the clone's snapshots.  It does not
- * wait for moves read before the copy (the move of a page waits only for
- * discards of its own pages), but the origin's page may have moved since
- * the handler began: a move read and not followed, since @seq
- * (cowmm__maps_handled(), the layout then), or one not read yet, and
- * other memory perhaps mapped where it was (the model tester's seed
- * 646303950: the clone's snapshot got another manager's bytes;
- * exact/remove-clone-origin-moved).  Then the handler is tried again once
- * the move is followed.
+ * written gets its origin's bytes, for the clone's snapshots.  The moves
+ * read after its event wait for it, so it cannot wait for them: it reads
+ * the origin's page where they put it (cowmm__moved_now(), which gives
+ * @seq), and the copy counts only if no move was read since and none is
+ * on its way (the kernel refuses its probe while one is not read).  Else
+ * the handler is tried again once it is read, not handled.  Read where
+ * the layout put it, the copy took the bytes of memory another manager
+ * protects, mapped there after the move (the model tester's seed
+ * 646303950; exact/remove-clone-origin-moved), and waiting for the move
+ * to be handled waited for ever (the sixteenth review: the move waits for
+ * the discard; exact/remove-clone-then-move).
  */
 static bool remove_moved(cowmm_t *mm, unsigned seq, uintptr_t page)
 {
@@ -513,8 +533,9 @@ static bool remove_moved(cowmm_t *mm, unsigned seq, uintptr_t page)
 	       cowmm__moved_since(mm, seq, page, COWMM_PAGE_SIZE);
 }
 
+/* @rseq: for a REMOVE handler, from cowmm__moved_now() with @addr. */
 static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
-			 bool probe)
+			 bool probe, unsigned rseq)
 {
 	void (*hook)(uintptr_t);
 	uint64_t e1, e2;
@@ -530,8 +551,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 	if (discard_pending(r->mm))
 		return -EAGAIN;
 	/* Before the look for pending moves: copied_ours(). */
-	seq = cowmm__in_remove ? cowmm__maps_handled(r->mm)
-			       : cowmm__maps_seq(r->mm);
+	seq = cowmm__in_remove ? rseq : cowmm__maps_seq(r->mm);
 	/*
 	 * A move read but not handled: the layout may put the page where
 	 * another one is now (the range it left, taken by another range
@@ -577,7 +597,7 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 			return moved_meanwhile(r->mm, seq, addr) ? -EAGAIN : -EIO;
 		if (!(e1 & PM_PRESENT) ||
 		    (e1 & PM_PFN_MASK) == (e2 & PM_PFN_MASK))
-			return copied_ours(r->mm, seq, addr) ? 0 : -EAGAIN;
+			return copied_ours(r->mm, seq, addr);
 		/* Another frame, still protected: a discard, or migrated. */
 		if (discard_pending(r->mm))
 			return -EAGAIN;
@@ -604,7 +624,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 	void (*hook)(uintptr_t);
 	unsigned char vec;
 	uint32_t before;
-	unsigned seq;
+	unsigned seq, rseq = 0;
 
 	if (r->holes && cowmm__test_bit(r->holes, pg)) {
 		memset(dst, 0, COWMM_PAGE_SIZE); /* unmapped: left the region */
@@ -612,6 +632,12 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 	}
 	if (r->origin && !cowmm__test_bit(r->present, pg))
 		return cowmm__snap_page(r->origin, pg, dst);
+	/* A REMOVE handler: where the moves read after it put the page. */
+	if (cowmm__in_remove) {
+		addr = cowmm__moved_now(r->mm, addr, &rseq);
+		if (!addr)
+			return -EIO; /* unmapped: its snapshots break */
+	}
 	if (r->present) {
 		/*
 		 * Materialised.  A discard read but not handled: what is
@@ -621,8 +647,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		if (discard_pending(r->mm))
 			return -EAGAIN;
 		/* A move pending: see read_verified(). */
-		seq = cowmm__in_remove ? cowmm__maps_handled(r->mm)
-				       : cowmm__maps_seq(r->mm);
+		seq = cowmm__in_remove ? rseq : cowmm__maps_seq(r->mm);
 		if (!cowmm__in_remove && maps_pending(r->mm))
 			return -EAGAIN;
 		before = cowmm__removes_stamp(r->mm);
@@ -636,7 +661,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		 * (the model tester's seed 888 gave its bytes to a clone).
 		 */
 		if (!cowmm__live_read(addr, dst, COWMM_PAGE_SIZE))
-			return copied_ours(r->mm, seq, addr) ? 0 : -EAGAIN;
+			return copied_ours(r->mm, seq, addr);
 		/*
 		 * Not there, and the read did not wait for it (see
 		 * cowmm__live_read()): discarded, so zero; unless the range
@@ -662,7 +687,7 @@ int cowmm__region_read_page(cowmm_region_t *r, size_t pg, void *dst,
 		memset(dst, 0, COWMM_PAGE_SIZE);
 		return 0;
 	}
-	return read_verified(r, addr, dst, probe);
+	return read_verified(r, addr, dst, probe, rseq);
 }
 
 /*

@@ -1512,6 +1512,103 @@ START_TEST(test_remove_clone_origin_moved_away)
 END_TEST
 
 /*
+ * A discard of a clone's two pages, then right away a move that the
+ * discard's handler must see: @onto, the origin's second page moved onto
+ * the clone's first; otherwise the clone's first page moved away, then the
+ * origin's second.  The handler, copying the origin's second page for the
+ * clone's snapshot, found it moved and waited for the move to be handled,
+ * while that move waited for the discard (its range overlaps the
+ * discard's, or it comes after one that does): every later fault and
+ * event of the manager waited too (the sixteenth review, dlmin: 10 in 10
+ * runs).  A store to the moved page must return, and the snapshot hold
+ * the origin's bytes.
+ */
+struct timed_store {
+	unsigned char *at;
+	atomic_bool done;
+};
+
+static void *timed_store_main(void *arg)
+{
+	struct timed_store *t = arg;
+
+	t->at[0] ^= 1;
+	atomic_store(&t->done, true);
+	return NULL;
+}
+
+/* Store to @at in another thread: did it return within 10 s? */
+static bool store_returns(unsigned char *at)
+{
+	static struct timed_store t; /* outlives a store that never returns */
+	pthread_t th;
+	int i;
+
+	t.at = at;
+	atomic_store(&t.done, false);
+	ck_assert_int_eq(pthread_create(&th, NULL, timed_store_main, &t), 0);
+	for (i = 0; i < 1000 && !atomic_load(&t.done); i++)
+		usleep(10000);
+	if (!atomic_load(&t.done))
+		return false;
+	pthread_join(th, NULL);
+	return true;
+}
+
+static void remove_clone_then_move(bool onto)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *c, *moved, buf[T_PAGE];
+	cowmm_region_t *r, *cl;
+	cowmm_snap_t *s;
+	ssize_t got;
+
+	p = t_filled_region(mm, 2, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &cl), 0);
+	c = cowmm_region_base(cl);
+	ck_assert_int_eq(cowmm_snapshot(cl, &s), 0);
+	ck_assert_int_eq(madvise(c, 2 * T_PAGE, MADV_DONTNEED), 0);
+	if (onto) {
+		moved = mremap(p + T_PAGE, T_PAGE, T_PAGE,
+			       MREMAP_MAYMOVE | MREMAP_FIXED, c);
+	} else {
+		ck_assert_ptr_ne(mremap(c, T_PAGE, T_PAGE,
+					MREMAP_MAYMOVE | MREMAP_FIXED,
+					reserve(T_PAGE)),
+				 MAP_FAILED);
+		moved = mremap(p + T_PAGE, T_PAGE, T_PAGE,
+			       MREMAP_MAYMOVE | MREMAP_FIXED, reserve(T_PAGE));
+	}
+	ck_assert_ptr_ne(moved, MAP_FAILED);
+	ck_assert_msg(store_returns(moved),
+		      "a store to the moved page did not return in 10 s");
+	got = cowmm_snap_read(s, T_PAGE, buf, T_PAGE);
+	ck_assert_msg(got == T_PAGE && page_is(buf, 2),
+		      "the clone's snapshot reads %zd, %#x for page 1", got,
+		      got == T_PAGE ? buf[0] : 0);
+	if (!onto) { /* nothing took the clone's first page */
+		got = cowmm_snap_read(s, 0, buf, T_PAGE);
+		ck_assert_msg(got == T_PAGE && page_is(buf, 1),
+			      "the clone's snapshot reads %zd, %#x for page 0",
+			      got, got == T_PAGE ? buf[0] : 0);
+	}
+	cowmm_snap_release(s);
+	cowmm_close(mm);
+}
+
+START_TEST(test_remove_clone_then_move_onto)
+{
+	remove_clone_then_move(true);
+}
+END_TEST
+
+START_TEST(test_remove_clone_then_move)
+{
+	remove_clone_then_move(false);
+}
+END_TEST
+
+/*
  * The same copy, from an origin that is a clone itself and wrote the page
  * (materialised): right before the copy reads it, the origin's page is
  * discarded too (another worker reads that discard; the kernel zaps the
@@ -4486,6 +4583,10 @@ int main(void)
 		  test_remove_clone_origin_moved_away, T_WP_UNPOPULATED },
 		{ "remove-clone-origin-discarded",
 		  test_remove_clone_origin_discarded, T_WP_UNPOPULATED },
+		{ "remove-clone-then-move", test_remove_clone_then_move,
+		  T_WP_UNPOPULATED },
+		{ "remove-clone-then-move-onto",
+		  test_remove_clone_then_move_onto, T_WP_UNPOPULATED },
 		{ "read-checked-moved-unread", test_read_checked_moved_unread,
 		  T_WP_UNPOPULATED },
 		{ "fault-checked-moved-unread", test_fault_checked_moved_unread,
