@@ -497,9 +497,16 @@ static int copied_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 	int ret;
 
 	if (cowmm__in_remove) {
-		if (remove_moved(mm, seq, page))
-			return -EAGAIN;
+		/*
+		 * One probe: asked again, an event of any thread queued in
+		 * between made it say "not read yet", taken for "gone" (the
+		 * seventeenth review: the clone's snapshot broke, nothing lost;
+		 * exact/remove-clone-other-discards).
+		 */
 		ret = cowmm__uffd_range_probe(mm->uffd, page, COWMM_PAGE_SIZE);
+		if (ret == -EAGAIN ||
+		    cowmm__moved_since(mm, seq, page, COWMM_PAGE_SIZE))
+			return -EAGAIN;
 		return ret ? -EIO : 0;
 	}
 	if (cowmm__in_worker || cowmm__in_sigbus)
