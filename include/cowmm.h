@@ -408,9 +408,10 @@ COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
  * Write-pinned pages of the source are copied at once (pin_copies).
  * A page of the clone discarded (MADV_DONTNEED) reads zero afterwards, as
  * in a fork() child, touched before or not.  Where the clone's content is
- * lost before its first touch (the source discarded the page before it
- * was copied for the clone, or no memory was left for that copy), the
- * page is poisoned: touching it raises SIGBUS, never gives other bytes.
+ * lost before its first touch (the source discarded, unmapped or mapped
+ * over the page, mremap() with MREMAP_FIXED included, before it was copied
+ * for the clone, or no memory was left for that copy), the page is
+ * poisoned: touching it raises SIGBUS, never gives other bytes.
  * Context: any thread.
  *
  * @param src    a region
