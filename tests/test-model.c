@@ -21,7 +21,7 @@
  *                           snap_release clone release restore map
  *                           view_discard pin unpin dontneed free munmap
  *                           mremap mremap_part stream pageout count
- *                           write_discard read_moving),
+ *                           write_discard read_moving discard_move),
  *                           and behaviours: discard_untouched (no
  *                           discard or unmap of a clone's or lazy load's
  *                           untouched page), discard_origin (nor of a
@@ -84,7 +84,7 @@ enum op_kind {
 	OP_SNAP_RELEASE, OP_CLONE, OP_RELEASE, OP_RESTORE, OP_MAP,
 	OP_VIEW_DISCARD, OP_PIN, OP_UNPIN, OP_DONTNEED, OP_FREE, OP_MUNMAP,
 	OP_MREMAP, OP_MREMAP_PART, OP_STREAM, OP_PAGEOUT, OP_COUNT,
-	OP_WRITE_DISCARD, OP_READ_MOVING, NKINDS
+	OP_WRITE_DISCARD, OP_READ_MOVING, OP_DISCARD_MOVE, NKINDS
 };
 
 static const char *const kind_name[NKINDS] = {
@@ -92,7 +92,7 @@ static const char *const kind_name[NKINDS] = {
 	"snap_release", "clone", "release", "restore", "map",
 	"view_discard", "pin", "unpin", "dontneed", "free", "munmap",
 	"mremap", "mremap_part", "stream", "pageout", "count",
-	"write_discard", "read_moving",
+	"write_discard", "read_moving", "discard_move",
 };
 
 static unsigned weight[NKINDS] = {
@@ -103,6 +103,7 @@ static unsigned weight[NKINDS] = {
 	[OP_DONTNEED] = 5, [OP_FREE] = 3, [OP_MUNMAP] = 2, [OP_MREMAP] = 2,
 	[OP_MREMAP_PART] = 2, [OP_STREAM] = 4, [OP_PAGEOUT] = 2,
 	[OP_COUNT] = 1, [OP_WRITE_DISCARD] = 3, [OP_READ_MOVING] = 3,
+	[OP_DISCARD_MOVE] = 2,
 };
 
 struct op {
@@ -2307,11 +2308,50 @@ static bool adopt_left(int opi, struct op *o, unsigned char *at, size_t n)
 }
 
 /*
+ * A run of @n pages of another region than @m, without pins, mapped in
+ * one piece, that it may lose as to munmap() (not all it has): its slot
+ * and first page in *@xi and *@xpg.
+ */
+static bool onto_target(struct op *o, struct mregion *m, size_t n, int *xi,
+			size_t *xpg)
+{
+	int k, c;
+	size_t st, j, i, mapped;
+
+	for (k = 0; k < MAXR; k++) {
+		struct mregion *x = &R[(o->a + 1 + k) % MAXR];
+
+		if (!x->live || x == m || !unmappable(x) || x->npages <= n)
+			continue;
+		for (i = 0, mapped = 0; i < x->npages; i++)
+			mapped += !!x->addr[i];
+		if (mapped <= n)
+			continue;
+		for (j = 0; j + n <= x->npages; j++) {
+			st = (o->c + j) % (x->npages - n + 1);
+			for (i = 0; i < n; i++)
+				if (!run_ok(x, st + i, RUN_DISCARD) ||
+				    x->addr[st + i] != x->addr[st] + i * PG)
+					break;
+			if (i == n && in_one_vma(x->addr[st], n) == n) {
+				c = (int)(x - R);
+				*xi = c;
+				*xpg = st;
+				return true;
+			}
+		}
+	}
+	return false;
+}
+
+/*
  * Move part of a region.  One in four with MREMAP_DONTUNMAP, which leaves
  * the old range mapped, empty and registered, and sends no UNMAP: then
  * the range is left so, or unmapped, or adopted as a new region (the
  * thirteenth session's outside review: its unmap was taken for the
- * move's own).
+ * move's own).  One in three of the others onto another region's pages,
+ * which that region loses as to munmap() (the sixteenth review's dlmin F:
+ * a move onto a clone's discarded page hung the manager).
  */
 static void op_mremap_part(int opi, struct op *o, char *d)
 {
@@ -2322,8 +2362,9 @@ static void op_mremap_part(int opi, struct op *o, char *d)
 	unsigned what = (o->d / 4) % 3;
 	struct mregion *m;
 	unsigned char *to, *q, *from;
-	size_t pg, n, i, mapped = 0;
+	size_t pg, n, i, mapped = 0, xpg = 0;
 	char how[48] = "";
+	int xi = -1;
 
 	if (ri < 0) {
 		DESC("mremap_part (skipped: no region without pins)");
@@ -2339,7 +2380,22 @@ static void op_mremap_part(int opi, struct op *o, char *d)
 		DESC("mremap_part R%d (skipped: would move all)", m->id);
 		return;
 	}
-	to = reserve(n * PG);
+	if (!dontunmap && what == 1 && onto_target(o, m, n, &xi, &xpg)) {
+		struct mregion *x = &R[xi];
+
+		to = x->addr[xpg];
+		/* DESIGN.md: "an unmapped range leaves the region" */
+		for (i = xpg; i < xpg + n; i++) {
+			page_discarded(xi, i);
+			x->addr[i] = NULL;
+			x->maylose[i] = 0;
+		}
+		x->holes = true;
+		snprintf(how, sizeof(how), "onto R%d pages %zu..%zu", x->id,
+			 xpg, xpg + n - 1);
+	} else {
+		to = reserve(n * PG);
+	}
 	from = m->addr[pg];
 	q = mremap(from, n * PG, n * PG,
 		   MREMAP_MAYMOVE | MREMAP_FIXED |
@@ -2359,9 +2415,137 @@ static void op_mremap_part(int opi, struct op *o, char *d)
 	if (dontunmap)
 		snprintf(how, sizeof(how), left[what],
 			 what == 2 ? next_rid - 1 : 0);
-	DESC("mremap_part R%d pages %zu..%zu to a new address%s%s%s", m->id, pg,
-	     pg + n - 1, dontunmap ? " (MREMAP_DONTUNMAP, old range " : "",
-	     how, dontunmap ? ")" : "");
+	DESC("mremap_part R%d pages %zu..%zu %s%s%s%s", m->id, pg, pg + n - 1,
+	     xi >= 0 ? "" : "to a new address",
+	     dontunmap ? " (MREMAP_DONTUNMAP, old range " : "", how,
+	     dontunmap ? ")" : "");
+}
+
+/*
+ * A discard, and a move right after it, while the discard's event may
+ * still be handled: part of a region moved away or onto another region's
+ * pages.  Checked once both are done.  The sixteenth review's dlmin (a
+ * clone's pages discarded, then the origin's page moved onto them, or the
+ * clone's page moved away and then the origin's) hung the manager in
+ * every run; the model's discards and moves, checked one by one, never
+ * overlapped.
+ */
+/* Move pages @pg.. @pg + @n - 1 of R[@ri], mapped in one piece, to @to. */
+static void move_run(int ri, size_t pg, size_t n, unsigned char *to)
+{
+	struct mregion *m = &R[ri];
+	size_t i;
+
+	if (mremap(m->addr[pg], n * PG, n * PG, MREMAP_MAYMOVE | MREMAP_FIXED,
+		   to) != to)
+		die(M_ERROR, "mremap R%d pages %zu..%zu: %m", m->id, pg,
+		    pg + n - 1);
+	/* DESIGN.md: "a moved range is followed to its new address" */
+	for (i = 0; i < n; i++)
+		m->addr[pg + i] = to + i * PG;
+	m->moved = true;
+}
+
+static size_t mapped_pages(const struct mregion *m)
+{
+	size_t i, n = 0;
+
+	for (i = 0; i < m->npages; i++)
+		n += !!m->addr[i];
+	return n;
+}
+
+/* A clone without pins whose origin is live, has no pins, and may move. */
+static bool clone_of_live(struct mregion *m)
+{
+	return m->kind == K_CLONE && !m->npins && m->origin >= 0 &&
+	       R[m->origin].live && !R[m->origin].npins;
+}
+
+/*
+ * The review's two patterns on a clone: its pages discarded, then its
+ * origin's pages moved onto them, or the clone's pages moved away and
+ * then the origin's.  Returns false where no clone fits.
+ */
+static bool discard_clone_move(struct op *o, char *d)
+{
+	int ci = find_region(o->a, clone_of_live), oi;
+	bool onto = o->d / 2 % 2;
+	struct mregion *c, *m;
+	size_t pg, n, s, i, j;
+
+	if (ci < 0)
+		return false;
+	c = &R[ci];
+	oi = c->origin;
+	m = &R[oi];
+	n = pick_run(c, o, &pg, RUN_NOPIN | RUN_DISCARD, 4);
+	if (n)
+		n = in_one_vma(c->addr[pg], n);
+	if (!n || n >= mapped_pages(c) || n >= mapped_pages(m))
+		return false;
+	for (j = 0; j + n <= m->npages; j++) {
+		s = (pg + j) % (m->npages - n + 1);
+		for (i = 0; i < n; i++)
+			if (!m->addr[s + i] ||
+			    m->addr[s + i] != m->addr[s] + i * PG)
+				break;
+		if (i == n && in_one_vma(m->addr[s], n) == n)
+			break;
+	}
+	if (j + n > m->npages)
+		return false;
+	if (madvise(c->addr[pg], n * PG, MADV_DONTNEED))
+		die(M_ERROR, "madvise(dontneed): %m");
+	for (i = pg; i < pg + n; i++)
+		model_dontneed(ci, i);
+	if (onto) {
+		unsigned char *to = c->addr[pg];
+
+		/* DESIGN.md: "an unmapped range leaves the region" */
+		for (i = pg; i < pg + n; i++) {
+			page_discarded(ci, i);
+			c->addr[i] = NULL;
+			c->maylose[i] = 0;
+		}
+		c->holes = true;
+		move_run(oi, s, n, to);
+	} else {
+		move_run(ci, pg, n, reserve(n * PG));
+		move_run(oi, s, n, reserve(n * PG));
+	}
+	DESC("dontneed R%d (a clone of R%d) pages %zu..%zu, then %s", c->id,
+	     m->id, pg, pg + n - 1,
+	     onto ? "the origin's pages moved onto them" : "both moved away");
+	if (onto)
+		snprintf(d + strlen(d), 200 - strlen(d), " (R%d pages %zu..)",
+			 m->id, s);
+	return true;
+}
+
+/*
+ * A discard, and a move right after it, while the discard's event may
+ * still be handled: part of a region moved away or onto another region's
+ * pages.  Checked once both are done.  The sixteenth review's dlmin (a
+ * clone's pages discarded, then the origin's page moved onto them, or the
+ * clone's page moved away and then the origin's) hung the manager in
+ * every run; the model's discards and moves, checked one by one, never
+ * overlapped.  Half of them that pattern, where a clone allows it.
+ */
+static void op_discard_move(int opi, struct op *o, char *d)
+{
+	struct op mv = *o;
+	char d1[200], d2[200];
+
+	if (o->d % 2 && discard_clone_move(o, d))
+		return;
+	mv.a = o->a / 7 + o->d;
+	mv.b = o->d;
+	mv.c = o->b;
+	mv.d = o->c;
+	op_discard(o, d1, MADV_DONTNEED);
+	op_mremap_part(opi, &mv, d2);
+	DESC("%.90s, then %.100s", d1, d2);
 }
 
 static bool loadable_target(struct mregion *m)
@@ -2598,6 +2782,7 @@ static void run_op(int opi)
 	case OP_MUNMAP: op_munmap(o, d); break;
 	case OP_MREMAP: op_mremap(o, d); break;
 	case OP_MREMAP_PART: op_mremap_part(opi, o, d); break;
+	case OP_DISCARD_MOVE: op_discard_move(opi, o, d); break;
 	case OP_STREAM: op_stream(opi, o, d); break;
 	case OP_PAGEOUT: op_pageout(o, d); break;
 	case OP_COUNT: op_count(o, d); break;
