@@ -647,6 +647,17 @@ static int fault(cowmm_t *mm, uintptr_t addr, bool wp, bool wake,
 	struct cowmm_region *r;
 	int ret;
 
+	/*
+	 * A missing fault where a move or unmap read (by another worker,
+	 * perhaps) is not handled yet: the layout may still put a region's
+	 * page here that is elsewhere now, and filling it would count that
+	 * page as filled where it moved (the model tester's seed 654867910:
+	 * a store to the range MREMAP_DONTUNMAP left made the clone's page
+	 * read zero at its new address).  Once the move is handled.
+	 */
+	if (!wp && cowmm__moved_since(mm, cowmm__maps_handled(mm), addr,
+				      COWMM_PAGE_SIZE))
+		return -EAGAIN;
 	urcu_bp_read_lock();
 	r = cowmm__region_lookup(mm, addr);
 	if (r)
