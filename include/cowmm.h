@@ -419,8 +419,10 @@ COWMM_EXPORT int cowmm_region_release(cowmm_region_t *r);
  * @param out    receives the clone; untouched on failure
  * @return 0; -EINVAL (NULL, bad flags), -EBADF (released region), -ENOMEM,
  *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED, or a
- *         #COWMM_OPEN_IN_THREAD manager), -EOVERFLOW, -EIO (the
- *         manager's userfaultfd was closed behind its back), -ECHILD
+ *         #COWMM_OPEN_IN_THREAD manager), -EOVERFLOW, -ENOENT (as for
+ *         cowmm_snapshot(): @p src unmapped, or pages kept being moved
+ *         under the call; no clone is made), -EIO (the manager's
+ *         userfaultfd was closed behind its back), -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_clone(cowmm_region_t *src, unsigned flags,
@@ -497,8 +499,10 @@ COWMM_EXPORT int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len);
  *         -EOVERFLOW (2^32 - 1 snapshots of this region taken),
  *         -EOPNOTSUPP (kernel lacks UFFD_FEATURE_WP_UNPOPULATED),
  *         -ENOENT (the region's memory was unmapped behind the library's
- *         back), -EIO (the manager's userfaultfd was closed behind its
- *         back: its snapshots are broken, none can be taken), -ECHILD
+ *         back, or pages of the manager kept being moved or unmapped
+ *         under the call, 100 rounds: no snapshot is made; call again),
+ *         -EIO (the manager's userfaultfd was closed behind its back: its
+ *         snapshots are broken, none can be taken), -ECHILD
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_snapshot(cowmm_region_t *r, cowmm_snap_t **out);
