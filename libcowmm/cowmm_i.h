@@ -498,6 +498,7 @@ unsigned cowmm__maps_seq(cowmm_t *mm);
 unsigned cowmm__maps_handled(cowmm_t *mm);
 bool cowmm__removes_over(cowmm_t *mm, uintptr_t addr);
 uintptr_t cowmm__moved_now(cowmm_t *mm, uintptr_t page, unsigned *seq);
+void cowmm__pend_done(cowmm_t *mm);
 bool cowmm__maps_done(cowmm_t *mm, unsigned seq);
 bool cowmm__born_maps(cowmm_t *mm, uint32_t *maps);
 bool cowmm__moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,

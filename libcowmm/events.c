@@ -212,7 +212,9 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 		else
 			moved[n++] = r;
 	}
-	for (k = 0; k < n; k++) {
+	for (k = 0; k < n && !ret; k++) {
+		int moved_pages;
+
 		r = moved[k];
 		/*
 		 * Also while it is being released: until it leaves the
@@ -220,22 +222,22 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 		 * the layout puts them, and the unmap of the range they left
 		 * (mremap() sends it after) must not find them there.
 		 */
-		if (!ret) {
-			while ((ret = cowmm__layout_move(r, from, to, len)) ==
-			       -ENOMEM)
-				usleep(1000);
-			while (ret > 0 && cowmm__rtable_move(mm, r) == -ENOMEM)
-				usleep(1000);
-			cowmm__log(COWMM_LOG_INFO,
-				   "region %#lx: %zu KiB moved from %#lx to %#lx%s",
-				   (unsigned long)r->base, len >> 10,
-				   (unsigned long)from, (unsigned long)to,
-				   cowmm__in_pieces(r) ? "; it is in pieces now"
-						       : "");
-			ret = 0;
-		}
-		pthread_mutex_unlock(&r->lock);
+		while ((moved_pages = cowmm__layout_move(r, from, to, len)) ==
+		       -ENOMEM)
+			usleep(1000);
+		while (moved_pages > 0 && cowmm__rtable_move(mm, r) == -ENOMEM)
+			usleep(1000);
+		cowmm__log(COWMM_LOG_INFO,
+			   "region %#lx: %zu KiB moved from %#lx to %#lx%s",
+			   (unsigned long)r->base, len >> 10,
+			   (unsigned long)from, (unsigned long)to,
+			   cowmm__in_pieces(r) ? "; it is in pieces now" : "");
 	}
+	/* Handled, before the regions are let go: cowmm__pend_done(). */
+	if (!ret)
+		cowmm__pend_done(mm);
+	for (k = 0; k < n; k++)
+		pthread_mutex_unlock(&moved[k]->lock);
 	urcu_bp_read_unlock();
 	free(moved);
 	return ret;

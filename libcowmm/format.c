@@ -329,7 +329,7 @@ static unsigned popcount_bitmap(const uint8_t *b)
 /* Page @pg of @r, where it is now; NULL if it left the region (unmapped). */
 static unsigned char *load_page(cowmm_region_t *r, size_t pg)
 {
-	if (r->holes && cowmm__test_bit(r->holes, pg))
+	if (cowmm__hole(r, pg)) /* also read without the lock */
 		return NULL;
 	return (unsigned char *)cowmm__page_addr(r, pg);
 }

@@ -143,8 +143,26 @@ static bool moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,
 	uint16_t n = (uint16_t)(mm->maps_read - (uint16_t)seq), i;
 	uintptr_t end = start + len;
 
-	if (n > COWMM_MOVED_RING)
-		return true;
+	if (n > COWMM_MOVED_RING) {
+		/*
+		 * Past the ring.  If none was handled since @seq, those read
+		 * since are the ones not handled yet, all in mm->pend: a
+		 * write fault counted from cowmm__maps_handled() with a
+		 * thread moving other memory without pause is not taken for
+		 * one of its page (exact/fault-while-other-moves timed out
+		 * under TSan on a loaded machine).
+		 */
+		if ((uint16_t)atomic_load(&mm->maps_done) != (uint16_t)seq)
+			return true;
+		for (size_t k = 0; k < mm->pend_n; k++) {
+			const struct cowmm_moved *m = &mm->pend[k];
+
+			if ((start < m->from_end && m->from < end) ||
+			    (start < m->to_end && m->to < end))
+				return true;
+		}
+		return false;
+	}
 	for (i = 1; i <= n; i++) {
 		const struct cowmm_moved *m =
 			&mm->moved[(uint16_t)(seq + i) % COWMM_MOVED_RING];
@@ -820,12 +838,20 @@ static void pend_add(cowmm_t *mm, const struct cowmm_moved *e)
 	mm->pend[mm->pend_n++] = *e;
 }
 
-static void pend_done(cowmm_t *mm)
+/*
+ * The oldest move or unmap read is handled: drop it and count it, under
+ * read_lock, so that moved_since() and cowmm__moved_now() see both or
+ * neither.  A move's handler calls it before it lets go of the regions
+ * whose layout it changed: a REMOVE handler holding one reads the layout
+ * and the moves still to apply to it as one.
+ */
+void cowmm__pend_done(cowmm_t *mm)
 {
 	pthread_mutex_lock(&mm->read_lock);
 	if (mm->pend_n)
 		memmove(mm->pend, mm->pend + 1,
 			--mm->pend_n * sizeof(mm->pend[0]));
+	atomic_fetch_add(&mm->maps_done, 1);
 	pthread_mutex_unlock(&mm->read_lock);
 }
 
@@ -1091,30 +1117,36 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 					 unmap_since(mm, nr, m->arg.remove.start,
 						     m->arg.remove.end));
 		if (ret != -EAGAIN) {
-			pend_done(mm);
-			atomic_fetch_add(&mm->maps_done, 1);
+			cowmm__pend_done(mm);
 			atomic_fetch_sub(&mm->unmaps_pending, 1);
 		}
 		return ret;
 	}
 	case UFFD_EVENT_REMAP: {
 		void (*hook)(uintptr_t, size_t);
+		uint32_t nr;
 		int ret;
 
 		/* After the moves and unmaps, and the discards, before it. */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
 		    cowmm__removes_before(mm, m->reserved3))
 			return -EAGAIN;
+		/*
+		 * Counted handled inside (cowmm__pend_done()); this one is
+		 * next in order, so nothing else counts meanwhile.
+		 */
+		nr = (uint32_t)atomic_load(&mm->maps_done) + 1;
+		/*
+		 * Before it is counted: the UNMAP after it may be handled by
+		 * another worker as soon as it is (the UNMAP before it was
+		 * handled first, so nothing reads the old values now).
+		 */
+		mm->last_remap.nr = nr;
+		mm->last_remap.start = m->arg.remap.from;
+		mm->last_remap.end = m->arg.remap.from + m->arg.remap.len;
 		ret = cowmm__event_remap(mm, m->arg.remap.from,
 					 m->arg.remap.to, m->arg.remap.len);
 		if (ret != -EAGAIN) {
-			mm->last_remap.nr =
-				(uint32_t)atomic_load(&mm->maps_done) + 1;
-			mm->last_remap.start = m->arg.remap.from;
-			mm->last_remap.end = m->arg.remap.from +
-					     m->arg.remap.len;
-			pend_done(mm);
-			atomic_fetch_add(&mm->maps_done, 1);
 			atomic_fetch_sub(&mm->remaps_pending, 1);
 			hook = __atomic_load_n(&cowmm__remap_handled,
 					       __ATOMIC_ACQUIRE);

@@ -2472,7 +2472,7 @@ static bool discard_clone_move(struct op *o, char *d)
 	int ci = find_region(o->a, clone_of_live), oi;
 	bool onto = o->d / 2 % 2;
 	struct mregion *c, *m;
-	size_t pg, n, s, i, j;
+	size_t pg, n, s = 0, i, j;
 
 	if (ci < 0)
 		return false;
