@@ -1684,6 +1684,43 @@ START_TEST(test_remove_clone_other_discards)
 END_TEST
 
 /*
+ * A region's page moved onto a page of its clone (MREMAP_FIXED: the
+ * clone loses its page, as to munmap()), then the clone released: the
+ * release must leave the region's page there mapped, and the region's
+ * snapshot that shares it whole.  A pattern the model tester's
+ * mremap_part onto another region makes; a check, not a fix (it held
+ * before this session's changes too).
+ */
+START_TEST(test_release_clone_with_origin_page_in_it)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *c, buf[T_PAGE];
+	cowmm_region_t *r, *cl;
+	cowmm_snap_t *s;
+
+	p = t_filled_region(mm, 8, &r);
+	ck_assert_int_eq(cowmm_clone(r, 0, &cl), 0);
+	c = cowmm_region_base(cl);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_ptr_eq(mremap(p + 7 * T_PAGE, T_PAGE, T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, c + 3 * T_PAGE),
+			 c + 3 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_release(cl), 0);
+	ck_assert_msg(page_is(c + 3 * T_PAGE, 8),
+		      "the region's moved page reads %#x", c[3 * T_PAGE]);
+	ck_assert_int_eq(cowmm_snap_read(s, 7 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 8));
+	c[3 * T_PAGE] ^= 1; /* a write fault: the snapshot keeps its copy */
+	ck_assert_int_eq(cowmm_snap_read(s, 7 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 8));
+	t_assert_snap_filled(s, 8);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * The same copy, from an origin that is a clone itself and wrote the page
  * (materialised): right before the copy reads it, the origin's page is
  * discarded too (another worker reads that discard; the kernel zaps the
@@ -4658,6 +4695,8 @@ int main(void)
 		  test_remove_clone_origin_moved_away, T_WP_UNPOPULATED },
 		{ "remove-clone-origin-discarded",
 		  test_remove_clone_origin_discarded, T_WP_UNPOPULATED },
+		{ "release-clone-with-origin-page-in-it",
+		  test_release_clone_with_origin_page_in_it, T_WP_UNPOPULATED },
 		{ "remove-clone-other-discards",
 		  test_remove_clone_other_discards, T_WP_UNPOPULATED },
 		{ "remove-clone-then-move", test_remove_clone_then_move,
