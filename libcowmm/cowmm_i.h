@@ -192,8 +192,8 @@ struct cowmm {
 	 * (under read_lock): where a REMOVE handler finds a page that moved
 	 * after its event (cowmm__moved_now()).
 	 */
-	struct cowmm_moved *pend;
-	size_t pend_n, pend_cap;
+	struct cowmm_moved *pend; /* a ring: pend_n from pend_head */
+	size_t pend_head, pend_n, pend_cap;
 	/* A page of no region, registered: cowmm__born_maps(). */
 	void *barrier;
 	/*

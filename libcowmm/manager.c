@@ -130,6 +130,12 @@ static int probe_pages(cowmm_t *mm, uintptr_t addr, size_t n)
 	return ret;
 }
 
+/* Entry @i of the moves read and not handled yet, oldest first. */
+static const struct cowmm_moved *pend_at(const cowmm_t *mm, size_t i)
+{
+	return &mm->pend[(mm->pend_head + i) % mm->pend_cap];
+}
+
 /*
  * Did a move or unmap read since @seq take memory from, or move some to,
  * [@start, @start + @len)?  Call with read_lock held.  Anything mapped
@@ -155,7 +161,7 @@ static bool moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,
 		if ((uint16_t)atomic_load(&mm->maps_done) != (uint16_t)seq)
 			return true;
 		for (size_t k = 0; k < mm->pend_n; k++) {
-			const struct cowmm_moved *m = &mm->pend[k];
+			const struct cowmm_moved *m = pend_at(mm, k);
 
 			if ((start < m->from_end && m->from < end) ||
 			    (start < m->to_end && m->to < end))
@@ -825,17 +831,21 @@ static bool removes_before_over(cowmm_t *mm, uint32_t stamp, uintptr_t start,
 static void pend_add(cowmm_t *mm, const struct cowmm_moved *e)
 {
 	while (mm->pend_n == mm->pend_cap) {
-		size_t cap = mm->pend_cap ? 2 * mm->pend_cap : 16;
-		struct cowmm_moved *q = realloc(mm->pend, cap * sizeof(*q));
+		size_t cap = mm->pend_cap ? 2 * mm->pend_cap : 64, i;
+		struct cowmm_moved *q = malloc(cap * sizeof(*q));
 
-		if (q) {
-			mm->pend = q;
-			mm->pend_cap = cap;
-		} else { /* forgotten, a REMOVE handler would read elsewhere */
+		if (!q) { /* forgotten, a REMOVE handler would read elsewhere */
 			usleep(1000);
+			continue;
 		}
+		for (i = 0; i < mm->pend_n; i++)
+			q[i] = *pend_at(mm, i);
+		free(mm->pend);
+		mm->pend = q;
+		mm->pend_cap = cap;
+		mm->pend_head = 0;
 	}
-	mm->pend[mm->pend_n++] = *e;
+	mm->pend[(mm->pend_head + mm->pend_n++) % mm->pend_cap] = *e;
 }
 
 /*
@@ -848,9 +858,10 @@ static void pend_add(cowmm_t *mm, const struct cowmm_moved *e)
 void cowmm__pend_done(cowmm_t *mm)
 {
 	pthread_mutex_lock(&mm->read_lock);
-	if (mm->pend_n)
-		memmove(mm->pend, mm->pend + 1,
-			--mm->pend_n * sizeof(mm->pend[0]));
+	if (mm->pend_n) { /* the oldest: handled in order */
+		mm->pend_head = (mm->pend_head + 1) % mm->pend_cap;
+		mm->pend_n--;
+	}
 	atomic_fetch_add(&mm->maps_done, 1);
 	pthread_mutex_unlock(&mm->read_lock);
 }
@@ -869,7 +880,7 @@ uintptr_t cowmm__moved_now(cowmm_t *mm, uintptr_t page, unsigned *seq)
 
 	pthread_mutex_lock(&mm->read_lock);
 	for (i = 0; i < mm->pend_n && page; i++) {
-		const struct cowmm_moved *e = &mm->pend[i];
+		const struct cowmm_moved *e = pend_at(mm, i);
 
 		if (page >= e->from && page < e->from_end)
 			page = e->to ? e->to + (page - e->from) : 0;
