@@ -130,6 +130,14 @@ static int probe_pages(cowmm_t *mm, uintptr_t addr, size_t n)
 	return ret;
 }
 
+/* Did move or unmap @m take memory from, or move some to, [start, end)? */
+static bool moved_over(const struct cowmm_moved *m, uintptr_t start,
+		       uintptr_t end)
+{
+	return (start < m->from_end && m->from < end) ||
+	       (start < m->to_end && m->to < end);
+}
+
 /* Entry @i of the moves read and not handled yet, oldest first. */
 static const struct cowmm_moved *pend_at(const cowmm_t *mm, size_t i)
 {
@@ -160,23 +168,16 @@ static bool moved_since(cowmm_t *mm, unsigned seq, uintptr_t start,
 		 */
 		if ((uint16_t)atomic_load(&mm->maps_done) != (uint16_t)seq)
 			return true;
-		for (size_t k = 0; k < mm->pend_n; k++) {
-			const struct cowmm_moved *m = pend_at(mm, k);
-
-			if ((start < m->from_end && m->from < end) ||
-			    (start < m->to_end && m->to < end))
+		for (size_t k = 0; k < mm->pend_n; k++)
+			if (moved_over(pend_at(mm, k), start, end))
 				return true;
-		}
 		return false;
 	}
-	for (i = 1; i <= n; i++) {
-		const struct cowmm_moved *m =
-			&mm->moved[(uint16_t)(seq + i) % COWMM_MOVED_RING];
-
-		if ((start < m->from_end && m->from < end) ||
-		    (start < m->to_end && m->to < end))
+	for (i = 1; i <= n; i++)
+		if (moved_over(&mm->moved[(uint16_t)(seq + i) %
+					  COWMM_MOVED_RING],
+			       start, end))
 			return true;
-	}
 	return false;
 }
 
@@ -769,45 +770,9 @@ static void removes_done(cowmm_t *mm, uint32_t seq)
 	atomic_fetch_sub(&mm->removes_pending, 1);
 }
 
-/* Is a discard read at or before @stamp not handled yet? */
-bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
-{
-	bool ret = false;
-	size_t i;
-
-	pthread_mutex_lock(&mm->removes_lock);
-	for (i = 0; i < mm->removes_n && !ret; i++)
-		ret = (int32_t)(mm->removes_q[i].seq - stamp) <= 0;
-	pthread_mutex_unlock(&mm->removes_lock);
-	return ret;
-}
-
 /*
- * Is a discard of the page at @addr read and not handled yet?  Through
- * read_lock: the kernel lets madvise() go on, and zap the page, inside
- * the worker's read(), before the event is counted.
- */
-bool cowmm__removes_over(cowmm_t *mm, uintptr_t addr)
-{
-	bool ret = false;
-	size_t i;
-
-	pthread_mutex_lock(&mm->read_lock);
-	pthread_mutex_lock(&mm->removes_lock);
-	for (i = 0; i < mm->removes_n && !ret; i++)
-		ret = mm->removes_q[i].start <= addr &&
-		      addr < mm->removes_q[i].end;
-	pthread_mutex_unlock(&mm->removes_lock);
-	pthread_mutex_unlock(&mm->read_lock);
-	return ret;
-}
-
-/*
- * Is a discard of memory in [@start, @end), read before the event
- * numbered @stamp, not handled yet?  An unmap waits for it: the discard
- * came first, and gave the snapshots of a clone's page its origin's
- * bytes; taken for unmapped first, the page broke them (the sixteenth
- * review's dlmin F: a move onto a clone's discarded page).
+ * Is a discard read at or before @stamp, of memory in [@start, @end), not
+ * handled yet?
  */
 static bool removes_before_over(cowmm_t *mm, uint32_t stamp, uintptr_t start,
 				uintptr_t end)
@@ -821,6 +786,27 @@ static bool removes_before_over(cowmm_t *mm, uint32_t stamp, uintptr_t start,
 		      mm->removes_q[i].start < end &&
 		      start < mm->removes_q[i].end;
 	pthread_mutex_unlock(&mm->removes_lock);
+	return ret;
+}
+
+/* Is a discard read at or before @stamp not handled yet? */
+bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp)
+{
+	return removes_before_over(mm, stamp, 0, UINTPTR_MAX);
+}
+
+/*
+ * Is a discard of the page at @addr read and not handled yet?  Through
+ * read_lock: the kernel lets madvise() go on, and zap the page, inside
+ * the worker's read(), before the event is counted.
+ */
+bool cowmm__removes_over(cowmm_t *mm, uintptr_t addr)
+{
+	bool ret;
+
+	pthread_mutex_lock(&mm->read_lock);
+	ret = removes_before_over(mm, mm->removes_read, addr, addr + 1);
+	pthread_mutex_unlock(&mm->read_lock);
 	return ret;
 }
 
@@ -1117,6 +1103,12 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		 * mremap() sends REMAP, then UNMAP of the old range: the
 		 * move is followed first, and a range moved away and back is
 		 * not taken for unmapped.
+		 */
+		/*
+		 * And after the discards read before it of its memory: the
+		 * discard came first, and gave the snapshots of a clone's
+		 * page its origin's bytes; taken for unmapped first, the
+		 * page broke them (the sixteenth review's dlmin F).
 		 */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
 		    removes_before_over(mm, m->reserved3, m->arg.remove.start,
