@@ -230,6 +230,7 @@ void cowmm__frame_get(struct cowmm_frame *f)
 
 static void frame_free_rcu(struct rcu_head *head)
 {
+	cowmm__rcu_after_grace();
 	frame_release(caa_container_of(head, struct cowmm_frame, rcu));
 }
 

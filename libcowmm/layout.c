@@ -113,6 +113,7 @@ size_t cowmm__next_run(const cowmm_region_t *r, size_t *pg, uintptr_t *addr)
 
 static void layout_free_rcu(struct rcu_head *head)
 {
+	cowmm__rcu_after_grace();
 	free(caa_container_of(head, struct cowmm_layout, rcu));
 }
 

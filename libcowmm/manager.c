@@ -27,6 +27,9 @@
 
 #define MSG_BATCH 64
 
+#ifdef COWMM_TSAN
+char cowmm__rcu_tsan; /* rcu.h */
+#endif
 __thread bool cowmm__in_worker;
 __thread bool cowmm__in_remove;
 __thread bool cowmm__stamped;
@@ -481,6 +484,7 @@ void cowmm__bury(cowmm_t *mm, void *handle)
 
 static void rtable_free_rcu(struct rcu_head *head)
 {
+	cowmm__rcu_after_grace();
 	free(caa_container_of(head, struct cowmm_rtable, rcu));
 }
 
