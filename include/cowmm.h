@@ -358,6 +358,9 @@ COWMM_EXPORT int cowmm_region_adopt(cowmm_t *mm, void *addr, size_t len,
  * moving at once), is not followed: the kernel may report the two moves
  * in the other order, and the region then loses track of those pages
  * (its snapshots read -EIO, and a release leaves them mapped).
+ * An mremap() or munmap() of a manager's memory returns once a worker has
+ * read its event; with a thousand of them read and not yet followed, the
+ * next one waits until the workers catch up.
  * Context: any thread.
  *
  * @param r  a region

@@ -1548,6 +1548,48 @@ static void worker_replace(cowmm_t *mm)
 	pthread_mutex_unlock(&mm->workers_lock);
 }
 
+/*
+ * How many moves and unmaps may be read and not followed yet.  A thread
+ * that moves memory without pause waits in the kernel only until its
+ * event is read.  Workers that read on while following falls behind (two
+ * that hand the events to each other wait up to a millisecond each time)
+ * let it run ever further ahead, and the numbers that order the events,
+ * 16 bits in the message, turned over past 32,768: events were followed
+ * out of order, and the region's own page taken for unmapped
+ * (exact/moves-read-far-ahead).  Past MAPS_AHEAD a worker reads no more
+ * until one is followed.  With none followed for MAPS_STUCK_NS it reads
+ * one batch more, since a handler may be waiting for an event not read
+ * yet, but never past MAPS_AHEAD_MAX.
+ */
+#define MAPS_AHEAD 1024
+#define MAPS_AHEAD_MAX 16384
+#define MAPS_STUCK_NS (50 * 1000000ull)
+
+struct ahead {
+	uint32_t done;  /* mm->maps_done when this worker last looked */
+	uint64_t since; /* when it last changed, or the last batch let in */
+};
+
+/* May this worker read now?  Call with read_lock held. */
+static bool may_read(cowmm_t *mm, struct ahead *a)
+{
+	uint32_t done = atomic_load(&mm->maps_done);
+	uint64_t now;
+
+	if (mm->pend_n < MAPS_AHEAD)
+		return true;
+	now = cowmm__now_ns();
+	if (done != a->done || !a->since) {
+		a->done = done;
+		a->since = now;
+		return false;
+	}
+	if (now - a->since < MAPS_STUCK_NS || mm->pend_n >= MAPS_AHEAD_MAX)
+		return false;
+	a->since = now; /* one batch, then wait again */
+	return true;
+}
+
 static void *worker_main(void *arg)
 {
 	cowmm_t *mm = arg;
@@ -1562,14 +1604,21 @@ static void *worker_main(void *arg)
 		{ .fd = mm->stopfd, .events = POLLIN },
 	};
 
+	struct ahead ahead = { 0 };
+	bool hold = false; /* read no more for now: may_read() */
+
 	cowmm__in_worker = true;
 	f.idle_wake = follow && may_idle_wake(f.policy);
 	for (;;) {
 		ssize_t n = 0;
 		int rerr = 0; /* read()'s errno: dispatch() makes calls too */
 
-		/* With messages deferred, look again within a millisecond. */
-		if (poll(pfd, 2, d.n ? 1 : -1) < 0) {
+		/*
+		 * With messages deferred, or reading held back, look again
+		 * within a millisecond.
+		 */
+		pfd[0].fd = hold ? -1 : mm->uffd;
+		if (poll(pfd, 2, d.n || hold ? 1 : -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			cowmm__log(COWMM_LOG_ERR, "worker: poll: %s",
@@ -1595,7 +1644,7 @@ static void *worker_main(void *arg)
 			break;
 		}
 		atomic_fetch_add(&mm->busy, 1);
-		if (pfd[0].revents & POLLIN) {
+		if (hold || (pfd[0].revents & POLLIN)) {
 			/*
 			 * Count the REMAP events of a batch before any worker
 			 * can read a later message: a fault at a moved
@@ -1605,8 +1654,11 @@ static void *worker_main(void *arg)
 			       cowmm__now_ns() < atomic_load(&mm->pause_until))
 				usleep(200);
 			pthread_mutex_lock(&mm->read_lock);
-			n = read(mm->uffd, msg, sizeof(msg));
-			rerr = n < 0 ? errno : 0;
+			hold = !may_read(mm, &ahead);
+			if (!hold) {
+				n = read(mm->uffd, msg, sizeof(msg));
+				rerr = n < 0 ? errno : 0;
+			}
 			for (ssize_t i = 0; i < n / (ssize_t)sizeof(msg[0]); i++)
 				count_event(mm, &msg[i]);
 			pthread_mutex_unlock(&mm->read_lock);
