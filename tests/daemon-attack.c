@@ -104,6 +104,36 @@ static int vfork_child(void *arg)
 }
 
 /*
+ * Wait until thread @tid sleeps uninterruptibly ('D'), as a parent waiting
+ * for its vfork child does: "ready" before that let a loaded machine
+ * snapshot the client before the thread was in vfork(), and the snapshot
+ * the case expects to fail succeeded (daemon-attack vfork-untraced, once
+ * in the test loop).
+ */
+static void wait_in_vfork(pid_t tid)
+{
+	char path[64], buf[512], *p;
+	int i, fd;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	for (i = 0; i < 10000; i++) {
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		n = fd < 0 ? -1 : read(fd, buf, sizeof(buf) - 1);
+		if (fd >= 0)
+			close(fd);
+		if (n > 0) {
+			buf[n] = '\0';
+			p = strrchr(buf, ')'); /* "tid (comm) state ..." */
+			if (p && p[1] == ' ' && p[2] == 'D')
+				return;
+		}
+		usleep(1000);
+	}
+	die("the thread did not enter vfork() in 10 s");
+}
+
+/*
  * Blocked in a vfork until the child reads a byte and exits.  clone()
  * with CLONE_VM | CLONE_VFORK and a stack of its own, rather than vfork():
  * ThreadSanitizer turns vfork() into fork().
@@ -113,6 +143,8 @@ static void *in_vfork(void *arg)
 	static char stack[64 * 1024] __attribute__((aligned(16)));
 
 	(void)arg;
+	__atomic_store_n(&worker_tid, (pid_t)syscall(SYS_gettid),
+			 __ATOMIC_RELEASE);
 	clone(vfork_child, stack + sizeof(stack), CLONE_VM | CLONE_VFORK |
 		SIGCHLD, NULL);
 	for (;;)
@@ -263,6 +295,9 @@ int main(int argc, char **argv)
 		if (pipe(vfork_pipe) < 0)
 			die("pipe");
 		pthread_create(&th, NULL, in_vfork, NULL);
+		while (!__atomic_load_n(&worker_tid, __ATOMIC_ACQUIRE))
+			usleep(1000);
+		wait_in_vfork(worker_tid);
 	}
 	if (!strcmp(mode, "traced")) {
 		/*
