@@ -23,6 +23,14 @@
  *    them, nor munmap() or mremap() a region's memory: the thread it
  *    interrupts may hold a lock that the library needs to handle that
  *    unmap or move, which the kernel waits for (a deadlock).
+ *  - The kernel refuses to change write protection while an mremap() or
+ *    munmap() of the manager's memory has not been read by a worker.
+ *    While threads keep moving or unmapping its memory without pause,
+ *    calls that protect or unprotect (cowmm_snapshot(), cowmm_clone(),
+ *    cowmm_snap_restore(), cowmm_region_release()) and writes that need
+ *    a copy, in any region of the manager, wait for a moment between
+ *    two such calls: often seconds, and with two threads moving pages
+ *    of the region being restored, until they pause.
  */
 #ifndef COWMM_H
 #define COWMM_H
@@ -493,6 +501,11 @@ COWMM_EXPORT int cowmm_unpin(cowmm_region_t *r, void *addr, size_t len);
  * copy goes to the snapshot, never to the writer.  Write-pinned pages are
  * copied now (see cowmm_pin()).  Any number of snapshots
  * of one region may be alive, and released in any order.
+ * A snapshot is broken when the application discards (MADV_DONTNEED,
+ * MADV_FREE, MADV_REMOVE) or unmaps a page it still shares, and when the
+ * kernel drops a page left by MADV_FREE: the kernel takes the bytes
+ * before the library can copy them, so every read of that snapshot fails
+ * with -EIO from then on, rather than return other bytes.
  * Context: any thread.
  *
  * @param r    a region from cowmm_region_alloc() or cowmm_region_adopt()
