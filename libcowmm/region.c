@@ -1085,27 +1085,56 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
  * cut the snapshots loose from it.  Pages never populated become zero
  * frames without being read.  Call with r->lock held.
  */
+/*
+ * A page that mincore() found empty is one the region never populated,
+ * and its snapshots get zero, only if pagemap shows a uffd-wp marker
+ * (@e) where its layout put it, and no move or unmap of it was read since
+ * @seq or is on its way: the range a move left (MREMAP_DONTUNMAP) is
+ * empty too, and so is other memory mapped where a page was, until the
+ * move's event is handled (the twenty-first outside review: a release
+ * while a page moved gave the snapshot zeros for it).  Otherwise it is
+ * read, as with swap, and the read follows the move.
+ */
+static bool never_populated(cowmm_region_t *r, size_t pg, uint64_t e,
+			    unsigned seq)
+{
+	return (e & (PM_UFFD_WP | PM_PRESENT | PM_SWAP)) == PM_UFFD_WP &&
+	       cowmm__still_ours(r->mm, seq, cowmm__page_addr(r, pg));
+}
+
 static int detach_snapshots(cowmm_region_t *r)
 {
 	unsigned char vec[RESIDENT_BATCH];
 	struct cowmm_snap *s, *next;
+	uint64_t *e;
 	size_t pg, i, n;
+	unsigned seq;
 	int ret = 0, err;
+	bool known;
 
 	if (!r->snaps)
 		return 0;
+	e = malloc(RESIDENT_BATCH * sizeof(*e));
 	for (pg = 0; pg < r->npages; pg += n) {
+		uintptr_t addr;
+
 		n = r->npages - pg < RESIDENT_BATCH ? r->npages - pg
 						    : RESIDENT_BATCH;
+		/* The layout holds every move followed (r->lock is held). */
+		seq = cowmm__maps_handled(r->mm);
 		n = cowmm__page_span(r, pg, n);
-		err = cowmm__resident(cowmm__page_addr(r, pg), n, vec);
-		if (err)
-			memset(vec, 1, n);
+		addr = cowmm__page_addr(r, pg);
+		err = cowmm__resident(addr, n, vec);
+		/* Without pagemap, every page is read. */
+		known = !err && e &&
+			!cowmm__pagemap_read(r->mm->pagemap, addr, n, e);
 		for (i = 0; i < n; i++) {
 			/* A clone's page not materialised is its origin's. */
-			bool zero = !vec[i] &&
+			bool zero = known && !vec[i] &&
 				    (!r->origin ||
-				     cowmm__test_bit(r->present, pg + i));
+				     cowmm__test_bit(r->present, pg + i)) &&
+				    cowmm__shared_locked(r, pg + i) &&
+				    never_populated(r, pg + i, e[i], seq);
 
 			err = cowmm__cow_claim(r, pg + i,
 					       zero ? COWMM_COW_ZERO
@@ -1120,6 +1149,7 @@ static int detach_snapshots(cowmm_region_t *r)
 				ret = err;
 		}
 	}
+	free(e);
 	for (s = r->snaps; s; s = next) {
 		next = s->next;
 		s->next = NULL;
