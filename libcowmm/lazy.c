@@ -65,8 +65,19 @@ static int lazy_fill_locked(cowmm_region_t *r, struct cowmm_lazy *l,
 	unsigned char page[COWMM_PAGE_SIZE]
 		__attribute__((aligned(COWMM_PAGE_SIZE)));
 	uintptr_t addr = cowmm__page_addr(r, pg);
+	/* The layout holds every move followed: r->lock is held. */
+	unsigned seq = cowmm__maps_handled(r->mm);
 	int ret;
 
+	/*
+	 * A move of the page read and not followed yet: @addr may be where
+	 * it was.  MREMAP_DONTUNMAP leaves that range mapped, empty and
+	 * registered: the copy went there, the page was marked loaded, and
+	 * at its new address it read zero (the model tester's seed 396,
+	 * a snapshot ending the load while the page moved).
+	 */
+	if (cowmm__moved_since(r->mm, seq, addr, COWMM_PAGE_SIZE))
+		return -EAGAIN;
 	if (!l->off[pg]) { /* not stored: the shared zero page, no memory */
 		ret = cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
 					   wake);
@@ -89,6 +100,14 @@ static int lazy_fill_locked(cowmm_region_t *r, struct cowmm_lazy *l,
 	 * of it, moved there: this one is not loaded yet (-EAGAIN).
 	 */
 	if (ret == -EEXIST && cowmm__maps_pending(r->mm))
+		return -EAGAIN;
+	/*
+	 * One read while it copied (the ioctl waits for an unread one to be
+	 * read): perhaps filled where the page was.  Not loaded: filled
+	 * again where the move put it (-EEXIST there if it took the bytes).
+	 */
+	if ((!ret || ret == -EEXIST) &&
+	    cowmm__moved_since(r->mm, seq, addr, COWMM_PAGE_SIZE))
 		return -EAGAIN;
 	if (!ret || ret == -EEXIST) {
 		cowmm__set_bit(l->loaded, pg);
