@@ -1081,11 +1081,6 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
 }
 
 /*
- * Preserve every page that some snapshot still shares with the region and
- * cut the snapshots loose from it.  Pages never populated become zero
- * frames without being read.  Call with r->lock held.
- */
-/*
  * A page that mincore() found empty is one the region never populated,
  * and its snapshots get zero, only if pagemap shows a uffd-wp marker
  * (@e) where its layout put it, and no move or unmap of it was read since
@@ -1102,6 +1097,11 @@ static bool never_populated(cowmm_region_t *r, size_t pg, uint64_t e,
 	       cowmm__still_ours(r->mm, seq, cowmm__page_addr(r, pg));
 }
 
+/*
+ * Preserve every page that some snapshot still shares with the region and
+ * cut the snapshots loose from it.  Pages never populated become zero
+ * frames without being read.  Call with r->lock held.
+ */
 static int detach_snapshots(cowmm_region_t *r)
 {
 	unsigned char vec[RESIDENT_BATCH];
