@@ -1106,13 +1106,11 @@ static int handle(cowmm_t *mm, const struct uffd_msg *m, bool wake)
 		/*
 		 * mremap() sends REMAP, then UNMAP of the old range: the
 		 * move is followed first, and a range moved away and back is
-		 * not taken for unmapped.
-		 */
-		/*
-		 * And after the discards read before it of its memory: the
-		 * discard came first, and gave the snapshots of a clone's
-		 * page its origin's bytes; taken for unmapped first, the
-		 * page broke them (the sixteenth review's dlmin F).
+		 * not taken for unmapped.  And after the discards read
+		 * before it of its memory: the discard came first, and gave
+		 * the snapshots of a clone's page its origin's bytes; taken
+		 * for unmapped first, the page broke them (the sixteenth
+		 * review's dlmin F).
 		 */
 		if (!maps_done_upto(mm, (uint16_t)(m->reserved2 - 1)) ||
 		    removes_before_over(mm, m->reserved3, m->arg.remove.start,

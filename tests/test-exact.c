@@ -1794,6 +1794,7 @@ END_TEST
 struct move_call {
 	unsigned char *from, *to;
 	size_t len;
+	int flags; /* more for move_thread(): MREMAP_DONTUNMAP */
 };
 
 static void *move_thread(void *arg)
@@ -1801,7 +1802,8 @@ static void *move_thread(void *arg)
 	struct move_call *m = arg;
 
 	ck_assert_ptr_eq(mremap(m->from, m->len, m->len,
-				MREMAP_MAYMOVE | MREMAP_FIXED, m->to),
+				MREMAP_MAYMOVE | MREMAP_FIXED | m->flags,
+				m->to),
 			 m->to);
 	return NULL;
 }
@@ -4002,18 +4004,6 @@ END_TEST
  * plain MREMAP_FIXED, with other memory mapped where the page was before
  * the event is read, as another thread may.
  */
-static void *move_dontunmap_thread(void *arg)
-{
-	struct move_call *m = arg;
-
-	ck_assert_ptr_eq(mremap(m->from, m->len, m->len,
-				MREMAP_MAYMOVE | MREMAP_FIXED |
-					MREMAP_DONTUNMAP,
-				m->to),
-			 m->to);
-	return NULL;
-}
-
 static void release_move_unread(bool dontunmap)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
@@ -4033,13 +4023,10 @@ static void release_move_unread(bool dontunmap)
 	ck_assert_int_eq(cowmm_region_adopt(mm, p, 8 * T_PAGE, 0, &r), 0);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 
-	mv = (struct move_call){ p + 3 * T_PAGE, to, T_PAGE };
+	mv = (struct move_call){ p + 3 * T_PAGE, to, T_PAGE,
+				 dontunmap ? MREMAP_DONTUNMAP : 0 };
 	cowmm__pause_reads(mm, 200);
-	ck_assert_int_eq(pthread_create(&th, NULL,
-					dontunmap ? move_dontunmap_thread
-						  : move_thread,
-					&mv),
-			 0);
+	ck_assert_int_eq(pthread_create(&th, NULL, move_thread, &mv), 0);
 	/* The page has left (mincore fails on a hole) before the release. */
 	while (!dontunmap ? !mincore(p + 3 * T_PAGE, T_PAGE, &vec)
 			  : mincore(to, T_PAGE, &vec) || !(vec & 1))
