@@ -487,6 +487,10 @@ extern void (*cowmm__walk_unseen)(cowmm_region_t *r);
 /* Tests: called in the worker right after it followed a move of
  * [@from, @from + @len) (manager.c), before it reads another event. */
 extern void (*cowmm__remap_handled)(uintptr_t from, size_t len);
+/* Tests: called in the worker as it starts to follow a move of
+ * [@from, @from + @len), the region table loaded, no region locked yet
+ * (events.c). */
+extern void (*cowmm__remap_found)(uintptr_t from, size_t len);
 /* Tests: called right after the library unregistered [@start, @start +
  * @len) from its userfaultfd (uffd.c), before anything else. */
 extern void (*cowmm__unregistered)(uintptr_t start, size_t len);

@@ -182,8 +182,11 @@ int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
  * nothing is asked of the kernel, which refuses ioctls until mremap()
  * returns.
  */
+void (*cowmm__remap_found)(uintptr_t from, size_t len);
+
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 {
+	void (*hook)(uintptr_t, size_t);
 	struct cowmm_rtable *t;
 	cowmm_region_t *r, **moved;
 	size_t i, n = 0, k;
@@ -192,6 +195,9 @@ int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 	/* Not mm->lock: see for_overlap(). */
 	urcu_bp_read_lock();
 	t = __atomic_load_n(&mm->rtable, __ATOMIC_ACQUIRE);
+	hook = __atomic_load_n(&cowmm__remap_found, __ATOMIC_ACQUIRE);
+	if (cowmm__unlikely(hook != NULL))
+		hook(from, len);
 	moved = calloc((t ? t->n : 0) + 1, sizeof(void *)); /* region pointers */
 	if (!moved) {
 		urcu_bp_read_unlock();

@@ -530,6 +530,20 @@ static int rtable_replace(cowmm_t *mm, struct cowmm_region *add,
 	pthread_mutex_lock(&mm->table_lock);
 	old = mm->rtable;
 	n = old ? old->n : 0;
+	/*
+	 * A region indexed anew that left the table already stays out: a
+	 * worker that found it in an older table may follow a move of its
+	 * pages after its release took it out (a freed region, kept in the
+	 * table for good, refused memory adopted where its pages went).
+	 */
+	if (add && add == del) {
+		for (i = 0; i < n && old->e[i].r != add; i++)
+			;
+		if (i == n) {
+			pthread_mutex_unlock(&mm->table_lock);
+			return 0;
+		}
+	}
 	t = malloc(sizeof(*t) + (n + nadd) * sizeof(t->e[0]));
 	if (!t) {
 		pthread_mutex_unlock(&mm->table_lock);

@@ -3797,6 +3797,7 @@ START_TEST(test_adopt_where_move_left_early)
 }
 END_TEST
 
+
 /* ------------------------------------------------------------------------ */
 /* Item 8: with swap configured, no reader blocks on the library's fd. */
 
@@ -3990,6 +3991,64 @@ START_TEST(test_release_while_moved)
 	munmap(p, 16 * T_PAGE);
 	munmap(p + 32 * T_PAGE, (NPAGES - 32) * T_PAGE);
 	munmap(to, 16 * T_PAGE);
+}
+END_TEST
+
+static uintptr_t remap_found_from;
+
+static void sleep_in_remap(uintptr_t from, size_t len)
+{
+	(void)len;
+	if (from == remap_found_from)
+		usleep(200 * 1000); /* the release goes on meanwhile */
+}
+
+/*
+ * A move of a region's pages followed while the region is released: the
+ * worker found the region in the table before the release took it out,
+ * and locked it after the release let it go.  It put the freed region
+ * back in the table, where it stayed: memory later mapped where the pages
+ * went could not be adopted (-EEXIST), and the next event there would
+ * have locked freed memory (the model, seed 20 in TSan: alloc refused).
+ */
+START_TEST(test_release_move_late)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char *p, *to = reserve(4 * T_PAGE), *q;
+	struct release_call c = { 0 };
+	struct move_call mv;
+	cowmm_region_t *a;
+	pthread_t th, rel;
+	struct hold h;
+
+	p = t_filled_region(mm, NPAGES, &c.r);
+	remap_found_from = (uintptr_t)p + 8 * T_PAGE;
+	__atomic_store_n(&cowmm__remap_found, sleep_in_remap,
+			 __ATOMIC_RELEASE);
+	hold_start(&h, &c.r->lock, 100);
+	/* The release waits for the lock, its events waited for already. */
+	ck_assert_int_eq(pthread_create(&rel, NULL, release_thread, &c), 0);
+	usleep(20 * 1000);
+	mv = (struct move_call){ p + 8 * T_PAGE, to, 4 * T_PAGE };
+	ck_assert_int_eq(pthread_create(&th, NULL, move_thread, &mv), 0);
+	pthread_join(th, NULL);
+	hold_end(&h);
+	pthread_join(rel, NULL);
+	__atomic_store_n(&cowmm__remap_found, NULL, __ATOMIC_RELEASE);
+	ck_assert_int_eq(c.ret, 0);
+
+	/* The region unmapped its pages where they were: map new memory. */
+	q = mmap(to, 4 * T_PAGE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+	ck_assert_ptr_eq(q, to);
+	memset(q, 0x5a, 4 * T_PAGE);
+	ck_assert_int_eq(cowmm_region_adopt(mm, q, 4 * T_PAGE, 0, &a), 0);
+	q[0] = 0x11;
+	ck_assert_int_eq(q[0], 0x11);
+	ck_assert_int_eq(q[T_PAGE], 0x5a);
+	ck_assert_int_eq(cowmm_region_release(a), 0);
+	cowmm_close(mm);
+	munmap(to, 4 * T_PAGE);
 }
 END_TEST
 
@@ -4972,6 +5031,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "adopt-where-move-left-early",
 		  test_adopt_where_move_left_early, T_WP_UNPOPULATED },
+		{ "release-move-late", test_release_move_late,
+		  T_WP_UNPOPULATED },
 		{ "adopt-in-unmapped-span", test_adopt_in_unmapped_span,
 		  T_WP_UNPOPULATED },
 		{ "adopt-dontunmap-left", test_adopt_dontunmap_left,
