@@ -393,11 +393,16 @@ COWMM_EXPORT size_t cowmm_region_size(const cowmm_region_t *r);
  * share with the region are preserved first (counted as detach_copies;
  * pages never populated cost nothing).  Adopted memory stays mapped,
  * writable and unprotected; memory from cowmm_region_alloc() is unmapped.
+ * An adopted region still loading lazily (cowmm_region_load()) loads the
+ * rest first, pages moved meanwhile where they went.
  * Context: any thread; not concurrently with other calls on @p r.
  *
  * @param r  a region
  * @return 0; -EINVAL (NULL), -EBADF (already released), -ECHILD,
  *         -EBUSY (pages of the region are pinned: cowmm_unpin() first),
+ *         -EAGAIN (an adopted region loading lazily whose pages kept
+ *         being moved under the call, so that the rest could not be
+ *         loaded: nothing released; call again),
  *         -ENOMEM (a snapshot could not be preserved: the region is
  *         released and that snapshot is marked broken)
  * @since 0.1
@@ -716,10 +721,12 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
  * region's pages (no snapshot, clone or pin: -EBUSY), and it must not be a
  * clone or a view (-EINVAL).  cowmm_snapshot(), cowmm_clone() and the
  * release of an adopted region load the rest first.  Needs
- * UFFD_FEATURE_POISON (Linux 6.6).  Do not touch the region while this
- * call runs, nor move or unmap its pages: a lazy load takes the range
+ * UFFD_FEATURE_POISON (Linux 6.6).  Either way, do not touch the region
+ * while this call runs, nor move or unmap its pages (the application's
+ * race): an eager load writes each page where it finds it, and a page
+ * moved meanwhile may keep its old bytes; a lazy load takes the range
  * off the library's userfaultfd for a moment, and pages moved then leave
- * the region unmanaged (the application's race).  Once every page is in,
+ * the region unmanaged.  Once every page is in,
  * the region stays registered for missing faults and is handled as a
  * clone whose pages are all filled: moves are followed as anywhere.
  * Context: any thread.

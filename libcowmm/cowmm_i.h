@@ -435,6 +435,7 @@ int cowmm__check_region(const cowmm_region_t *r);
 int cowmm__read_at(int fd, void *buf, size_t n, off_t off); /* format.c */
 int cowmm__lazy_start(cowmm_region_t *r, int fd, uint64_t *off);
 int cowmm__lazy_finish_locked(cowmm_region_t *r);
+int cowmm__lazy_finish_moving(cowmm_region_t *r);
 void cowmm__lazy_discard_locked(cowmm_region_t *r, size_t pg, size_t n);
 int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake);
 void cowmm__lazy_free(cowmm_region_t *r);

@@ -565,20 +565,8 @@ int cowmm_region_load(cowmm_region_t *r, int fd, unsigned flags)
 	ret = load_pass(fd, NULL, r->npages, buf, st.st_size, NULL);
 	if (!ret && r->lazy) {
 		/* A lazy load under way: its pages first, then these over. */
-		uint64_t since = 0;
-		int rounds = 0;
-
 		pthread_mutex_lock(&r->lock);
-		while ((ret = cowmm__lazy_finish_locked(r)) == -EAGAIN) {
-			pthread_mutex_unlock(&r->lock); /* a move: handled */
-			cowmm__wait_events(r->mm);
-			if (!cowmm__moved_again(r->mm, &rounds, &since)) {
-				ret = -ENOENT; /* never settled */
-				pthread_mutex_lock(&r->lock);
-				break;
-			}
-			pthread_mutex_lock(&r->lock);
-		}
+		ret = cowmm__lazy_finish_moving(r);
 		pthread_mutex_unlock(&r->lock);
 	}
 	if (!ret)

@@ -158,6 +158,7 @@ int cowmm__lazy_fault_locked(cowmm_region_t *r, size_t pg, bool wake)
 int cowmm__lazy_finish_locked(cowmm_region_t *r)
 {
 	struct cowmm_lazy *l = r->lazy;
+	bool again = false;
 	size_t pg;
 	int ret = 0;
 
@@ -171,9 +172,13 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 			continue;
 		}
 		ret = lazy_fill_locked(r, l, pg, true);
-		if (ret && ret != -EEXIST)
+		if (ret == -EAGAIN) /* moving: the others meanwhile */
+			again = true;
+		else if (ret && ret != -EEXIST)
 			return ret;
 	}
+	if (again)
+		return -EAGAIN;
 	if (l->poisoned)
 		return -EIO;
 	if (!r->present) {
@@ -189,6 +194,29 @@ int cowmm__lazy_finish_locked(cowmm_region_t *r)
 	lazy_free(l);
 	r->lazy = NULL;
 	return 0;
+}
+
+/*
+ * cowmm__lazy_finish_locked(), again while pages of the region move under
+ * it: r->lock is let go between two rounds, so that the moves are followed,
+ * and each round loads what does not move.  -ENOENT when they never settle
+ * (cowmm__moved_again()).  Call with r->lock held; returns with it held.
+ */
+int cowmm__lazy_finish_moving(cowmm_region_t *r)
+{
+	uint64_t since = 0;
+	int ret, rounds = 0;
+
+	while ((ret = cowmm__lazy_finish_locked(r)) == -EAGAIN) {
+		pthread_mutex_unlock(&r->lock);
+		cowmm__wait_events(r->mm);
+		if (!cowmm__moved_again(r->mm, &rounds, &since))
+			ret = -ENOENT;
+		pthread_mutex_lock(&r->lock);
+		if (ret == -ENOENT)
+			break;
+	}
+	return ret;
 }
 
 /*

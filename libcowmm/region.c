@@ -1554,9 +1554,24 @@ static int region_release_locked(cowmm_region_t *r, bool force)
 		pthread_mutex_unlock(&r->lock);
 		return -EBUSY;
 	}
-	/* Adopted memory stays the application's: it gets all its bytes. */
-	if (r->adopted)
-		cowmm__lazy_finish_locked(r);
+	/*
+	 * Adopted memory stays the application's: it gets all its bytes,
+	 * those of pages moving meanwhile too (where the moves put them).
+	 * A file that cannot give some page leaves it poisoned, as a touch
+	 * would have.  They never settled: nothing is released, but by
+	 * cowmm_close(), which must end (the pages left read zero).
+	 */
+	if (r->adopted && cowmm__lazy_finish_moving(r) == -ENOENT) {
+		cowmm__log(COWMM_LOG_ERR,
+			   "region %#lx: release while its pages kept moving "
+			   "before it was loaded%s",
+			   (unsigned long)r->base,
+			   force ? "; pages not loaded read zero" : "");
+		if (!force) {
+			pthread_mutex_unlock(&r->lock);
+			return -EAGAIN;
+		}
+	}
 	r->dying = true;
 	ret = detach_snapshots(r);
 	pthread_mutex_unlock(&r->lock);

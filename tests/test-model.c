@@ -1687,6 +1687,16 @@ static void unmap_owned(struct mregion *m)
 			munmap(m->addr[pg], PG);
 }
 
+/* Pages of @m not touched yet: a clone's or a lazy load's. */
+static size_t untouched_pages(const struct mregion *m)
+{
+	size_t pg, n = 0;
+
+	for (pg = 0; pg < m->npages; pg++)
+		n += m->lazy[pg] != 0;
+	return n;
+}
+
 static void op_release(struct op *o, char *d)
 {
 	int ri = find_region(o->a, NULL), ret, i;
@@ -1714,6 +1724,10 @@ static void op_release(struct op *o, char *d)
 	if (moved)
 		mover_join(ri, first, moved);
 	busy_stop();
+	/* header: -EAGAIN, loading lazily while its pages kept moving:
+	 * "nothing released; call again" (the mover has stopped now) */
+	if (ret == -EAGAIN && moved && untouched_pages(m))
+		ret = cowmm_region_release(m->r);
 	if (m->npins) {
 		/* header: "A region with pins is refused and left
 		 * unchanged" (-EBUSY); the next check sees it unchanged. */
