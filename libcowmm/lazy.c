@@ -207,7 +207,12 @@ int cowmm__lazy_finish_moving(cowmm_region_t *r)
 	uint64_t since = 0;
 	int ret, rounds = 0;
 
-	while ((ret = cowmm__lazy_finish_locked(r)) == -EAGAIN) {
+	for (;;) {
+		cowmm__uffd_patience(true); /* the lock is let go below */
+		ret = cowmm__lazy_finish_locked(r);
+		cowmm__uffd_patience(false);
+		if (ret != -EAGAIN)
+			break;
 		pthread_mutex_unlock(&r->lock);
 		cowmm__wait_events(r->mm);
 		if (!cowmm__moved_again(r->mm, &rounds, &since))

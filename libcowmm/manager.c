@@ -308,8 +308,8 @@ int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 /*
  * cowmm__still_ours() for a caller that holds a region's lock and must not
  * give up while an event is only slow to be read (a loaded machine): it
- * waits for as long as an ioctl of the library would (uffd_ioctl()), then
- * asks again.  Not for workers.
+ * waits for as long as an ioctl of the library would (uffd_ioctl(), up to
+ * cowmm__uffd_deadline too), then asks again.  Not for workers.
  */
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
@@ -323,6 +323,10 @@ bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
 		pthread_mutex_unlock(&mm->read_lock);
 		if (ret != -EAGAIN)
 			return !ret;
+		/* Not for a caller that will let go of its lock and retry. */
+		if (cowmm__uffd_deadline &&
+		    cowmm__now_ns() > cowmm__uffd_deadline)
+			return false;
 		sched_yield();
 	}
 }

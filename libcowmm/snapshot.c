@@ -139,10 +139,17 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 		ret = -EOVERFLOW;
 		goto err_unlock;
 	}
-	/* A region still loading lazily loads the rest first. */
+	/*
+	 * A region still loading lazily loads the rest first.  Neither
+	 * waits long for an event to be read (-EAGAIN: the caller lets go
+	 * of the lock, waits for the moves and comes back).
+	 */
+	cowmm__uffd_patience(true);
 	ret = cowmm__lazy_finish_locked(r);
-	if (ret)
+	if (ret) {
+		cowmm__uffd_patience(false);
 		goto err_unlock;
+	}
 	/*
 	 * Protect every page, unpopulated ones included.  Faults wait on
 	 * r->lock meanwhile; once it is dropped, each sees this snapshot.
@@ -162,6 +169,7 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 */
 	if (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm)))
 		ret = -EAGAIN;
+	cowmm__uffd_patience(false);
 	if (ret)
 		goto err_unlock;
 	s->epoch = ++r->epoch;

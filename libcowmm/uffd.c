@@ -90,6 +90,7 @@ int cowmm__uffd_probe(uint64_t *features)
 #define WORKER_RETRIES 2000
 
 __thread bool cowmm__uffd_once;
+__thread uint64_t cowmm__uffd_deadline;
 
 static int uffd_ioctl(int fd, unsigned long req, void *arg)
 {
@@ -105,6 +106,9 @@ static int uffd_ioctl(int fd, unsigned long req, void *arg)
 			return -EAGAIN;
 		if (cowmm__in_worker &&
 		    (++tries > WORKER_RETRIES || poll(&pfd, 1, 0) != 0))
+			return -EAGAIN;
+		if (cowmm__uffd_deadline &&
+		    cowmm__now_ns() > cowmm__uffd_deadline)
 			return -EAGAIN;
 		sched_yield();
 	}

@@ -32,6 +32,23 @@
  */
 extern __thread bool cowmm__uffd_once;
 
+/*
+ * Set by an application thread that holds a region's lock, in a call that
+ * can let go and try again (cowmm__uffd_patience()): once this
+ * CLOCK_MONOTONIC time is past, an ioctl refused for an event not read
+ * returns -EAGAIN.  That event may not be read until a move already read
+ * is followed, which needs the lock (workers stop reading with too many of
+ * those pending: manager.c, may_read()).  0: wait as long as it takes.
+ */
+extern __thread uint64_t cowmm__uffd_deadline;
+#define COWMM_UFFD_PATIENCE_NS (5 * 1000 * 1000ull)
+
+static inline void cowmm__uffd_patience(bool on)
+{
+	cowmm__uffd_deadline = on ? cowmm__now_ns() + COWMM_UFFD_PATIENCE_NS
+				  : 0;
+}
+
 int cowmm__uffd_open(bool user_mode_only);
 int cowmm__uffd_probe(uint64_t *features);
 int cowmm__uffd_api(int fd, uint64_t features, uint64_t *ioctls);

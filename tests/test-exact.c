@@ -3703,6 +3703,82 @@ START_TEST(test_moves_read_far_ahead)
 }
 END_TEST
 
+static atomic_bool slept_after_protect;
+
+static void sleep_after_protect(cowmm_region_t *r)
+{
+	(void)r;
+	if (!atomic_exchange(&slept_after_protect, true))
+		usleep(300 * 1000);
+}
+
+/*
+ * A snapshot holds its region's lock for a while after protecting (here
+ * 300 ms; ending a lazy load of many pages does the same), while three
+ * threads keep moving pages of the region.  The moves are read and wait for
+ * that lock; past 1,024 of them the workers read no more, and the move
+ * after them stays unread (three threads move: one of them nearly always
+ * waits for its move to be read), so the kernel refuses the snapshot's
+ * every ioctl (EAGAIN) for as long as the lock is held.  The snapshot asked
+ * again for ever, holding the lock the workers waited for (the
+ * twenty-second review's lazyx: three threads moving pages while a
+ * snapshot ended a lazy load hung 3 runs of 3).  It must let go and try
+ * again: succeed, or return -ENOENT while the moves go on.
+ */
+START_TEST(test_snapshot_reads_held)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct ping_pong p[3] = { 0 };
+	unsigned char want[T_PAGE], buf[T_PAGE];
+	cowmm_snap_t *s = NULL;
+	cowmm_region_t *r;
+	unsigned char *a;
+	pthread_t th[3];
+	int ret, i;
+
+	a = t_filled_region(mm, 8, &r);
+	atomic_store(&slept_after_protect, false);
+	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
+			 __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) { /* pages 2, 3, 4 */
+		p[i].want = 1000000;
+		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
+		p[i].b = reserve(T_PAGE);
+		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
+						&p[i]),
+				 0);
+	}
+	while (atomic_load(&p[0].moves) < 10)
+		usleep(100);
+	ret = cowmm_snapshot(r, &s);
+	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snapshot: %d", ret);
+	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) {
+		atomic_store(&p[i].stop, true);
+		pthread_join(th[i], NULL);
+	}
+	if (s)
+		cowmm_snap_release(s);
+
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	for (i = 0; i < 3; i++) {
+		t_fill_page(want, 3 + i);
+		p[i].at[0] ^= 1; /* copies for @s, where the page is now */
+		ck_assert_int_eq(cowmm_snap_read(s, (2 + i) * T_PAGE, buf,
+						 T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE),
+			      "page %d of a snapshot after %lu moves holds "
+			      "other bytes",
+			      2 + i, atomic_load(&p[i].moves));
+	}
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
 /*
  * Two managers.  A thread keeps storing to A, where the first manager's
  * page is, write-protected; the main thread moves that page away and the
@@ -5100,6 +5176,8 @@ int main(void)
 		{ "fault-moved-foreign-two-workers",
 		  test_fault_moved_foreign_two_workers, T_WP_UNPOPULATED },
 		{ "moves-read-far-ahead", test_moves_read_far_ahead,
+		  T_WP_UNPOPULATED },
+		{ "snapshot-reads-held", test_snapshot_reads_held,
 		  T_WP_UNPOPULATED },
 		{ "release-move-unread-dontunmap",
 		  test_release_move_unread_dontunmap, T_WP_UNPOPULATED },
