@@ -120,6 +120,12 @@ struct cowmm {
 	int uffd;
 	int stopfd; /* eventfd: workers exit when it is readable */
 	int pagemap; /* /proc/self/pagemap, to verify discarded pages */
+	/*
+	 * A uffd-wp marker's pagemap entry, its PM_SWAP and frame bits
+	 * (probe_marker()); UINT64_MAX when it cannot be told from a page
+	 * swapped out.
+	 */
+	uint64_t pm_marker;
 	uint64_t features;        /* negotiated with UFFDIO_API */
 	uint64_t kernel_features; /* offered by the running kernel */
 	unsigned long fork_gen;   /* cowmm__fork_gen() at open */
@@ -224,6 +230,8 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp);
 uint32_t cowmm__removes_stamp(cowmm_t *mm);
 int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr);
+bool cowmm__still_ours_span(cowmm_t *mm, unsigned seq, uintptr_t addr,
+			    size_t n);
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr);
 bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page);
 int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,

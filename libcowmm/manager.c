@@ -235,11 +235,18 @@ static int still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr, size_t n)
  */
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
+	return cowmm__still_ours_span(mm, seq, addr, 1);
+}
+
+/* cowmm__still_ours() for @n pages at @addr, one question to the kernel. */
+bool cowmm__still_ours_span(cowmm_t *mm, unsigned seq, uintptr_t addr,
+			    size_t n)
+{
 	int ret;
 
 	pthread_mutex_lock(&mm->read_lock);
-	ret = !moved_since(mm, seq, addr, COWMM_PAGE_SIZE)
-		      ? still_ours(mm, seq, addr, 1)
+	ret = !moved_since(mm, seq, addr, n << COWMM_PAGE_SHIFT)
+		      ? still_ours(mm, seq, addr, n)
 		      : -ENOENT;
 	pthread_mutex_unlock(&mm->read_lock);
 	return !ret;
@@ -1853,6 +1860,39 @@ static void barrier_close(cowmm_t *mm)
 	mm->barrier = NULL;
 }
 
+/*
+ * How pagemap shows a uffd-wp marker, which a page never populated holds
+ * once protected: its PM_SWAP and frame bits, learnt from a page of our
+ * own.  Linux 6.18 shows it as a swap entry of the marker's own type,
+ * told from a page swapped out by its frame bits; those are shown only to
+ * CAP_SYS_ADMIN (zero otherwise): then, and when no marker shows at all,
+ * UINT64_MAX, and every empty page a release meets is read.
+ */
+static uint64_t probe_marker(cowmm_t *mm)
+{
+	uint64_t e = 0, ret = UINT64_MAX;
+	void *p;
+
+	if (!(mm->features & UFFD_FEATURE_WP_UNPOPULATED))
+		return ret;
+	p = mmap(NULL, COWMM_PAGE_SIZE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return ret;
+	if (!cowmm__uffd_register(mm->uffd, (uintptr_t)p, COWMM_PAGE_SIZE,
+				  UFFDIO_REGISTER_MODE_WP, NULL)) {
+		if (!cowmm__uffd_wp(mm->uffd, (uintptr_t)p, COWMM_PAGE_SIZE,
+				    true, false) &&
+		    !cowmm__pagemap_read(mm->pagemap, (uintptr_t)p, 1, &e) &&
+		    (e & (PM_UFFD_WP | PM_PRESENT)) == PM_UFFD_WP &&
+		    (!(e & PM_SWAP) || (e & PM_PFN_MASK)))
+			ret = e & (PM_SWAP | PM_PFN_MASK);
+		cowmm__uffd_unregister(mm->uffd, (uintptr_t)p,
+				       COWMM_PAGE_SIZE);
+	}
+	munmap(p, COWMM_PAGE_SIZE);
+	return ret;
+}
 int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 {
 	struct cowmm_config cfg;
@@ -1927,6 +1967,7 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 		ret = -errno;
 		goto err_close;
 	}
+	mm->pm_marker = probe_marker(mm);
 	barrier_open(mm);
 	ret = pthread_mutex_init(&mm->lock, NULL);
 	if (ret) {

@@ -1080,10 +1080,17 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
 			 COWMM_PAGE_SIZE, false, false);
 }
 
+/* Is a span of pages still ours (cowmm__still_ours_span())?  -1: not asked. */
+struct span_ours {
+	uintptr_t addr;
+	size_t n;
+	int ours;
+};
+
 /*
  * A page that mincore() found empty is one the region never populated,
  * and its snapshots get zero, only if pagemap shows a uffd-wp marker
- * (@e) where its layout put it, and no move or unmap of it was read since
+ * (@e, as probe_marker() in manager.c learnt it) where its layout put it, and no move or unmap of it was read since
  * @seq or is on its way: the range a move left (MREMAP_DONTUNMAP) is
  * empty too, and so is other memory mapped where a page was, until the
  * move's event is handled (the twenty-first outside review: a release
@@ -1091,9 +1098,20 @@ void cowmm__naive_replace(cowmm_region_t *r, size_t pg)
  * read, as with swap, and the read follows the move.
  */
 static bool never_populated(cowmm_region_t *r, size_t pg, uint64_t e,
-			    unsigned seq)
+			    unsigned seq, struct span_ours *sp)
 {
-	return (e & (PM_UFFD_WP | PM_PRESENT | PM_SWAP)) == PM_UFFD_WP &&
+	if ((e & (PM_UFFD_WP | PM_PRESENT)) != PM_UFFD_WP ||
+	    (e & (PM_SWAP | PM_PFN_MASK)) != r->mm->pm_marker)
+		return false;
+	/*
+	 * Asked once for the whole span (one ioctl, not one per page: a
+	 * sparse 1 GiB region took seconds to release); each page on its
+	 * own only when the span is not all ours.  Its pagemap entries were
+	 * read before: a move after the question came after them too.
+	 */
+	if (sp->ours < 0)
+		sp->ours = cowmm__still_ours_span(r->mm, seq, sp->addr, sp->n);
+	return sp->ours ||
 	       cowmm__still_ours(r->mm, seq, cowmm__page_addr(r, pg));
 }
 
@@ -1106,6 +1124,7 @@ static int detach_snapshots(cowmm_region_t *r)
 {
 	unsigned char vec[RESIDENT_BATCH];
 	struct cowmm_snap *s, *next;
+	struct span_ours sp;
 	uint64_t *e;
 	size_t pg, i, n;
 	unsigned seq;
@@ -1128,13 +1147,14 @@ static int detach_snapshots(cowmm_region_t *r)
 		/* Without pagemap, every page is read. */
 		known = !err && e &&
 			!cowmm__pagemap_read(r->mm->pagemap, addr, n, e);
+		sp = (struct span_ours){ addr, n, -1 };
 		for (i = 0; i < n; i++) {
 			/* A clone's page not materialised is its origin's. */
 			bool zero = known && !vec[i] &&
 				    (!r->origin ||
 				     cowmm__test_bit(r->present, pg + i)) &&
 				    cowmm__shared_locked(r, pg + i) &&
-				    never_populated(r, pg + i, e[i], seq);
+				    never_populated(r, pg + i, e[i], seq, &sp);
 
 			err = cowmm__cow_claim(r, pg + i,
 					       zero ? COWMM_COW_ZERO
