@@ -120,6 +120,7 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	int saved = errno, ret = 0;
 	bool found = false;
 	unsigned i, moves = 0;
+	uint64_t deadline;
 
 	/* Hardware memory errors and the like are never ours. */
 	if (si->si_code != BUS_ADRERR) {
@@ -128,6 +129,14 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	}
 	atomic_fetch_add(&in_handler, 1);
 	cowmm__in_sigbus = true;
+	/*
+	 * The fault is resolved with the region's lock held: an ioctl the
+	 * kernel keeps refusing, for an event the reader cannot read before
+	 * a move waiting for that lock is followed, gives up (-EAGAIN, the
+	 * store is retried) rather than hold the lock for ever.
+	 */
+	deadline = cowmm__uffd_deadline;
+	cowmm__uffd_patience(true);
 	for (i = 0; i < MAX_MANAGERS && !found; i++) {
 		cowmm_t *mm = atomic_load(&managers[i]);
 		cowmm_region_t *r;
@@ -144,6 +153,7 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	}
 	if (!found) /* while no manager can be closed */
 		moves = moves_read();
+	cowmm__uffd_deadline = deadline; /* a call it interrupted had one */
 	cowmm__in_sigbus = false;
 	atomic_fetch_sub(&in_handler, 1);
 	errno = saved;

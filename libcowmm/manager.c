@@ -303,10 +303,14 @@ int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 		/*
 		 * An event not read: the lock let go, a worker reads it; as
 		 * uffd_ioctl() waits, a worker only a while, and not while
-		 * one is queued that it must go and read itself.
+		 * one is queued that it must go and read itself, nor past
+		 * cowmm__uffd_deadline.
 		 */
 		if (cowmm__in_worker &&
 		    (++tries > 2000 || poll(&pfd, 1, 0) != 0))
+			return -EAGAIN;
+		if (cowmm__uffd_deadline &&
+		    cowmm__now_ns() > cowmm__uffd_deadline)
 			return -EAGAIN;
 		sched_yield();
 	}

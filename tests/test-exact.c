@@ -3779,6 +3779,96 @@ START_TEST(test_snapshot_reads_held)
 }
 END_TEST
 
+struct store_loop {
+	volatile unsigned char *p;
+	atomic_bool stop;
+	atomic_ulong stores;
+};
+
+static void *store_loop_main(void *arg)
+{
+	struct store_loop *w = arg;
+
+	while (!atomic_load(&w->stop)) {
+		w->p[0]++;
+		atomic_fetch_add(&w->stores, 1);
+	}
+	return NULL;
+}
+
+/*
+ * snapshot-reads-held in-thread, with a thread storing to another page of
+ * the region all along: its faults, resolved by the storing thread with
+ * the region's lock held, meet the snapshot that lets go and comes back,
+ * and the 1,024 moves read and waiting for the lock.  Nothing may hang,
+ * and the snapshot taken once all stopped holds the bytes of its instant.
+ */
+START_TEST(test_inthread_reads_held)
+{
+	struct cowmm_config cfg = COWMM_CONFIG_INIT;
+	struct ping_pong p[3] = { 0 };
+	struct store_loop w = { 0 };
+	unsigned char want[T_PAGE], buf[T_PAGE];
+	cowmm_snap_t *s = NULL;
+	cowmm_region_t *r;
+	cowmm_t *mm = NULL;
+	pthread_t th[3], wt;
+	unsigned char *a;
+	int ret, i;
+
+	cfg.flags = COWMM_OPEN_IN_THREAD;
+	cfg.fault_around = 1;
+	ck_assert_int_eq(cowmm_open(&cfg, &mm), 0);
+	a = t_filled_region(mm, 8, &r);
+	w.p = a + 6 * T_PAGE;
+	ck_assert_int_eq(pthread_create(&wt, NULL, store_loop_main, &w), 0);
+	atomic_store(&slept_after_protect, false);
+	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
+			 __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) { /* pages 2, 3, 4 */
+		p[i].want = 1000000;
+		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
+		p[i].b = reserve(T_PAGE);
+		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
+						&p[i]),
+				 0);
+	}
+	while (atomic_load(&p[0].moves) < 10)
+		usleep(100);
+	ret = cowmm_snapshot(r, &s);
+	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snapshot: %d", ret);
+	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) {
+		atomic_store(&p[i].stop, true);
+		pthread_join(th[i], NULL);
+	}
+	atomic_store(&w.stop, true);
+	pthread_join(wt, NULL);
+	if (s)
+		cowmm_snap_release(s);
+
+	memcpy(want, a + 6 * T_PAGE, T_PAGE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	a[6 * T_PAGE] ^= 0xff; /* in-thread: copies for @s, here */
+	ck_assert_int_eq(cowmm_snap_read(s, 6 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert_msg(!memcmp(buf, want, T_PAGE),
+		      "page 6 of the snapshot holds other bytes after %lu "
+		      "stores",
+		      atomic_load(&w.stores));
+	for (i = 0; i < 3; i++) {
+		t_fill_page(want, 3 + i);
+		ck_assert_int_eq(cowmm_snap_read(s, (2 + i) * T_PAGE, buf,
+						 T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(!memcmp(buf, want, T_PAGE),
+			      "page %d of the snapshot holds other bytes", 2 + i);
+	}
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
 /*
  * Two managers.  A thread keeps storing to A, where the first manager's
  * page is, write-protected; the main thread moves that page away and the
@@ -5231,6 +5321,8 @@ int main(void)
 		{ "moves-read-far-ahead", test_moves_read_far_ahead,
 		  T_WP_UNPOPULATED },
 		{ "snapshot-reads-held", test_snapshot_reads_held,
+		  T_WP_UNPOPULATED },
+		{ "inthread-reads-held", test_inthread_reads_held,
 		  T_WP_UNPOPULATED },
 		{ "release-sparse-reads-written",
 		  test_release_sparse_reads_written, T_WP_UNPOPULATED },
