@@ -230,6 +230,7 @@ bool cowmm__removes_before(cowmm_t *mm, uint32_t stamp);
 uint32_t cowmm__removes_stamp(cowmm_t *mm);
 int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr);
+bool cowmm__pm_is_marker(const cowmm_t *mm, uint64_t e);
 bool cowmm__still_ours_span(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			    size_t n);
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr);

@@ -1897,6 +1897,18 @@ static uint64_t probe_marker(cowmm_t *mm)
 	munmap(p, COWMM_PAGE_SIZE);
 	return ret;
 }
+
+/*
+ * Is pagemap entry @e a uffd-wp marker: a page never populated (or
+ * discarded) since the range was protected, which reads as zero?  Never
+ * a page swapped out, whose entry shows PM_SWAP and the uffd-wp bit too.
+ */
+bool cowmm__pm_is_marker(const cowmm_t *mm, uint64_t e)
+{
+	return mm->pm_marker != UINT64_MAX &&
+	       (e & (PM_UFFD_WP | PM_PRESENT)) == PM_UFFD_WP &&
+	       (e & (PM_SWAP | PM_PFN_MASK)) == mm->pm_marker;
+}
 int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 {
 	struct cowmm_config cfg;

@@ -588,7 +588,9 @@ static int read_verified(cowmm_region_t *r, uintptr_t addr, void *dst,
 		return 0;
 	}
 
-	if (!(e1 & PM_PRESENT) && probe && !cowmm__swap_possible()) {
+	/* With swap, only what is a marker for sure (probe_marker()). */
+	if (!(e1 & PM_PRESENT) && probe &&
+	    (!cowmm__swap_possible() || cowmm__pm_is_marker(r->mm, e1))) {
 		memset(dst, 0, COWMM_PAGE_SIZE); /* never populated */
 		return 0;
 	}
@@ -776,10 +778,13 @@ static size_t preserve_ahead(cowmm_region_t *r, size_t first, size_t n)
 		if (!(e1[k] & PM_UFFD_WP))
 			break; /* discarded under us: its own fault decides */
 		if (!(e1[k] & PM_PRESENT)) {
-			/* Never populated, unless swap makes it ambiguous. */
+			/*
+			 * Never populated, unless swap makes it ambiguous
+			 * and the entry is not a marker for sure.
+			 */
 			if (swap < 0)
 				swap = cowmm__swap_possible();
-			if (swap)
+			if (swap && !cowmm__pm_is_marker(mm, e1[k]))
 				break;
 			f[k] = &cowmm__zero_frame;
 			continue;
@@ -1100,8 +1105,7 @@ struct span_ours {
 static bool never_populated(cowmm_region_t *r, size_t pg, uint64_t e,
 			    unsigned seq, struct span_ours *sp)
 {
-	if ((e & (PM_UFFD_WP | PM_PRESENT)) != PM_UFFD_WP ||
-	    (e & (PM_SWAP | PM_PFN_MASK)) != r->mm->pm_marker)
+	if (!cowmm__pm_is_marker(r->mm, e))
 		return false;
 	/*
 	 * Asked once for the whole span (one ioctl, not one per page: a
@@ -1144,13 +1148,18 @@ static int detach_snapshots(cowmm_region_t *r)
 		n = cowmm__page_span(r, pg, n);
 		addr = cowmm__page_addr(r, pg);
 		err = cowmm__resident(addr, n, vec);
-		/* Without pagemap, every page is read. */
+		/*
+		 * Without pagemap, every page is read.  A page never
+		 * populated shows a marker there (never_populated()), with
+		 * swap too, where mincore() cannot tell it from a page
+		 * swapped out.
+		 */
 		known = !err && e &&
 			!cowmm__pagemap_read(r->mm->pagemap, addr, n, e);
 		sp = (struct span_ours){ addr, n, -1 };
 		for (i = 0; i < n; i++) {
 			/* A clone's page not materialised is its origin's. */
-			bool zero = known && !vec[i] &&
+			bool zero = known &&
 				    (!r->origin ||
 				     cowmm__test_bit(r->present, pg + i)) &&
 				    cowmm__shared_locked(r, pg + i) &&

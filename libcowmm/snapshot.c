@@ -377,8 +377,14 @@ static int read_page(cowmm_snap_t *s, size_t pg, size_t in, size_t n,
 		uint64_t e2;
 
 		if ((r->holes && cowmm__test_bit(r->holes, pg)) ||
-		    ((e & PM_UFFD_WP) && !(e & PM_PRESENT) && !swap)) {
-			/* Unmapped (left the region), or never populated. */
+		    ((e & PM_UFFD_WP) && !(e & PM_PRESENT) && !swap) ||
+		    cowmm__pm_is_marker(s->mm, e)) {
+			/*
+			 * Unmapped (left the region), or never populated:
+			 * with swap, only an entry that is a marker for sure
+			 * (a read of it faults in a range registered for
+			 * missing faults too, and cannot be made).
+			 */
 			memset(dst, 0, n);
 		} else if (!(e & PM_UFFD_WP)) {
 			/*
