@@ -5371,10 +5371,11 @@ int main(void)
 		  test_fault_moved_foreign_two_workers, T_WP_UNPOPULATED },
 		{ "moves-read-far-ahead", test_moves_read_far_ahead,
 		  T_WP_UNPOPULATED },
+		/* 120 s: a hang shows as the timeout; fixed, 1-7 s */
 		{ "snapshot-reads-held", test_snapshot_reads_held,
-		  T_WP_UNPOPULATED },
+		  T_WP_UNPOPULATED, 0, 120 },
 		{ "inthread-reads-held", test_inthread_reads_held,
-		  T_WP_UNPOPULATED },
+		  T_WP_UNPOPULATED, 0, 120 },
 		{ "release-sparse-reads-written",
 		  test_release_sparse_reads_written, T_WP_UNPOPULATED },
 		{ "release-move-unread-dontunmap",
