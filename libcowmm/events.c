@@ -171,6 +171,8 @@ int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
 	return for_overlap(mm, start, end, unmap_pages, true, &n);
 }
 
+void (*cowmm__remap_found)(uintptr_t from, size_t len);
+
 /*
  * [@from, @from + @len) moved to @to (mremap()).  The kernel moved the
  * pages with their registration and their protection; the regions that
@@ -182,8 +184,6 @@ int cowmm__event_unmap(cowmm_t *mm, uintptr_t start, uintptr_t end,
  * nothing is asked of the kernel, which refuses ioctls until mremap()
  * returns.
  */
-void (*cowmm__remap_found)(uintptr_t from, size_t len);
-
 int cowmm__event_remap(cowmm_t *mm, uintptr_t from, uintptr_t to, size_t len)
 {
 	void (*hook)(uintptr_t, size_t);

@@ -916,8 +916,9 @@ uintptr_t cowmm__moved_now(cowmm_t *mm, uintptr_t page, unsigned *seq)
  * with no event to say why: was it the kernel dropping a page MADV_FREE
  * left?  1: yes; 0: an event read since may explain it; -EAGAIN: what is
  * at @addr is not the region's page any more, or a move or unmap of it is
- * on its way (see below): look again once its event is handled.  Not if a discard was read since or is pending (the kernel zaps
- * only once its event is read), nor if an unmap or a move was: munmap()
+ * on its way (see below): look again once its event is handled.  Not if
+ * a discard was read since or is pending (the kernel zaps only once its
+ * event is read), nor if an unmap or a move was: munmap()
  * and mremap() take the page first and send their event after, so one not
  * read yet is one whose range is no longer mapped (mincore() fails; other
  * memory can take it only once the call returned, after the read), and
@@ -1909,6 +1910,7 @@ bool cowmm__pm_is_marker(const cowmm_t *mm, uint64_t e)
 	       (e & (PM_UFFD_WP | PM_PRESENT)) == PM_UFFD_WP &&
 	       (e & (PM_SWAP | PM_PFN_MASK)) == mm->pm_marker;
 }
+
 int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 {
 	struct cowmm_config cfg;

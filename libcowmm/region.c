@@ -1093,14 +1093,14 @@ struct span_ours {
 };
 
 /*
- * A page that mincore() found empty is one the region never populated,
- * and its snapshots get zero, only if pagemap shows a uffd-wp marker
- * (@e, as probe_marker() in manager.c learnt it) where its layout put it, and no move or unmap of it was read since
- * @seq or is on its way: the range a move left (MREMAP_DONTUNMAP) is
- * empty too, and so is other memory mapped where a page was, until the
- * move's event is handled (the twenty-first outside review: a release
- * while a page moved gave the snapshot zeros for it).  Otherwise it is
- * read, as with swap, and the read follows the move.
+ * A page whose pagemap entry (@e) is a uffd-wp marker (probe_marker() in
+ * manager.c) where its layout put it was never populated, and its
+ * snapshots get zero, only if no move or unmap of it was read since @seq
+ * or is on its way: the range a move left (MREMAP_DONTUNMAP) is empty
+ * too, and so is other memory mapped where a page was, until the move's
+ * event is handled (the twenty-first outside review: a release while a
+ * page moved gave the snapshot zeros for it).  Otherwise it is read, and
+ * the read follows the move.
  */
 static bool never_populated(cowmm_region_t *r, size_t pg, uint64_t e,
 			    unsigned seq, struct span_ours *sp)
