@@ -254,7 +254,10 @@ struct cowmm_stats {
  *         grant it), -ENOSYS (kernel without userfaultfd),
  *         -EOPNOTSUPP (kernel without write-protect support), -ENOMEM,
  *         -EMFILE (also: more than 16 #COWMM_OPEN_IN_THREAD managers),
- *         -EAGAIN (no thread could be started)
+ *         -EAGAIN (no thread could be started), -EACCES
+ *         (/proc/self/pagemap cannot be opened, which the library needs:
+ *         a process that is not dumpable, after setuid() for instance;
+ *         the log says so)
  * @since 0.1
  */
 COWMM_EXPORT int cowmm_open(const struct cowmm_config *cfg, cowmm_t **out);
@@ -264,7 +267,10 @@ COWMM_EXPORT int cowmm_open(const struct cowmm_config *cfg, cowmm_t **out);
  * threads and close its userfaultfd.  Memory of adopted regions stays
  * mapped and writable; memory from cowmm_region_alloc() is unmapped, where
  * it is after every mremap(), munmap() and discard that returned before
- * the call.
+ * the call.  An adopted region still loading lazily loads the rest first,
+ * as cowmm_region_release() does; where threads keep moving its pages
+ * while this runs (the application's race: see Context), the pages not
+ * loaded when it gives up read zero, and the log says so.
  * Threads blocked on a fault in one of its regions are woken.
  * Context: any thread but the manager's own; not concurrently with any
  * other call on this manager or its handles.  In the child of fork() it

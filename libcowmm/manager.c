@@ -1983,6 +1983,13 @@ int cowmm_open(const struct cowmm_config *ucfg, cowmm_t **out)
 	mm->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (mm->pagemap < 0) {
 		ret = -errno;
+		cowmm__log(COWMM_LOG_ERR,
+			   "cannot open /proc/self/pagemap: %s%s",
+			   strerror(-ret),
+			   ret == -EACCES ? " (a process that is not dumpable: "
+					    "prctl(PR_SET_DUMPABLE, 1) after "
+					    "setuid())"
+					  : "");
 		goto err_close;
 	}
 	mm->pm_marker = probe_marker(mm);
