@@ -231,6 +231,8 @@ uint32_t cowmm__removes_stamp(cowmm_t *mm);
 int cowmm__dropped_quietly(cowmm_t *mm, uintptr_t addr, uint32_t stamp);
 bool cowmm__still_ours(cowmm_t *mm, unsigned seq, uintptr_t addr);
 bool cowmm__pm_is_marker(const cowmm_t *mm, uint64_t e);
+int cowmm__fill_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
+			const void *src, bool poison, bool wake);
 bool cowmm__still_ours_span(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			    size_t n);
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr);
@@ -497,6 +499,9 @@ extern void (*cowmm__walk_unseen)(cowmm_region_t *r);
 /* Tests: called in the worker right after it followed a move of
  * [@from, @from + @len) (manager.c), before it reads another event. */
 extern void (*cowmm__remap_handled)(uintptr_t from, size_t len);
+/* Tests: called by a lazy load right before it fills the page at @addr,
+ * the region's lock held (lazy.c). */
+extern void (*cowmm__lazy_filling)(uintptr_t addr);
 /* Tests: called in the worker as it starts to follow a move of
  * [@from, @from + @len), the region table loaded, no region locked yet
  * (events.c). */

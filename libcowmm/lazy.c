@@ -59,9 +59,12 @@ static int lazy_read(const struct cowmm_lazy *l, size_t pg, void *dst)
  * is poisoned: the thread touching it gets SIGBUS rather than wrong bytes.
  * Call with r->lock held.
  */
+void (*cowmm__lazy_filling)(uintptr_t addr);
+
 static int lazy_fill_locked(cowmm_region_t *r, struct cowmm_lazy *l,
 			    size_t pg, bool wake)
 {
+	void (*hook)(uintptr_t);
 	unsigned char page[COWMM_PAGE_SIZE]
 		__attribute__((aligned(COWMM_PAGE_SIZE)));
 	uintptr_t addr = cowmm__page_addr(r, pg);
@@ -78,21 +81,22 @@ static int lazy_fill_locked(cowmm_region_t *r, struct cowmm_lazy *l,
 	 */
 	if (cowmm__moved_since(r->mm, seq, addr, COWMM_PAGE_SIZE))
 		return -EAGAIN;
+	hook = __atomic_load_n(&cowmm__lazy_filling, __ATOMIC_ACQUIRE);
+	if (cowmm__unlikely(hook != NULL))
+		hook(addr);
+	/* Filled only where no move landed meanwhile (manager.c). */
 	if (!l->off[pg]) { /* not stored: the shared zero page, no memory */
-		ret = cowmm__uffd_zeropage(r->mm->uffd, addr, COWMM_PAGE_SIZE,
-					   wake);
+		ret = cowmm__fill_unmoved(r->mm, seq, addr, NULL, false, wake);
 	} else if (lazy_read(l, pg, page)) {
 		cowmm__log(COWMM_LOG_ERR,
 			   "lazy load: page %zu cannot be read from the file; "
 			   "poisoned",
 			   pg);
-		ret = cowmm__uffd_poison(r->mm->uffd, addr, COWMM_PAGE_SIZE,
-					 wake);
+		ret = cowmm__fill_unmoved(r->mm, seq, addr, NULL, true, wake);
 		if (!ret)
 			l->poisoned++;
 	} else {
-		ret = cowmm__uffd_copy(r->mm->uffd, addr, page,
-				       COWMM_PAGE_SIZE, false, wake);
+		ret = cowmm__fill_unmoved(r->mm, seq, addr, page, false, wake);
 	}
 	/*
 	 * -EEXIST: a page is there already.  With a move of the region's

@@ -386,6 +386,39 @@ int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 	return ret;
 }
 
+/*
+ * Fill the missing page at @addr, where a region's layout put it after
+ * cowmm__maps_handled() gave @seq, only if no move or unmap read since
+ * touched it: with @src's bytes (UFFDIO_COPY), zeros (@src NULL) or
+ * poison (@poison).  read_lock is held across the ioctl, tried once: no
+ * event is read meanwhile, and the kernel refuses the ioctl (-EAGAIN)
+ * while one is not read, so the bytes land where the layout says and
+ * never in another page moved there in between (the twenty-third
+ * review's lazymv: a lazy load filled a page into the range another page
+ * of the region had just moved to, which then read the first one's
+ * bytes for good).  -EAGAIN when a move touched it or one is on its way.
+ */
+int cowmm__fill_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
+			const void *src, bool poison, bool wake)
+{
+	bool once = cowmm__uffd_once;
+	int ret = -EAGAIN;
+
+	pthread_mutex_lock(&mm->read_lock);
+	if (!moved_since(mm, seq, addr, COWMM_PAGE_SIZE)) {
+		cowmm__uffd_once = true;
+		ret = poison ? cowmm__uffd_poison(mm->uffd, addr,
+						  COWMM_PAGE_SIZE, wake)
+		      : src  ? cowmm__uffd_copy(mm->uffd, addr, src,
+						COWMM_PAGE_SIZE, false, wake)
+			     : cowmm__uffd_zeropage(mm->uffd, addr,
+						    COWMM_PAGE_SIZE, wake);
+		cowmm__uffd_once = once;
+	}
+	pthread_mutex_unlock(&mm->read_lock);
+	return ret;
+}
+
 int cowmm__live_write(uintptr_t addr, const struct iovec *src, size_t n)
 {
 	bool writable;

@@ -4397,6 +4397,79 @@ START_TEST(test_lazy_finish_moved)
 }
 END_TEST
 
+static struct {
+	unsigned char *a, *q, *f;
+	bool done;
+} move_in;
+
+/* Page 3 leaves @a for @f, and page 9 moves from @q to @a. */
+static void move_other_in(uintptr_t addr)
+{
+	if (addr != (uintptr_t)move_in.a || move_in.done)
+		return;
+	move_in.done = true;
+	ck_assert_ptr_eq(mremap(move_in.a, T_PAGE, T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, move_in.f),
+			 move_in.f);
+	ck_assert_ptr_eq(mremap(move_in.q, T_PAGE, T_PAGE,
+				MREMAP_MAYMOVE | MREMAP_FIXED, move_in.a),
+			 move_in.a);
+}
+
+/*
+ * A lazy load fills page 3 (a snapshot ends the load) while, right after
+ * its check for moves, page 3 moves away and page 9, not loaded either,
+ * moves to where page 3 was.  The kernel takes the fill once those moves
+ * are read: it went into page 9, the fill of page 9 then found a page
+ * there (-EEXIST) and took it for loaded, and page 9 read page 3's bytes
+ * for good, in the region and its snapshot (the twenty-third review's
+ * lazymv: 1-2 iterations of 15 with two threads moving pages).  The fill
+ * must land only where no move read meanwhile touched.
+ */
+START_TEST(test_lazy_fill_other_moved_in)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	char path[] = "cowmm-exact-XXXXXX";
+	int fd = mkstemp(path);
+	unsigned char buf[T_PAGE], *p;
+	cowmm_region_t *r;
+	cowmm_snap_t *s;
+	size_t pg;
+
+	ck_assert_int_ge(fd, 0);
+	unlink(path);
+	p = t_filled_region(mm, NPAGES, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	ck_assert_int_eq(cowmm_snap_write(s, fd), 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_load(r, fd, COWMM_LOAD_LAZY), 0);
+	move_in.a = p + 3 * T_PAGE;
+	move_in.q = p + 9 * T_PAGE;
+	move_in.f = reserve(T_PAGE);
+	move_in.done = false;
+	__atomic_store_n(&cowmm__lazy_filling, move_other_in,
+			 __ATOMIC_RELEASE);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0); /* loads the rest */
+	__atomic_store_n(&cowmm__lazy_filling, NULL, __ATOMIC_RELEASE);
+	ck_assert(move_in.done);
+	ck_assert_msg(page_is(move_in.a, 10),
+		      "page 9, moved where page 3 was, holds other bytes "
+		      "(first %#x)",
+		      move_in.a[0]);
+	ck_assert(page_is(move_in.f, 4));
+	for (pg = 0; pg < NPAGES; pg++) {
+		ck_assert_int_eq(cowmm_snap_read(s, pg * T_PAGE, buf, T_PAGE),
+				 T_PAGE);
+		ck_assert_msg(page_is(buf, pg + 1),
+			      "page %zu of the snapshot holds other bytes", pg);
+	}
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	close(fd);
+	cowmm_close(mm); /* unmaps the moved pages: the library's */
+}
+END_TEST
+
 /*
  * A region loaded lazily stays registered for missing faults.  A page of
  * it discarded, then protected by a snapshot, holds a uffd-wp marker: it
@@ -5308,6 +5381,8 @@ int main(void)
 		{ "release-while-moved", test_release_while_moved,
 		  T_WP_UNPOPULATED },
 		{ "lazy-finish-moved", test_lazy_finish_moved,
+		  T_WP_UNPOPULATED | T_POISON },
+		{ "lazy-fill-other-moved-in", test_lazy_fill_other_moved_in,
 		  T_WP_UNPOPULATED | T_POISON },
 		{ "lazy-discarded-marker-read",
 		  test_lazy_discarded_marker_read, T_WP_UNPOPULATED | T_POISON },
