@@ -401,22 +401,44 @@ int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 int cowmm__fill_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			const void *src, bool poison, bool wake)
 {
-	bool once = cowmm__uffd_once;
-	int ret = -EAGAIN;
+	struct pollfd pfd = { .fd = mm->uffd, .events = POLLIN };
+	bool once = cowmm__uffd_once, moved;
+	unsigned tries = 0;
+	int ret;
 
-	pthread_mutex_lock(&mm->read_lock);
-	if (!moved_since(mm, seq, addr, COWMM_PAGE_SIZE)) {
+	for (;;) {
+		pthread_mutex_lock(&mm->read_lock);
+		moved = moved_since(mm, seq, addr, COWMM_PAGE_SIZE);
 		cowmm__uffd_once = true;
-		ret = poison ? cowmm__uffd_poison(mm->uffd, addr,
-						  COWMM_PAGE_SIZE, wake)
-		      : src  ? cowmm__uffd_copy(mm->uffd, addr, src,
-						COWMM_PAGE_SIZE, false, wake)
-			     : cowmm__uffd_zeropage(mm->uffd, addr,
-						    COWMM_PAGE_SIZE, wake);
+		ret = moved ? -EAGAIN
+		      : poison
+			      ? cowmm__uffd_poison(mm->uffd, addr,
+						   COWMM_PAGE_SIZE, wake)
+		      : src ? cowmm__uffd_copy(mm->uffd, addr, src,
+					       COWMM_PAGE_SIZE, false, wake)
+			    : cowmm__uffd_zeropage(mm->uffd, addr,
+						   COWMM_PAGE_SIZE, wake);
 		cowmm__uffd_once = once;
+		pthread_mutex_unlock(&mm->read_lock);
+		if (ret != -EAGAIN || moved)
+			return ret;
+		/*
+		 * An event not read: the lock let go, it is read, and the
+		 * fill tried again, as cowmm__unprotect() does (a thread
+		 * that kept moving other pages of the region held a lazy
+		 * load's faults back for seconds when it went back to the
+		 * workers at once: the twenty-third review's snapmix).
+		 */
+		if (cowmm__in_worker &&
+		    (++tries > 2000 || poll(&pfd, 1, 0) != 0))
+			return -EAGAIN;
+		if ((!cowmm__in_worker && ++tries > 2000 &&
+		     !cowmm__uffd_deadline) ||
+		    (cowmm__uffd_deadline &&
+		     cowmm__now_ns() > cowmm__uffd_deadline))
+			return -EAGAIN;
+		sched_yield();
 	}
-	pthread_mutex_unlock(&mm->read_lock);
-	return ret;
 }
 
 int cowmm__live_write(uintptr_t addr, const struct iovec *src, size_t n)
