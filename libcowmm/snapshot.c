@@ -930,10 +930,15 @@ again:
 	}
 	pthread_mutex_lock(&r->lock);
 	seq = cowmm__maps_seq(mm);
+	/* As a snapshot protects: let go when the kernel keeps refusing. */
+	cowmm__uffd_patience(true);
 	ret = cowmm__region_wp(r, true);
 	after_protect(r);
 	if (ret == -ENOENT || ret == -EAGAIN ||
 	    (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm))))
+		ret = -EAGAIN;
+	cowmm__uffd_patience(false);
+	if (ret == -EAGAIN)
 		/* Pages moved or unmapped under it, their event not handled
 		 * (cowmm__snap_create_locked()); -ENOENT: protecting met
 		 * other memory where they were, or nothing; -EAGAIN: it

@@ -3797,6 +3797,61 @@ static void *store_loop_main(void *arg)
 }
 
 /*
+ * snapshot-reads-held for a restore, which protects the region the same
+ * way before it writes the snapshot's pages back: it asked again for ever
+ * with the region's lock held (the twenty-fourth review's lz RKy: 4 runs
+ * of 4 hung).  It must let go and try again: succeed, or return -ENOENT
+ * while the moves go on.
+ */
+START_TEST(test_restore_reads_held)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct ping_pong p[3] = { 0 };
+	unsigned char buf[T_PAGE];
+	cowmm_snap_t *s;
+	cowmm_region_t *r;
+	unsigned char *a;
+	pthread_t th[3];
+	int ret, i;
+
+	a = t_filled_region(mm, 8, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	a[6 * T_PAGE] ^= 0xff; /* for the restore to put back */
+	atomic_store(&slept_after_protect, false);
+	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
+			 __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) { /* pages 2, 3, 4 */
+		p[i].want = 1000000;
+		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
+		p[i].b = reserve(T_PAGE);
+		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
+						&p[i]),
+				 0);
+	}
+	while (atomic_load(&p[0].moves) < 10)
+		usleep(100);
+	ret = cowmm_snap_restore(s);
+	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snap_restore: %d",
+		      ret);
+	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) {
+		atomic_store(&p[i].stop, true);
+		pthread_join(th[i], NULL);
+	}
+	ck_assert_int_eq(cowmm_snap_restore(s), 0); /* once all are followed */
+	ck_assert(page_is(a + 6 * T_PAGE, 7));
+	for (i = 0; i < 3; i++)
+		ck_assert(page_is(p[i].at, 3 + i));
+	ck_assert_int_eq(cowmm_snap_read(s, 6 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 7));
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * snapshot-reads-held in-thread, with a thread storing to another page of
  * the region all along: its faults, resolved by the storing thread with
  * the region's lock held, meet the snapshot that lets go and comes back,
@@ -5448,6 +5503,8 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		/* 120 s: a hang shows as the timeout; fixed, 1-7 s */
 		{ "snapshot-reads-held", test_snapshot_reads_held,
+		  T_WP_UNPOPULATED, 0, 120 },
+		{ "restore-reads-held", test_restore_reads_held,
 		  T_WP_UNPOPULATED, 0, 120 },
 		{ "inthread-reads-held", test_inthread_reads_held,
 		  T_WP_UNPOPULATED, 0, 120 },
