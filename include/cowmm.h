@@ -729,8 +729,10 @@ COWMM_EXPORT int cowmm_format_write(int fd, size_t len, cowmm_read_fn read,
  * release of an adopted region load the rest first.  Needs
  * UFFD_FEATURE_POISON (Linux 6.6).  Either way, do not touch the region
  * while this call runs, nor move or unmap its pages (the application's
- * race): an eager load writes each page where it finds it, and a page
- * moved meanwhile may keep its old bytes; a lazy load takes the range
+ * race): an eager load writes each page where it finds it, so a page
+ * moved meanwhile may keep its old bytes, another page moved to where it
+ * was may get its bytes, and a write where nothing writable is mapped any
+ * more raises SIGSEGV in the calling thread; a lazy load takes the range
  * off the library's userfaultfd for a moment, and pages moved then leave
  * the region unmanaged.  Once every page is in,
  * the region stays registered for missing faults and is handled as a

