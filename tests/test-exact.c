@@ -3713,6 +3713,42 @@ static void sleep_after_protect(cowmm_region_t *r)
 }
 
 /*
+ * The next protect sleeps 300 ms with the region's lock held
+ * (sleep_after_protect()), and three threads move pages 2, 3 and 4 of
+ * the region at @a back and forth until movers_stop().
+ */
+static void movers_start(unsigned char *a, struct ping_pong p[3],
+			 pthread_t th[3])
+{
+	int i;
+
+	atomic_store(&slept_after_protect, false);
+	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
+			 __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) {
+		p[i].want = 1000000;
+		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
+		p[i].b = reserve(T_PAGE);
+		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
+						&p[i]),
+				 0);
+	}
+	while (atomic_load(&p[0].moves) < 10)
+		usleep(100);
+}
+
+static void movers_stop(struct ping_pong p[3], pthread_t th[3])
+{
+	int i;
+
+	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
+	for (i = 0; i < 3; i++) {
+		atomic_store(&p[i].stop, true);
+		pthread_join(th[i], NULL);
+	}
+}
+
+/*
  * A snapshot holds its region's lock for a while after protecting (here
  * 300 ms; ending a lazy load of many pages does the same), while three
  * threads keep moving pages of the region.  The moves are read and wait for
@@ -3737,26 +3773,10 @@ START_TEST(test_snapshot_reads_held)
 	int ret, i;
 
 	a = t_filled_region(mm, 8, &r);
-	atomic_store(&slept_after_protect, false);
-	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
-			 __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) { /* pages 2, 3, 4 */
-		p[i].want = 1000000;
-		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
-		p[i].b = reserve(T_PAGE);
-		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
-						&p[i]),
-				 0);
-	}
-	while (atomic_load(&p[0].moves) < 10)
-		usleep(100);
+	movers_start(a, p, th);
 	ret = cowmm_snapshot(r, &s);
 	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snapshot: %d", ret);
-	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) {
-		atomic_store(&p[i].stop, true);
-		pthread_join(th[i], NULL);
-	}
+	movers_stop(p, th);
 	if (s)
 		cowmm_snap_release(s);
 
@@ -3817,27 +3837,11 @@ START_TEST(test_restore_reads_held)
 	a = t_filled_region(mm, 8, &r);
 	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
 	a[6 * T_PAGE] ^= 0xff; /* for the restore to put back */
-	atomic_store(&slept_after_protect, false);
-	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
-			 __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) { /* pages 2, 3, 4 */
-		p[i].want = 1000000;
-		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
-		p[i].b = reserve(T_PAGE);
-		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
-						&p[i]),
-				 0);
-	}
-	while (atomic_load(&p[0].moves) < 10)
-		usleep(100);
+	movers_start(a, p, th);
 	ret = cowmm_snap_restore(s);
 	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snap_restore: %d",
 		      ret);
-	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) {
-		atomic_store(&p[i].stop, true);
-		pthread_join(th[i], NULL);
-	}
+	movers_stop(p, th);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0); /* once all are followed */
 	ck_assert(page_is(a + 6 * T_PAGE, 7));
 	for (i = 0; i < 3; i++)
@@ -3877,26 +3881,10 @@ START_TEST(test_inthread_reads_held)
 	a = t_filled_region(mm, 8, &r);
 	w.p = a + 6 * T_PAGE;
 	ck_assert_int_eq(pthread_create(&wt, NULL, store_loop_main, &w), 0);
-	atomic_store(&slept_after_protect, false);
-	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
-			 __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) { /* pages 2, 3, 4 */
-		p[i].want = 1000000;
-		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
-		p[i].b = reserve(T_PAGE);
-		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
-						&p[i]),
-				 0);
-	}
-	while (atomic_load(&p[0].moves) < 10)
-		usleep(100);
+	movers_start(a, p, th);
 	ret = cowmm_snapshot(r, &s);
 	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snapshot: %d", ret);
-	__atomic_store_n(&cowmm__after_protect, NULL, __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) {
-		atomic_store(&p[i].stop, true);
-		pthread_join(th[i], NULL);
-	}
+	movers_stop(p, th);
 	atomic_store(&w.stop, true);
 	pthread_join(wt, NULL);
 	if (s)
