@@ -181,6 +181,8 @@ struct cowmm {
 	 * read (maps_read, under read_lock), counted as handled.
 	 */
 	uint16_t maps_read;
+	/* Some read, not handled: pend_n != 0 (cowmm__uffd_patience()). */
+	atomic_bool maps_behind;
 	atomic_uint maps_done;
 	/* Moves and unmaps read, all of them (under read_lock): born_maps. */
 	uint32_t maps_all;

@@ -120,7 +120,9 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	int saved = errno, ret = 0;
 	bool found = false;
 	unsigned i, moves = 0;
-	uint64_t deadline;
+	/* A call it interrupted may have had them. */
+	uint64_t deadline = cowmm__uffd_deadline;
+	const atomic_bool *held = cowmm__uffd_held;
 
 	/* Hardware memory errors and the like are never ours. */
 	if (si->si_code != BUS_ADRERR) {
@@ -129,14 +131,6 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	}
 	atomic_fetch_add(&in_handler, 1);
 	cowmm__in_sigbus = true;
-	/*
-	 * The fault is resolved with the region's lock held: an ioctl the
-	 * kernel keeps refusing, for an event the reader cannot read before
-	 * a move waiting for that lock is followed, gives up (-EAGAIN, the
-	 * store is retried) rather than hold the lock for ever.
-	 */
-	deadline = cowmm__uffd_deadline;
-	cowmm__uffd_patience(true);
 	for (i = 0; i < MAX_MANAGERS && !found; i++) {
 		cowmm_t *mm = atomic_load(&managers[i]);
 		cowmm_region_t *r;
@@ -146,6 +140,14 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 		urcu_bp_read_lock();
 		r = cowmm__region_lookup(mm, addr);
 		if (r) {
+			/*
+			 * The fault is resolved with the region's lock held:
+			 * an ioctl the kernel keeps refusing, for an event
+			 * the workers cannot read before a move waiting for
+			 * that lock is followed, gives up (-EAGAIN, the store
+			 * is retried) rather than hold the lock for ever.
+			 */
+			cowmm__uffd_patience(&mm->maps_behind);
 			found = true;
 			ret = cowmm__region_fault_wp(r, addr, true);
 		}
@@ -153,7 +155,8 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 	}
 	if (!found) /* while no manager can be closed */
 		moves = moves_read();
-	cowmm__uffd_deadline = deadline; /* a call it interrupted had one */
+	cowmm__uffd_deadline = deadline;
+	cowmm__uffd_held = held;
 	cowmm__in_sigbus = false;
 	atomic_fetch_sub(&in_handler, 1);
 	errno = saved;

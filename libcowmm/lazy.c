@@ -212,9 +212,10 @@ int cowmm__lazy_finish_moving(cowmm_region_t *r)
 	int ret, rounds = 0;
 
 	for (;;) {
-		cowmm__uffd_patience(true); /* the lock is let go below */
+		/* The lock is let go below. */
+		cowmm__uffd_patience(&r->mm->maps_behind);
 		ret = cowmm__lazy_finish_locked(r);
-		cowmm__uffd_patience(false);
+		cowmm__uffd_patience(NULL);
 		if (ret != -EAGAIN)
 			break;
 		pthread_mutex_unlock(&r->lock);

@@ -309,8 +309,7 @@ int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 		if (cowmm__in_worker &&
 		    (++tries > 2000 || poll(&pfd, 1, 0) != 0))
 			return -EAGAIN;
-		if (cowmm__uffd_deadline &&
-		    cowmm__now_ns() > cowmm__uffd_deadline)
+		if (cowmm__uffd_impatient())
 			return -EAGAIN;
 		sched_yield();
 	}
@@ -335,8 +334,7 @@ bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
 		if (ret != -EAGAIN)
 			return !ret;
 		/* Not for a caller that will let go of its lock and retry. */
-		if (cowmm__uffd_deadline &&
-		    cowmm__now_ns() > cowmm__uffd_deadline)
+		if (cowmm__uffd_impatient())
 			return false;
 		sched_yield();
 	}
@@ -434,8 +432,7 @@ int cowmm__fill_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			return -EAGAIN;
 		if ((!cowmm__in_worker && ++tries > 2000 &&
 		     !cowmm__uffd_deadline) ||
-		    (cowmm__uffd_deadline &&
-		     cowmm__now_ns() > cowmm__uffd_deadline))
+		    cowmm__uffd_impatient())
 			return -EAGAIN;
 		sched_yield();
 	}
@@ -920,6 +917,8 @@ static void pend_add(cowmm_t *mm, const struct cowmm_moved *e)
 		mm->pend_head = 0;
 	}
 	mm->pend[(mm->pend_head + mm->pend_n++) % mm->pend_cap] = *e;
+	if (mm->pend_n == 1)
+		atomic_store(&mm->maps_behind, true);
 }
 
 /*
@@ -934,7 +933,8 @@ void cowmm__pend_done(cowmm_t *mm)
 	pthread_mutex_lock(&mm->read_lock);
 	if (mm->pend_n) { /* the oldest: handled in order */
 		mm->pend_head = (mm->pend_head + 1) % mm->pend_cap;
-		mm->pend_n--;
+		if (!--mm->pend_n)
+			atomic_store(&mm->maps_behind, false);
 	}
 	atomic_fetch_add(&mm->maps_done, 1);
 	pthread_mutex_unlock(&mm->read_lock);

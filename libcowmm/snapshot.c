@@ -144,10 +144,10 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 * waits long for an event to be read (-EAGAIN: the caller lets go
 	 * of the lock, waits for the moves and comes back).
 	 */
-	cowmm__uffd_patience(true);
+	cowmm__uffd_patience(&mm->maps_behind);
 	ret = cowmm__lazy_finish_locked(r);
 	if (ret) {
-		cowmm__uffd_patience(false);
+		cowmm__uffd_patience(NULL);
 		goto err_unlock;
 	}
 	/*
@@ -169,7 +169,7 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	 */
 	if (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm)))
 		ret = -EAGAIN;
-	cowmm__uffd_patience(false);
+	cowmm__uffd_patience(NULL);
 	if (ret)
 		goto err_unlock;
 	s->epoch = ++r->epoch;
@@ -931,13 +931,13 @@ again:
 	pthread_mutex_lock(&r->lock);
 	seq = cowmm__maps_seq(mm);
 	/* As a snapshot protects: let go when the kernel keeps refusing. */
-	cowmm__uffd_patience(true);
+	cowmm__uffd_patience(&mm->maps_behind);
 	ret = cowmm__region_wp(r, true);
 	after_protect(r);
 	if (ret == -ENOENT || ret == -EAGAIN ||
 	    (!ret && (!cowmm__region_mapped(r) || cowmm__maps_pending(mm))))
 		ret = -EAGAIN;
-	cowmm__uffd_patience(false);
+	cowmm__uffd_patience(NULL);
 	if (ret == -EAGAIN)
 		/* Pages moved or unmapped under it, their event not handled
 		 * (cowmm__snap_create_locked()); -ENOENT: protecting met

@@ -91,6 +91,7 @@ int cowmm__uffd_probe(uint64_t *features)
 
 __thread bool cowmm__uffd_once;
 __thread uint64_t cowmm__uffd_deadline;
+__thread const atomic_bool *cowmm__uffd_held;
 
 static int uffd_ioctl(int fd, unsigned long req, void *arg)
 {
@@ -107,8 +108,7 @@ static int uffd_ioctl(int fd, unsigned long req, void *arg)
 		if (cowmm__in_worker &&
 		    (++tries > WORKER_RETRIES || poll(&pfd, 1, 0) != 0))
 			return -EAGAIN;
-		if (cowmm__uffd_deadline &&
-		    cowmm__now_ns() > cowmm__uffd_deadline)
+		if (cowmm__uffd_impatient())
 			return -EAGAIN;
 		sched_yield();
 	}

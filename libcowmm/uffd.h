@@ -8,6 +8,7 @@
 #ifndef COWMM_UFFD_H
 #define COWMM_UFFD_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,19 +35,34 @@ extern __thread bool cowmm__uffd_once;
 
 /*
  * Set by an application thread that holds a region's lock, in a call that
- * can let go and try again (cowmm__uffd_patience()): once this
- * CLOCK_MONOTONIC time is past, an ioctl refused for an event not read
- * returns -EAGAIN.  That event may not be read until a move already read
- * is followed, which needs the lock (workers stop reading with too many of
- * those pending: manager.c, may_read()).  0: wait as long as it takes.
+ * can let go and try again (cowmm__uffd_patience()): an ioctl refused for
+ * an event not read returns -EAGAIN once this CLOCK_MONOTONIC time is past
+ * while *cowmm__uffd_held says moves or unmaps are read and not followed.
+ * Those wait for the lock held here, and past 1,024 of them the workers
+ * read no more (manager.c, may_read()): the event may never be read before
+ * the lock is let go.  With none, the event is about to be read and the
+ * ioctl waits as long as it takes: a thread that discards without pause
+ * leaves few moments with none unread, at times none for 300 ms, and a
+ * restore that let go after 5 ms each time returned -ENOENT with no page
+ * moved (exact/restore-discard-storm).  0: wait as long as it takes.
  */
 extern __thread uint64_t cowmm__uffd_deadline;
+extern __thread const atomic_bool *cowmm__uffd_held;
 #define COWMM_UFFD_PATIENCE_NS (5 * 1000 * 1000ull)
 
-static inline void cowmm__uffd_patience(bool on)
+/* From now, with *@held a manager's maps_behind; NULL: off. */
+static inline void cowmm__uffd_patience(const atomic_bool *held)
 {
-	cowmm__uffd_deadline = on ? cowmm__now_ns() + COWMM_UFFD_PATIENCE_NS
-				  : 0;
+	cowmm__uffd_held = held;
+	cowmm__uffd_deadline =
+		held ? cowmm__now_ns() + COWMM_UFFD_PATIENCE_NS : 0;
+}
+
+/* Give up on an ioctl refused again (cowmm__uffd_deadline)? */
+static inline bool cowmm__uffd_impatient(void)
+{
+	return cowmm__uffd_deadline && atomic_load(cowmm__uffd_held) &&
+	       cowmm__now_ns() > cowmm__uffd_deadline;
 }
 
 int cowmm__uffd_open(bool user_mode_only);
