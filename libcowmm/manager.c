@@ -285,7 +285,6 @@ bool cowmm__page_leaving(cowmm_t *mm, uintptr_t page)
 int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 		     bool wake)
 {
-	struct pollfd pfd = { .fd = mm->uffd, .events = POLLIN };
 	unsigned tries = 0;
 	bool moved;
 	int ret;
@@ -298,31 +297,22 @@ int cowmm__unprotect(cowmm_t *mm, unsigned seq, uintptr_t start, size_t len,
 			    : cowmm__uffd_wp(mm->uffd, start, len, false, wake);
 		cowmm__uffd_once = false;
 		pthread_mutex_unlock(&mm->read_lock);
-		if (ret != -EAGAIN || moved)
+		/* An event not read: the lock let go, a worker reads it. */
+		if (ret != -EAGAIN || moved ||
+		    !cowmm__uffd_again(mm->uffd, &tries, false))
 			return ret;
-		/*
-		 * An event not read: the lock let go, a worker reads it; as
-		 * uffd_ioctl() waits, a worker only a while, and not while
-		 * one is queued that it must go and read itself, nor past
-		 * cowmm__uffd_deadline.
-		 */
-		if (cowmm__in_worker &&
-		    (++tries > 2000 || poll(&pfd, 1, 0) != 0))
-			return -EAGAIN;
-		if (cowmm__uffd_impatient())
-			return -EAGAIN;
-		sched_yield();
 	}
 }
 
 /*
  * cowmm__still_ours() for a caller that holds a region's lock and must not
  * give up while an event is only slow to be read (a loaded machine): it
- * waits for as long as an ioctl of the library would (uffd_ioctl(), up to
- * cowmm__uffd_deadline too), then asks again.  Not for workers.
+ * waits for as long as an ioctl of the library would
+ * (cowmm__uffd_again()), then asks again.  Not for workers.
  */
 bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
 {
+	unsigned tries = 0;
 	int ret;
 
 	for (;;) {
@@ -333,10 +323,8 @@ bool cowmm__still_ours_wait(cowmm_t *mm, unsigned seq, uintptr_t addr)
 		pthread_mutex_unlock(&mm->read_lock);
 		if (ret != -EAGAIN)
 			return !ret;
-		/* Not for a caller that will let go of its lock and retry. */
-		if (cowmm__uffd_impatient())
+		if (!cowmm__uffd_again(mm->uffd, &tries, false))
 			return false;
-		sched_yield();
 	}
 }
 
@@ -399,7 +387,6 @@ int cowmm__live_write_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 int cowmm__fill_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 			const void *src, bool poison, bool wake)
 {
-	struct pollfd pfd = { .fd = mm->uffd, .events = POLLIN };
 	bool once = cowmm__uffd_once, moved;
 	unsigned tries = 0;
 	int ret;
@@ -418,23 +405,18 @@ int cowmm__fill_unmoved(cowmm_t *mm, unsigned seq, uintptr_t addr,
 						   COWMM_PAGE_SIZE, wake);
 		cowmm__uffd_once = once;
 		pthread_mutex_unlock(&mm->read_lock);
-		if (ret != -EAGAIN || moved)
-			return ret;
 		/*
 		 * An event not read: the lock let go, it is read, and the
 		 * fill tried again, as cowmm__unprotect() does (a thread
 		 * that kept moving other pages of the region held a lazy
 		 * load's faults back for seconds when it went back to the
-		 * workers at once: the twenty-third review's snapmix).
+		 * workers at once: the twenty-third review's snapmix).  A
+		 * caller with no patience set comes back later.
 		 */
-		if (cowmm__in_worker &&
-		    (++tries > 2000 || poll(&pfd, 1, 0) != 0))
-			return -EAGAIN;
-		if ((!cowmm__in_worker && ++tries > 2000 &&
-		     !cowmm__uffd_deadline) ||
-		    cowmm__uffd_impatient())
-			return -EAGAIN;
-		sched_yield();
+		if (ret != -EAGAIN || moved ||
+		    !cowmm__uffd_again(mm->uffd, &tries,
+				       !cowmm__uffd_deadline))
+			return ret;
 	}
 }
 

@@ -93,9 +93,30 @@ __thread bool cowmm__uffd_once;
 __thread uint64_t cowmm__uffd_deadline;
 __thread const atomic_bool *cowmm__uffd_held;
 
-static int uffd_ioctl(int fd, unsigned long req, void *arg)
+/*
+ * An ioctl on @fd was refused for an event not read: ask again (after a
+ * yield), or give up (-EAGAIN)?  A worker gives up when an event is queued,
+ * to go and read it, and after WORKER_RETRIES; so does any caller that
+ * can come back later when @bounded; one with patience once it runs out
+ * (cowmm__uffd_impatient()).  Any other asks as long as it takes.
+ * *@tries starts at 0.
+ */
+bool cowmm__uffd_again(int fd, unsigned *tries, bool bounded)
 {
 	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+
+	if ((cowmm__in_worker || bounded) && ++*tries > WORKER_RETRIES)
+		return false;
+	if (cowmm__in_worker && poll(&pfd, 1, 0) != 0)
+		return false;
+	if (cowmm__uffd_impatient())
+		return false;
+	sched_yield();
+	return true;
+}
+
+static int uffd_ioctl(int fd, unsigned long req, void *arg)
+{
 	unsigned tries = 0;
 
 	for (;;) {
@@ -103,14 +124,8 @@ static int uffd_ioctl(int fd, unsigned long req, void *arg)
 			return 0;
 		if (errno != EAGAIN)
 			return -errno;
-		if (cowmm__uffd_once)
+		if (cowmm__uffd_once || !cowmm__uffd_again(fd, &tries, false))
 			return -EAGAIN;
-		if (cowmm__in_worker &&
-		    (++tries > WORKER_RETRIES || poll(&pfd, 1, 0) != 0))
-			return -EAGAIN;
-		if (cowmm__uffd_impatient())
-			return -EAGAIN;
-		sched_yield();
 	}
 }
 

@@ -65,6 +65,7 @@ static inline bool cowmm__uffd_impatient(void)
 	       cowmm__now_ns() > cowmm__uffd_deadline;
 }
 
+bool cowmm__uffd_again(int fd, unsigned *tries, bool bounded);
 int cowmm__uffd_open(bool user_mode_only);
 int cowmm__uffd_probe(uint64_t *features);
 int cowmm__uffd_api(int fd, uint64_t features, uint64_t *ioctls);
