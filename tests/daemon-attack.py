@@ -71,9 +71,14 @@ def ctl(sock, *args, timeout=20, js=False):
 
 
 def ping_time(sock, timeout=5):
+    """Seconds a ping took, or None (and why, as a comment line)."""
     t = time.monotonic()
-    rc = ctl(sock, "ping", timeout=timeout)[0]
-    return (time.monotonic() - t) if rc == 0 else None
+    rc, _, err = ctl(sock, "ping", timeout=timeout)
+    if rc == 0:
+        return time.monotonic() - t
+    print(f"# ping failed after {time.monotonic() - t:.2f} s "
+          f"(status {rc}): {err.strip()}", flush=True)
+    return None
 
 
 def start_daemon(name, *extra, dir_=None):
