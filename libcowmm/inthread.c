@@ -114,11 +114,32 @@ static unsigned moves_read(void)
 	return n;
 }
 
+/*
+ * A fault let go of the region's lock with moves read and not followed:
+ * give the workers the lock before the store is retried, until they have
+ * followed those (up to FOLLOW_WAIT_NS).  The store faulted again at once
+ * and the thread took the lock back before them, for seconds on end (the
+ * twenty-fourth review's lv is2: stores held up to 28 s while two threads
+ * moved pages of the region).
+ */
+#define FOLLOW_WAIT_NS (100 * 1000 * 1000ull)
+
+static void follow_moves(cowmm_t *mm)
+{
+	unsigned seq = cowmm__maps_seq(mm);
+	uint64_t t0 = cowmm__now_ns();
+	struct timespec nap = { 0, 50000 };
+
+	while (!cowmm__maps_done(mm, seq) &&
+	       cowmm__now_ns() - t0 < FOLLOW_WAIT_NS)
+		nanosleep(&nap, NULL);
+}
+
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
 	uintptr_t addr = (uintptr_t)si->si_addr & ~(COWMM_PAGE_SIZE - 1);
 	int saved = errno, ret = 0;
-	bool found = false;
+	cowmm_t *found = NULL;
 	unsigned i, moves = 0;
 	/* A call it interrupted may have had them. */
 	uint64_t deadline = cowmm__uffd_deadline;
@@ -148,13 +169,15 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 			 * is retried) rather than hold the lock for ever.
 			 */
 			cowmm__uffd_patience(&mm->maps_behind);
-			found = true;
+			found = mm;
 			ret = cowmm__region_fault_wp(r, addr, true);
 		}
 		urcu_bp_read_unlock();
 	}
 	if (!found) /* while no manager can be closed */
 		moves = moves_read();
+	else if (ret == -EAGAIN && cowmm__uffd_impatient())
+		follow_moves(found);
 	cowmm__uffd_deadline = deadline;
 	cowmm__uffd_held = held;
 	cowmm__in_sigbus = false;
