@@ -23,14 +23,17 @@
  *    them, nor munmap() or mremap() a region's memory: the thread it
  *    interrupts may hold a lock that the library needs to handle that
  *    unmap or move, which the kernel waits for (a deadlock).
- *  - The kernel refuses to change write protection while an mremap() or
- *    munmap() of the manager's memory has not been read by a worker.
- *    While threads keep moving or unmapping its memory without pause,
- *    calls that protect or unprotect (cowmm_snapshot(), cowmm_clone(),
- *    cowmm_snap_restore(), cowmm_region_release()) and writes that need
- *    a copy, in any region of the manager, wait for a moment between
- *    two such calls: often seconds, and with two threads moving pages
- *    of the region being restored, until they pause.
+ *  - The kernel refuses to change write protection, or to fill a page,
+ *    while an mremap(), munmap() or discard (MADV_DONTNEED, MADV_FREE,
+ *    MADV_REMOVE) of the manager's memory has not been read by a worker.
+ *    While threads keep doing these without pause, calls that protect or
+ *    unprotect (cowmm_snapshot(), cowmm_clone(), cowmm_snap_restore(),
+ *    cowmm_region_release()), writes that need a copy and first touches
+ *    of a region still loading lazily, in any region of the manager, wait
+ *    for a moment between two such calls: often seconds, and with two or
+ *    more threads at it, until they pause.  Moves and unmaps that never
+ *    pause make those calls give up (-ENOENT) instead; discards only make
+ *    them wait.
  */
 #ifndef COWMM_H
 #define COWMM_H
@@ -599,8 +602,8 @@ COWMM_EXPORT int cowmm_snap_map(cowmm_snap_t *s, const void **view);
  *
  * @param s  a snapshot
  * @return 0; -EINVAL (NULL), -EBADF (released snapshot), -ENOENT (its
- *         region was released, or pages of it kept being moved or
- *         unmapped under the call: the region may be partly restored;
+ *         region was released, or pages of the manager kept being moved
+ *         or unmapped under the call: the region may be partly restored;
  *         call again), -EIO (broken snapshot; broken while the call ran,
  *         the region may be partly restored), -ENOMEM, -ECHILD
  * @since 0.1
