@@ -141,8 +141,9 @@ int cowmm__snap_create_locked(cowmm_region_t *r, bool internal,
 	}
 	/*
 	 * A region still loading lazily loads the rest first.  Neither
-	 * waits long for an event to be read (-EAGAIN: the caller lets go
-	 * of the lock, waits for the moves and comes back).
+	 * waits long for an event to be read while moves wait for the lock
+	 * (-EAGAIN: the caller lets go of it, waits for the moves and comes
+	 * back; cowmm__uffd_patience()).
 	 */
 	cowmm__uffd_patience(&mm->maps_behind);
 	ret = cowmm__lazy_finish_locked(r);
