@@ -1011,7 +1011,10 @@ again:
 		addr = cowmm__page_addr(r, pg);
 		len = n << COWMM_PAGE_SHIFT;
 		restore_copying(r, 0, addr, len);
+		/* Lets go while moves wait for the lock, as the protect. */
+		cowmm__uffd_patience(&mm->maps_behind);
 		ret = cowmm__uffd_wp(mm->uffd, addr, len, false, false);
+		cowmm__uffd_patience(NULL);
 		if (ret)
 			break;
 		restore_copying(r, 1, addr, len);
@@ -1020,9 +1023,13 @@ again:
 		 * one that must stay as it is, protected.  (One from here on
 		 * is seen before each write, cowmm__live_write_unmoved(),
 		 * except memory moved or mapped over the pages: cowmm.h.)
+		 * Protecting again may give up too: the restore starts over
+		 * from its protect then.
 		 */
 		if (cowmm__maps_seq(mm) != seq) {
+			cowmm__uffd_patience(&mm->maps_behind);
 			cowmm__uffd_wp(mm->uffd, addr, len, true, false);
+			cowmm__uffd_patience(NULL);
 			ret = -ENOENT;
 			break;
 		}
@@ -1034,10 +1041,11 @@ again:
 	 * Pages moved or unmapped under the copy (the application's mremap()
 	 * or munmap() of them, racing this call): a run found nothing mapped,
 	 * or a page still protected, or a move or unmap was read meanwhile
-	 * and a page may have been written where another one is now.  Wait
+	 * and a page may have been written where another one is now; or an
+	 * unprotect gave up while moves waited for the lock (-EAGAIN).  Wait
 	 * for the events and do it again where the pages are now.
 	 */
-	if (ret == -ENOENT || ret == -EFAULT ||
+	if (ret == -ENOENT || ret == -EFAULT || ret == -EAGAIN ||
 	    (!ret && cowmm__maps_seq(mm) != seq))
 		goto moved;
 wake:

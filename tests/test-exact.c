@@ -3856,6 +3856,89 @@ START_TEST(test_restore_reads_held)
 END_TEST
 
 /*
+ * restore-reads-held, with the moves begun once the protect is done: the
+ * restore holds the region's lock over its copy (here 300 ms before the
+ * first run), three threads move pages of the region meanwhile, and the
+ * workers, 1,024 moves behind, read no more.  The unprotect of each run
+ * asked the kernel again for ever with the lock held (the twenty-sixth
+ * review's st dS: restores past 30 s in 3 runs of 8, the movers waiting
+ * in the kernel).  It must let go and try again: succeed, or return
+ * -ENOENT while the moves go on, within 10 s.
+ */
+static struct {
+	unsigned char *a;
+	struct ping_pong p[3];
+	pthread_t th[3];
+	atomic_bool started;
+} copy_movers;
+
+static void movers_start_copying(cowmm_region_t *r, int stage, uintptr_t addr,
+				 size_t len)
+{
+	int i;
+
+	(void)r;
+	(void)addr;
+	(void)len;
+	if (stage != 0 || atomic_exchange(&copy_movers.started, true))
+		return;
+	for (i = 0; i < 3; i++) {
+		struct ping_pong *p = &copy_movers.p[i];
+
+		p->want = 1000000;
+		p->a = p->at = copy_movers.a + (2 + i) * T_PAGE;
+		ck_assert_int_eq(pthread_create(&copy_movers.th[i], NULL,
+						ping_pong_main, p),
+				 0);
+	}
+	usleep(300 * 1000);
+}
+
+START_TEST(test_restore_copy_reads_held)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	unsigned char buf[T_PAGE];
+	struct timespec t0, t1;
+	cowmm_snap_t *s;
+	cowmm_region_t *r;
+	unsigned char *a;
+	int ret, i;
+
+	a = t_filled_region(mm, 8, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	a[6 * T_PAGE] ^= 0xff; /* for the restore to put back */
+	copy_movers.a = a;
+	for (i = 0; i < 3; i++)
+		copy_movers.p[i].b = reserve(T_PAGE);
+	atomic_store(&copy_movers.started, false);
+	__atomic_store_n(&cowmm__restore_copying, movers_start_copying,
+			 __ATOMIC_RELEASE);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	ret = cowmm_snap_restore(s);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	__atomic_store_n(&cowmm__restore_copying, NULL, __ATOMIC_RELEASE);
+	ck_assert(atomic_load(&copy_movers.started));
+	movers_stop(copy_movers.p, copy_movers.th);
+	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snap_restore: %d",
+		      ret);
+	ck_assert_msg(t1.tv_sec - t0.tv_sec < 10,
+		      "the restore took %ld s while pages moved (%lu moves)",
+		      (long)(t1.tv_sec - t0.tv_sec),
+		      atomic_load(&copy_movers.p[0].moves));
+	ck_assert_int_eq(cowmm_snap_restore(s), 0); /* once all are followed */
+	ck_assert(page_is(a + 6 * T_PAGE, 7));
+	for (i = 0; i < 3; i++)
+		ck_assert(page_is(copy_movers.p[i].at, 3 + i));
+	ck_assert_int_eq(cowmm_snap_read(s, 6 * T_PAGE, buf, T_PAGE), T_PAGE);
+	ck_assert(page_is(buf, 7));
+	ck_assert_uint_eq(t_stats(mm).broken, 0);
+	cowmm_snap_release(s);
+	ck_assert_int_eq(cowmm_region_release(r), 0);
+	cowmm_close(mm);
+}
+END_TEST
+
+/*
  * snapshot-reads-held in-thread, with a thread storing to another page of
  * the region all along: its faults, resolved by the storing thread with
  * the region's lock held, meet the snapshot that lets go and comes back,
@@ -5652,6 +5735,8 @@ int main(void)
 		  T_WP_UNPOPULATED, 0, 120 },
 		{ "restore-reads-held", test_restore_reads_held,
 		  T_WP_UNPOPULATED, 0, 120 },
+		{ "restore-copy-reads-held", test_restore_copy_reads_held,
+		  T_WP_UNPOPULATED, 0, 60 },
 		{ "inthread-reads-held", test_inthread_reads_held,
 		  T_WP_UNPOPULATED, 0, 120 },
 		{ "inthread-stores-while-moving",
