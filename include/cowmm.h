@@ -136,7 +136,10 @@ enum {
 	 * it, say) fails with EFAULT instead of waiting; clones, snapshot
 	 * views and lazy loads need missing faults and return -EOPNOTSUPP;
 	 * regions must not be written from the application's own signal
-	 * handlers nor hold the C library's heap.  A SIGBUS that is not a
+	 * handlers nor hold the C library's heap, nor a thread's stack or
+	 * alternate signal stack: the kernel cannot push the SIGBUS frame
+	 * onto a protected stack, and the process dies of SIGSEGV at the
+	 * first write there after a snapshot.  A SIGBUS that is not a
 	 * region's goes to the handler installed before the first such
 	 * manager was opened: install yours first, not after.
 	 */
