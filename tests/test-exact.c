@@ -3717,6 +3717,21 @@ static void sleep_after_protect(cowmm_region_t *r)
  * (sleep_after_protect()), and three threads move pages 2, 3 and 4 of
  * the region at @a back and forth until movers_stop().
  */
+/* Three threads move pages 2, 3 and 4 of @a to and from p[i].b. */
+static void movers_spawn(unsigned char *a, struct ping_pong p[3],
+			 pthread_t th[3])
+{
+	int i;
+
+	for (i = 0; i < 3; i++) {
+		p[i].want = 1000000;
+		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
+		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
+						&p[i]),
+				 0);
+	}
+}
+
 static void movers_start(unsigned char *a, struct ping_pong p[3],
 			 pthread_t th[3])
 {
@@ -3725,14 +3740,9 @@ static void movers_start(unsigned char *a, struct ping_pong p[3],
 	atomic_store(&slept_after_protect, false);
 	__atomic_store_n(&cowmm__after_protect, sleep_after_protect,
 			 __ATOMIC_RELEASE);
-	for (i = 0; i < 3; i++) {
-		p[i].want = 1000000;
-		p[i].a = p[i].at = a + (2 + i) * T_PAGE;
+	for (i = 0; i < 3; i++)
 		p[i].b = reserve(T_PAGE);
-		ck_assert_int_eq(pthread_create(&th[i], NULL, ping_pong_main,
-						&p[i]),
-				 0);
-	}
+	movers_spawn(a, p, th);
 	while (atomic_load(&p[0].moves) < 10)
 		usleep(100);
 }
@@ -3817,31 +3827,16 @@ static void *store_loop_main(void *arg)
 }
 
 /*
- * snapshot-reads-held for a restore, which protects the region the same
- * way before it writes the snapshot's pages back: it asked again for ever
- * with the region's lock held (the twenty-fourth review's lz RKy: 4 runs
- * of 4 hung).  It must let go and try again: succeed, or return -ENOENT
- * while the moves go on.
+ * The moves stopped: the restore of @s (page 6 changed in @a) goes
+ * through, the moved pages kept their bytes, nothing broke; then all is
+ * released.
  */
-START_TEST(test_restore_reads_held)
+static void restore_settled(cowmm_t *mm, cowmm_region_t *r, cowmm_snap_t *s,
+			    unsigned char *a, struct ping_pong p[3])
 {
-	cowmm_t *mm = t_open_fa(1, 1);
-	struct ping_pong p[3] = { 0 };
 	unsigned char buf[T_PAGE];
-	cowmm_snap_t *s;
-	cowmm_region_t *r;
-	unsigned char *a;
-	pthread_t th[3];
-	int ret, i;
+	int i;
 
-	a = t_filled_region(mm, 8, &r);
-	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
-	a[6 * T_PAGE] ^= 0xff; /* for the restore to put back */
-	movers_start(a, p, th);
-	ret = cowmm_snap_restore(s);
-	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snap_restore: %d",
-		      ret);
-	movers_stop(p, th);
 	ck_assert_int_eq(cowmm_snap_restore(s), 0); /* once all are followed */
 	ck_assert(page_is(a + 6 * T_PAGE, 7));
 	for (i = 0; i < 3; i++)
@@ -3852,6 +3847,34 @@ START_TEST(test_restore_reads_held)
 	cowmm_snap_release(s);
 	ck_assert_int_eq(cowmm_region_release(r), 0);
 	cowmm_close(mm);
+}
+
+/*
+ * snapshot-reads-held for a restore, which protects the region the same
+ * way before it writes the snapshot's pages back: it asked again for ever
+ * with the region's lock held (the twenty-fourth review's lz RKy: 4 runs
+ * of 4 hung).  It must let go and try again: succeed, or return -ENOENT
+ * while the moves go on.
+ */
+START_TEST(test_restore_reads_held)
+{
+	cowmm_t *mm = t_open_fa(1, 1);
+	struct ping_pong p[3] = { 0 };
+	cowmm_snap_t *s;
+	cowmm_region_t *r;
+	unsigned char *a;
+	pthread_t th[3];
+	int ret;
+
+	a = t_filled_region(mm, 8, &r);
+	ck_assert_int_eq(cowmm_snapshot(r, &s), 0);
+	a[6 * T_PAGE] ^= 0xff; /* for the restore to put back */
+	movers_start(a, p, th);
+	ret = cowmm_snap_restore(s);
+	ck_assert_msg(ret == 0 || ret == -ENOENT, "cowmm_snap_restore: %d",
+		      ret);
+	movers_stop(p, th);
+	restore_settled(mm, r, s, a, p);
 }
 END_TEST
 
@@ -3876,29 +3899,18 @@ static struct {
 static void movers_start_copying(cowmm_region_t *r, int stage, uintptr_t addr,
 				 size_t len)
 {
-	int i;
-
 	(void)r;
 	(void)addr;
 	(void)len;
 	if (stage != 0 || atomic_exchange(&copy_movers.started, true))
 		return;
-	for (i = 0; i < 3; i++) {
-		struct ping_pong *p = &copy_movers.p[i];
-
-		p->want = 1000000;
-		p->a = p->at = copy_movers.a + (2 + i) * T_PAGE;
-		ck_assert_int_eq(pthread_create(&copy_movers.th[i], NULL,
-						ping_pong_main, p),
-				 0);
-	}
+	movers_spawn(copy_movers.a, copy_movers.p, copy_movers.th);
 	usleep(300 * 1000);
 }
 
 START_TEST(test_restore_copy_reads_held)
 {
 	cowmm_t *mm = t_open_fa(1, 1);
-	unsigned char buf[T_PAGE];
 	struct timespec t0, t1;
 	cowmm_snap_t *s;
 	cowmm_region_t *r;
@@ -3944,14 +3956,7 @@ START_TEST(test_restore_copy_reads_held)
 		cowmm_close(mm);
 		return;
 	}
-	ck_assert_int_eq(cowmm_snap_restore(s), 0); /* once all are followed */
-	ck_assert(page_is(a + 6 * T_PAGE, 7));
-	ck_assert_int_eq(cowmm_snap_read(s, 6 * T_PAGE, buf, T_PAGE), T_PAGE);
-	ck_assert(page_is(buf, 7));
-	ck_assert_uint_eq(t_stats(mm).broken, 0);
-	cowmm_snap_release(s);
-	ck_assert_int_eq(cowmm_region_release(r), 0);
-	cowmm_close(mm);
+	restore_settled(mm, r, s, a, copy_movers.p);
 }
 END_TEST
 
